@@ -1,0 +1,70 @@
+"""Launch plumbing shared by the kernels: launch plans, per-architecture config choice, autotuning.
+
+A launcher first builds a list of `Launch` plans (kernel, arguments, candidate configs, grid) and
+then runs them. `python -m tritformer inspect` builds the same plans from meta tensors and
+compiles them ahead of time, so what is inspected is exactly what would run.
+
+Configs: on a GPU every kernel has a per-architecture candidate list; when it holds more than one
+config, a `triton.autotune` wrapper (built lazily at the first launch, never at import) benchmarks
+them on the device. In Triton's interpreter (no GPU) the single `interpreter` config runs as is:
+the autotuner's benchmarker needs a driver and is never invoked.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+import triton
+
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block (opt-in maximum)
+
+
+@dataclasses.dataclass
+class Launch:
+    name: str                      # kernel name for reports
+    fn: Any                        # the @triton.jit function (JITFunction or InterpretedFunction)
+    args: dict[str, Any]           # runtime arguments by name, in signature order
+    constexprs: dict[str, Any]     # compile-time arguments that do not depend on the config
+    grid: Callable[[dict], tuple]  # config kwargs -> launch grid
+    configs: list[triton.Config]   # candidates; one when interpreting
+    tune_key: list[str]            # argument names whose change re-runs the autotuner
+
+
+def is_interpreted(fn) -> bool:
+    """True when `fn` was decorated while TRITON_INTERPRET was set (it runs on CPU tensors)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(fn, InterpretedFunction)
+
+
+def arch_family(capability: int) -> int:
+    """Config table used for a compute capability: 90 (Hopper and newer) or 80 (Ampere/Ada)."""
+    return 90 if capability >= 90 else 80
+
+
+def device_arch(t: torch.Tensor) -> int | None:
+    """Compute capability as an int (80, 86, 90 ...) of a CUDA tensor's device; None otherwise."""
+    if t.device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return major * 10 + minor
+
+
+_TUNERS: dict[tuple, Any] = {}
+
+
+def run(launch: Launch) -> None:
+    """Run a plan: the single config directly, or several through a cached autotuner."""
+    if len(launch.configs) == 1 or is_interpreted(launch.fn):
+        cfg = launch.configs[0]
+        kwargs = dict(launch.constexprs, **cfg.kwargs)
+        if not is_interpreted(launch.fn):
+            kwargs.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        launch.fn[launch.grid(cfg.kwargs)](*launch.args.values(), **kwargs)
+        return
+    key = (launch.name, tuple(str(c) for c in launch.configs))
+    tuner = _TUNERS.get(key)
+    if tuner is None:
+        tuner = triton.autotune(configs=launch.configs, key=launch.tune_key)(launch.fn)
+        _TUNERS[key] = tuner
+    tuner[launch.grid](*launch.args.values(), **launch.constexprs)

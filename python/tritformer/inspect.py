@@ -1,0 +1,162 @@
+"""Ahead-of-time compilation of the shipped kernel configs for NVIDIA targets, with no GPU.
+
+For each kernel, architecture and shipped config this builds the launch plan the real launcher
+would build (from meta tensors), compiles it with Triton's bundled toolchain and reads back:
+registers per thread and spill bytes (bundled `ptxas -v`), shared memory bytes (Triton's
+metadata), and tensor-core instruction counts (`wgmma.mma_async` on sm_90, `mma.sync` on sm_80,
+counted in the PTX). Needs Triton's compiler, so it must run without TRITON_INTERPRET; the CLI
+re-runs itself in a clean subprocess when the interpreter is on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+ARCHES = {"sm_80": 80, "sm_90": 90}
+DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclasses.dataclass
+class Row:
+    kernel: str
+    arch: str
+    dtype: str
+    head_dim: int
+    causal: bool
+    config: str
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    mma: int
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        from tritformer.kernels._launch import SHARED_MEMORY_LIMIT
+        return (not self.error and self.spill_bytes == 0
+                and self.shared_bytes <= SHARED_MEMORY_LIMIT[ARCHES[self.arch]])
+
+
+def _signature(launch, cfg):
+    """Signature, constexprs and attrs as the JIT would specialise them for these arguments."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    values = dict(launch.args, **launch.constexprs, **cfg.kwargs)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(launch.fn.arg_names):
+        value = values[name]
+        if name in launch.constexprs or name in cfg.kwargs:
+            signature[name], constexprs[name] = "constexpr", value
+            continue
+        ty, key = native_specialize_impl(BaseBackend, value, False, True, True)
+        if ty == "constexpr":  # integers equal to 1 are specialised away by the JIT
+            signature[name], constexprs[name] = "constexpr", value
+            continue
+        signature[name] = ty
+        if key == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def _ptxas_usage(ptx: str, capability: int) -> tuple[int, int]:
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([get_ptxas(capability).path, "-v", f"--gpu-name={sm_arch_from_capability(capability)}",
+                              path, "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+    log = res.stdout + res.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
+    return (int(regs.group(1)) if regs else -1), sum(spills)
+
+
+def compile_launch(launch, cfg, arch: str) -> tuple[int, int, int, int]:
+    """(registers, spill bytes, shared bytes, MMA instruction count) of one launch and config."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    capability = ARCHES[arch]
+    signature, constexprs, attrs = _signature(launch, cfg)
+    src = ASTSource(fn=launch.fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    ck = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    ptx = ck.asm["ptx"]
+    regs, spills = _ptxas_usage(ptx, capability)
+    mma = len(re.findall(r"wgmma\.mma_async" if capability >= 90 else r"mma\.sync", ptx))
+    return regs, spills, ck.metadata.shared, mma
+
+
+def _attention_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool):
+    from tritformer.kernels import attention as K
+    meta = dict(device="meta", dtype=dtype)
+    B, H, N = 2, 4, 1024  # contiguous [B, H, N, D]: strides and lengths divisible by 16
+    q, k, v, o, do = (torch.empty(B, H, N, head_dim, **meta) for _ in range(5))
+    lse = torch.empty(B, H, N, device="meta", dtype=torch.float32)
+    delta = torch.empty_like(lse)
+    scale = head_dim ** -0.5
+    cap = ARCHES[arch]
+    return (K.plan_forward(q, k, v, o, lse, causal, scale, cap)
+            + K.plan_backward(do, q, k, v, o, lse, None, delta, q.clone(), k.clone(), v.clone(),
+                              causal, scale, cap))
+
+
+def inspect(archs=("sm_80", "sm_90"), head_dims=(64, 128, 256), dtypes=("fp16", "fp32"),
+            causal=(False, True), progress=None) -> list[Row]:
+    cases = [(a, dt, d, c) for a in archs for dt in dtypes for d in head_dims for c in causal]
+    rows = []
+    for arch, dt, d, c in cases:
+        for launch in _attention_plans(arch, DTYPE_NAMES[dt], d, c):
+            for cfg in launch.configs:
+                desc = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+                desc = f"{desc} warps={cfg.num_warps} stages={cfg.num_stages}".strip()
+                try:
+                    regs, spills, smem, mma = compile_launch(launch, cfg, arch)
+                    err = ""
+                except Exception as e:  # an unshippable config is a failing row, not a crash
+                    regs, spills, smem, mma, err = -1, -1, -1, -1, f"{type(e).__name__}: {e}"[:200]
+                rows.append(Row(launch.name, arch, dt, d, c, desc, regs, spills, smem, mma, err))
+                if progress:
+                    progress(rows[-1])
+    return rows
+
+
+def _interpreting() -> bool:
+    if "tritformer.kernels.attention" in sys.modules:
+        from tritformer.kernels._launch import is_interpreted
+        return is_interpreted(sys.modules["tritformer.kernels.attention"]._attn_fwd)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ("kernel", "arch", "dtype", "D", "causal", "config", "regs", "spill B", "smem B", "mma", "ok")
+    body = [(r.kernel, r.arch, r.dtype, str(r.head_dim), "y" if r.causal else "n", r.config,
+             str(r.registers), str(r.spill_bytes), str(r.shared_bytes), str(r.mma),
+             "ok" if r.ok else ("FAIL " + r.error if r.error else "FAIL")) for r in rows]
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    line = lambda cols: "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def main(args, argv: list[str]) -> int:
+    if _interpreting():
+        # kernels decorated under the interpreter cannot be compiled: start a clean process
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.run([sys.executable, "-m", "tritformer", *argv], env=env).returncode
+    rows = inspect(args.arch, args.head_dim, args.dtype, (False, True),
+                   progress=lambda r: print(".", end="", flush=True, file=sys.stderr))
+    print(file=sys.stderr)
+    print(format_table(rows))
+    bad = [r for r in rows if not r.ok]
+    print(f"\n{len(rows)} kernel configs compiled, {len(bad)} failing "
+          f"(spills, shared memory over the limit, or compile errors)")
+    return 1 if bad else 0

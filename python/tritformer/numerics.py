@@ -1,0 +1,78 @@
+"""The one numerics criterion of the project (FlashAttention's tests use the same one).
+
+Against a float64 reference, a kernel's max abs error must be at most FACTOR x the max abs error
+of PyTorch's own same-dtype computation, plus a tiny floor:
+
+    max|out - ref| <= factor * max|baseline - ref| + eps(dtype) * max|ref|
+
+factor = 2 for forward outputs, 3 for gradients. The floor (one unit of roundoff at the largest
+reference magnitude) only matters where PyTorch's own error is ~0, e.g. a single key, where the
+output is a copy of v.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+FORWARD_FACTOR = 2.0
+GRAD_FACTOR = 3.0
+
+
+@dataclasses.dataclass
+class Check:
+    name: str
+    error: float       # max|out - ref|
+    baseline: float    # max|pytorch_same_dtype - ref|
+    bound: float       # factor * baseline + floor
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.bound
+
+    @property
+    def ratio(self) -> float:
+        return self.error / self.baseline if self.baseline > 0 else (0.0 if self.error == 0 else float("inf"))
+
+    def __str__(self) -> str:
+        return (f"{self.name}: max err {self.error:.3e}, PyTorch's own err {self.baseline:.3e}, "
+                f"ratio {self.ratio:.2f}, bound {self.bound:.3e} -> {'ok' if self.ok else 'FAIL'}"
+                + (f" ({self.detail})" if self.detail else ""))
+
+
+def _max_err(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, str]:
+    """Max abs error; NaN/inf must sit where the reference has the same value, else inf."""
+    x = x.detach().to(torch.float64)
+    special = ~torch.isfinite(ref) | ~torch.isfinite(x)
+    same = (x == ref) | (torch.isnan(x) & torch.isnan(ref))
+    bad = special & ~same
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        return float("inf"), f"{int(bad.sum())} NaN/inf mismatches, first at {idx}: {x[idx].item()} vs {ref[idx].item()}"
+    diff = torch.where(special, torch.zeros_like(x), (x - ref).abs())
+    if diff.numel() == 0:
+        return 0.0, ""
+    flat = int(diff.argmax())
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
+    return float(diff.max()), f"worst at {idx}"
+
+
+def check(name: str, out: torch.Tensor, ref: torch.Tensor, baseline: torch.Tensor,
+          factor: float = FORWARD_FACTOR) -> Check:
+    """Compare `out` (kernel) and `baseline` (PyTorch, same dtype as out) against `ref` (float64)."""
+    if out.shape != ref.shape:
+        return Check(name, float("inf"), 0.0, 0.0, f"shape {tuple(out.shape)} != {tuple(ref.shape)}")
+    ref = ref.detach().to(torch.float64)
+    err, where = _max_err(out, ref)
+    base, _ = _max_err(baseline, ref)
+    finite = ref[torch.isfinite(ref)]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    floor = torch.finfo(out.dtype).eps * scale if out.dtype.is_floating_point else 0.0
+    return Check(name, err, base, factor * base + floor, where)
+
+
+def assert_close(name, out, ref, baseline, factor: float = FORWARD_FACTOR) -> Check:
+    c = check(name, out, ref, baseline, factor)
+    assert c.ok, str(c)
+    return c

@@ -1,0 +1,1 @@
+"""Autograd / custom-op layer."""

@@ -1,0 +1,47 @@
+"""Pure-PyTorch reference implementations: the oracle of the tests, `validate` and the benchmarks.
+
+Naive matmul attention, materialising the [B, H, Nq, Nk] score matrix. It computes in the
+inputs' dtype (so it also serves as "PyTorch's own same-dtype math" baseline); call it on
+float64 inputs for the ground truth.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def causal_mask(n_q: int, n_k: int, device=None) -> torch.Tensor:
+    """Bool [Nq, Nk], True = attend; bottom-right aligned: key j visible to query i iff j <= i + Nk - Nq."""
+    i = torch.arange(n_q, device=device)[:, None]
+    j = torch.arange(n_k, device=device)[None, :]
+    return j <= i + (n_k - n_q)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              scale: float | None = None, return_lse: bool = False):
+    """softmax(q kᵀ · scale + mask) v, the semantics of `tritformer.attention`.
+
+    q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] with Hq % Hkv == 0. Rows whose every key is masked
+    return 0 (and lse = -inf), as the fused kernel does.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)  # (B, Hq, Nk, D)
+        v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, Hq, Nq, Nk)
+    empty = None
+    if causal:
+        keep = causal_mask(q.shape[2], k.shape[2], q.device)  # (Nq, Nk)
+        scores = scores.masked_fill(~keep, float("-inf"))
+        empty = ~keep.any(dim=-1, keepdim=True)  # (Nq, 1): rows with no visible key
+        # keep those rows finite so that neither softmax nor its gradient produce NaN
+        scores = scores.masked_fill(empty, 0.0)
+    lse = torch.logsumexp(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)  # (B, Hq, Nq)
+    probs = torch.softmax(scores, dim=-1)
+    if empty is not None:
+        probs = probs.masked_fill(empty, 0.0)
+        lse = lse.masked_fill(empty[:, 0], float("-inf"))
+    out = torch.matmul(probs.to(v.dtype), v)  # (B, Hq, Nq, D)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,20 @@
+from setuptools import setup
+
+setup(
+    name="tritformer",
+    version="0.1.0",
+    description="Triton kernels for transformer layers (fused attention forward and backward), "
+                "as drop-in PyTorch autograd functions",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    # kernels/ is installed as tritformer.kernels; the rest of the package lives in python/
+    package_dir={"tritformer": "python/tritformer", "tritformer.kernels": "kernels"},
+    packages=["tritformer", "tritformer.ops", "tritformer.nn", "tritformer.kernels"],
+    # Install torch first (see README): a bare `torch` requirement on a machine without torch
+    # pulls a multi-GB CUDA build. Triton 3.7.1 is what torch 2.13's CUDA build pins.
+    install_requires=["torch>=2.6", "triton>=3.7.1,<3.10", "numpy"],
+    extras_require={"test": ["pytest>=8", "pytest-xdist", "expecttest"]},
+    entry_points={"console_scripts": ["tritformer=tritformer.cli:main"]},
+)
