@@ -3,8 +3,8 @@
 For each kernel, architecture and shipped config this builds the launch plan the real launcher
 would build (from meta tensors), compiles it with Triton's bundled toolchain and reads back:
 registers per thread and spill bytes (bundled `ptxas -v`), shared memory bytes (Triton's
-metadata), and tensor-core instruction counts (`wgmma.mma_async` on sm_90, `mma.sync` on sm_80,
-counted in the PTX). Needs Triton's compiler, so it must run without TRITON_INTERPRET; the CLI
+metadata), and tensor-core instruction counts (`wgmma.mma_async` + `mma.sync`, counted in the
+PTX). Needs Triton's compiler, so it must run without TRITON_INTERPRET; the CLI
 re-runs itself in a clean subprocess when the interpreter is on.
 """
 from __future__ import annotations
@@ -92,7 +92,9 @@ def compile_launch(launch, cfg, arch: str) -> tuple[int, int, int, int]:
                         options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     ptx = ck.asm["ptx"]
     regs, spills = _ptxas_usage(ptx, capability)
-    mma = len(re.findall(r"wgmma\.mma_async" if capability >= 90 else r"mma\.sync", ptx))
+    # tensor-core instructions: wgmma (Hopper warpgroup MMA) and mma.sync (Ampere-style; also
+    # what sm_90 uses for tiles too small for a warpgroup)
+    mma = len(re.findall(r"wgmma\.mma_async|mma\.sync", ptx))
     return regs, spills, ck.metadata.shared, mma
 
 

@@ -1,0 +1,21 @@
+"""Tests run the real Triton kernels on CPU tensors through Triton's interpreter.
+
+TRITON_INTERPRET must be set before the kernel module is imported (the @triton.jit decorator
+reads it), so it is set here, before anything imports tritformer's kernels.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tritformer import _interp_patch  # noqa: E402
+
+_interp_patch.apply()  # bf16 dot/cast in the interpreter; see the module docstring
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,53 @@
+"""The custom ops: torch.library.opcheck, and torch.compile(fullgraph=True) forward + backward."""
+import pytest
+import torch
+
+import tritformer
+from tritformer.validate import check_attention
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_opcheck(causal):
+    q = torch.randn(1, 2, 20, 16, requires_grad=True)
+    k = torch.randn(1, 1, 24, 16, requires_grad=True)
+    v = torch.randn(1, 1, 24, 16, requires_grad=True)
+    torch.library.opcheck(torch.ops.tritformer.attention_fwd.default, (q, k, v, causal, 0.25))
+
+
+def test_opcheck_strided_input():
+    q = torch.randn(1, 20, 2, 16).transpose(1, 2).requires_grad_()
+    k = torch.randn(1, 24, 2, 16).transpose(1, 2).requires_grad_()
+    v = torch.randn(1, 24, 2, 16).transpose(1, 2).requires_grad_()
+    torch.library.opcheck(torch.ops.tritformer.attention_fwd.default, (q, k, v, True, 0.25))
+
+
+def test_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+
+    def block(x, wq, wk, wv):  # a tiny attention block: projections, fused attention, reduction
+        B, N, _ = x.shape
+        q = (x @ wq).view(B, N, 2, 16).transpose(1, 2)  # (B, H, N, D), strided view
+        k = (x @ wk).view(B, N, 1, 16).transpose(1, 2)  # GQA: one kv head
+        v = (x @ wv).view(B, N, 1, 16).transpose(1, 2)
+        return tritformer.attention(q, k, v, causal=True).transpose(1, 2).reshape(B, N, 32)
+
+    compiled = torch.compile(block, fullgraph=True)  # a graph break would raise here
+    x = torch.randn(2, 40, 32)
+    ws = [torch.randn(32, n, requires_grad=True) for n in (32, 16, 16)]
+    ws_eager = [w.detach().clone().requires_grad_() for w in ws]
+    out = compiled(x, *ws)
+    ref = block(x, *ws_eager)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)  # same kernels: only fp32 reassociation
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for a, b in zip(ws, ws_eager):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_check_attention_detects_a_wrong_kernel(monkeypatch):
+    # the criterion can fail: a kernel that drops the scale must be caught
+    from tritformer.kernels import attention as K
+    real = K.attention_forward
+    monkeypatch.setattr(K, "attention_forward", lambda q, k, v, c, s: real(q, k, v, c, s * 1.01))
+    q, k, v = (torch.randn(1, 1, 30, 16, dtype=torch.float16) for _ in range(3))
+    assert not all(c.ok for c in check_attention(q, k, v, grads=False))

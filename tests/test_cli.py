@@ -1,0 +1,49 @@
+"""The command line: inspect (AOT compile for sm_80/sm_90), validate, and the CPU fallback."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(args, interpret: bool, timeout=900):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_inspect_head_dims_64_128_spill_free_with_tensor_cores():
+    # TRITON_INTERPRET is set in this process: inspect must re-run itself without it
+    res = _run(["-m", "tritformer", "inspect", "--arch", "sm_80", "sm_90", "--head-dim", "64", "128",
+                "--dtype", "fp16"], interpret=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = [line.split() for line in res.stdout.splitlines() if line.startswith("attn_")]
+    assert {r[1] for r in rows} == {"sm_80", "sm_90"}
+    for r in rows:
+        spill, smem, mma = int(r[-4]), int(r[-3]), int(r[-2])
+        assert spill == 0 and smem > 0 and r[-1] == "ok", r
+        if r[0] != "attn_bwd_preprocess":  # the row reduction has no matmul
+            assert mma > 0, r
+
+
+def test_validate_quick():
+    res = _run(["-m", "tritformer", "validate", "--quick", "--dtype", "fp16", "bf16"], interpret=False)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "triton-interpreter" in res.stderr
+    assert " 0 failed" in res.stdout
+
+
+def test_cpu_without_interpreter_uses_reference_path():
+    code = (
+        "import torch, tritformer\n"
+        "from tritformer.validate import check_attention\n"
+        "q, k, v = (torch.randn(1, 2, 20, 16, dtype=torch.float16) for _ in range(3))\n"
+        "assert tritformer.backend_for(q) == 'reference', tritformer.backend_for(q)\n"
+        "bad = [str(c) for c in check_attention(q, k, v, causal=True) if not c.ok]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    res = _run(["-c", code], interpret=False)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
