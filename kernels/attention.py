@@ -542,6 +542,11 @@ def attention_backward(do, q, k, v, out, lse, causal: bool, scale: float, dlse=N
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+    if dlse is not None:
+        # the kernel indexes dLse as a dense [B, H, N] float32 buffer; autograd may hand over any
+        # layout (an expanded zero has stride 0) or dtype. B*H*N floats: the copy is negligible.
+        dlse = dlse.to(torch.float32).contiguous()
+    lse = lse.contiguous()
     for launch in plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, causal, scale,
                                 _arch_for(q)):
         run(launch)

@@ -2,6 +2,13 @@
 
 1. `tl.dot` on bf16 operands multiplies the raw 16-bit patterns (triton-lang/triton#11584).
 2. fp32 -> bf16 casts truncate instead of rounding to nearest even, as GPUs do.
+3. Float dots with an fp32 accumulator go through torch.matmul instead of numpy's matmul. The
+   GEMM is hardware's business, not the kernel's, and the tests bound the kernel's error by
+   PyTorch's own same-dtype error: with numpy's sgemm the comparison measured numpy's BLAS. On
+   this machine numpy's fp32 matmul is the less accurate one (64x256 @ 256x32, randn: max abs
+   error 2.6e-5 vs torch's 1.4e-5), and that alone put the fp32 D=256 dK at 5.3x PyTorch's error
+   (a numpy emulation of the kernel's tiles reproduced the kernel's dK bit for bit; making only
+   the QK^T recompute exact brought it to 1.2x).
 Applied only where kernels run interpreted (the tests and `validate` on CPU); compiled GPU kernels
 are untouched. Without it, bf16 results in the interpreter are garbage.
 """
@@ -33,12 +40,18 @@ def apply() -> bool:
     if getattr(B, "_tritformer_bf16_patched", False):
         return True
     orig_dot, orig_cast = B.create_dot, B.cast_impl
+    _FLOAT_IN = (tl.float16, tl.float32)  # bf16 was converted to fp32 bits just above
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         if a.dtype.scalar == tl.bfloat16:
             a = _interp.TensorHandle(_bf16_bits_to_f32(a.data), tl.float32)
         if b.dtype.scalar == tl.bfloat16:
             b = _interp.TensorHandle(_bf16_bits_to_f32(b.data), tl.float32)
+        if (a.dtype.scalar in _FLOAT_IN and b.dtype.scalar in _FLOAT_IN
+                and d.dtype.scalar == tl.float32):
+            prod = torch.matmul(torch.from_numpy(np.ascontiguousarray(a.data, dtype=np.float32)),
+                                torch.from_numpy(np.ascontiguousarray(b.data, dtype=np.float32)))
+            return _interp.TensorHandle(prod.numpy() + d.data, d.dtype.scalar)
         return orig_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
 
     def cast_impl(self, src, dst_type):

@@ -45,3 +45,40 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         lse = lse.masked_fill(empty[:, 0], float("-inf"))
     out = torch.matmul(probs.to(v.dtype), v)  # (B, Hq, Nq, D)
     return (out, lse) if return_lse else out
+
+
+def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                       causal: bool = False, scale: float | None = None,
+                       dlse: torch.Tensor | None = None):
+    """dq, dk, dv of `attention` (and of its lse when `dlse` is given), written out by hand.
+
+    For the CPU reference path of the custom op, whose body runs below autograd (no graph is
+    recorded there). Computes in the inputs' dtype; rows with no visible key get zero gradient.
+        P = softmax(S), dP = dO Vᵀ, dS = P ∘ (dP − rowsum(P ∘ dP) + dLse)
+        dQ = dS K · scale, dK = dSᵀ Q · scale, dV = Pᵀ dO   (summed over each GQA group)
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    B, Hkv, Nk, D = k.shape
+    group = q.shape[1] // Hkv
+    ke = k.repeat_interleave(group, dim=1) if group > 1 else k
+    ve = v.repeat_interleave(group, dim=1) if group > 1 else v
+    scores = torch.matmul(q * scale, ke.transpose(-2, -1))
+    if causal:
+        keep = causal_mask(q.shape[2], Nk, q.device)
+        scores = scores.masked_fill(~keep, float("-inf"))
+        empty = ~keep.any(dim=-1, keepdim=True)
+        probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    dp = torch.matmul(do, ve.transpose(-2, -1))
+    delta = (probs * dp).sum(-1, keepdim=True)
+    if dlse is not None:
+        delta = delta - dlse.to(delta.dtype)[..., None]
+    ds = probs * (dp - delta)
+    dq = torch.matmul(ds, ke) * scale
+    dk = torch.matmul(ds.transpose(-2, -1), q) * scale
+    dv = torch.matmul(probs.transpose(-2, -1), do)
+    if group > 1:  # fold the query heads of each group back onto their kv head
+        dk = dk.view(B, Hkv, group, Nk, D).sum(2)
+        dv = dv.view(B, Hkv, group, Nk, D).sum(2)
+    return dq, dk, dv

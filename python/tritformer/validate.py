@@ -35,8 +35,12 @@ def check_attention(q, k, v, *, causal=False, scale=None, grads=True, return_lse
         out.backward(do)
         ref.backward(do.double())
         base.backward(do)
+        # floor magnitude shared by the three gradients: dq and dk vanish by cancellation with a
+        # single key (see numerics), dv never does
+        gscale = max((float(r.grad.abs().max()) for r in ref_in if r.grad.numel()), default=0.0)
         for name, a, r, b in zip(("dq", "dk", "dv"), leaves, ref_in, base_in):
-            checks.append(numerics.check(name, a.grad, r.grad, b.grad, numerics.GRAD_FACTOR))
+            checks.append(numerics.check(name, a.grad, r.grad, b.grad, numerics.GRAD_FACTOR,
+                                         floor_scale=gscale))
     return checks
 
 
