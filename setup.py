@@ -15,6 +15,9 @@ setup(
     # Install torch first (see README): a bare `torch` requirement on a machine without torch
     # pulls a multi-GB CUDA build. Triton 3.7.1 is what torch 2.13's CUDA build pins.
     install_requires=["torch>=2.6", "triton>=3.7.1,<3.10", "numpy"],
-    extras_require={"test": ["pytest>=8", "pytest-xdist", "expecttest"]},
+    extras_require={
+        "bench": ["matplotlib", "pytest-benchmark"],
+        "test": ["pytest>=8", "pytest-xdist", "expecttest", "pytest-benchmark", "matplotlib"],
+    },
     entry_points={"console_scripts": ["tritformer=tritformer.cli:main"]},
 )

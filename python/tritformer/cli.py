@@ -1,13 +1,23 @@
-"""Command line: `python -m tritformer {validate,inspect}` (also the `tritformer` script)."""
+"""Command line: `python -m tritformer {bench,validate,inspect}` (also the `tritformer` script)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tritformer", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="benchmark the fused kernels against naive attention, SDPA and "
+                                     "peers; CSV/JSON/PNG results (on CPU: memory, errors, "
+                                     "interpreter times)")
+    from .bench import OPS, PROVIDERS
+    b.add_argument("--op", nargs="+", choices=("all",) + OPS, default=["all"])
+    b.add_argument("--quick", action="store_true", help="small sweep (a few minutes on a 2-core CPU)")
+    b.add_argument("--out", default="bench-results", help="directory for results.csv/json and plots")
+    b.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
 
     v = sub.add_parser("validate", help="check every op against the float64 reference (error-ratio criterion)")
     v.add_argument("--quick", action="store_true", help="a smaller grid of cases")
@@ -23,7 +33,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset
     args = _parser().parse_args(argv)
+    if args.command == "bench":
+        from . import bench
+        return bench.main(args)
     if args.command == "validate":
         from . import validate
         return validate.main(args)

@@ -1,0 +1,509 @@
+"""Benchmark harness: `python -m tritformer bench` and the pytest-benchmark tests in benchmarks/.
+
+One measurement per row, in tidy columns (`COLUMNS`), written as CSV and JSON, drawn as PNG plots.
+
+What is measured where:
+- CUDA: latency (median, p20, p80 of `triton.testing.do_bench`), TFLOP/s, peak memory
+  (`torch.cuda.max_memory_allocated` above what was allocated before the call), max error.
+- CPU: the fused kernels run in Triton's interpreter. Their latencies are interpreter times
+  (the rows say backend=triton-interpreter) and say nothing about GPU speed; no TFLOP/s is
+  reported for them. What a CPU measures meaningfully is memory: the bytes each provider's call
+  allocates (peak over the call, from the PyTorch profiler's allocation events) against sequence
+  length, fused O(N) against naive O(N^2), and every provider's max error against float64.
+
+FLOP counts (FlashAttention's benchmark convention):
+    attention forward   4 * B * H * P * D       P = visible (query, key) pairs:
+                                                Nq * Nk, or under the bottom-right causal mask
+                                                sum_i clamp(i + Nk - Nq + 1, 0, Nk)
+    attention backward  2.5 * forward           (5 matmuls against the forward's 2)
+    forward + backward  3.5 * forward
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+
+OPS = ("attention", "masked", "varlen", "softmax", "ffn", "gated_ffn", "gpt")
+IMPLEMENTED_OPS = ("attention",)  # the others join as their kernels land
+PROVIDERS = ("naive", "sdpa", "tritformer", "flash_attn", "flex")
+MODES = ("fwd", "bwd", "fwd_bwd")
+COLUMNS = ("op", "provider", "backend", "mode", "metric", "unit", "x_name", "x_value", "value",
+           "p20", "p80", "batch", "heads", "head_dim", "causal", "dtype", "device", "torch",
+           "triton", "tritformer", "timestamp")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------
+# Formulas
+# ---------------------------------------------------------------------------------------------
+def visible_pairs(n_q: int, n_k: int, causal: bool) -> int:
+    """(query, key) pairs the softmax sees; causal is bottom-right aligned (key j <= i + Nk - Nq)."""
+    if not causal:
+        return n_q * n_k
+    off = n_k - n_q
+    return sum(min(n_k, max(0, i + off + 1)) for i in range(n_q))
+
+
+def attention_flops(batch: int, heads: int, n_q: int, n_k: int, head_dim: int, causal: bool,
+                    mode: str) -> float:
+    fwd = 4.0 * batch * heads * visible_pairs(n_q, n_k, causal) * head_dim
+    return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode]
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------------
+def _percentiles(samples: list[float]) -> tuple[float, float, float]:
+    t = torch.tensor(samples, dtype=torch.float64)
+    q = torch.quantile(t, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return float(q[0]), float(q[1]), float(q[2])
+
+
+def time_ms(fn: Callable[[], object], device: str, reps: int = 3) -> tuple[float, float, float]:
+    """(median, p20, p80) in ms: do_bench on CUDA, a wall-clock timer (1 warm-up) on CPU."""
+    if device == "cuda":
+        import triton.testing
+        med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return float(med), float(p20), float(p80)
+    fn()
+    samples = []
+    for _ in range(max(1, reps)):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return _percentiles(samples)
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """The profiler's C++ side prints start/stop and allocator notes on fd 2; hide them."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def peak_bytes(fn: Callable[[], object], device: str) -> int:
+    """Peak bytes the call allocates beyond what was live before it (outputs included)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - before)
+    from torch.profiler import ProfilerActivity, profile
+    with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU],
+                                         profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return int(peak)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention providers: fn(q, k, v, causal) on [B, H, N, D] tensors, Nq == Nk in the sweeps
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Provider:
+    name: str
+    fn: Callable
+    why_not: Callable[[str, torch.dtype], Optional[str]]  # None when usable, else the reason
+    backend: Callable[[str], str]
+
+
+def _naive(q, k, v, causal):
+    from . import reference
+    return reference.attention(q, k, v, causal=causal)
+
+
+def _tritformer(q, k, v, causal):
+    from .ops.attention import attention
+    return attention(q, k, v, causal=causal)
+
+
+def _sdpa(q, k, v, causal):
+    # Nq == Nk in every sweep, so SDPA's top-left is_causal equals the bottom-right convention
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _flash_attn(q, k, v, causal):
+    from flash_attn import flash_attn_func  # [B, N, H, D] layout: transposed views, no copy
+    return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                           causal=causal).transpose(1, 2)
+
+
+_FLEX = {}
+
+
+def _flex(q, k, v, causal):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention)
+    block_mask = None
+    if causal:
+        n = q.shape[2]
+        block_mask = create_block_mask(lambda b, h, i, j: j <= i, None, None, n, n, device=q.device)
+    return _FLEX["fn"](q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _module_missing(mod: str) -> Optional[str]:
+    import importlib.util
+    return None if importlib.util.find_spec(mod) else f"{mod} is not installed"
+
+
+def _cuda_only(name: str, mod: str | None = None):
+    def why(device, dtype):
+        if device != "cuda":
+            return f"{name} runs on CUDA only"
+        if mod and _module_missing(mod):
+            return _module_missing(mod)
+        if name == "flash_attn" and dtype == torch.float32:
+            return "flash_attn takes fp16/bf16 only"
+        return None
+    return why
+
+
+def attention_providers() -> dict[str, Provider]:
+    from .backend import backend_for
+
+    def own_backend(device):
+        return backend_for(torch.empty(0, device=device))
+
+    return {
+        "naive": Provider("naive", _naive, lambda d, t: None, lambda d: "pytorch"),
+        "sdpa": Provider("sdpa", _sdpa, lambda d, t: None,
+                         lambda d: "sdpa (default dispatch)" if d == "cuda" else "sdpa (cpu)"),
+        "tritformer": Provider("tritformer", _tritformer, lambda d, t: None, own_backend),
+        "flash_attn": Provider("flash_attn", _flash_attn, _cuda_only("flash_attn", "flash_attn"),
+                               lambda d: "flash_attn"),
+        "flex": Provider("flex", _flex, _cuda_only("flex"), lambda d: "flex_attention (compiled)"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class AttentionSweep:
+    """Latency/throughput sweep (batch * seqlen constant, as FlashAttention's benchmark) and a
+    forward peak-memory sweep over longer sequences."""
+    seqlens: tuple
+    tokens: int                # batch * seqlen
+    head_dims: tuple
+    model_dim: int             # heads = model_dim // head_dim
+    dtype: str
+    modes: tuple = MODES
+    causal: tuple = (False, True)
+    memory_seqlens: tuple = ()
+    reps: int = 3
+
+
+def attention_sweep(device: str, quick: bool) -> AttentionSweep:
+    if device == "cuda":
+        if quick:
+            return AttentionSweep((1024, 4096), 16384, (64,), 2048, "bf16",
+                                  memory_seqlens=(1024, 4096, 16384))
+        return AttentionSweep((512, 1024, 2048, 4096, 8192, 16384), 16384, (64, 128), 2048, "bf16",
+                              memory_seqlens=(1024, 2048, 4096, 8192, 16384, 32768))
+    # CPU: the fused kernels run in the interpreter (~5 ms per tile iteration); small shapes.
+    # Memory needs no speed: naive attention's N x N scores pass a gigabyte at N = 16384.
+    if quick:
+        return AttentionSweep((128, 256), 256, (64,), 128, "fp32", causal=(False, True),
+                              memory_seqlens=(1024, 2048, 4096, 8192), reps=2)
+    return AttentionSweep((128, 256, 512), 512, (64, 128), 256, "fp32",
+                          memory_seqlens=(1024, 2048, 4096, 8192, 16384), reps=3)
+
+
+@contextlib.contextmanager
+def _large_interpreter_tiles():
+    """The memory sweep runs the interpreted forward at N up to 16K; 256 x 256 tiles cut its
+    iterations 32x against the test tiles. The bytes a call allocates (out and lse) do not
+    depend on the tiles: tiles live in registers/shared memory on a GPU."""
+    from tritformer.kernels import attention as K
+    saved = dict(K.INTERPRETER_CONFIGS)
+    if K.is_interpreted(K._attn_fwd):
+        K.INTERPRETER_CONFIGS["fwd"] = K._cfg(256, 256, 4, 1)
+    try:
+        yield
+    finally:
+        K.INTERPRETER_CONFIGS.update(saved)
+
+
+def machine_info(device: str) -> dict:
+    import triton
+    from . import __version__
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {"device": name, "torch": torch.__version__, "triton": triton.__version__,
+            "tritformer": __version__,
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _qkv(batch, heads, n, d, dtype, device, grad, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, n, d, generator=gen, dtype=torch.float32)
+            .to(device, dtype).requires_grad_(grad) for _ in range(3)]
+
+
+def _max_error(provider: Provider, q, k, v, causal) -> float:
+    from . import reference
+    with torch.no_grad():
+        out = provider.fn(q, k, v, causal)
+        ref = reference.attention(q.double(), k.double(), v.double(), causal=causal)
+    return float((out.double() - ref).abs().max())
+
+
+def bench_attention(device: str, quick: bool, providers: list[str], emit: Callable[[dict], None],
+                    progress: Callable[[str], None], skipped: dict) -> None:
+    """Run the attention sweeps; `emit` receives one row dict per measurement."""
+    sweep = attention_sweep(device, quick)
+    dtype = DTYPES[sweep.dtype]
+    table = attention_providers()
+    active = []
+    for name in providers:
+        reason = table[name].why_not(device, dtype)
+        if reason:
+            skipped[name] = reason
+        else:
+            active.append(table[name])
+
+    def row(p, mode, metric, unit, x, value, p20, p80, batch, heads, d, causal):
+        emit(dict(op="attention", provider=p.name, backend=p.backend(device), mode=mode,
+                  metric=metric, unit=unit, x_name="seqlen", x_value=x, value=value, p20=p20,
+                  p80=p80, batch=batch, heads=heads, head_dim=d, causal=causal,
+                  dtype=sweep.dtype))
+
+    for d in sweep.head_dims:
+        heads = max(1, sweep.model_dim // d)
+        for n in sweep.seqlens:
+            batch = max(1, sweep.tokens // n)
+            for causal in sweep.causal:
+                for p in active:
+                    progress(f"attention {p.name} D={d} N={n} causal={causal}")
+                    q, k, v = _qkv(batch, heads, n, d, dtype, device, grad=False)
+                    row(p, "fwd", "max_error", "abs", n, _max_error(p, q, k, v, causal), None,
+                        None, batch, heads, d, causal)
+                    for mode in sweep.modes:
+                        q, k, v = _qkv(batch, heads, n, d, dtype, device, grad=mode != "fwd")
+                        fn = _attention_call(p, q, k, v, causal, mode)
+                        med, p20, p80 = time_ms(fn, device, sweep.reps)
+                        row(p, mode, "latency", "ms", n, med, p20, p80, batch, heads, d, causal)
+                        if device == "cuda":  # a TFLOP/s of the interpreter would mean nothing
+                            fl = attention_flops(batch, heads, n, n, d, causal, mode)
+                            row(p, mode, "tflops", "TFLOP/s", n, fl / med * 1e-9, fl / p80 * 1e-9,
+                                fl / p20 * 1e-9, batch, heads, d, causal)
+                        row(p, mode, "peak_memory", "bytes", n, peak_bytes(fn, device), None, None,
+                            batch, heads, d, causal)
+    # forward peak memory against sequence length: one sequence, one head
+    d = sweep.head_dims[0]
+    with _large_interpreter_tiles():
+        for n in sweep.memory_seqlens:
+            for p in active:
+                progress(f"attention memory {p.name} N={n}")
+                q, k, v = _qkv(1, 1, n, d, dtype, device, grad=False)
+                with torch.no_grad():
+                    value = peak_bytes(lambda: p.fn(q, k, v, True), device)
+                emit(dict(op="attention", provider=p.name, backend=p.backend(device), mode="fwd",
+                          metric="peak_memory", unit="bytes", x_name="seqlen", x_value=n,
+                          value=value, p20=None, p80=None, batch=1, heads=1, head_dim=d,
+                          causal=True, dtype=sweep.dtype))
+                del q, k, v
+
+
+def _attention_call(p: Provider, q, k, v, causal, mode) -> Callable[[], object]:
+    if mode == "fwd":
+        def fwd():
+            with torch.no_grad():
+                return p.fn(q, k, v, causal)
+        return fwd
+    do = torch.randn_like(q)
+    if mode == "fwd_bwd":
+        return lambda: torch.autograd.grad(p.fn(q, k, v, causal), (q, k, v), do)
+    out = p.fn(q, k, v, causal)  # bwd: the graph is built once and replayed
+    return lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+def write_results(rows: list[dict], out_dir: str) -> list[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "results.json")]
+    with open(paths[0], "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    with open(paths[1], "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=1)
+    return paths + plot_results(rows, out_dir)
+
+
+def plot_results(rows: list[dict], out_dir: str) -> list[str]:
+    """One PNG per (op, metric, mode, head_dim): a line per (provider, causal) against x."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        return []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["metric"] == "max_error":
+            continue
+        memory_sweep = r["metric"] == "peak_memory" and r["batch"] == 1 and r["heads"] == 1
+        key = (r["op"], r["metric"], r["mode"], r["head_dim"], "seqlen_sweep" if memory_sweep else "")
+        groups.setdefault(key, []).append(r)
+    paths = []
+    for (op, metric, mode, d, tag), rs in sorted(groups.items(), key=str):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        lines: dict[tuple, list] = {}
+        for r in rs:
+            lines.setdefault((r["provider"], r["causal"]), []).append((r["x_value"], r["value"]))
+        for (prov, causal), pts in sorted(lines.items(), key=str):
+            pts.sort()
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o",
+                    label=f"{prov}{' causal' if causal else ''}")
+        ax.set_xscale("log", base=2)
+        if metric in ("peak_memory", "latency"):
+            ax.set_yscale("log")
+        unit = rs[0]["unit"]
+        ax.set_xlabel(rs[0]["x_name"])
+        ax.set_ylabel(f"{metric} ({unit})")
+        where = rs[0]["device"]
+        shape = "B=1 H=1" if tag else f"B*N={rs[0]['batch'] * rs[0]['x_value']} H={rs[0]['heads']}"
+        interp = " (Triton interpreter times: not GPU speed)" if (
+            metric == "latency" and any("interpreter" in r["backend"] for r in rs)) else ""
+        ax.set_title(f"{op} {mode} {metric}, D={d} {rs[0]['dtype']} {shape}{interp}\n{where}",
+                     fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        name = f"{op}_{metric}_{mode}_d{d}{'_' + tag if tag else ''}.png"
+        path = os.path.join(out_dir, name)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _fmt(value, unit) -> str:
+    if value is None:
+        return "-"
+    if unit == "bytes":
+        return f"{value / 2**20:.1f} MiB"
+    return f"{value:.4g}"
+
+
+def format_table(rows: list[dict]) -> str:
+    """Terminal table: one line per measurement, peak memory also as a ratio to naive."""
+    naive = {(r["op"], r["mode"], r["metric"], r["x_value"], r["batch"], r["heads"],
+              r["head_dim"], r["causal"]): r["value"] for r in rows if r["provider"] == "naive"}
+    head = (f"{'op':<10} {'provider':<11} {'backend':<22} {'mode':<8} {'D':>4} {'causal':<6} "
+            f"{'seqlen':>7} {'metric':<12} {'value':>14} {'p20..p80':>21} {'vs naive':>9}")
+    out = [head, "-" * len(head)]
+    for r in rows:
+        key = (r["op"], r["mode"], r["metric"], r["x_value"], r["batch"], r["heads"], r["head_dim"],
+               r["causal"])
+        ratio = ""
+        # interpreter latencies against PyTorch's are no speed ratio: only memory is compared
+        comparable = r["metric"] == "peak_memory" or (
+            r["metric"] == "latency" and "interpreter" not in r["backend"])
+        if comparable and naive.get(key) and r["value"] is not None:
+            ratio = f"{r['value'] / naive[key]:.3f}x"
+        spread = ("-" if r["p20"] is None else f"{_fmt(r['p20'], r['unit'])}..{_fmt(r['p80'], r['unit'])}")
+        val = _fmt(r["value"], r["unit"]) + ("" if r["unit"] == "bytes" else f" {r['unit']}")
+        out.append(f"{r['op']:<10} {r['provider']:<11} {r['backend'][:22]:<22} {r['mode']:<8} "
+                   f"{r['head_dim']:>4} {str(r['causal']):<6} {r['x_value']:>7} {r['metric']:<12} "
+                   f"{val:>14} {spread:>21} {ratio:>9}")
+    return "\n".join(out)
+
+
+def setup_device() -> str:
+    """CUDA when available; else CPU with the kernels in Triton's interpreter (set up here)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if "tritformer.kernels.attention" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are first imported
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    from . import _interp_patch
+    _interp_patch.apply()
+    return "cpu"
+
+
+def run(ops=("all",), quick=False, out_dir="bench-results", providers=PROVIDERS,
+        progress: Callable[[str], None] | None = None) -> tuple[list[dict], dict]:
+    device = setup_device()
+    info = machine_info(device)
+    wanted = OPS if "all" in ops else tuple(ops)
+    rows: list[dict] = []
+    skipped: dict[str, str] = {}
+    t0 = time.time()
+    count = [0]
+
+    def emit(r):
+        r.update(info)
+        rows.append({c: r.get(c) for c in COLUMNS})
+
+    def prog(msg):
+        count[0] += 1
+        if progress:
+            progress(f"[{count[0]:3d}] {time.time() - t0:6.1f}s  {msg}")
+
+    for op in wanted:
+        if op not in IMPLEMENTED_OPS:
+            skipped[f"op {op}"] = "no kernel in this release yet"
+            continue
+        if op == "attention":
+            bench_attention(device, quick, list(providers), emit, prog, skipped)
+    return rows, skipped
+
+
+def main(args) -> int:
+    def progress(msg):
+        print(f"\r{msg:<78}", end="", file=sys.stderr, flush=True)
+
+    rows, skipped = run(args.op, args.quick, args.out, args.providers, progress)
+    print(file=sys.stderr)
+    for what, why in skipped.items():
+        print(f"skipped {what}: {why}")
+    if not rows:
+        print("no measurements")
+        return 1
+    print(format_table(rows))
+    cpu = rows[0]["device"].startswith("cpu")
+    if cpu:
+        print("\nCPU run: tritformer latencies are Triton-interpreter times; they say nothing about "
+              "GPU speed. Memory and max error are the meaningful columns here.")
+    for path in write_results(rows, args.out):
+        print(f"wrote {path}")
+    return 0
