@@ -395,49 +395,53 @@ INTERPRETER_CONFIGS = {
 # (`python -m tritformer inspect`, Triton 3.9, causal): all are spill-free and within shared
 # memory; e.g. fwd D=128 fp16 sm_90 128x64/8 warps/3 stages: 232 regs, 128 KB smem, wgmma;
 # 128x64/4 warps spilled 1240 B, so 4-warp 128-row tiles are not shipped at D >= 128.
+# fp32 at D > 64 computes its dots in exact fp32 FMA (see _dot_precision): 8-warp tiles,
+# e.g. bwd_dkdv D=256 sm_80 32x16/8 warps: 128 regs, 0 spill; 4 warps spilled 2.4 KB.
 GPU_CONFIGS = {
     "fwd": {
         90: [(64, 2, [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3)]),
              (128, 2, [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)]),
              (256, 2, [_cfg(64, 32, 4, 2), _cfg(128, 64, 8, 2)]),
              (64, 4, [_cfg(64, 32, 4, 2)]),
-             (128, 4, [_cfg(32, 32, 4, 2)]),
-             (256, 4, [_cfg(32, 16, 4, 1)])],
+             (128, 4, [_cfg(32, 32, 8, 1), _cfg(32, 16, 8, 1)]),
+             (256, 4, [_cfg(32, 16, 8, 1), _cfg(16, 32, 8, 1)])],
         80: [(64, 2, [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3)]),
              (128, 2, [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)]),
-             (256, 2, [_cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2)]),
+             # 64x32/4 warps spilled 136 B on Triton 3.7.1 (causal); 8 warps: 222 regs, 0 spill
+             (256, 2, [_cfg(64, 32, 8, 2), _cfg(32, 32, 4, 2)]),
              (64, 4, [_cfg(64, 32, 4, 2)]),
-             (128, 4, [_cfg(32, 32, 4, 2)]),
-             (256, 4, [_cfg(32, 16, 4, 1)])],
+             (128, 4, [_cfg(32, 32, 8, 1), _cfg(32, 16, 8, 1)]),
+             (256, 4, [_cfg(32, 16, 8, 1), _cfg(16, 32, 8, 1)])],
     },
     "bwd_dkdv": {  # BLOCK_M: streamed query tile, BLOCK_N: resident key tile
         90: [(64, 2, [_cfg(32, 128, 8, 2), _cfg(64, 128, 8, 2)]),
              (128, 2, [_cfg(32, 128, 8, 2), _cfg(64, 64, 8, 2)]),
              (256, 2, [_cfg(16, 32, 4, 1)]),
              (64, 4, [_cfg(16, 32, 4, 1)]),
-             (128, 4, [_cfg(16, 32, 4, 1)]),
-             (256, 4, [_cfg(16, 16, 4, 1)])],
+             (128, 4, [_cfg(32, 32, 8, 1), _cfg(32, 16, 8, 1)]),
+             (256, 4, [_cfg(16, 32, 8, 1), _cfg(16, 16, 8, 1)])],
         80: [(64, 2, [_cfg(32, 128, 8, 2), _cfg(32, 64, 4, 2)]),
              (128, 2, [_cfg(64, 64, 8, 2), _cfg(16, 128, 8, 2)]),
              (256, 2, [_cfg(16, 32, 4, 1)]),
              (64, 4, [_cfg(16, 32, 4, 1)]),
-             (128, 4, [_cfg(16, 32, 4, 1)]),
-             (256, 4, [_cfg(16, 16, 4, 1)])],
+             (128, 4, [_cfg(32, 32, 8, 1), _cfg(32, 16, 8, 1)]),
+             (256, 4, [_cfg(32, 16, 8, 1), _cfg(16, 16, 8, 1)])],
     },
     "bwd_dq": {  # BLOCK_M: resident query tile, BLOCK_N: streamed key tile
         90: [(64, 2, [_cfg(128, 32, 8, 2), _cfg(128, 64, 8, 2)]),
              (128, 2, [_cfg(128, 32, 8, 2), _cfg(64, 64, 8, 2)]),
-             (256, 2, [_cfg(128, 32, 8, 2), _cfg(64, 16, 4, 2)]),
+             # 64x16/4 warps spilled 16-40 B on Triton 3.7.1; 64x32/8: 206 regs, 0 spill
+             (256, 2, [_cfg(128, 32, 8, 2), _cfg(64, 32, 8, 2)]),
              (64, 4, [_cfg(64, 16, 4, 2)]),
-             (128, 4, [_cfg(32, 16, 4, 1)]),
-             (256, 4, [_cfg(16, 16, 4, 1)])],
+             (128, 4, [_cfg(32, 16, 8, 1), _cfg(16, 32, 8, 1)]),
+             (256, 4, [_cfg(32, 16, 8, 1), _cfg(16, 32, 8, 1)])],
         80: [(64, 2, [_cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2)]),
              # 128x32/8 warps spilled 12 B (255 regs) on Triton 3.7.1 at D=128 causal
              (128, 2, [_cfg(64, 64, 8, 2), _cfg(64, 32, 4, 2)]),
              (256, 2, [_cfg(64, 64, 8, 2), _cfg(32, 32, 4, 2)]),
              (64, 4, [_cfg(32, 16, 4, 1)]),
-             (128, 4, [_cfg(32, 16, 4, 1)]),
-             (256, 4, [_cfg(16, 16, 4, 1)])],
+             (128, 4, [_cfg(32, 32, 8, 1), _cfg(32, 16, 8, 1)]),
+             (256, 4, [_cfg(32, 16, 8, 1), _cfg(16, 32, 8, 1)])],
     },
 }
 PREPROCESS_BLOCK_M = 64
@@ -460,10 +464,17 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: 3xTF32 keeps fp32-level accuracy (the criterion compares against PyTorch's
-    # fp32 math) while still using tensor cores; 16-bit inputs are exact in the MMA anyway.
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+def _dot_precision(dtype: torch.dtype, block_d: int) -> str:
+    # 16-bit inputs: exact products in the MMA, the argument is unused.
+    # fp32 inputs must keep fp32-level accuracy (the criterion compares against PyTorch's fp32
+    # math), so never plain TF32. Up to BLOCK_D=64, 3xTF32 does it on tensor cores. Beyond, its
+    # hi/lo operand splits exhaust the registers (AOT sweep, Triton 3.9, causal: D=128 dK/dV and
+    # dQ at 251-255 regs in every tile tried, D=256 spilling 128 B..3 KB in all 36 candidates),
+    # so fp32 with D > 64 uses exact fp32 FMA ("ieee"): spill-free, no tensor cores. Forward and
+    # backward share the choice, so the backward recomputes exactly the forward's scores.
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32x3" if block_d <= 64 else "ieee"
 
 
 def _strides(t: torch.Tensor, prefix: str) -> dict:
@@ -480,7 +491,7 @@ def plan_forward(q, k, v, out, lse, causal: bool, scale: float, arch: int | None
             **_strides(q, "q"), **_strides(k, "k"), **_strides(v, "v"), **_strides(out, "o"),
             "H": H, "GROUP": H // H_KV, "N_Q": N_Q, "N_KV": N_KV, "qk_scale": scale}
     constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, "CAUSAL": causal,
-                  "DOT_PRECISION": _dot_precision(q.dtype)}
+                  "DOT_PRECISION": _dot_precision(q.dtype, block_d)}
     return [Launch("attn_fwd", _attn_fwd, args, constexprs,
                    lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]), B, H),
                    configs_for("fwd", arch, block_d, q.element_size()),
@@ -494,7 +505,7 @@ def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, causal: bool, 
     block_d = _block_d(D)
     common = {"H": H, "GROUP": H // H_KV, "N_Q": N_Q, "N_KV": N_KV, "sm_scale": scale}
     constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, "CAUSAL": causal,
-                  "DOT_PRECISION": _dot_precision(q.dtype)}
+                  "DOT_PRECISION": _dot_precision(q.dtype, block_d)}
     tune_key = ["N_Q", "N_KV", "HEAD_DIM", "CAUSAL"]
     pre_m = PREPROCESS_BLOCK_M
     preprocess = Launch(

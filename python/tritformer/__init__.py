@@ -2,6 +2,7 @@
 from . import nn, numerics, reference
 from .backend import backend_for
 from .ops.attention import attention
+from .ops.softmax import softmax
 
 __version__ = "0.1.0"
-__all__ = ["attention", "backend_for", "nn", "reference", "numerics", "__version__"]
+__all__ = ["attention", "softmax", "backend_for", "nn", "reference", "numerics", "__version__"]

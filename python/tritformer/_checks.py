@@ -48,3 +48,41 @@ def check_attention_inputs(q, k, v, scale) -> None:
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
         if not math.isfinite(scale):
             raise ValueError(f"scale must be finite, got {scale}")
+
+
+def check_softmax_inputs(x, dim, scale, mask, causal) -> int:
+    """Validate tritformer.softmax's arguments; returns dim normalised to 0..x.dim()-1."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {_dtype_name(x.dtype)}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension, got a 0-d tensor")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim must be in [{-x.dim()}, {x.dim() - 1}] for x of shape {tuple(x.shape)}, got {dim}")
+    dim %= x.dim()
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+            raise TypeError(f"mask must be bool (True = keep) or a float additive mask, got {_dtype_name(mask.dtype)}")
+        if mask.device != x.device:
+            raise ValueError(f"mask must be on x's device {x.device}, got {mask.device}")
+        try:
+            shape = torch.broadcast_shapes(mask.shape, x.shape)
+        except RuntimeError:
+            shape = None
+        if shape != x.shape:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} must broadcast to x's shape {tuple(x.shape)}")
+    if causal:
+        if x.dim() < 2:
+            raise ValueError(f"causal=True masks the last two dims: x needs 2+ dims, got shape {tuple(x.shape)}")
+        if dim != x.dim() - 1:
+            raise ValueError(f"causal=True needs the softmax over the last dim, got dim={dim}")
+    return dim

@@ -112,12 +112,30 @@ def _attention_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool)
                               causal, scale, cap))
 
 
+SOFTMAX_ROWS = (1024, 16384, 65536)  # one 4-warp tile, the largest single tile, multi-tile
+
+
+def _softmax_plans(arch: str, dtype: torch.dtype, n_cols: int, causal: bool):
+    """Forward with a broadcast bool mask (the heaviest variant) and backward, [4, 8, 128, C]."""
+    from tritformer.kernels import softmax as K
+    x = torch.empty(4, 8, 128, n_cols, device="meta", dtype=dtype)
+    mask = torch.empty(1, 8, 128, n_cols, device="meta", dtype=torch.bool).expand(x.shape)
+    return (K.plan_forward(x, mask, torch.empty_like(x), 0.125, causal)
+            + K.plan_backward(x, torch.empty_like(x), torch.empty_like(x), 0.125))
+
+
 def inspect(archs=("sm_80", "sm_90"), head_dims=(64, 128, 256), dtypes=("fp16", "fp32"),
-            causal=(False, True), progress=None) -> list[Row]:
-    cases = [(a, dt, d, c) for a in archs for dt in dtypes for d in head_dims for c in causal]
+            causal=(False, True), progress=None, ops=("attention", "softmax")) -> list[Row]:
+    cases = []
+    if "attention" in ops:
+        cases += [(_attention_plans, a, dt, d, c) for a in archs for dt in dtypes
+                  for d in head_dims for c in causal]
+    if "softmax" in ops:
+        cases += [(_softmax_plans, a, dt, n, c) for a in archs for dt in dtypes
+                  for n in SOFTMAX_ROWS for c in causal]
     rows = []
-    for arch, dt, d, c in cases:
-        for launch in _attention_plans(arch, DTYPE_NAMES[dt], d, c):
+    for plans, arch, dt, d, c in cases:
+        for launch in plans(arch, DTYPE_NAMES[dt], d, c):
             for cfg in launch.configs:
                 desc = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items())
                 desc = f"{desc} warps={cfg.num_warps} stages={cfg.num_stages}".strip()
@@ -140,7 +158,7 @@ def _interpreting() -> bool:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ("kernel", "arch", "dtype", "D", "causal", "config", "regs", "spill B", "smem B", "mma", "ok")
+    head = ("kernel", "arch", "dtype", "D/C", "causal", "config", "regs", "spill B", "smem B", "mma", "ok")
     body = [(r.kernel, r.arch, r.dtype, str(r.head_dim), "y" if r.causal else "n", r.config,
              str(r.registers), str(r.spill_bytes), str(r.shared_bytes), str(r.mma),
              "ok" if r.ok else ("FAIL " + r.error if r.error else "FAIL")) for r in rows]
@@ -155,7 +173,8 @@ def main(args, argv: list[str]) -> int:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.run([sys.executable, "-m", "tritformer", *argv], env=env).returncode
     rows = inspect(args.arch, args.head_dim, args.dtype, (False, True),
-                   progress=lambda r: print(".", end="", flush=True, file=sys.stderr))
+                   progress=lambda r: print(".", end="", flush=True, file=sys.stderr),
+                   ops=args.op)
     print(file=sys.stderr)
     print(format_table(rows))
     bad = [r for r in rows if not r.ok]

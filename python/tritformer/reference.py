@@ -82,3 +82,28 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         dk = dk.view(B, Hkv, group, Nk, D).sum(2)
         dv = dv.view(B, Hkv, group, Nk, D).sum(2)
     return dq, dk, dv
+
+
+def softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0, mask: torch.Tensor | None = None,
+            causal: bool = False) -> torch.Tensor:
+    """softmax(scale * x + mask) along `dim`, in x's dtype (PyTorch's own same-dtype math).
+
+    mask: bool (True = keep) or additive float, broadcastable to x. causal: key j masked for row
+    i of the second-to-last dim when j > i + (C - R) (bottom-right, as `attention`). Rows with
+    nothing left give 0.
+    """
+    z = x * scale
+    keep = None
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            keep = mask.expand(x.shape)
+        else:
+            z = z + mask.to(z.dtype)
+    if causal:
+        c = causal_mask(x.shape[-2], x.shape[-1], x.device)
+        keep = c if keep is None else keep & c
+    if keep is not None:
+        z = z.masked_fill(~keep, float("-inf"))
+    empty = torch.isneginf(z).all(dim=dim, keepdim=True)
+    y = torch.softmax(z.masked_fill(empty, 0.0), dim=dim)
+    return y.masked_fill(empty, 0.0)

@@ -44,6 +44,41 @@ def check_attention(q, k, v, *, causal=False, scale=None, grads=True, return_lse
     return checks
 
 
+def check_softmax(x, dim=-1, *, scale=1.0, mask=None, causal=False, grads=True) -> list[numerics.Check]:
+    """tritformer.softmax forward (and backward: dx, and d(mask) for a float mask requiring
+    grad) against float64, bounded by PyTorch's own error in x's dtype (reference.softmax)."""
+    from .ops.softmax import softmax
+    mask_grad = mask is not None and mask.dtype != torch.bool and mask.requires_grad
+
+    def leaves(dtype=None):
+        xi = x.detach().to(dtype or x.dtype).requires_grad_(grads)
+        mi = mask
+        if mask is not None:
+            mi = mask.detach()
+            if mi.dtype != torch.bool:
+                mi = mi.to(dtype or x.dtype)
+            mi.requires_grad_(grads and mask_grad)
+        return xi, mi
+
+    (xk, mk), (xr, mr), (xb, mb) = leaves(), leaves(torch.float64), leaves()
+    y = softmax(xk, dim, scale=scale, mask=mk, causal=causal)
+    ref = reference.softmax(xr, dim, scale=scale, mask=mr, causal=causal)
+    base = reference.softmax(xb, dim, scale=scale, mask=mb, causal=causal)
+    checks = [numerics.check("y", y, ref, base, numerics.FORWARD_FACTOR)]
+    if grads:
+        gen = torch.Generator().manual_seed(1234)
+        dy = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y.device, y.dtype)
+        y.backward(dy)
+        ref.backward(dy.double())
+        base.backward(dy)
+        pairs = [("dx", xk, xr, xb)] + ([("dmask", mk, mr, mb)] if mask_grad else [])
+        gscale = float(xr.grad.abs().max()) if xr.grad.numel() else 0.0
+        for name, a, r, b in pairs:
+            checks.append(numerics.check(name, a.grad, r.grad, b.grad, numerics.GRAD_FACTOR,
+                                         floor_scale=gscale))
+    return checks
+
+
 def _cases(quick: bool):
     # (B, Hq, Hkv, Nq, Nk, D, causal): one line per code path
     cases = [
@@ -58,6 +93,17 @@ def _cases(quick: bool):
     return cases[:3] if quick else cases
 
 
+def _softmax_cases(quick: bool):
+    # (x shape, bool mask shape or None, causal, scale): one line per code path
+    cases = [
+        ((4, 8, 64, 64), (1, 8, 64, 64), True, 0.125),  # attention-score shape: mask + causal
+        ((16, 1000), None, False, 1.0),                 # padded single tile
+        ((2, 70_000), (70_000,), False, 2.0),           # multi-tile online path, broadcast mask
+        ((3, 1), None, False, 1.0),                     # one element per row
+    ]
+    return cases[:2] if quick else cases
+
+
 def main(args) -> int:
     interpreting = not torch.cuda.is_available()
     if interpreting:
@@ -68,16 +114,27 @@ def main(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     from .backend import backend_for
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    grid = [(dt, c) for dt in args.dtype for c in _cases(args.quick)]
+    grid = [("attention", dt, c) for dt in args.dtype for c in _cases(args.quick)]
+    grid += [("softmax", dt, c) for dt in args.dtype for c in _softmax_cases(args.quick)]
     backend = backend_for(torch.empty(0, device=device))
-    print(f"validate: attention on {device} ({backend}), {len(grid)} cases", file=sys.stderr)
+    print(f"validate: attention, softmax on {device} ({backend}), {len(grid)} cases", file=sys.stderr)
     rows, failed, t0 = [], 0, time.time()
-    for n, (dt, (B, Hq, Hkv, Nq, Nk, D, causal)) in enumerate(grid, 1):
+    for n, (op, dt, case) in enumerate(grid, 1):
         gen = torch.Generator().manual_seed(n)
-        q, k, v = (torch.randn(B, h, s, D, generator=gen).to(device, dtypes[dt])
-                   for h, s in ((Hq, Nq), (Hkv, Nk), (Hkv, Nk)))
-        name = f"attention {dt} B={B} H={Hq}/{Hkv} N={Nq}x{Nk} D={D}{' causal' if causal else ''}"
-        for c in check_attention(q, k, v, causal=causal, return_lse=True):
+        if op == "attention":
+            B, Hq, Hkv, Nq, Nk, D, causal = case
+            q, k, v = (torch.randn(B, h, s, D, generator=gen).to(device, dtypes[dt])
+                       for h, s in ((Hq, Nq), (Hkv, Nk), (Hkv, Nk)))
+            name = f"attention {dt} B={B} H={Hq}/{Hkv} N={Nq}x{Nk} D={D}{' causal' if causal else ''}"
+            checks = check_attention(q, k, v, causal=causal, return_lse=True)
+        else:
+            shape, mask_shape, causal, scale = case
+            x = (torch.randn(shape, generator=gen) * 3).to(device, dtypes[dt])
+            mask = None if mask_shape is None else (torch.rand(mask_shape, generator=gen) > 0.3).to(device)
+            name = (f"softmax {dt} {'x'.join(map(str, shape))} scale={scale}"
+                    f"{' mask' + 'x'.join(map(str, mask_shape)) if mask_shape else ''}{' causal' if causal else ''}")
+            checks = check_softmax(x, scale=scale, mask=mask, causal=causal)
+        for c in checks:
             rows.append((name, c))
             failed += not c.ok
         elapsed = time.time() - t0

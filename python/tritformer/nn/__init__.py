@@ -1,4 +1,5 @@
 """nn modules: parameters and configuration only; the math lives in the op layer."""
 from .attention import FusedAttention
+from .softmax import FusedSoftmax
 
-__all__ = ["FusedAttention"]
+__all__ = ["FusedAttention", "FusedSoftmax"]

@@ -1,0 +1,229 @@
+"""Fused scaled, masked softmax (Megatron-LM's fused softmax semantics): Triton kernels + launchers.
+
+y = softmax(scale * x + mask) over the last dim of a [D0, D1, D2, C] view (any strides, so a
+broadcast mask is read through stride-0 dims, never materialised). One program per row:
+- single tile (C <= the row block): the row is read once into registers and written once;
+- multi tile (longer rows, no length limit): a first pass keeps a per-lane running max and sum
+  (online softmax) over the row's tiles, a second pass writes exp2(s - m) / l: two reads and one
+  write, never a fallback to PyTorch.
+Backward: dz = y * (dy - rowsum(dy * y)) (gradient of the softmax input), times `grad_scale`,
+in the same single/multi tile structure.
+
+Masking: bool mask True = keep, or an additive float mask; causal masks key j for row i of the
+second-to-last dim when j > i + (C - D2) (bottom-right, as tritformer.attention). A row with
+nothing left gives zeros (and zero gradient), not NaN.
+This module knows nothing of autograd.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import Launch, device_arch, is_interpreted, run
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _row_bases(row, D1, D2, s0, s1, s2):
+    i2 = row % D2
+    t = row // D2
+    i1 = t % D1
+    i0 = t // D1
+    return i0.to(tl.int64) * s0 + i1.to(tl.int64) * s1 + i2.to(tl.int64) * s2, i2
+
+
+@triton.jit
+def _logits2(x_row, m_row, cols, C, i2, D2, stride_xc, stride_mc, scale2,
+             HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr):
+    """(scale * x + mask) * log2(e) for one tile; -inf where masked or past the row end."""
+    inb = cols < C
+    x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=inb, other=0.0).to(tl.float32)
+    s = x * scale2
+    keep = inb
+    if HAS_MASK:
+        if MASK_BOOL:
+            mk = tl.load(m_row + cols.to(tl.int64) * stride_mc, mask=inb, other=0)
+            keep = keep & (mk != 0)
+        else:
+            mk = tl.load(m_row + cols.to(tl.int64) * stride_mc, mask=inb, other=0.0)
+            s += mk.to(tl.float32) * 1.4426950408889634
+    if CAUSAL:
+        keep = keep & (cols <= i2 + (C - D2))
+    return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def _softmax_fwd(X, Mask, Y, D1, D2, C,
+                 stride_x0, stride_x1, stride_x2, stride_xc,
+                 stride_m0, stride_m1, stride_m2, stride_mc,
+                 stride_y0, stride_y1, stride_y2, stride_yc,
+                 scale2,
+                 HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
+                 BLOCK: tl.constexpr, SINGLE_TILE: tl.constexpr):
+    row = tl.program_id(0)
+    x_off, i2 = _row_bases(row, D1, D2, stride_x0, stride_x1, stride_x2)
+    y_off, _ = _row_bases(row, D1, D2, stride_y0, stride_y1, stride_y2)
+    x_row = X + x_off
+    y_row = Y + y_off
+    m_row = Mask
+    if HAS_MASK:
+        m_off, _ = _row_bases(row, D1, D2, stride_m0, stride_m1, stride_m2)
+        m_row = Mask + m_off
+    cols = tl.arange(0, BLOCK)
+    if SINGLE_TILE:
+        s = _logits2(x_row, m_row, cols, C, i2, D2, stride_xc, stride_mc, scale2,
+                     HAS_MASK, MASK_BOOL, CAUSAL)
+        m = tl.max(s, axis=0)
+        m = tl.where(m == float("-inf"), 0.0, m)  # fully masked row: every p is 0
+        p = tl.math.exp2(s - m)
+        l = tl.sum(p, axis=0)
+        y = p * (1.0 / tl.where(l == 0.0, 1.0, l))
+        tl.store(y_row + cols.to(tl.int64) * stride_yc, y.to(Y.dtype.element_ty), mask=cols < C)
+    else:
+        # pass 1: per-lane online max and sum, one reduction at the end
+        m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, C, BLOCK):
+            s = _logits2(x_row, m_row, start + cols, C, i2, D2, stride_xc, stride_mc, scale2,
+                         HAS_MASK, MASK_BOOL, CAUSAL)
+            m_new = tl.maximum(m_i, s)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.math.exp2(s - m_safe)
+            m_i = m_new
+        m = tl.max(m_i, axis=0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        l = tl.sum(l_i * tl.math.exp2(m_i - m), axis=0)
+        inv_l = 1.0 / tl.where(l == 0.0, 1.0, l)
+        # pass 2: normalise and write
+        for start in range(0, C, BLOCK):
+            s = _logits2(x_row, m_row, start + cols, C, i2, D2, stride_xc, stride_mc, scale2,
+                         HAS_MASK, MASK_BOOL, CAUSAL)
+            y = tl.math.exp2(s - m) * inv_l
+            tl.store(y_row + (start + cols).to(tl.int64) * stride_yc, y.to(Y.dtype.element_ty),
+                     mask=start + cols < C)
+
+
+@triton.jit
+def _softmax_bwd(Y, DY, DZ, D1, D2, C,
+                 stride_y0, stride_y1, stride_y2, stride_yc,
+                 stride_d0, stride_d1, stride_d2, stride_dc,
+                 stride_z0, stride_z1, stride_z2, stride_zc,
+                 grad_scale,
+                 BLOCK: tl.constexpr, SINGLE_TILE: tl.constexpr):
+    # dz = y * (dy - rowsum(dy * y)) * grad_scale; masked entries have y = 0, so dz = 0 there
+    row = tl.program_id(0)
+    y_off, _ = _row_bases(row, D1, D2, stride_y0, stride_y1, stride_y2)
+    d_off, _ = _row_bases(row, D1, D2, stride_d0, stride_d1, stride_d2)
+    z_off, _ = _row_bases(row, D1, D2, stride_z0, stride_z1, stride_z2)
+    cols = tl.arange(0, BLOCK)
+    if SINGLE_TILE:
+        inb = cols < C
+        y = tl.load(Y + y_off + cols.to(tl.int64) * stride_yc, mask=inb, other=0.0).to(tl.float32)
+        dy = tl.load(DY + d_off + cols.to(tl.int64) * stride_dc, mask=inb, other=0.0).to(tl.float32)
+        delta = tl.sum(y * dy, axis=0)
+        dz = y * (dy - delta) * grad_scale
+        tl.store(DZ + z_off + cols.to(tl.int64) * stride_zc, dz.to(DZ.dtype.element_ty), mask=inb)
+    else:
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, C, BLOCK):
+            c = start + cols
+            inb = c < C
+            y = tl.load(Y + y_off + c.to(tl.int64) * stride_yc, mask=inb, other=0.0).to(tl.float32)
+            dy = tl.load(DY + d_off + c.to(tl.int64) * stride_dc, mask=inb, other=0.0).to(tl.float32)
+            acc += y * dy
+        delta = tl.sum(acc, axis=0)
+        for start in range(0, C, BLOCK):
+            c = start + cols
+            inb = c < C
+            y = tl.load(Y + y_off + c.to(tl.int64) * stride_yc, mask=inb, other=0.0).to(tl.float32)
+            dy = tl.load(DY + d_off + c.to(tl.int64) * stride_dc, mask=inb, other=0.0).to(tl.float32)
+            dz = y * (dy - delta) * grad_scale
+            tl.store(DZ + z_off + c.to(tl.int64) * stride_zc, dz.to(DZ.dtype.element_ty), mask=inb)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs: one row per program; a row up to MAX_SINGLE_TILE elements is held in registers
+# (16K fp32 over 16 warps = 32 values per thread), longer rows stream MULTI_TILE-element tiles.
+# ---------------------------------------------------------------------------------------------
+MAX_SINGLE_TILE = 16384
+MULTI_TILE = 4096
+
+
+def _tile(n_cols: int) -> tuple[int, bool]:
+    block = triton.next_power_of_2(max(n_cols, 1))
+    if block <= MAX_SINGLE_TILE:
+        return block, True
+    return MULTI_TILE, False
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block <= 1024 else 8 if block <= 4096 else 16
+
+
+def _as_4d(t: torch.Tensor) -> torch.Tensor:
+    """A [D0, D1, D2, C] view of t (rank >= 1); leading dims beyond three are merged (reshape:
+    a copy only if they cannot be viewed as one)."""
+    if t.dim() > 4:
+        t = t.reshape(-1, *t.shape[-3:])
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    return t
+
+
+def _strides4(t: torch.Tensor, p: str) -> dict:
+    s = t.stride()
+    return {f"stride_{p}0": s[0], f"stride_{p}1": s[1], f"stride_{p}2": s[2], f"stride_{p}c": s[3]}
+
+
+def plan_forward(x4, mask4, y4, scale: float, causal: bool) -> list[Launch]:
+    D0, D1, D2, C = x4.shape
+    block, single = _tile(C)
+    has_mask = mask4 is not None
+    args = {"X": x4, "Mask": mask4 if has_mask else x4, "Y": y4, "D1": D1, "D2": D2, "C": C,
+            **_strides4(x4, "x"), **_strides4(mask4 if has_mask else x4, "m"), **_strides4(y4, "y"),
+            "scale2": scale * LOG2E}
+    constexprs = {"HAS_MASK": has_mask, "MASK_BOOL": has_mask and mask4.dtype == torch.bool,
+                  "CAUSAL": causal, "BLOCK": block, "SINGLE_TILE": single}
+    cfg = triton.Config({}, num_warps=_num_warps(block), num_stages=1)
+    return [Launch("softmax_fwd", _softmax_fwd, args, constexprs,
+                   lambda meta: (D0 * D1 * D2,), [cfg], ["C"])]
+
+
+def plan_backward(y4, dy4, dz4, grad_scale: float) -> list[Launch]:
+    D0, D1, D2, C = y4.shape
+    block, single = _tile(C)
+    args = {"Y": y4, "DY": dy4, "DZ": dz4, "D1": D1, "D2": D2, "C": C,
+            **_strides4(y4, "y"), **_strides4(dy4, "d"), **_strides4(dz4, "z"),
+            "grad_scale": grad_scale}
+    cfg = triton.Config({}, num_warps=_num_warps(block), num_stages=1)
+    return [Launch("softmax_bwd", _softmax_bwd, args, {"BLOCK": block, "SINGLE_TILE": single},
+                   lambda meta: (D0 * D1 * D2,), [cfg], ["C"])]
+
+
+def softmax_forward(x: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                    causal: bool) -> torch.Tensor:
+    """softmax(scale * x + mask) over x's last dim; mask already expanded to x's shape (a view)."""
+    y = torch.empty_like(x)
+    if x.numel() == 0:
+        return y
+    x4, y4 = _as_4d(x), _as_4d(y)
+    m4 = None if mask is None else _as_4d(mask)
+    for launch in plan_forward(x4, m4, y4, scale, causal):
+        run(launch)
+    return y
+
+
+def softmax_backward(dy: torch.Tensor, y: torch.Tensor, grad_scale: float) -> torch.Tensor:
+    """grad_scale * y * (dy - rowsum(dy * y)), in y's dtype and layout."""
+    dz = torch.empty_like(y)
+    if y.numel() == 0:
+        return dz
+    for launch in plan_backward(_as_4d(y), _as_4d(dy), _as_4d(dz), grad_scale):
+        run(launch)
+    return dz
+
+
+def _arch_for(t: torch.Tensor) -> int | None:
+    return None if is_interpreted(_softmax_fwd) else device_arch(t)

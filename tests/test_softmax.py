@@ -1,0 +1,137 @@
+"""tritformer.softmax against the float64 reference (error-ratio criterion), in the interpreter.
+
+Kernel paths (kernels/softmax.py): rows up to MAX_SINGLE_TILE (16K) elements are one on-chip
+tile; longer rows take the two-pass online path over MULTI_TILE (4K) tiles. Some cases shrink
+the tiles (monkeypatch) to run the multi-tile path on short, fast rows.
+"""
+import pytest
+import torch
+
+import tritformer
+from tritformer.kernels import softmax as K
+from tritformer.validate import check_softmax
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def assert_checks(checks):
+    bad = [str(c) for c in checks if not c.ok]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [
+    1,      # single element: y = 1, dx = 0
+    17,     # odd, one padded tile
+    1000,   # padded to 1024
+])
+def test_row_lengths_and_dtypes(dtype, n):
+    x = torch.randn(3, 5, n, dtype=dtype) * 3
+    assert_checks(check_softmax(x, scale=0.7))
+
+
+def test_long_rows_multi_tile_path():
+    # 70,000 > 16K: the online two-pass path, 18 tiles with a ragged tail (Liger stops at 64K)
+    x = torch.randn(2, 70_000) * 4
+    assert_checks(check_softmax(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_multi_tile_path_with_small_tiles(dtype, causal, monkeypatch):
+    # 64-element tiles over rows of 1000: the same code as 64K+ rows, 16 tiles + a tail
+    monkeypatch.setattr(K, "MAX_SINGLE_TILE", 32)
+    monkeypatch.setattr(K, "MULTI_TILE", 64)
+    x = torch.randn(2, 7, 1000, dtype=dtype) * 3
+    mask = torch.rand(1, 7, 1000) > 0.3
+    assert_checks(check_softmax(x, mask=mask, causal=causal))
+
+
+@pytest.mark.parametrize("nq,nk", [(9, 9), (5, 12), (12, 5)])
+def test_causal_is_bottom_right(nq, nk):
+    # rectangular: the same alignment as tritformer.attention; nq > nk leaves empty rows (0)
+    x = torch.randn(2, 3, nq, nk)
+    assert_checks(check_softmax(x, causal=True, scale=0.5))
+    y = tritformer.softmax(x, causal=True)
+    i, j = torch.arange(nq)[:, None], torch.arange(nk)[None, :]
+    assert (y[..., j > i + nk - nq] == 0).all()
+
+
+@pytest.mark.parametrize("mask_shape", [
+    (2, 3, 16, 40),  # full
+    (1, 3, 1, 40),   # broadcast: read through stride-0 dims
+    (40,),           # a row mask broadcast to everything
+])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_masks(mask_shape, kind):
+    x = torch.randn(2, 3, 16, 40, dtype=torch.float16)
+    if kind == "bool":
+        mask = torch.rand(mask_shape) > 0.4
+    else:  # additive, with -inf entries; the gradient reaches the mask
+        mask = torch.randn(mask_shape).masked_fill(torch.rand(mask_shape) < 0.2, float("-inf"))
+        mask = mask.to(torch.float16).requires_grad_()
+    assert_checks(check_softmax(x, scale=0.3, mask=mask))
+
+
+def test_fully_masked_rows_are_zero_not_nan():
+    x = torch.randn(4, 10, requires_grad=True)
+    mask = torch.ones(4, 10, dtype=torch.bool)
+    mask[1] = False
+    y = tritformer.softmax(x, mask=mask)
+    assert torch.equal(y[1], torch.zeros(10)) and torch.isfinite(y).all()
+    y.backward(torch.randn(4, 10))
+    assert torch.equal(x.grad[1], torch.zeros(10)) and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("dim", [0, 1, -2])
+def test_other_dims_and_strided_input(dim):
+    base = torch.randn(6, 30, 50)
+    x = base.transpose(0, 2)[:, ::2]  # non-contiguous view
+    assert_checks(check_softmax(x, dim=dim))
+
+
+def test_large_logits_and_five_dims():
+    # |scale * x| up to ~1e4: the max subtraction keeps it finite; rank 5 merges leading dims
+    x = torch.randn(2, 2, 3, 4, 33) * 2000
+    assert_checks(check_softmax(x, scale=5.0))
+
+
+def test_module():
+    x = torch.randn(2, 4, 7, 7)
+    m = tritformer.nn.FusedSoftmax(dim=-1, scale=0.5, causal=True)
+    torch.testing.assert_close(m(x), tritformer.softmax(x, scale=0.5, causal=True), rtol=0, atol=0)
+    assert "causal=True" in repr(m)
+
+
+def test_opcheck_and_compile():
+    x = torch.randn(3, 4, 20, requires_grad=True)
+    mask = torch.randn(1, 4, 20).expand(3, 4, 20).requires_grad_()
+    torch.library.opcheck(torch.ops.tritformer.softmax_fwd.default, (x, mask, 0.5, False))
+    torch.library.opcheck(torch.ops.tritformer.softmax_fwd.default, (x, None, 1.0, True))
+    torch._dynamo.reset()
+
+    def f(x, w):
+        return tritformer.softmax(x @ w, scale=0.5, causal=True).sum(-1)
+
+    x2, w = torch.randn(2, 8, 8), torch.randn(8, 8, requires_grad=True)
+    w2 = w.detach().clone().requires_grad_()
+    out = torch.compile(f, fullgraph=True)(x2, w)
+    ref = f(x2, w2)
+    torch.testing.assert_close(out, ref)
+    (out * torch.arange(8.0)).sum().backward()
+    (ref * torch.arange(8.0)).sum().backward()
+    torch.testing.assert_close(w.grad, w2.grad)
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    (dict(x=torch.randn(3, 4).int()), TypeError, "x must be float16"),
+    (dict(x=torch.randn(3, 4), dim=2), ValueError, "dim must be in"),
+    (dict(x=torch.randn(3, 4), mask=torch.ones(5, dtype=torch.bool)), ValueError, "mask of shape"),
+    (dict(x=torch.randn(3, 4), mask=torch.ones(4, dtype=torch.int32)), TypeError, "mask must be bool"),
+    (dict(x=torch.randn(3, 4), causal=True, dim=0), ValueError, "last dim"),
+    (dict(x=torch.randn(4), causal=True), ValueError, "2\\+ dims"),
+    (dict(x=torch.randn(3, 4), scale=float("nan")), ValueError, "scale must be finite"),
+])
+def test_bad_input(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        tritformer.softmax(**kwargs)
