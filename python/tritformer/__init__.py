@@ -2,7 +2,8 @@
 from . import nn, numerics, reference
 from .backend import backend_for
 from .ops.attention import attention
+from .ops.ffn import ffn, gated_ffn
 from .ops.softmax import softmax
 
 __version__ = "0.1.0"
-__all__ = ["attention", "softmax", "backend_for", "nn", "reference", "numerics", "__version__"]
+__all__ = ["attention", "softmax", "ffn", "gated_ffn", "backend_for", "nn", "reference", "numerics", "__version__"]

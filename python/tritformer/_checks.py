@@ -86,3 +86,76 @@ def check_softmax_inputs(x, dim, scale, mask, causal) -> int:
         if dim != x.dim() - 1:
             raise ValueError(f"causal=True needs the softmax over the last dim, got dim={dim}")
     return dim
+
+
+def _check_same(name, t, ref, ref_name):
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have {ref_name}'s dtype {_dtype_name(ref.dtype)}, got {_dtype_name(t.dtype)}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+
+
+def _check_activation(activation, allowed):
+    if not isinstance(activation, str) or activation not in allowed:
+        raise ValueError(f"activation must be one of {', '.join(map(repr, allowed))}, got {activation!r}")
+
+
+def _check_weight(name, w, out_dim_name, in_dim, in_name, x):
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+    if w.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [{out_dim_name}, {in_name}] (nn.Linear layout), got shape {tuple(w.shape)}")
+    _check_same(name, w, x, "x")
+    if w.shape[1] != in_dim:
+        raise ValueError(f"{name} must be [{out_dim_name}, {in_dim}] to match {in_name}={in_dim}, got shape {tuple(w.shape)}")
+
+
+def _check_bias(name, b, n, x):
+    if b is None:
+        return
+    if not isinstance(b, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(b).__name__}")
+    _check_same(name, b, x, "x")
+    if tuple(b.shape) != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(b.shape)}")
+
+
+def _check_x(x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., in_features], got a 0-d tensor")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {_dtype_name(x.dtype)}")
+
+
+def check_ffn_inputs(x, w1, b1, w2, b2, activation, residual, recompute) -> None:
+    from .reference import ACTIVATIONS
+    _check_x(x)
+    _check_weight("w1", w1, "hidden", x.shape[-1], "in_features", x)
+    _check_bias("b1", b1, w1.shape[0], x)
+    _check_weight("w2", w2, "out_features", w1.shape[0], "hidden", x)
+    _check_bias("b2", b2, w2.shape[0], x)
+    _check_activation(activation, ACTIVATIONS)
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+        _check_same("residual", residual, x, "x")
+        want = (*x.shape[:-1], w2.shape[0])
+        if tuple(residual.shape) != want:
+            raise ValueError(f"residual must have the output's shape {want}, got {tuple(residual.shape)}")
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
+
+
+def check_gated_ffn_inputs(x, w_gate, w_up, w_down, activation, recompute) -> None:
+    from .reference import ACTIVATIONS
+    _check_x(x)
+    _check_weight("w_gate", w_gate, "intermediate", x.shape[-1], "hidden", x)
+    _check_weight("w_up", w_up, "intermediate", x.shape[-1], "hidden", x)
+    if w_up.shape != w_gate.shape:
+        raise ValueError(f"w_up must have w_gate's shape {tuple(w_gate.shape)}, got {tuple(w_up.shape)}")
+    _check_weight("w_down", w_down, "hidden_out", w_gate.shape[0], "intermediate", x)
+    _check_activation(activation, ACTIVATIONS)
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")

@@ -107,3 +107,48 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0, mask: torch.T
     empty = torch.isneginf(z).all(dim=dim, keepdim=True)
     y = torch.softmax(z.masked_fill(empty, 0.0), dim=dim)
     return y.masked_fill(empty, 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# FFN
+# --------------------------------------------------------------------------------------------
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+
+
+def apply_activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "gelu":
+        return torch.nn.functional.gelu(x)
+    if name == "gelu_tanh":
+        return torch.nn.functional.gelu(x, approximate="tanh")
+    if name == "relu":
+        return torch.relu(x)
+    if name == "silu":
+        return torch.nn.functional.silu(x)
+    raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {name!r}")
+
+
+def activation_grad(x: torch.Tensor, name: str) -> torch.Tensor:
+    """d activation(x) / dx, written out (used where autograd cannot record, and as a check)."""
+    if name == "gelu":
+        return 0.5 * (1 + torch.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * torch.exp(-0.5 * x * x)
+    if name == "gelu_tanh":
+        t = torch.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3))
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * 0.7978845608028654 * (1 + 3 * 0.044715 * x * x)
+    if name == "relu":
+        return (x > 0).to(x.dtype)
+    if name == "silu":
+        s = torch.sigmoid(x)
+        return s * (1 + x * (1 - s))
+    raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {name!r}")
+
+
+def ffn(x, w1, b1, w2, b2, *, activation: str = "gelu", residual=None, recompute: bool = False):
+    """act(x w1ᵀ + b1) w2ᵀ + b2 (+ residual): the unfused PyTorch sequence, in x's dtype."""
+    y = torch.nn.functional.linear(apply_activation(torch.nn.functional.linear(x, w1, b1), activation), w2, b2)
+    return y if residual is None else y + residual
+
+
+def gated_ffn(x, w_gate, w_up, w_down, *, activation: str = "silu", recompute: bool = False):
+    """(act(x w_gateᵀ) ∘ (x w_upᵀ)) w_downᵀ: SwiGLU / GeGLU, the unfused PyTorch sequence."""
+    F = torch.nn.functional
+    return F.linear(apply_activation(F.linear(x, w_gate), activation) * F.linear(x, w_up), w_down)

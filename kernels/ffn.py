@@ -1,0 +1,219 @@
+"""Fused FFN building blocks: a tiled Triton GEMM with fused prologue/epilogue variants.
+
+C[M, N] = A[M, K] @ B[K, N] with any strides (an nn.Linear weight [out, in] is used as B through
+its transposed view, never copied), masked tails on M, N and K, int64 offsets, grouped program
+order for L2 reuse. Epilogues (EPI):
+- EPI_BIAS_ACT:  pre = acc (+ bias[n]); optionally store pre (the backward's act' input);
+                 out = act(pre) (+ residual[m, n])
+- EPI_DACT:      out = acc * act'(aux[m, n])           (backward through the activation)
+- EPI_GATED:     two accumulators from one pass over A (x is read once): g = A @ B, u = A @ B2;
+                 out = act(g) * u; optionally store g and u for the backward
+- EPI_DGATED:    dh = acc; out = dh * u * act'(g) (= dg), out2 = dh * act(g) (= du)
+Activations: 0 none, 1 gelu (erf), 2 gelu_tanh, 3 relu, 4 silu; computed in fp32.
+This module knows nothing of autograd.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import Launch, arch_family, device_arch, is_interpreted, run
+
+ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
+EPI_BIAS_ACT, EPI_DACT, EPI_GATED, EPI_DGATED = 0, 1, 2, 3
+
+
+@triton.jit
+def _tanh(z):
+    return 1.0 - 2.0 / (tl.math.exp(2.0 * z) + 1.0)  # saturates to +-1 without NaN
+
+
+@triton.jit
+def _act(x, ACT: tl.constexpr):
+    if ACT == 1:
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACT == 2:
+        return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    elif ACT == 3:
+        return tl.maximum(x, 0.0)
+    elif ACT == 4:
+        return x * tl.sigmoid(x)
+    else:
+        return x
+
+
+@triton.jit
+def _dact(x, ACT: tl.constexpr):
+    if ACT == 1:
+        return (0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+                + x * 0.3989422804014327 * tl.math.exp(-0.5 * x * x))
+    elif ACT == 2:
+        t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (
+            1.0 + 3.0 * 0.044715 * x * x)
+    elif ACT == 3:
+        return tl.where(x > 0.0, 1.0, 0.0)
+    elif ACT == 4:
+        s = tl.sigmoid(x)
+        return s * (1.0 + x * (1.0 - s))
+    else:
+        return tl.full(x.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _gemm(A, B, B2, C, C2, Bias, Res, Aux, Aux2, Pre, Pre2,
+          M, N, K,
+          stride_am, stride_ak, stride_bk, stride_bn, stride_b2k, stride_b2n,
+          stride_cm, stride_cn,
+          stride_rm, stride_rn, stride_xm, stride_xn,
+          EPI: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+          STORE_PRE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          GROUP_M: tl.constexpr):
+    # C, C2, Pre, Pre2 share strides (stride_c*); Res uses stride_r*; Aux, Aux2 stride_x*
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
+    b_ptrs = B + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if EPI == 2:
+        b2_ptrs = B2 + offs_k[:, None].to(tl.int64) * stride_b2k + offs_n[None, :].to(tl.int64) * stride_b2n
+        acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+        if EPI == 2:
+            b2 = tl.load(b2_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
+            b2_ptrs += BLOCK_K * stride_b2k
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    c_off = offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
+    x_off = offs_m[:, None].to(tl.int64) * stride_xm + offs_n[None, :].to(tl.int64) * stride_xn
+    out_ty = C.dtype.element_ty
+    if EPI == 0:
+        if HAS_BIAS:
+            acc += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if STORE_PRE:
+            tl.store(Pre + c_off, acc.to(out_ty), mask=mask)
+        out = _act(acc, ACT)
+        if HAS_RES:
+            r_off = offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :].to(tl.int64) * stride_rn
+            out += tl.load(Res + r_off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(C + c_off, out.to(out_ty), mask=mask)
+    elif EPI == 1:
+        pre = tl.load(Aux + x_off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(C + c_off, (acc * _dact(pre, ACT)).to(out_ty), mask=mask)
+    elif EPI == 2:
+        if STORE_PRE:
+            tl.store(Pre + c_off, acc.to(out_ty), mask=mask)
+            tl.store(Pre2 + c_off, acc2.to(out_ty), mask=mask)
+        tl.store(C + c_off, (_act(acc, ACT) * acc2).to(out_ty), mask=mask)
+    else:
+        g = tl.load(Aux + x_off, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(Aux2 + x_off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(C + c_off, (acc * u * _dact(g, ACT)).to(out_ty), mask=mask)
+        tl.store(C2 + c_off, (acc * _act(g, ACT)).to(out_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+def _cfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
+                         num_stages=stages)
+
+
+INTERPRETER_CONFIG = _cfg(32, 32, 32, 4, 1)
+# {arch family: {(element bytes, dual accumulator): [configs]}}, AOT-checked with
+# `python -m tritformer inspect --op ffn` (spill-free, within shared memory, tensor cores).
+GPU_CONFIGS = {
+    90: {(2, False): [_cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4)],
+         (2, True): [_cfg(128, 64, 64, 8, 3), _cfg(64, 64, 64, 4, 3)],
+         (4, False): [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3)],
+         (4, True): [_cfg(64, 64, 32, 4, 2)]},
+    80: {(2, False): [_cfg(128, 128, 32, 8, 3), _cfg(128, 64, 32, 4, 4)],
+         (2, True): [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 3)],
+         (4, False): [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3)],
+         (4, True): [_cfg(64, 64, 32, 4, 2)]},
+}
+GROUP_M = 8
+
+
+def configs_for(arch: int | None, elem_bytes: int, dual: bool) -> list:
+    if arch is None:
+        return [INTERPRETER_CONFIG]
+    return GPU_CONFIGS[arch_family(arch)][(elem_bytes, dual)]
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 operands: 3xTF32 (fp32-level accuracy on tensor cores); 16-bit: exact products
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def plan_gemm(a, b, c, *, epi=EPI_BIAS_ACT, act=0, bias=None, residual=None, aux=None,
+              aux2=None, b2=None, c2=None, pre=None, pre2=None, arch=None) -> list[Launch]:
+    """C = A @ B (+ fused epilogue); A [M, K], B [K, N], C/C2/Pre/Pre2 [M, N] with C's strides."""
+    M, K = a.shape
+    N = b.shape[1]
+    for name, t in (("c2", c2), ("pre", pre), ("pre2", pre2)):
+        if t is not None and t.stride() != c.stride():
+            raise ValueError(f"{name} must share c's strides")
+    dual = epi == EPI_GATED
+    args = {"A": a, "B": b, "B2": b2 if b2 is not None else b, "C": c,
+            "C2": c2 if c2 is not None else c, "Bias": bias if bias is not None else c,
+            "Res": residual if residual is not None else c, "Aux": aux if aux is not None else c,
+            "Aux2": aux2 if aux2 is not None else c, "Pre": pre if pre is not None else c,
+            "Pre2": pre2 if pre2 is not None else c, "M": M, "N": N, "K": K,
+            "stride_am": a.stride(0), "stride_ak": a.stride(1),
+            "stride_bk": b.stride(0), "stride_bn": b.stride(1),
+            "stride_b2k": (b2 if b2 is not None else b).stride(0),
+            "stride_b2n": (b2 if b2 is not None else b).stride(1),
+            "stride_cm": c.stride(0), "stride_cn": c.stride(1),
+            "stride_rm": residual.stride(0) if residual is not None else 0,
+            "stride_rn": residual.stride(1) if residual is not None else 0,
+            "stride_xm": aux.stride(0) if aux is not None else 0,
+            "stride_xn": aux.stride(1) if aux is not None else 0}
+    if aux is not None and aux2 is not None and aux.stride() != aux2.stride():
+        raise ValueError("aux2 must share aux's strides")
+    constexprs = {"EPI": epi, "ACT": act, "HAS_BIAS": bias is not None,
+                  "HAS_RES": residual is not None,
+                  "STORE_PRE": pre is not None, "DOT_PRECISION": _dot_precision(a.dtype),
+                  "GROUP_M": GROUP_M}
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    return [Launch(f"gemm_{['bias_act', 'dact', 'gated', 'dgated'][epi]}", _gemm, args, constexprs,
+                   grid, configs_for(arch, a.element_size(), dual), ["M", "N", "K"])]
+
+
+def _arch_for(t: torch.Tensor) -> int | None:
+    return None if is_interpreted(_gemm) else device_arch(t)
+
+
+def gemm(a, b, c, **kw) -> torch.Tensor:
+    if c.numel() == 0:
+        return c
+    if a.shape[1] == 0:  # K = 0: the products are empty; the epilogue still applies
+        a = a.new_zeros(a.shape[0], 1)
+        b = b.new_zeros(1, b.shape[1])
+        if kw.get("b2") is not None:
+            kw["b2"] = b.clone()
+    for launch in plan_gemm(a, b, c, arch=_arch_for(a), **kw):
+        run(launch)
+    return c

@@ -1,0 +1,272 @@
+"""Fused FFN: torch.library custom ops, autograd, and `tritformer.ffn` / `tritformer.gated_ffn`.
+
+Kernels: kernels/ffn.py's GEMM with fused epilogues. Forward of `ffn`:
+    GEMM 1  h = act(x w1ᵀ + b1)     bias + activation in the epilogue (also stores pre = x w1ᵀ + b1
+                                    unless recompute)
+    GEMM 2  y = h w2ᵀ + b2 (+ res)  bias + residual in the epilogue
+Backward:
+    dpre = (dy w2) ∘ act'(pre)      act' fused into the epilogue
+    dw2 = dyᵀ h, dw1 = dpreᵀ x, dx = dpre w1   (GEMMs over transposed views, no copies)
+    db2, db1: column sums in PyTorch (fp32 accumulation)
+recompute=True saves neither pre nor h (2 · M · hidden · itemsize bytes per call between forward
+and backward) and rebuilds both with GEMM 1 in the backward.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference
+from .._checks import check_ffn_inputs, check_gated_ffn_inputs
+from ..backend import backend_for
+
+
+def _kernels():
+    from tritformer.kernels import ffn as K  # imported at first use: see backend.py
+    return K
+
+
+ACT_NAMES = reference.ACTIVATIONS
+
+
+def _code(act: int) -> str:
+    return ACT_NAMES[act - 1]  # kernels: 1 gelu, 2 gelu_tanh, 3 relu, 4 silu
+
+
+def _empty(x):
+    return x.new_empty(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# ffn
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("tritformer::ffn_fwd", mutates_args=())
+def _ffn_fwd(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+             b2: Optional[torch.Tensor], residual: Optional[torch.Tensor], act: int,
+             recompute: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (y [M, N], h, pre) with h, pre [M, H] saved for the backward (empty when
+    recompute)."""
+    M, H = x.shape[0], w1.shape[0]
+    if backend_for(x) == "reference":
+        pre = torch.nn.functional.linear(x.float(), w1.float(), None if b1 is None else b1.float())
+        h = reference.apply_activation(pre, _code(act)).to(x.dtype)
+        y = torch.nn.functional.linear(h.float(), w2.float(), None if b2 is None else b2.float())
+        if residual is not None:
+            y = y + residual.float()
+        return y.to(x.dtype), *((_empty(x), _empty(x)) if recompute else (h, pre.to(x.dtype)))
+    else:
+        K = _kernels()
+        h = x.new_empty(M, H)
+        pre = None if recompute else x.new_empty(M, H)
+        K.gemm(x, w1.t(), h, epi=K.EPI_BIAS_ACT, act=act, bias=b1, pre=pre)
+        y = x.new_empty(M, w2.shape[0])
+        K.gemm(h, w2.t(), y, epi=K.EPI_BIAS_ACT, act=0, bias=b2, residual=residual)
+    if recompute:
+        return y, _empty(x), _empty(x)
+    return y, h, pre
+
+
+@_ffn_fwd.register_fake
+def _(x, w1, b1, w2, b2, residual, act, recompute):
+    M, H = x.shape[0], w1.shape[0]
+    hid = (lambda: x.new_empty(0)) if recompute else (lambda: x.new_empty(M, H))
+    return x.new_empty(M, w2.shape[0]), hid(), hid()
+
+
+@torch.library.custom_op("tritformer::ffn_bwd", mutates_args=())
+def _ffn_bwd(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
+             w2: torch.Tensor, h: torch.Tensor, pre: torch.Tensor, act: int,
+             recompute: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw1, db1, dw2, db2); db1/db2 as fp32 column sums cast to the weights' dtype."""
+    M, H = x.shape[0], w1.shape[0]
+    if backend_for(x) == "reference":
+        pre32 = torch.nn.functional.linear(x.float(), w1.float(), None if b1 is None else b1.float())
+        h32 = reference.apply_activation(pre32, _code(act))
+        if not recompute:  # use the saved tensors, as the kernels do
+            pre32, h32 = pre.float(), h.float()
+        dy32 = dy.float()
+        dpre = (dy32 @ w2.float()) * reference.activation_grad(pre32, _code(act))
+        res = (dpre @ w1.float(), dpre.t() @ x.float(), dpre.sum(0), dy32.t() @ h32, dy32.sum(0))
+        return tuple(r.to(x.dtype) for r in res)
+    K = _kernels()
+    if recompute:
+        h, pre = x.new_empty(M, H), x.new_empty(M, H)
+        K.gemm(x, w1.t(), h, epi=K.EPI_BIAS_ACT, act=act, bias=b1, pre=pre)
+    dpre = x.new_empty(M, H)
+    K.gemm(dy, w2, dpre, epi=K.EPI_DACT, act=act, aux=pre)
+    dw2 = torch.empty_like(w2)
+    K.gemm(dy.t(), h, dw2)
+    dw1 = torch.empty_like(w1)
+    K.gemm(dpre.t(), x, dw1)
+    dx = torch.empty_like(x)
+    K.gemm(dpre, w1, dx)
+    db1 = dpre.sum(0, dtype=torch.float32).to(x.dtype)
+    db2 = dy.sum(0, dtype=torch.float32).to(x.dtype)
+    return dx, dw1, db1, dw2, db2
+
+
+@_ffn_bwd.register_fake
+def _(dy, x, w1, b1, w2, h, pre, act, recompute):
+    return (torch.empty_like(x), torch.empty_like(w1), x.new_empty(w1.shape[0]),
+            torch.empty_like(w2), x.new_empty(w2.shape[0]))
+
+
+def _ffn_setup(ctx, inputs, output):
+    x, w1, b1, w2, b2, residual, act, recompute = inputs
+    _, h, pre = output
+    ctx.save_for_backward(x, w1, b1, w2, h, pre)
+    ctx.act, ctx.recompute = act, recompute
+    ctx.has = (b1 is not None, b2 is not None, residual is not None)
+
+
+def _ffn_backward(ctx, dy, _dh, _dpre):
+    x, w1, b1, w2, h, pre = ctx.saved_tensors
+    dx, dw1, db1, dw2, db2 = torch.ops.tritformer.ffn_bwd(dy, x, w1, b1, w2, h, pre, ctx.act,
+                                                          ctx.recompute)
+    has_b1, has_b2, has_res = ctx.has
+    return (dx, dw1, db1 if has_b1 else None, dw2, db2 if has_b2 else None,
+            dy if has_res else None, None, None)
+
+
+_ffn_fwd.register_autograd(_ffn_backward, setup_context=_ffn_setup)
+
+
+def ffn(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+        b2: Optional[torch.Tensor], *, activation: str = "gelu",
+        residual: Optional[torch.Tensor] = None, recompute: bool = False) -> torch.Tensor:
+    """Fused FFN: act(x·w1ᵀ + b1)·w2ᵀ + b2 (+ residual), weights in nn.Linear's [out, in] layout.
+
+    Args:
+        x: [..., in_features]; float16, bfloat16 or float32 (fp32 matmuls in 3xTF32 on GPU:
+            fp32-level accuracy on tensor cores).
+        w1: [hidden, in_features], b1: [hidden] or None.
+        w2: [out_features, hidden], b2: [out_features] or None.
+        activation: "gelu" (erf), "gelu_tanh", "relu" or "silu".
+        residual: [..., out_features] added in the second matmul's epilogue, or None.
+        recompute: keep neither the pre-activation nor the activation for the backward (saves
+            2 · M · hidden · itemsize bytes per call, M = x.numel() / in_features) and rebuild
+            both with the first matmul in the backward.
+    Returns: [..., out_features] in x's dtype.
+    """
+    check_ffn_inputs(x, w1, b1, w2, b2, activation, residual, recompute)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    r2 = None if residual is None else residual.reshape(-1, residual.shape[-1])
+    y, _, _ = torch.ops.tritformer.ffn_fwd(x2, w1, b1, w2, b2, r2,
+                                           ACT_NAMES.index(activation) + 1, bool(recompute))
+    return y.reshape(*lead, w2.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# gated_ffn
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("tritformer::gated_ffn_fwd", mutates_args=())
+def _gated_fwd(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, act: int,
+               recompute: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (y, h, g, u); h, g, u [M, I] saved for the backward (empty when recompute)."""
+    M, I = x.shape[0], wg.shape[0]
+    if backend_for(x) == "reference":
+        g = torch.nn.functional.linear(x.float(), wg.float())
+        u = torch.nn.functional.linear(x.float(), wu.float())
+        h = (reference.apply_activation(g, _code(act)) * u).to(x.dtype)
+        y = torch.nn.functional.linear(h.float(), wd.float()).to(x.dtype)
+        g, u = g.to(x.dtype), u.to(x.dtype)
+    else:
+        K = _kernels()
+        h = x.new_empty(M, I)
+        g = None if recompute else x.new_empty(M, I)
+        u = None if recompute else x.new_empty(M, I)
+        K.gemm(x, wg.t(), h, epi=K.EPI_GATED, act=act, b2=wu.t(), pre=g, pre2=u)
+        y = x.new_empty(M, wd.shape[0])
+        K.gemm(h, wd.t(), y)
+    if recompute:
+        return y, _empty(x), _empty(x), _empty(x)
+    return y, h, g, u
+
+
+@_gated_fwd.register_fake
+def _(x, wg, wu, wd, act, recompute):
+    M, I = x.shape[0], wg.shape[0]
+    hid = (lambda: x.new_empty(0)) if recompute else (lambda: x.new_empty(M, I))
+    return x.new_empty(M, wd.shape[0]), hid(), hid(), hid()
+
+
+@torch.library.custom_op("tritformer::gated_ffn_bwd", mutates_args=())
+def _gated_bwd(dy: torch.Tensor, x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor,
+               wd: torch.Tensor, h: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: int,
+               recompute: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dwg, dwu, dwd)."""
+    M, I = x.shape[0], wg.shape[0]
+    if backend_for(x) == "reference":
+        g32 = torch.nn.functional.linear(x.float(), wg.float())
+        u32 = torch.nn.functional.linear(x.float(), wu.float())
+        a32 = reference.apply_activation(g32, _code(act))
+        h32 = a32 * u32
+        if not recompute:
+            g32, u32, h32 = g.float(), u.float(), h.float()
+            a32 = reference.apply_activation(g32, _code(act))
+        dy32 = dy.float()
+        dh = dy32 @ wd.float()
+        dg = dh * u32 * reference.activation_grad(g32, _code(act))
+        du = dh * a32
+        res = (dg @ wg.float() + du @ wu.float(), dg.t() @ x.float(), du.t() @ x.float(),
+               dy32.t() @ h32)
+        return tuple(r.to(x.dtype) for r in res)
+    K = _kernels()
+    if recompute:
+        h, g, u = (x.new_empty(M, I) for _ in range(3))
+        K.gemm(x, wg.t(), h, epi=K.EPI_GATED, act=act, b2=wu.t(), pre=g, pre2=u)
+    dg, du = x.new_empty(M, I), x.new_empty(M, I)
+    K.gemm(dy, wd, dg, epi=K.EPI_DGATED, act=act, aux=g, aux2=u, c2=du)
+    dwd = torch.empty_like(wd)
+    K.gemm(dy.t(), h, dwd)
+    dwg, dwu = torch.empty_like(wg), torch.empty_like(wu)
+    K.gemm(dg.t(), x, dwg)
+    K.gemm(du.t(), x, dwu)
+    dx_g = torch.empty_like(x)
+    K.gemm(dg, wg, dx_g)
+    dx = torch.empty_like(x)
+    K.gemm(du, wu, dx, residual=dx_g)  # dx = du wu + dg wg, the sum in the epilogue
+    return dx, dwg, dwu, dwd
+
+
+@_gated_bwd.register_fake
+def _(dy, x, wg, wu, wd, h, g, u, act, recompute):
+    return torch.empty_like(x), torch.empty_like(wg), torch.empty_like(wu), torch.empty_like(wd)
+
+
+def _gated_setup(ctx, inputs, output):
+    x, wg, wu, wd, act, recompute = inputs
+    _, h, g, u = output
+    ctx.save_for_backward(x, wg, wu, wd, h, g, u)
+    ctx.act, ctx.recompute = act, recompute
+
+
+def _gated_backward(ctx, dy, *_):
+    x, wg, wu, wd, h, g, u = ctx.saved_tensors
+    dx, dwg, dwu, dwd = torch.ops.tritformer.gated_ffn_bwd(dy, x, wg, wu, wd, h, g, u, ctx.act,
+                                                           ctx.recompute)
+    return dx, dwg, dwu, dwd, None, None
+
+
+_gated_fwd.register_autograd(_gated_backward, setup_context=_gated_setup)
+
+
+def gated_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *,
+              activation: str = "silu", recompute: bool = False) -> torch.Tensor:
+    """Fused gated FFN: (act(x·w_gateᵀ) ∘ (x·w_upᵀ))·w_downᵀ: SwiGLU with "silu", GeGLU with
+    "gelu" / "gelu_tanh"; Llama's MLP.
+
+    The gate and up products come out of one kernel that reads x once (two accumulators), the
+    gating in its epilogue. Weights in nn.Linear's layout: w_gate, w_up [intermediate, hidden],
+    w_down [hidden_out, intermediate]. recompute=True keeps none of the three intermediate-size
+    tensors (act input, up product, gated product: 3 · M · intermediate · itemsize bytes) for
+    the backward and rebuilds them with the gate/up kernel.
+    """
+    check_gated_ffn_inputs(x, w_gate, w_up, w_down, activation, recompute)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y, _, _, _ = torch.ops.tritformer.gated_ffn_fwd(x2, w_gate, w_up, w_down,
+                                                    ACT_NAMES.index(activation) + 1, bool(recompute))
+    return y.reshape(*lead, w_down.shape[0])
