@@ -79,6 +79,43 @@ def check_softmax(x, dim=-1, *, scale=1.0, mask=None, causal=False, grads=True) 
     return checks
 
 
+def _check_grads(fn, ref_fn, tensors: dict, names: list, seed=1234) -> list[numerics.Check]:
+    """Run fn (kernel dtype), ref_fn on float64 copies and ref_fn in the kernel dtype (PyTorch's
+    own error); check the output and the gradient of every tensor in `names`."""
+    def leaves(dtype=None):
+        return {k: (None if v is None else v.detach().to(dtype or v.dtype).requires_grad_(k in names))
+                for k, v in tensors.items()}
+    lk, lr, lb = leaves(), leaves(torch.float64), leaves()
+    y, ref, base = fn(**lk), ref_fn(**lr), ref_fn(**lb)
+    checks = [numerics.check("y", y, ref, base, numerics.FORWARD_FACTOR)]
+    gen = torch.Generator().manual_seed(seed)
+    dy = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y.device, y.dtype)
+    y.backward(dy)
+    ref.backward(dy.double())
+    base.backward(dy)
+    for k in names:
+        checks.append(numerics.check("d" + k, lk[k].grad, lr[k].grad, lb[k].grad, numerics.GRAD_FACTOR))
+    return checks
+
+
+def check_ffn(x, w1, b1, w2, b2, *, activation="gelu", residual=None, recompute=False):
+    """tritformer.ffn forward and every gradient against float64 (PyTorch's own error bound)."""
+    from .ops.ffn import ffn
+    t = dict(x=x, w1=w1, b1=b1, w2=w2, b2=b2, residual=residual)
+    names = [k for k, v in t.items() if v is not None]
+    return _check_grads(
+        lambda **a: ffn(**a, activation=activation, recompute=recompute),
+        lambda **a: reference.ffn(**a, activation=activation), t, names)
+
+
+def check_gated_ffn(x, w_gate, w_up, w_down, *, activation="silu", recompute=False):
+    from .ops.ffn import gated_ffn
+    t = dict(x=x, w_gate=w_gate, w_up=w_up, w_down=w_down)
+    return _check_grads(
+        lambda **a: gated_ffn(**a, activation=activation, recompute=recompute),
+        lambda **a: reference.gated_ffn(**a, activation=activation), t, list(t))
+
+
 def _cases(quick: bool):
     # (B, Hq, Hkv, Nq, Nk, D, causal): one line per code path
     cases = [

@@ -1,5 +1,6 @@
 """nn modules: parameters and configuration only; the math lives in the op layer."""
 from .attention import FusedAttention
+from .mlp import FusedGatedMLP, FusedMLP
 from .softmax import FusedSoftmax
 
-__all__ = ["FusedAttention", "FusedSoftmax"]
+__all__ = ["FusedAttention", "FusedGatedMLP", "FusedMLP", "FusedSoftmax"]
