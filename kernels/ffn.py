@@ -142,25 +142,32 @@ def _cfg(bm, bn, bk, warps, stages):
 
 
 INTERPRETER_CONFIG = _cfg(32, 32, 32, 4, 1)
-# {arch family: {(element bytes, dual accumulator): [configs]}}, AOT-checked with
-# `python -m tritformer inspect --op ffn` (spill-free, within shared memory, tensor cores).
+# {arch family: {(element bytes, kind): [configs]}}; kind "plain" (bias/act/residual epilogue),
+# "dual" (gate/up: two accumulators), "aux" (backward epilogues that load pre-activations:
+# 128x128 tiles spilled there, 8 B (dact sm_80) to 880 B (dgated)). AOT-checked with
+# `python -m tritformer inspect --op ffn`: spill-free, within shared memory, tensor cores.
 GPU_CONFIGS = {
-    90: {(2, False): [_cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4)],
-         (2, True): [_cfg(128, 64, 64, 8, 3), _cfg(64, 64, 64, 4, 3)],
-         (4, False): [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3)],
-         (4, True): [_cfg(64, 64, 32, 4, 2)]},
-    80: {(2, False): [_cfg(128, 128, 32, 8, 3), _cfg(128, 64, 32, 4, 4)],
-         (2, True): [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 3)],
-         (4, False): [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3)],
-         (4, True): [_cfg(64, 64, 32, 4, 2)]},
+    90: {(2, "plain"): [_cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4)],
+         (2, "dual"): [_cfg(128, 64, 64, 8, 3), _cfg(64, 64, 64, 4, 3)],
+         (2, "aux"): [_cfg(128, 64, 64, 8, 3), _cfg(64, 64, 64, 4, 3)],
+         (4, "plain"): [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3)],
+         (4, "dual"): [_cfg(64, 64, 32, 4, 2)],
+         (4, "aux"): [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3)]},
+    80: {(2, "plain"): [_cfg(128, 128, 32, 8, 3), _cfg(128, 64, 32, 4, 4)],
+         (2, "dual"): [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 3)],
+         (2, "aux"): [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 3)],
+         (4, "plain"): [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3)],
+         (4, "dual"): [_cfg(64, 32, 32, 4, 2), _cfg(32, 64, 32, 4, 2)],
+         (4, "aux"): [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3)]},
 }
 GROUP_M = 8
 
 
-def configs_for(arch: int | None, elem_bytes: int, dual: bool) -> list:
+def configs_for(arch: int | None, elem_bytes: int, epi: int) -> list:
     if arch is None:
         return [INTERPRETER_CONFIG]
-    return GPU_CONFIGS[arch_family(arch)][(elem_bytes, dual)]
+    kind = {EPI_BIAS_ACT: "plain", EPI_GATED: "dual"}.get(epi, "aux")
+    return GPU_CONFIGS[arch_family(arch)][(elem_bytes, kind)]
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -176,7 +183,6 @@ def plan_gemm(a, b, c, *, epi=EPI_BIAS_ACT, act=0, bias=None, residual=None, aux
     for name, t in (("c2", c2), ("pre", pre), ("pre2", pre2)):
         if t is not None and t.stride() != c.stride():
             raise ValueError(f"{name} must share c's strides")
-    dual = epi == EPI_GATED
     args = {"A": a, "B": b, "B2": b2 if b2 is not None else b, "C": c,
             "C2": c2 if c2 is not None else c, "Bias": bias if bias is not None else c,
             "Res": residual if residual is not None else c, "Aux": aux if aux is not None else c,
@@ -199,7 +205,7 @@ def plan_gemm(a, b, c, *, epi=EPI_BIAS_ACT, act=0, bias=None, residual=None, aux
                   "GROUP_M": GROUP_M}
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     return [Launch(f"gemm_{['bias_act', 'dact', 'gated', 'dgated'][epi]}", _gemm, args, constexprs,
-                   grid, configs_for(arch, a.element_size(), dual), ["M", "N", "K"])]
+                   grid, configs_for(arch, a.element_size(), epi), ["M", "N", "K"])]
 
 
 def _arch_for(t: torch.Tensor) -> int | None:

@@ -124,8 +124,24 @@ def _softmax_plans(arch: str, dtype: torch.dtype, n_cols: int, causal: bool):
             + K.plan_backward(x, torch.empty_like(x), torch.empty_like(x), 0.125))
 
 
+def _ffn_plans(arch: str, dtype: torch.dtype, hidden: int, _causal: bool):
+    """Every GEMM variant the FFN ops launch: M = 4096 tokens, hidden 1024 -> 4096 -> 1024."""
+    from tritformer.kernels import ffn as K
+    cap = ARCHES[arch]
+    e = lambda *s: torch.empty(*s, device="meta", dtype=dtype)  # noqa: E731
+    M, H = 4096, 4 * hidden
+    x, w1, w2, b1 = e(M, hidden), e(H, hidden), e(hidden, H), e(H)
+    hm, pre, y = e(M, H), e(M, H), e(M, hidden)
+    return (K.plan_gemm(x, w1.t(), hm, epi=K.EPI_BIAS_ACT, act=1, bias=b1, pre=pre, arch=cap)
+            + K.plan_gemm(hm, w2.t(), y, epi=K.EPI_BIAS_ACT, act=0, bias=e(hidden), residual=y, arch=cap)
+            + K.plan_gemm(y, w2, hm, epi=K.EPI_DACT, act=1, aux=pre, arch=cap)
+            + K.plan_gemm(y.t(), hm, e(hidden, H), arch=cap)  # weight gradient: transposed A
+            + K.plan_gemm(x, w1.t(), hm, epi=K.EPI_GATED, act=4, b2=w1.t(), pre=pre, pre2=e(M, H), arch=cap)
+            + K.plan_gemm(y, w2, hm, epi=K.EPI_DGATED, act=4, aux=pre, aux2=e(M, H), c2=e(M, H), arch=cap))
+
+
 def inspect(archs=("sm_80", "sm_90"), head_dims=(64, 128, 256), dtypes=("fp16", "fp32"),
-            causal=(False, True), progress=None, ops=("attention", "softmax")) -> list[Row]:
+            causal=(False, True), progress=None, ops=("attention", "softmax", "ffn")) -> list[Row]:
     cases = []
     if "attention" in ops:
         cases += [(_attention_plans, a, dt, d, c) for a in archs for dt in dtypes
@@ -133,6 +149,8 @@ def inspect(archs=("sm_80", "sm_90"), head_dims=(64, 128, 256), dtypes=("fp16", 
     if "softmax" in ops:
         cases += [(_softmax_plans, a, dt, n, c) for a in archs for dt in dtypes
                   for n in SOFTMAX_ROWS for c in causal]
+    if "ffn" in ops:
+        cases += [(_ffn_plans, a, dt, 1024, False) for a in archs for dt in dtypes]
     rows = []
     for plans, arch, dt, d, c in cases:
         for launch in plans(arch, DTYPE_NAMES[dt], d, c):

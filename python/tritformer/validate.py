@@ -141,6 +141,18 @@ def _softmax_cases(quick: bool):
     return cases[:2] if quick else cases
 
 
+def _ffn_cases(quick: bool):
+    # (gated, M, in, hidden, out, activation, extra): one line per code path
+    cases = [
+        (False, 100, 96, 200, 96, "gelu", "residual"),   # ragged tiles, residual epilogue
+        (True, 64, 64, 160, 64, "silu", ""),             # SwiGLU: dual-accumulator kernel
+        (False, 1, 40, 70, 33, "gelu_tanh", "recompute"),  # M = 1, recomputed activations
+        (True, 33, 48, 80, 48, "gelu", "recompute"),     # GeGLU, recompute
+        (False, 50, 64, 128, 64, "relu", ""),
+    ]
+    return cases[:2] if quick else cases
+
+
 def main(args) -> int:
     interpreting = not torch.cuda.is_available()
     if interpreting:
@@ -153,8 +165,9 @@ def main(args) -> int:
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     grid = [("attention", dt, c) for dt in args.dtype for c in _cases(args.quick)]
     grid += [("softmax", dt, c) for dt in args.dtype for c in _softmax_cases(args.quick)]
+    grid += [("ffn", dt, c) for dt in args.dtype for c in _ffn_cases(args.quick)]
     backend = backend_for(torch.empty(0, device=device))
-    print(f"validate: attention, softmax on {device} ({backend}), {len(grid)} cases", file=sys.stderr)
+    print(f"validate: attention, softmax, ffn on {device} ({backend}), {len(grid)} cases", file=sys.stderr)
     rows, failed, t0 = [], 0, time.time()
     for n, (op, dt, case) in enumerate(grid, 1):
         gen = torch.Generator().manual_seed(n)
@@ -164,6 +177,21 @@ def main(args) -> int:
                        for h, s in ((Hq, Nq), (Hkv, Nk), (Hkv, Nk)))
             name = f"attention {dt} B={B} H={Hq}/{Hkv} N={Nq}x{Nk} D={D}{' causal' if causal else ''}"
             checks = check_attention(q, k, v, causal=causal, return_lse=True)
+        elif op == "ffn":
+            gated, M, d_in, hidden, d_out, act, extra = case
+            dtype = dtypes[dt]
+            x = torch.randn(M, d_in, generator=gen).to(device, dtype)
+            w = lambda o, i: (torch.randn(o, i, generator=gen) / i ** 0.5).to(device, dtype)  # noqa: E731
+            if gated:
+                name = f"gated_ffn {dt} M={M} {d_in}->{hidden}->{d_out} {act}"
+                checks = check_gated_ffn(x, w(hidden, d_in), w(hidden, d_in), w(d_out, hidden),
+                                         activation=act, recompute=extra == "recompute")
+            else:
+                b = lambda n: (torch.randn(n, generator=gen) * 0.5).to(device, dtype)  # noqa: E731
+                res = torch.randn(M, d_out, generator=gen).to(device, dtype) if extra == "residual" else None
+                name = f"ffn {dt} M={M} {d_in}->{hidden}->{d_out} {act}{' ' + extra if extra else ''}"
+                checks = check_ffn(x, w(hidden, d_in), b(hidden), w(d_out, hidden), b(d_out),
+                                   activation=act, residual=res, recompute=extra == "recompute")
         else:
             shape, mask_shape, causal, scale = case
             x = (torch.randn(shape, generator=gen) * 3).to(device, dtypes[dt])
@@ -178,9 +206,9 @@ def main(args) -> int:
         print(f"\r[{n}/{len(grid)}] {elapsed:5.1f}s  {name:<60}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     w = max(len(r[0]) for r in rows)
-    print(f"{'case':<{w}}  {'out':<4}  {'max err':>10}  {'torch err':>10}  {'ratio':>6}  result")
+    print(f"{'case':<{w}}  {'out':<9}  {'max err':>10}  {'torch err':>10}  {'ratio':>6}  result")
     for name, c in rows:
-        print(f"{name:<{w}}  {c.name:<4}  {c.error:10.3e}  {c.baseline:10.3e}  {c.ratio:6.2f}  "
+        print(f"{name:<{w}}  {c.name:<9}  {c.error:10.3e}  {c.baseline:10.3e}  {c.ratio:6.2f}  "
               f"{'pass' if c.ok else 'FAIL ' + c.detail}")
     print(f"\n{len(rows) - failed} passed, {failed} failed")
     return 1 if failed else 0
