@@ -60,8 +60,8 @@ def test_bench_cli_writes_tidy_rows_and_plots(tmp_path):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the CLI sets the interpreter up itself on CPU
     out = tmp_path / "res"
-    res = subprocess.run([sys.executable, "-m", "tritformer", "bench", "--quick", "--providers",
-                          "naive", "sdpa", "flash_attn", "--out", str(out)],
+    res = subprocess.run([sys.executable, "-m", "tritformer", "bench", "--quick", "--op", "attention",
+                          "--providers", "naive", "sdpa", "flash_attn", "--out", str(out)],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "skipped flash_attn: flash_attn runs on CUDA only" in res.stdout
@@ -78,3 +78,15 @@ def test_bench_cli_writes_tidy_rows_and_plots(tmp_path):
     assert sweep[8192] > 500 * 2**20  # naive causal attention at N = 8192 allocates N^2 scores
     pytest.importorskip("matplotlib")
     assert (out / "attention_peak_memory_fwd_d64_seqlen_sweep.png").stat().st_size > 10_000
+
+
+def test_ffn_rows_measure_what_recompute_saves():
+    # in-process (the interpreter is on in tests): saved_bytes = what autograd keeps between
+    # forward and backward; recompute drops pre-activation and activation, 2 * M * hidden * 4 B
+    rows, skipped = bench.run(ops=("ffn", "softmax"), quick=True, out_dir=None,
+                              providers=("naive", "tritformer"))
+    saved = {r["provider"]: r["value"] for r in rows if r["metric"] == "saved_bytes"}
+    assert saved["tritformer"] - saved["tritformer_recompute"] == 2 * 64 * 256 * 4
+    assert {r["op"] for r in rows} == {"ffn", "softmax"}
+    errors = [r for r in rows if r["metric"] == "max_error"]
+    assert errors and all(r["value"] < 1e-5 for r in errors)

@@ -3,8 +3,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 
 def _run(args, interpret: bool, timeout=900):
     env = dict(os.environ)

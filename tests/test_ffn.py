@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tritformer
-from tritformer import reference
+
 from tritformer.validate import check_ffn, check_gated_ffn
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]

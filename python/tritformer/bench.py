@@ -17,6 +17,10 @@ FLOP counts (FlashAttention's benchmark convention):
                                                 sum_i clamp(i + Nk - Nq + 1, 0, Nk)
     attention backward  2.5 * forward           (5 matmuls against the forward's 2)
     forward + backward  3.5 * forward
+    ffn forward         2 * M * (in * hidden + hidden * out)   (gated: 3 matmuls of M x in x I)
+    ffn backward        2 * forward
+Bytes for GB/s (softmax, the minimum a kernel must move): forward reads x (+ the mask as
+stored) and writes y; backward reads y and dy and writes dx.
 """
 from __future__ import annotations
 
@@ -25,7 +29,6 @@ import csv
 import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
 import sys
@@ -35,8 +38,10 @@ from typing import Callable, Optional
 import torch
 
 OPS = ("attention", "masked", "varlen", "softmax", "ffn", "gated_ffn", "gpt")
-IMPLEMENTED_OPS = ("attention",)  # the others join as their kernels land
+IMPLEMENTED_OPS = ("attention", "softmax", "ffn", "gated_ffn")  # the others join as they land
 PROVIDERS = ("naive", "sdpa", "tritformer", "flash_attn", "flex")
+# softmax / FFN: the unfused PyTorch sequence ("naive") against the fused kernels; for the FFNs
+# also "tritformer_recompute" (recompute=True), whose point is the saved_bytes metric
 MODES = ("fwd", "bwd", "fwd_bwd")
 COLUMNS = ("op", "provider", "backend", "mode", "metric", "unit", "x_name", "x_value", "value",
            "p20", "p80", "batch", "heads", "head_dim", "causal", "dtype", "device", "torch",
@@ -336,7 +341,147 @@ def bench_attention(device: str, quick: bool, providers: list[str], emit: Callab
                           metric="peak_memory", unit="bytes", x_name="seqlen", x_value=n,
                           value=value, p20=None, p80=None, batch=1, heads=1, head_dim=d,
                           causal=True, dtype=sweep.dtype))
-                del q, k, v
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax and FFN: the unfused PyTorch sequence against the fused kernels
+# ---------------------------------------------------------------------------------------------
+def _sweep_rows(device: str, quick: bool, gpu: tuple, cpu_quick: tuple, cpu_full: tuple):
+    return gpu if device == "cuda" else (cpu_quick if quick else cpu_full)
+
+
+def _timed_rows(op, name, backend, device, fn_by_mode, x_name, x_value, shape, dtype_name,
+                emit, reps, flops=None, bytes_moved=None, max_error=None):
+    """Latency (+ TFLOP/s or GB/s on CUDA) and peak memory of each mode, one row each."""
+    def row(mode, metric, unit, value, p20=None, p80=None):
+        emit(dict(op=op, provider=name, backend=backend, mode=mode, metric=metric, unit=unit,
+                  x_name=x_name, x_value=x_value, value=value, p20=p20, p80=p80, **shape,
+                  dtype=dtype_name))
+    if max_error is not None:
+        row("fwd", "max_error", "abs", max_error)
+    for mode, fn in fn_by_mode.items():
+        med, p20, p80 = time_ms(fn, device, reps)
+        row(mode, "latency", "ms", med, p20, p80)
+        if device == "cuda" and flops:
+            fl = flops[mode]
+            row(mode, "tflops", "TFLOP/s", fl / med * 1e-9, fl / p80 * 1e-9, fl / p20 * 1e-9)
+        if device == "cuda" and bytes_moved:
+            by = bytes_moved[mode]
+            row(mode, "gbps", "GB/s", by / med * 1e-6, by / p80 * 1e-6, by / p20 * 1e-6)
+        row(mode, "peak_memory", "bytes", peak_bytes(fn, device))
+
+
+def _fwd_bwd_fns(fn, leaves, grad_out_like):
+    def fwd():
+        with torch.no_grad():
+            return fn()
+    out = fn()
+    g = torch.randn_like(grad_out_like if grad_out_like is not None else out)
+    return {"fwd": fwd,
+            "bwd": lambda: torch.autograd.grad(out, leaves, g, retain_graph=True),
+            "fwd_bwd": lambda: torch.autograd.grad(fn(), leaves, g)}
+
+
+def bench_softmax(device, quick, providers, emit, progress, skipped) -> None:
+    from . import reference
+    from .ops.softmax import softmax
+    dtype_name = "bf16" if device == "cuda" else "fp32"
+    dtype = DTYPES[dtype_name]
+    # rows x columns; attention-score shaped [B, H, N, N] with a causal mask on CUDA
+    cols = _sweep_rows(device, quick, (1024, 2048, 4096, 8192, 16384, 65536), (1024, 4096, 32768),
+                       (1024, 4096, 16384, 65536, 262144))
+    impls = {"naive": lambda x: reference.softmax(x, -1, scale=0.125, causal=True),
+             "tritformer": lambda x: softmax(x, -1, scale=0.125, causal=True)}
+    for name in providers:
+        if name not in impls:
+            skipped.setdefault(f"softmax {name}", "not a softmax provider")
+    for c in cols:
+        rows = max(1, (2 ** 26 if device == "cuda" else 2 ** 16) // c)
+        x0 = torch.randn(rows, c, generator=torch.Generator().manual_seed(c)).mul(3).to(device, dtype)
+        ref = reference.softmax(x0.double(), -1, scale=0.125, causal=True)
+        nbytes = x0.numel() * x0.element_size()
+        for name in (n for n in providers if n in impls):
+            progress(f"softmax {name} C={c}")
+            x = x0.clone().requires_grad_()
+            fn = impls[name]
+            with torch.no_grad():
+                err = float((fn(x0).double() - ref).abs().max())
+            _timed_rows("softmax", name, "pytorch" if name == "naive" else _backend(device),
+                        device, _fwd_bwd_fns(lambda: fn(x), [x], None), "row_length", c,
+                        dict(batch=rows, heads=None, head_dim=None, causal=True), dtype_name, emit,
+                        reps=3, bytes_moved={"fwd": 2 * nbytes, "bwd": 3 * nbytes,
+                                             "fwd_bwd": 5 * nbytes}, max_error=err)
+
+
+def _backend(device):
+    from .backend import backend_for
+    return backend_for(torch.empty(0, device=device))
+
+
+def saved_bytes(fn) -> int:
+    """Bytes autograd keeps for the backward of fn() (held between forward and backward)."""
+    from torch.autograd.graph import saved_tensors_hooks
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def bench_ffn(device, quick, providers, emit, progress, skipped, gated: bool) -> None:
+    from . import reference
+    from .ops.ffn import ffn, gated_ffn
+    op = "gated_ffn" if gated else "ffn"
+    dtype_name = "bf16" if device == "cuda" else "fp32"
+    dtype = DTYPES[dtype_name]
+    d, hidden = (1024, 4096) if device == "cuda" else (64, 256)
+    if gated:
+        hidden = hidden * 2 // 3  # Llama's intermediate size keeps the parameter count
+    tokens = _sweep_rows(device, quick, (512, 2048, 8192, 16384), (64,), (64, 256))
+    gen = torch.Generator().manual_seed(0)
+    w = lambda o, i: (torch.randn(o, i, generator=gen) / i ** 0.5).to(device, dtype).requires_grad_()  # noqa: E731
+    if gated:
+        weights = [w(hidden, d), w(hidden, d), w(d, hidden)]
+        impls = {"naive": lambda x: reference.gated_ffn(x, *weights, activation="silu"),
+                 "tritformer": lambda x: gated_ffn(x, *weights),
+                 "tritformer_recompute": lambda x: gated_ffn(x, *weights, recompute=True)}
+        flops_fwd = lambda m: 2 * m * 3 * d * hidden  # noqa: E731
+    else:
+        weights = [w(hidden, d), torch.zeros(hidden, device=device, dtype=dtype).requires_grad_(),
+                   w(d, hidden), torch.zeros(d, device=device, dtype=dtype).requires_grad_()]
+        impls = {"naive": lambda x: reference.ffn(x, *weights, activation="gelu"),
+                 "tritformer": lambda x: ffn(x, *weights),
+                 "tritformer_recompute": lambda x: ffn(x, *weights, recompute=True)}
+        flops_fwd = lambda m: 2 * m * 2 * d * hidden  # noqa: E731
+    wanted = [n for n in ("naive", "tritformer", "tritformer_recompute")
+              if n in providers or (n == "tritformer_recompute" and "tritformer" in providers)]
+    for m in tokens:
+        x0 = torch.randn(m, d, generator=torch.Generator().manual_seed(m)).to(device, dtype)
+        w64 = [t.detach().double() for t in weights]
+        x64 = x0.double()
+        with torch.no_grad():
+            ref = (reference.gated_ffn(x64, *w64, activation="silu") if gated
+                   else reference.ffn(x64, *w64, activation="gelu"))
+        for name in wanted:
+            progress(f"{op} {name} M={m}")
+            x = x0.clone().requires_grad_()
+            fn = impls[name]
+            with torch.no_grad():
+                err = float((fn(x0).double() - ref).abs().max())
+            leaves = [x, *weights]
+            fl = flops_fwd(m)
+            _timed_rows(op, name, "pytorch" if name == "naive" else _backend(device), device,
+                        _fwd_bwd_fns(lambda: fn(x), leaves, None), "tokens", m,
+                        dict(batch=m, heads=None, head_dim=d, causal=None), dtype_name, emit,
+                        reps=3, flops={"fwd": fl, "bwd": 2 * fl, "fwd_bwd": 3 * fl},
+                        max_error=err)
+            emit(dict(op=op, provider=name, backend="pytorch" if name == "naive" else _backend(device),
+                      mode="fwd", metric="saved_bytes", unit="bytes", x_name="tokens", x_value=m,
+                      value=saved_bytes(lambda: fn(x)), p20=None, p80=None, batch=m, heads=None,
+                      head_dim=d, causal=None, dtype=dtype_name))
 
 
 def _attention_call(p: Provider, q, k, v, causal, mode) -> Callable[[], object]:
@@ -442,8 +587,10 @@ def format_table(rows: list[dict]) -> str:
             ratio = f"{r['value'] / naive[key]:.3f}x"
         spread = ("-" if r["p20"] is None else f"{_fmt(r['p20'], r['unit'])}..{_fmt(r['p80'], r['unit'])}")
         val = _fmt(r["value"], r["unit"]) + ("" if r["unit"] == "bytes" else f" {r['unit']}")
-        out.append(f"{r['op']:<10} {r['provider']:<11} {r['backend'][:22]:<22} {r['mode']:<8} "
-                   f"{r['head_dim']:>4} {str(r['causal']):<6} {r['x_value']:>7} {r['metric']:<12} "
+        d = "-" if r["head_dim"] is None else r["head_dim"]
+        causal = "-" if r["causal"] is None else str(r["causal"])
+        out.append(f"{r['op']:<10} {r['provider'][:11]:<11} {r['backend'][:22]:<22} {r['mode']:<8} "
+                   f"{d:>4} {causal:<6} {r['x_value']:>7} {r['metric']:<12} "
                    f"{val:>14} {spread:>21} {ratio:>9}")
     return "\n".join(out)
 
@@ -485,6 +632,10 @@ def run(ops=("all",), quick=False, out_dir="bench-results", providers=PROVIDERS,
             continue
         if op == "attention":
             bench_attention(device, quick, list(providers), emit, prog, skipped)
+        elif op == "softmax":
+            bench_softmax(device, quick, list(providers), emit, prog, skipped)
+        elif op in ("ffn", "gated_ffn"):
+            bench_ffn(device, quick, list(providers), emit, prog, skipped, gated=op == "gated_ffn")
     return rows, skipped
 
 
