@@ -6,7 +6,8 @@ order for L2 reuse. Epilogues (EPI):
 - EPI_BIAS_ACT:  pre = acc (+ bias[n]); optionally store pre (the backward's act' input);
                  out = act(pre) (+ residual[m, n])
 - EPI_DACT:      out = acc * act'(aux[m, n])           (backward through the activation)
-- EPI_GATED:     two accumulators from one pass over A (x is read once): g = A @ B, u = A @ B2;
+- EPI_GATED:     two accumulators from one pass over A (x is read once): g = A @ B (+ bias),
+                 u = A @ B2 (+ bias2);
                  out = act(g) * u; optionally store g and u for the backward
 - EPI_DGATED:    dh = acc; out = dh * u * act'(g) (= dg), out2 = dh * act(g) (= du)
 Activations: 0 none, 1 gelu (erf), 2 gelu_tanh, 3 relu, 4 silu; computed in fp32.
@@ -62,7 +63,7 @@ def _dact(x, ACT: tl.constexpr):
 
 
 @triton.jit
-def _gemm(A, B, B2, C, C2, Bias, Res, Aux, Aux2, Pre, Pre2,
+def _gemm(A, B, B2, C, C2, Bias, Bias2, Res, Aux, Aux2, Pre, Pre2,
           M, N, K,
           stride_am, stride_ak, stride_bk, stride_bn, stride_b2k, stride_b2n,
           stride_cm, stride_cn,
@@ -122,6 +123,9 @@ def _gemm(A, B, B2, C, C2, Bias, Res, Aux, Aux2, Pre, Pre2,
         pre = tl.load(Aux + x_off, mask=mask, other=0.0).to(tl.float32)
         tl.store(C + c_off, (acc * _dact(pre, ACT)).to(out_ty), mask=mask)
     elif EPI == 2:
+        if HAS_BIAS:  # gate and up biases (both given: the launcher passes zeros for a missing one)
+            acc += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            acc2 += tl.load(Bias2 + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if STORE_PRE:
             tl.store(Pre + c_off, acc.to(out_ty), mask=mask)
             tl.store(Pre2 + c_off, acc2.to(out_ty), mask=mask)
@@ -175,7 +179,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def plan_gemm(a, b, c, *, epi=EPI_BIAS_ACT, act=0, bias=None, residual=None, aux=None,
+def plan_gemm(a, b, c, *, epi=EPI_BIAS_ACT, act=0, bias=None, bias2=None, residual=None, aux=None,
               aux2=None, b2=None, c2=None, pre=None, pre2=None, arch=None) -> list[Launch]:
     """C = A @ B (+ fused epilogue); A [M, K], B [K, N], C/C2/Pre/Pre2 [M, N] with C's strides."""
     M, K = a.shape
@@ -185,6 +189,7 @@ def plan_gemm(a, b, c, *, epi=EPI_BIAS_ACT, act=0, bias=None, residual=None, aux
             raise ValueError(f"{name} must share c's strides")
     args = {"A": a, "B": b, "B2": b2 if b2 is not None else b, "C": c,
             "C2": c2 if c2 is not None else c, "Bias": bias if bias is not None else c,
+            "Bias2": bias2 if bias2 is not None else c,
             "Res": residual if residual is not None else c, "Aux": aux if aux is not None else c,
             "Aux2": aux2 if aux2 is not None else c, "Pre": pre if pre is not None else c,
             "Pre2": pre2 if pre2 is not None else c, "M": M, "N": N, "K": K,

@@ -43,6 +43,19 @@ def test_gated_ffn(dtype, act):
     assert_checks(check_gated_ffn(x, wg, wu, wd, activation=act))
 
 
+@pytest.mark.parametrize("biases", [
+    ("b_gate", "b_up", "b_down"),  # all three: both biases in the dual-accumulator epilogue
+    ("b_up",),                     # one of the pair: the launcher passes zeros for the other
+])
+def test_gated_ffn_biases(biases):
+    x = torch.randn(2, 21, 40, dtype=torch.float16)
+    wg, wu = (torch.randn(50, 40).div(40 ** 0.5).half() for _ in range(2))
+    wd = torch.randn(45, 50).div(50 ** 0.5).half()
+    sizes = {"b_gate": 50, "b_up": 50, "b_down": 45}
+    b = {k: torch.randn(sizes[k]).half() for k in biases}
+    assert_checks(check_gated_ffn(x, wg, wu, wd, activation="silu", **b))
+
+
 @pytest.mark.parametrize("shape", [
     (1, 17),    # M = 1: one row
     (5, 1),     # K = 1: in_features smaller than any tile
@@ -111,6 +124,11 @@ def test_modules_match_torch_layers():
         def forward(self, x):
             return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    gated_b = tritformer.nn.FusedGatedMLP(24, 40, bias=True)  # biased gated MLP: nn.Linear layers
+    torch.testing.assert_close(
+        gated_b(x), gated_b.down_proj(torch.nn.functional.silu(gated_b.gate_proj(x)) * gated_b.up_proj(x)),
+        rtol=1e-5, atol=1e-5)
+
     llama = LlamaMLP()
     gated = tritformer.nn.FusedGatedMLP(24, 40)
     gated.load_state_dict(llama.state_dict())  # same names, one to one
@@ -123,7 +141,10 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.tritformer.ffn_fwd.default, (x, w1, b1, w2, b2, None, 1, False))
     torch.library.opcheck(torch.ops.tritformer.ffn_fwd.default, (x, w1, None, w2, None, None, 4, True))
     wg, wu, wd = (torch.randn(*s, requires_grad=True) for s in ((24, 16), (24, 16), (8, 24)))
-    torch.library.opcheck(torch.ops.tritformer.gated_ffn_fwd.default, (x, wg, wu, wd, 4, False))
+    torch.library.opcheck(torch.ops.tritformer.gated_ffn_fwd.default,
+                          (x, wg, wu, wd, None, None, None, 4, False))
+    bg, bu, bd = (torch.randn(n, requires_grad=True) for n in (24, 24, 8))
+    torch.library.opcheck(torch.ops.tritformer.gated_ffn_fwd.default, (x, wg, wu, wd, bg, bu, bd, 1, True))
     torch._dynamo.reset()
     mlp = tritformer.nn.FusedGatedMLP(16, 24)
     ref = tritformer.nn.FusedGatedMLP(16, 24)

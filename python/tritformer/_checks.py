@@ -148,7 +148,8 @@ def check_ffn_inputs(x, w1, b1, w2, b2, activation, residual, recompute) -> None
         raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
 
 
-def check_gated_ffn_inputs(x, w_gate, w_up, w_down, activation, recompute) -> None:
+def check_gated_ffn_inputs(x, w_gate, w_up, w_down, activation, recompute, b_gate=None,
+                           b_up=None, b_down=None) -> None:
     from .reference import ACTIVATIONS
     _check_x(x)
     _check_weight("w_gate", w_gate, "intermediate", x.shape[-1], "hidden", x)
@@ -156,6 +157,9 @@ def check_gated_ffn_inputs(x, w_gate, w_up, w_down, activation, recompute) -> No
     if w_up.shape != w_gate.shape:
         raise ValueError(f"w_up must have w_gate's shape {tuple(w_gate.shape)}, got {tuple(w_up.shape)}")
     _check_weight("w_down", w_down, "hidden_out", w_gate.shape[0], "intermediate", x)
+    _check_bias("b_gate", b_gate, w_gate.shape[0], x)
+    _check_bias("b_up", b_up, w_up.shape[0], x)
+    _check_bias("b_down", b_down, w_down.shape[0], x)
     _check_activation(activation, ACTIVATIONS)
     if not isinstance(recompute, bool):
         raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")

@@ -136,7 +136,8 @@ def _ffn_plans(arch: str, dtype: torch.dtype, hidden: int, _causal: bool):
             + K.plan_gemm(hm, w2.t(), y, epi=K.EPI_BIAS_ACT, act=0, bias=e(hidden), residual=y, arch=cap)
             + K.plan_gemm(y, w2, hm, epi=K.EPI_DACT, act=1, aux=pre, arch=cap)
             + K.plan_gemm(y.t(), hm, e(hidden, H), arch=cap)  # weight gradient: transposed A
-            + K.plan_gemm(x, w1.t(), hm, epi=K.EPI_GATED, act=4, b2=w1.t(), pre=pre, pre2=e(M, H), arch=cap)
+            + K.plan_gemm(x, w1.t(), hm, epi=K.EPI_GATED, act=4, b2=w1.t(), bias=b1, bias2=e(H),
+                          pre=pre, pre2=e(M, H), arch=cap)
             + K.plan_gemm(y, w2, hm, epi=K.EPI_DGATED, act=4, aux=pre, aux2=e(M, H), c2=e(M, H), arch=cap))
 
 

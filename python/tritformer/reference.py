@@ -148,7 +148,9 @@ def ffn(x, w1, b1, w2, b2, *, activation: str = "gelu", residual=None, recompute
     return y if residual is None else y + residual
 
 
-def gated_ffn(x, w_gate, w_up, w_down, *, activation: str = "silu", recompute: bool = False):
-    """(act(x w_gateᵀ) ∘ (x w_upᵀ)) w_downᵀ: SwiGLU / GeGLU, the unfused PyTorch sequence."""
+def gated_ffn(x, w_gate, w_up, w_down, *, activation: str = "silu", recompute: bool = False,
+              b_gate=None, b_up=None, b_down=None):
+    """(act(x w_gateᵀ + b_gate) ∘ (x w_upᵀ + b_up)) w_downᵀ + b_down: SwiGLU / GeGLU, unfused."""
     F = torch.nn.functional
-    return F.linear(apply_activation(F.linear(x, w_gate), activation) * F.linear(x, w_up), w_down)
+    return F.linear(apply_activation(F.linear(x, w_gate, b_gate), activation)
+                    * F.linear(x, w_up, b_up), w_down, b_down)

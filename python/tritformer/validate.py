@@ -108,12 +108,14 @@ def check_ffn(x, w1, b1, w2, b2, *, activation="gelu", residual=None, recompute=
         lambda **a: reference.ffn(**a, activation=activation), t, names)
 
 
-def check_gated_ffn(x, w_gate, w_up, w_down, *, activation="silu", recompute=False):
+def check_gated_ffn(x, w_gate, w_up, w_down, *, activation="silu", recompute=False,
+                    b_gate=None, b_up=None, b_down=None):
     from .ops.ffn import gated_ffn
-    t = dict(x=x, w_gate=w_gate, w_up=w_up, w_down=w_down)
+    t = dict(x=x, w_gate=w_gate, w_up=w_up, w_down=w_down, b_gate=b_gate, b_up=b_up, b_down=b_down)
+    names = [k for k, v in t.items() if v is not None]
     return _check_grads(
         lambda **a: gated_ffn(**a, activation=activation, recompute=recompute),
-        lambda **a: reference.gated_ffn(**a, activation=activation), t, list(t))
+        lambda **a: reference.gated_ffn(**a, activation=activation), t, names)
 
 
 def _cases(quick: bool):

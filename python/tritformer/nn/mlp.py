@@ -50,18 +50,17 @@ class FusedGatedMLP(nn.Module):
         from ..reference import ACTIVATIONS
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
-        if bias:
-            raise ValueError("bias=True is not supported: the fused gated kernel has no bias "
-                             "epilogue (Llama-family MLPs use bias=False)")
         kw = dict(device=device, dtype=dtype)
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False, **kw)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False, **kw)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False, **kw)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, **kw)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, **kw)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias, **kw)
         self.activation, self.recompute = activation, recompute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return gated_ffn(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
-                         activation=self.activation, recompute=self.recompute)
+                         activation=self.activation, recompute=self.recompute,
+                         b_gate=self.gate_proj.bias, b_up=self.up_proj.bias,
+                         b_down=self.down_proj.bias)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}, recompute={self.recompute}"

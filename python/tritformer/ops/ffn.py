@@ -161,32 +161,45 @@ def ffn(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch
 # ---------------------------------------------------------------------------------------------
 # gated_ffn
 # ---------------------------------------------------------------------------------------------
+def _f(t):
+    return None if t is None else t.float()
+
+
+def _gate_up(K, x, wg, wu, bg, bu, act, h, g, u):
+    """The dual-accumulator kernel; a missing one of the two biases is passed as zeros."""
+    if bg is not None or bu is not None:
+        bg = bg if bg is not None else x.new_zeros(wg.shape[0])
+        bu = bu if bu is not None else x.new_zeros(wu.shape[0])
+    K.gemm(x, wg.t(), h, epi=K.EPI_GATED, act=act, b2=wu.t(), bias=bg, bias2=bu, pre=g, pre2=u)
+
+
 @torch.library.custom_op("tritformer::gated_ffn_fwd", mutates_args=())
-def _gated_fwd(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, act: int,
-               recompute: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gated_fwd(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
+               bg: Optional[torch.Tensor], bu: Optional[torch.Tensor], bd: Optional[torch.Tensor],
+               act: int, recompute: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] -> (y, h, g, u); h, g, u [M, I] saved for the backward (empty when recompute)."""
     M, I = x.shape[0], wg.shape[0]
     if backend_for(x) == "reference":
-        g = torch.nn.functional.linear(x.float(), wg.float())
-        u = torch.nn.functional.linear(x.float(), wu.float())
+        g = torch.nn.functional.linear(x.float(), wg.float(), _f(bg))
+        u = torch.nn.functional.linear(x.float(), wu.float(), _f(bu))
         h = (reference.apply_activation(g, _code(act)) * u).to(x.dtype)
-        y = torch.nn.functional.linear(h.float(), wd.float()).to(x.dtype)
+        y = torch.nn.functional.linear(h.float(), wd.float(), _f(bd)).to(x.dtype)
         g, u = g.to(x.dtype), u.to(x.dtype)
     else:
         K = _kernels()
         h = x.new_empty(M, I)
         g = None if recompute else x.new_empty(M, I)
         u = None if recompute else x.new_empty(M, I)
-        K.gemm(x, wg.t(), h, epi=K.EPI_GATED, act=act, b2=wu.t(), pre=g, pre2=u)
+        _gate_up(K, x, wg, wu, bg, bu, act, h, g, u)
         y = x.new_empty(M, wd.shape[0])
-        K.gemm(h, wd.t(), y)
+        K.gemm(h, wd.t(), y, bias=bd)
     if recompute:
         return y, _empty(x), _empty(x), _empty(x)
     return y, h, g, u
 
 
 @_gated_fwd.register_fake
-def _(x, wg, wu, wd, act, recompute):
+def _(x, wg, wu, wd, bg, bu, bd, act, recompute):
     M, I = x.shape[0], wg.shape[0]
     hid = (lambda: x.new_empty(0)) if recompute else (lambda: x.new_empty(M, I))
     return x.new_empty(M, wd.shape[0]), hid(), hid(), hid()
@@ -194,13 +207,15 @@ def _(x, wg, wu, wd, act, recompute):
 
 @torch.library.custom_op("tritformer::gated_ffn_bwd", mutates_args=())
 def _gated_bwd(dy: torch.Tensor, x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor,
-               wd: torch.Tensor, h: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: int,
-               recompute: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dwg, dwu, dwd)."""
+               wd: torch.Tensor, bg: Optional[torch.Tensor], bu: Optional[torch.Tensor],
+               h: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: int, recompute: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                          torch.Tensor, torch.Tensor]:
+    """(dx, dwg, dwu, dwd, dbg, dbu, dbd); bias grads are fp32 column sums."""
     M, I = x.shape[0], wg.shape[0]
     if backend_for(x) == "reference":
-        g32 = torch.nn.functional.linear(x.float(), wg.float())
-        u32 = torch.nn.functional.linear(x.float(), wu.float())
+        g32 = torch.nn.functional.linear(x.float(), wg.float(), _f(bg))
+        u32 = torch.nn.functional.linear(x.float(), wu.float(), _f(bu))
         a32 = reference.apply_activation(g32, _code(act))
         h32 = a32 * u32
         if not recompute:
@@ -211,12 +226,12 @@ def _gated_bwd(dy: torch.Tensor, x: torch.Tensor, wg: torch.Tensor, wu: torch.Te
         dg = dh * u32 * reference.activation_grad(g32, _code(act))
         du = dh * a32
         res = (dg @ wg.float() + du @ wu.float(), dg.t() @ x.float(), du.t() @ x.float(),
-               dy32.t() @ h32)
+               dy32.t() @ h32, dg.sum(0), du.sum(0), dy32.sum(0))
         return tuple(r.to(x.dtype) for r in res)
     K = _kernels()
     if recompute:
         h, g, u = (x.new_empty(M, I) for _ in range(3))
-        K.gemm(x, wg.t(), h, epi=K.EPI_GATED, act=act, b2=wu.t(), pre=g, pre2=u)
+        _gate_up(K, x, wg, wu, bg, bu, act, h, g, u)
     dg, du = x.new_empty(M, I), x.new_empty(M, I)
     K.gemm(dy, wd, dg, epi=K.EPI_DGATED, act=act, aux=g, aux2=u, c2=du)
     dwd = torch.empty_like(wd)
@@ -228,33 +243,39 @@ def _gated_bwd(dy: torch.Tensor, x: torch.Tensor, wg: torch.Tensor, wu: torch.Te
     K.gemm(dg, wg, dx_g)
     dx = torch.empty_like(x)
     K.gemm(du, wu, dx, residual=dx_g)  # dx = du wu + dg wg, the sum in the epilogue
-    return dx, dwg, dwu, dwd
+    colsum = lambda t: t.sum(0, dtype=torch.float32).to(x.dtype)  # noqa: E731
+    return dx, dwg, dwu, dwd, colsum(dg), colsum(du), colsum(dy)
 
 
 @_gated_bwd.register_fake
-def _(dy, x, wg, wu, wd, h, g, u, act, recompute):
-    return torch.empty_like(x), torch.empty_like(wg), torch.empty_like(wu), torch.empty_like(wd)
+def _(dy, x, wg, wu, wd, bg, bu, h, g, u, act, recompute):
+    return (torch.empty_like(x), torch.empty_like(wg), torch.empty_like(wu), torch.empty_like(wd),
+            x.new_empty(wg.shape[0]), x.new_empty(wu.shape[0]), x.new_empty(wd.shape[0]))
 
 
 def _gated_setup(ctx, inputs, output):
-    x, wg, wu, wd, act, recompute = inputs
+    x, wg, wu, wd, bg, bu, bd, act, recompute = inputs
     _, h, g, u = output
-    ctx.save_for_backward(x, wg, wu, wd, h, g, u)
+    ctx.save_for_backward(x, wg, wu, wd, bg, bu, h, g, u)
     ctx.act, ctx.recompute = act, recompute
+    ctx.has = (bg is not None, bu is not None, bd is not None)
 
 
 def _gated_backward(ctx, dy, *_):
-    x, wg, wu, wd, h, g, u = ctx.saved_tensors
-    dx, dwg, dwu, dwd = torch.ops.tritformer.gated_ffn_bwd(dy, x, wg, wu, wd, h, g, u, ctx.act,
-                                                           ctx.recompute)
-    return dx, dwg, dwu, dwd, None, None
+    x, wg, wu, wd, bg, bu, h, g, u = ctx.saved_tensors
+    dx, dwg, dwu, dwd, dbg, dbu, dbd = torch.ops.tritformer.gated_ffn_bwd(
+        dy, x, wg, wu, wd, bg, bu, h, g, u, ctx.act, ctx.recompute)
+    db = [d if has else None for d, has in zip((dbg, dbu, dbd), ctx.has)]
+    return (dx, dwg, dwu, dwd, *db, None, None)
 
 
 _gated_fwd.register_autograd(_gated_backward, setup_context=_gated_setup)
 
 
 def gated_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *,
-              activation: str = "silu", recompute: bool = False) -> torch.Tensor:
+              activation: str = "silu", recompute: bool = False,
+              b_gate: Optional[torch.Tensor] = None, b_up: Optional[torch.Tensor] = None,
+              b_down: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Fused gated FFN: (act(x·w_gateᵀ) ∘ (x·w_upᵀ))·w_downᵀ: SwiGLU with "silu", GeGLU with
     "gelu" / "gelu_tanh"; Llama's MLP.
 
@@ -262,11 +283,12 @@ def gated_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     gating in its epilogue. Weights in nn.Linear's layout: w_gate, w_up [intermediate, hidden],
     w_down [hidden_out, intermediate]. recompute=True keeps none of the three intermediate-size
     tensors (act input, up product, gated product: 3 · M · intermediate · itemsize bytes) for
-    the backward and rebuilds them with the gate/up kernel.
+    the backward and rebuilds them with the gate/up kernel. Optional biases b_gate, b_up
+    [intermediate] (added in the gate/up epilogue) and b_down [hidden_out].
     """
-    check_gated_ffn_inputs(x, w_gate, w_up, w_down, activation, recompute)
+    check_gated_ffn_inputs(x, w_gate, w_up, w_down, activation, recompute, b_gate, b_up, b_down)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    y, _, _, _ = torch.ops.tritformer.gated_ffn_fwd(x2, w_gate, w_up, w_down,
+    y, _, _, _ = torch.ops.tritformer.gated_ffn_fwd(x2, w_gate, w_up, w_down, b_gate, b_up, b_down,
                                                     ACT_NAMES.index(activation) + 1, bool(recompute))
     return y.reshape(*lead, w_down.shape[0])
