@@ -11,9 +11,12 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tritformer import _interp_patch  # noqa: E402
+from tritformer import _interp_bounds, _interp_patch  # noqa: E402
 
 _interp_patch.apply()  # bf16 dot/cast in the interpreter; see the module docstring
+# every kernel load/store (where its mask is on) must stay inside the launch's tensor arguments;
+# the interpreter itself never checks (see tritformer/_interp_bounds.py)
+_interp_bounds.enable()
 
 
 @pytest.fixture(autouse=True)

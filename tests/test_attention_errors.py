@@ -45,3 +45,4 @@ def test_mixed_devices():
     k = t(1, 1, 8, 16).to("meta")
     with pytest.raises(ValueError, match=r"k must be on q's device"):
         tritformer.attention(q, k, t(1, 1, 8, 16))
+
