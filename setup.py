@@ -17,7 +17,8 @@ setup(
     install_requires=["torch>=2.6", "triton>=3.7.1,<3.10", "numpy"],
     extras_require={
         "bench": ["matplotlib", "pytest-benchmark"],
-        "test": ["pytest>=8", "pytest-xdist", "expecttest", "pytest-benchmark", "matplotlib"],
+        "test": ["pytest>=8", "pytest-xdist", "expecttest", "pytest-benchmark", "matplotlib",
+                 "hypothesis"],
     },
     entry_points={"console_scripts": ["tritformer=tritformer.cli:main"]},
 )

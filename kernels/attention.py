@@ -197,9 +197,10 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, De
         lse2 = _load_lse_log2(Lse, row_base + offs_qm, mask_m)
         # -- recompute P^T [BLOCK_N, BLOCK_M] from the saved lse ----
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-        if MASKED:
-            pT = tl.where(offs_n[:, None] <= offs_qm[None, :] + diag, pT, 0.0)
+        sT = qkT * qk_scale - lse2[None, :]
+        if MASKED:  # mask before exp2: a masked score above the row's lse must not make inf
+            sT = tl.where(offs_n[:, None] <= offs_qm[None, :] + diag, sT, float("-inf"))
+        pT = tl.math.exp2(sT)
         do = tl.load(do_base + do_offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         # -- dV += P^T dO ----
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -303,13 +304,15 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, k_offs, v_offs,
             vT = tl.load(v_base + v_offs, mask=mask_d[:, None], other=0.0)
         # -- recompute P [BLOCK_M, BLOCK_N] ----
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        s = qk * qk_scale - lse2[:, None]
         if MASKED:
-            # keys past N_KV load as zero, so P must be masked explicitly there
+            # keys past N_KV load as zero, so P must be masked explicitly there; masked before
+            # exp2 so that a masked score above the row's lse never makes an inf
             keep = offs_kn[None, :] < N_KV
             if CAUSAL:
                 keep = keep & (offs_kn[None, :] <= offs_m[:, None] + diag)
-            p = tl.where(keep, p, 0.0)
+            s = tl.where(keep, s, float("-inf"))
+        p = tl.math.exp2(s)
         # -- dS = P * (dP - delta), dQ += dS K ----
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])

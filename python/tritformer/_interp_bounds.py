@@ -74,13 +74,14 @@ def enable() -> bool:
         return True
     load, store, call = B.create_masked_load, B.create_masked_store, G.__call__
 
-    def create_masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+    # the trailing arguments differ between Triton versions (cache/eviction policies): pass through
+    def create_masked_load(self, ptrs, mask, *rest, **kw):
         _check("load", ptrs, mask, self)
-        return load(self, ptrs, mask, other, cache_policy, is_volatile)
+        return load(self, ptrs, mask, *rest, **kw)
 
-    def create_masked_store(self, ptrs, value, mask, cache_policy):
+    def create_masked_store(self, ptrs, value, mask, *rest, **kw):
         _check("store", ptrs, mask, self)
-        return store(self, ptrs, value, mask, cache_policy)
+        return store(self, ptrs, value, mask, *rest, **kw)
 
     def grid_call(self, *args_dev, **kwargs):
         # the interpreter runs on host copies of the arguments: wrap the copy step to record the
