@@ -545,14 +545,16 @@ def plot_results(rows: list[dict], out_dir: str) -> list[str]:
         ax.set_xlabel(rs[0]["x_name"])
         ax.set_ylabel(f"{metric} ({unit})")
         where = rs[0]["device"]
-        shape = "B=1 H=1" if tag else f"B*N={rs[0]['batch'] * rs[0]['x_value']} H={rs[0]['heads']}"
+        shape = ("B=1 H=1" if tag else f"B*N={rs[0]['batch'] * rs[0]['x_value']} H={rs[0]['heads']}"
+                 ) if op == "attention" else ""
         interp = " (Triton interpreter times: not GPU speed)" if (
             metric == "latency" and any("interpreter" in r["backend"] for r in rs)) else ""
-        ax.set_title(f"{op} {mode} {metric}, D={d} {rs[0]['dtype']} {shape}{interp}\n{where}",
+        dim = "" if d is None else f"D={d} "
+        ax.set_title(f"{op} {mode} {metric}, {dim}{rs[0]['dtype']} {shape}{interp}\n{where}",
                      fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-        name = f"{op}_{metric}_{mode}_d{d}{'_' + tag if tag else ''}.png"
+        name = f"{op}_{metric}_{mode}{'' if d is None else f'_d{d}'}{'_' + tag if tag else ''}.png"
         path = os.path.join(out_dir, name)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
