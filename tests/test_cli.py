@@ -45,3 +45,24 @@ def test_cpu_without_interpreter_uses_reference_path():
     )
     res = _run(["-c", code], interpret=False)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+def test_cpu_without_interpreter_softmax_and_ffn_use_reference_path():
+    # every op must run (fwd and bwd, within the criterion) on CPU without the interpreter
+    code = (
+        "import torch, tritformer\n"
+        "from tritformer.validate import check_softmax, check_ffn, check_gated_ffn\n"
+        "x = torch.randn(2, 5, 30, dtype=torch.float16)\n"
+        "assert tritformer.backend_for(x) == 'reference'\n"
+        "bad = [str(c) for c in check_softmax(x, scale=0.5, causal=True,\n"
+        "                                    mask=torch.rand(1, 5, 30) > 0.3) if not c.ok]\n"
+        "x = torch.randn(7, 12)\n"
+        "w1, b1, w2, b2 = torch.randn(20, 12) / 4, torch.randn(20), torch.randn(9, 20) / 4, torch.randn(9)\n"
+        "for rc in (False, True):\n"
+        "    bad += [str(c) for c in check_ffn(x, w1, b1, w2, b2, activation='silu', recompute=rc) if not c.ok]\n"
+        "    bad += [str(c) for c in check_gated_ffn(x, w1, w1.flip(0), w2, recompute=rc, b_up=b1) if not c.ok]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    res = _run(["-c", code], interpret=False)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
