@@ -196,16 +196,11 @@ def _cuda_only(name: str, mod: str | None = None):
 
 
 def attention_providers() -> dict[str, Provider]:
-    from .backend import backend_for
-
-    def own_backend(device):
-        return backend_for(torch.empty(0, device=device))
-
     return {
         "naive": Provider("naive", _naive, lambda d, t: None, lambda d: "pytorch"),
         "sdpa": Provider("sdpa", _sdpa, lambda d, t: None,
                          lambda d: "sdpa (default dispatch)" if d == "cuda" else "sdpa (cpu)"),
-        "tritformer": Provider("tritformer", _tritformer, lambda d, t: None, own_backend),
+        "tritformer": Provider("tritformer", _tritformer, lambda d, t: None, _backend),
         "flash_attn": Provider("flash_attn", _flash_attn, _cuda_only("flash_attn", "flash_attn"),
                                lambda d: "flash_attn"),
         "flex": Provider("flex", _flex, _cuda_only("flex"), lambda d: "flex_attention (compiled)"),

@@ -13,6 +13,17 @@ import torch
 from . import numerics, reference
 
 
+def _backprop(out, ref, base, seed=1234):
+    """Backward through the kernel output, the float64 reference and PyTorch's same-dtype
+    baseline with one seeded cotangent (returned, in out's dtype)."""
+    gen = torch.Generator().manual_seed(seed)
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out.device, out.dtype)
+    out.backward(grad)
+    ref.backward(grad.double())
+    base.backward(grad)
+    return grad
+
+
 def check_attention(q, k, v, *, causal=False, scale=None, grads=True, return_lse=False) -> list[numerics.Check]:
     """Run tritformer.attention forward (and backward) and check out (lse, dq, dk, dv).
 
@@ -30,11 +41,7 @@ def check_attention(q, k, v, *, causal=False, scale=None, grads=True, return_lse
     if return_lse:
         checks.append(numerics.check("lse", lse, ref_lse, base_lse, numerics.FORWARD_FACTOR))
     if grads:
-        gen = torch.Generator().manual_seed(1234)
-        do = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out.device, out.dtype)
-        out.backward(do)
-        ref.backward(do.double())
-        base.backward(do)
+        do = _backprop(out, ref, base)
         # Roundoff floor at the magnitude of the terms each gradient sums (see numerics): dq and
         # dk vanish by cancellation when the softmax is one-hot (a single key, or |logits| ~1e4),
         # where PyTorch's delta = sum(P dP) cancels exactly (dq ~1e-40) and FlashAttention's
@@ -77,11 +84,7 @@ def check_softmax(x, dim=-1, *, scale=1.0, mask=None, causal=False, grads=True) 
     base = reference.softmax(xb, dim, scale=scale, mask=mb, causal=causal)
     checks = [numerics.check("y", y, ref, base, numerics.FORWARD_FACTOR)]
     if grads:
-        gen = torch.Generator().manual_seed(1234)
-        dy = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y.device, y.dtype)
-        y.backward(dy)
-        ref.backward(dy.double())
-        base.backward(dy)
+        _backprop(y, ref, base)
         pairs = [("dx", xk, xr, xb)] + ([("dmask", mk, mr, mb)] if mask_grad else [])
         gscale = float(xr.grad.abs().max()) if xr.grad.numel() else 0.0
         for name, a, r, b in pairs:
@@ -99,11 +102,7 @@ def _check_grads(fn, ref_fn, tensors: dict, names: list, seed=1234) -> list[nume
     lk, lr, lb = leaves(), leaves(torch.float64), leaves()
     y, ref, base = fn(**lk), ref_fn(**lr), ref_fn(**lb)
     checks = [numerics.check("y", y, ref, base, numerics.FORWARD_FACTOR)]
-    gen = torch.Generator().manual_seed(seed)
-    dy = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y.device, y.dtype)
-    y.backward(dy)
-    ref.backward(dy.double())
-    base.backward(dy)
+    _backprop(y, ref, base, seed)
     for k in names:
         checks.append(numerics.check("d" + k, lk[k].grad, lr[k].grad, lb[k].grad, numerics.GRAD_FACTOR))
     return checks
