@@ -1,11 +1,29 @@
 """Fused softmax attention (FlashAttention-2 algorithm): Triton kernels and host launchers.
 
 Layout: q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] with any strides; Hq = GROUP * Hkv (MHA, GQA, MQA).
-Causal masking is bottom-right aligned: key j is masked for query i when j > i + (Nk - Nq).
+Packed variable-length batches (VARLEN) use the same kernels on [1, H, total, D] views: program
+axis 1 is then the sequence, whose token range comes from cu_seqlens.
+
+Scores, in this order (all optional except the first, each a constexpr switch):
+    s = scale * q kᵀ                                 (log2 units on chip: exp2 softmax)
+    s = softcap * tanh(s / softcap)                  SOFTCAP (Gemma-2)
+    s += -slope_h * |i + Nk - Nq - j|                HAS_ALIBI
+    s += attn_mask[b, h, i, j]                       MASK_KIND 2 (additive float)
+    masked: attn_mask False (MASK_KIND 1), key_padding_mask True (HAS_KPM),
+            j > i + Nk - Nq + right (WIN_RIGHT; causal is right = 0),
+            j < i + Nk - Nq - left (WIN_LEFT)
+    P = softmax(s); dropout (DROPOUT) zeroes P with probability p (Philox, counter =
+    lse row * DROP_COLS + j) and the output is rescaled by 1 / (1 - p).
+Key tiles that the window leaves fully masked, and (with a key padding mask) tiles outside
+each sequence's first..last valid key, are never visited; tiles fully inside the window run
+without evaluating the window masks.
 
 This module knows nothing of autograd: launchers take tensors and return tensors.
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Optional
 
 import torch
 import triton
@@ -17,43 +35,160 @@ LOG2E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x * LOG2E)
 
 
 # ---------------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _tanh(x):
+    """tanh in fp32 to ~2 ulp: odd series near 0 (no cancellation), exp2 form elsewhere."""
+    ax = tl.abs(x)
+    e = tl.math.exp2(-2.8853900817779268 * ax)  # exp(-2|x|)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    # terms to x^9; the next one is below 8.5e-9 relative for |x| < 0.25
+    small = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * 0.021869488536155203))))
+    r = tl.where(ax < 0.25, small, big)
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def _dropout_keep(seed, row, col, DROP_COLS, dropout_p):
+    """Philox keep mask of lse row `row` (broadcast with `col`): counter row * DROP_COLS + col."""
+    offs = row.to(tl.int64) * DROP_COLS + col
+    return tl.rand(seed, offs) >= dropout_p
+
+
+@triton.jit
+def _seq_info(CuQ, CuK, off_z, N_Q, N_KV, VARLEN: tl.constexpr):
+    """(batch index for strides, first query row, first key row, n_q, n_kv) of program axis 1."""
+    if VARLEN:
+        q_start = tl.load(CuQ + off_z)
+        k_start = tl.load(CuK + off_z)
+        n_q = tl.load(CuQ + off_z + 1) - q_start
+        n_kv = tl.load(CuK + off_z + 1) - k_start
+        z = off_z * 0  # one packed "batch": sequences are token ranges
+    else:
+        q_start = off_z * 0
+        k_start = off_z * 0
+        n_q = N_Q
+        n_kv = N_KV
+        z = off_z
+    return z, q_start, k_start, n_q, n_kv
+
+
+@triton.jit
+def _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope2,
+            qk_scale2, cap_in, cap_out, win_left, win_right,
+            BOUNDARY: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
+            MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr,
+            SOFTCAP: tl.constexpr):
+    """Scores of a tile in log2 units, -inf where masked, and tanh(.) for the softcap gradient.
+
+    i, j: query and key positions within the sequence, shaped to broadcast to qk's tile
+    ([M, 1] and [1, N] in the forward and dQ kernels, [1, M] and [N, 1] in dK/dV). BOUNDARY:
+    evaluate the window and the key bound; off the window's edges both are known to hold."""
+    if SOFTCAP:
+        t = _tanh(qk * cap_in)    # cap_in = scale / softcap
+        s = t * cap_out           # cap_out = softcap * log2(e)
+    else:
+        t = qk
+        s = qk * qk_scale2
+    if HAS_ALIBI:
+        s += slope2 * (-tl.abs(i + diag - j)).to(tl.float32)
+    if MASK_KIND != 0:
+        inb = (i < n_q) & (j < n_kv)
+        m_ptrs = m_base + i.to(tl.int64) * stride_mm + j.to(tl.int64) * stride_mn
+        if MASK_KIND == 1:
+            keep_m = tl.load(m_ptrs, mask=inb, other=0)
+            s = tl.where(keep_m != 0, s, float("-inf"))
+        else:
+            s += tl.load(m_ptrs, mask=inb, other=0.0).to(tl.float32) * 1.4426950408889634
+    if HAS_KPM:
+        pad = tl.load(kpm_base + j, mask=j < n_kv, other=1)
+        s = tl.where(pad != 0, float("-inf"), s)
+    if BOUNDARY:
+        keep = j < n_kv  # broadcast against the tile by tl.where
+        if WIN_RIGHT:
+            keep = keep & (j <= i + diag + win_right)
+        if WIN_LEFT:
+            keep = keep & (j >= i + diag - win_left)
+        s = tl.where(keep, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _key_range(m0, n_q, n_kv, diag, win_left, win_right, KvRange, z,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIN_LEFT: tl.constexpr,
+               WIN_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr):
+    """Key tiles of the query tile starting at row m0: [lo, hi) holds every visible key, and
+    [full_lo, full_hi) (BLOCK_N-aligned, inside it) the tiles every row sees whole."""
+    m1 = m0 + BLOCK_M - 1  # last row of the tile
+    n_full = (n_kv // BLOCK_N) * BLOCK_N
+    if WIN_RIGHT:  # row i sees j <= i + diag + right
+        hi = tl.minimum(tl.maximum(m1 + diag + win_right + 1, 0), n_kv)
+        full_hi = tl.minimum((tl.maximum(m0 + diag + win_right + 1, 0) // BLOCK_N) * BLOCK_N, n_full)
+    else:
+        hi = n_kv
+        full_hi = n_full
+    if WIN_LEFT:  # row i sees j >= i + diag - left
+        lo = (tl.maximum(m0 + diag - win_left, 0) // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(m1 + diag - win_left, 0), BLOCK_N) * BLOCK_N
+    else:
+        lo = n_kv * 0
+        full_lo = n_kv * 0
+    if HAS_KPM:  # keys outside [first valid, last valid] of this sequence are never visited
+        lo = tl.maximum(lo, (tl.load(KvRange + 2 * z) // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(hi, tl.load(KvRange + 2 * z + 1))
+    hi = tl.where(m0 < n_q, hi, 0)  # varlen: a tile past this sequence's queries does nothing
+    lo = tl.minimum(lo, hi)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+# ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
-                    stride_vn, lo, hi, offs_m, offs_n, mask_d, N_KV, diag, qk_scale,
-                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
+                    lo, hi, i, offs_n, mask_d, n_q, n_kv, diag,
+                    m_base, stride_mm, stride_mn, kpm_base, slope2, qk_scale2, cap_in, cap_out,
+                    win_left, win_right, drop_row, DROP_COLS, dropout_p, seed,
+                    BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, WIN_LEFT: tl.constexpr,
+                    WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
+                    HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
-    # MASKED=False: every key block in [lo, hi) is full and entirely visible to every query row of
-    # the tile, so neither bounds nor causal masks are evaluated (the off-band fast path).
+    # BOUNDARY=False: every key tile in [lo, hi) is full and inside every row's window, so
+    # neither the key bound nor the window is evaluated (the fast path).
     k_base += tl.cast(lo, tl.int64) * stride_kn
     v_base += tl.cast(lo, tl.int64) * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
         offs_kn = start_n + offs_n
-        # -- load K^T tile [BLOCK_D, BLOCK_N], compute qk ----
-        if MASKED:
-            k = tl.load(k_base + k_offs, mask=mask_d[:, None] & (offs_kn[None, :] < N_KV), other=0.0)
+        j = offs_kn[None, :]
+        # -- load K^T tile [BLOCK_D, BLOCK_N], compute scores ----
+        if BOUNDARY:
+            k = tl.load(k_base + k_offs, mask=mask_d[:, None] & (j < n_kv), other=0.0)
         else:
             k = tl.load(k_base + k_offs, mask=mask_d[:, None], other=0.0)
-        qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
-        if MASKED:
-            keep = offs_kn[None, :] < N_KV
-            if CAUSAL:
-                keep = keep & (offs_kn[None, :] <= offs_m[:, None] + diag)
-            qk = tl.where(keep, qk, float("-inf"))
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        s, _ = _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope2,
+                       qk_scale2, cap_in, cap_out, win_left, win_right, BOUNDARY, WIN_LEFT,
+                       WIN_RIGHT, MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP)
         # -- online softmax update ----
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        if MASKED:
+        m_ij = tl.maximum(m_i, tl.max(s, 1))
+        if BOUNDARY or MASK_KIND != 0 or HAS_KPM:
             # a row with no visible key so far keeps m = -inf; subtract 0 instead (exp2(-inf) = 0)
             m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
         else:
             m_sub = m_ij
-        p = tl.math.exp2(qk - m_sub[:, None])
+        p = tl.math.exp2(s - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, drop_row + i, j, DROP_COLS, dropout_p), p, 0.0)
         # -- accumulate p @ v ----
-        if MASKED:
-            v = tl.load(v_base + v_offs, mask=(offs_kn[:, None] < N_KV) & mask_d[None, :], other=0.0)
+        if BOUNDARY:
+            v = tl.load(v_base + v_offs, mask=(offs_kn[:, None] < n_kv) & mask_d[None, :], other=0.0)
         else:
             v = tl.load(v_base + v_offs, mask=mask_d[None, :], other=0.0)
         acc = acc * alpha[:, None]
@@ -65,79 +200,92 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
 
 
 @triton.jit
-def _visible_key_range(start_m, N_KV, diag, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       CAUSAL: tl.constexpr):
-    """Key range [0, hi) seen by query tile start_m; [0, full_hi) is unmasked and BLOCK_N-aligned."""
-    if CAUSAL:
-        # last row of the tile sees keys j <= (start_m + 1) * BLOCK_M - 1 + diag
-        hi = tl.minimum(tl.maximum((start_m + 1) * BLOCK_M + diag, 0), N_KV)
-        # first row sees keys j <= start_m * BLOCK_M + diag: whole blocks below that are unmasked
-        full_hi = (tl.maximum(start_m * BLOCK_M + diag + 1, 0) // BLOCK_N) * BLOCK_N
-        full_hi = tl.minimum(full_hi, (N_KV // BLOCK_N) * BLOCK_N)
-    else:
-        hi = N_KV
-        full_hi = (N_KV // BLOCK_N) * BLOCK_N
-    return full_hi, hi
-
-
-@triton.jit
-def _attn_fwd(Q, K, V, Out, Lse,
+def _attn_fwd(Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
               stride_qz, stride_qh, stride_qm, stride_qd,
               stride_kz, stride_kh, stride_kn, stride_kd,
               stride_vz, stride_vh, stride_vn, stride_vd,
               stride_oz, stride_oh, stride_om, stride_od,
-              H, GROUP, N_Q, N_KV, qk_scale,
+              stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
+              H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
+              dropout_p, seed, DROP_COLS,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+              HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+              DROPOUT: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
     start_m = tl.program_id(0)
-    off_z = tl.program_id(1)
     off_h = tl.program_id(2)
-    off_hz = off_z * H + off_h
     off_hkv = off_h // GROUP
-    diag = N_KV - N_Q  # bottom-right causal alignment
+    z, q_start, k_start, n_q, n_kv = _seq_info(CuQ, CuK, tl.program_id(1), N_Q, N_KV, VARLEN)
+    diag = n_kv - n_q  # bottom-right alignment of causal / window / ALiBi
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM  # folds to all-true when HEAD_DIM == BLOCK_D
-    mask_m = offs_m < N_Q
+    mask_m = offs_m < n_q
+    i = offs_m[:, None]
 
     # int64 base offsets: B*H*N*D may pass 2^31; in-tile offsets stay int32
-    q_ptrs = (Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
-              + (start_m * BLOCK_M).to(tl.int64) * stride_qm
+    z64 = z.to(tl.int64)
+    q_ptrs = (Q + z64 * stride_qz + off_h.to(tl.int64) * stride_qh
+              + (q_start + start_m * BLOCK_M).to(tl.int64) * stride_qm
               + tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
-    k_base = K + off_z.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
-    v_base = V + off_z.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
+    k_base = K + z64 * stride_kz + off_hkv.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
+    v_base = V + z64 * stride_vz + off_hkv.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
     k_offs = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # K^T tile [BLOCK_D, BLOCK_N]
     v_offs = offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # V tile [BLOCK_N, BLOCK_D]
+    m_base = Mask + z64 * stride_mz + off_h.to(tl.int64) * stride_mh
+    kpm_base = Kpm + z64 * stride_kpz
+    row0 = (z * H + off_h).to(tl.int64) * N_Q + q_start  # lse row of query 0 of this sequence
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Alibi + tl.program_id(1) * H + off_h) * 1.4426950408889634
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    qk_scale = qk_scale * 1.44269504  # 1/ln(2): softmax in base 2
+    qk_scale2 = sm_scale * 1.4426950408889634  # softmax in base 2
     # the query tile stays on chip for the whole loop
     q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
 
-    full_hi, hi = _visible_key_range(start_m, N_KV, diag, BLOCK_M, BLOCK_N, CAUSAL)
-    # stage 1: off-band, full blocks, no mask
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs,
-                                    stride_kn, stride_vn, 0, full_hi, offs_m, offs_n, mask_d, N_KV, diag, qk_scale,
-                                    BLOCK_N, False, CAUSAL, DOT_PRECISION)
-    # stage 2: diagonal blocks and the ragged tail, masked; blocks past hi are never visited
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs,
-                                    stride_kn, stride_vn, full_hi, hi, offs_m, offs_n, mask_d, N_KV, diag, qk_scale,
-                                    BLOCK_N, True, CAUSAL, DOT_PRECISION)
+    lo, full_lo, full_hi, hi = _key_range(start_m * BLOCK_M, n_q, n_kv, diag, win_left, win_right,
+                                          KvRange, tl.program_id(1), BLOCK_M, BLOCK_N,
+                                          WIN_LEFT, WIN_RIGHT, HAS_KPM)
+    if WIN_LEFT:  # tiles crossing the window's left edge
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, lo, full_lo,
+            i, offs_n, mask_d, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope2,
+            qk_scale2, cap_in, cap_out, win_left, win_right, row0, DROP_COLS, dropout_p, seed,
+            BLOCK_N, True, WIN_LEFT, WIN_RIGHT, MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP, DROPOUT,
+            DOT_PRECISION)
+    # tiles inside every row's window: no window or bound mask
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, full_lo, full_hi,
+        i, offs_n, mask_d, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope2,
+        qk_scale2, cap_in, cap_out, win_left, win_right, row0, DROP_COLS, dropout_p, seed,
+        BLOCK_N, False, WIN_LEFT, WIN_RIGHT, MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP, DROPOUT,
+        DOT_PRECISION)
+    # tiles crossing the right edge (causal diagonal) and the ragged key tail
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, full_hi, hi,
+        i, offs_n, mask_d, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope2,
+        qk_scale2, cap_in, cap_out, win_left, win_right, row0, DROP_COLS, dropout_p, seed,
+        BLOCK_N, True, WIN_LEFT, WIN_RIGHT, MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP, DROPOUT,
+        DOT_PRECISION)
 
     # -- epilogue: one normalisation; rows with no visible key give 0 and lse = -inf ----
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    acc = acc / l_safe[:, None]
+    inv_l = 1.0 / l_safe
+    if DROPOUT:
+        inv_l = inv_l * (1.0 / (1.0 - dropout_p))
+    acc = acc * inv_l[:, None]
     lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453  # back to natural log: * ln(2)
     lse = tl.where(empty, float("-inf"), lse)
-    tl.store(Lse + off_hz.to(tl.int64) * N_Q + offs_m, lse, mask=mask_m)
-    o_ptrs = (Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
-              + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od)
+    tl.store(Lse + row0 + offs_m, lse, mask=mask_m)
+    o_ptrs = (Out + z64 * stride_oz + off_h.to(tl.int64) * stride_oh
+              + (q_start + offs_m)[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
@@ -182,32 +330,47 @@ def _load_lse_log2(Lse, row, mask):
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, Delta,
-                         stride_qm, stride_dom,
-                         row_base, lo, hi, offs_m, offs_n, mask_d, N_Q, diag, qk_scale,
-                         BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                         stride_qm, stride_dom, row0, lo, hi, offs_m, j, mask_d, n_q, n_kv, diag,
+                         m_base, stride_mm, stride_mn, kpm_base, slope2, qk_scale2, cap_in,
+                         cap_out, win_left, win_right, DROP_COLS, dropout_p, seed,
+                         BLOCK_M: tl.constexpr, BOUNDARY: tl.constexpr, WIN_LEFT: tl.constexpr,
+                         WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
+                         HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
                          DOT_PRECISION: tl.constexpr):
-    # Query rows past N_Q load as zero with lse = +inf, so they add nothing: only the causal
-    # mask needs evaluating (MASKED), never a bounds mask on P.
+    # Query rows past n_q load as zero with lse = +inf, so they add nothing: no row bound on P.
+    # Keys past n_kv (ragged last key tile) produce rows of dK/dV that are never stored.
     q_base += tl.cast(lo, tl.int64) * stride_qm
     do_base += tl.cast(lo, tl.int64) * stride_dom
     for start_m in range(lo, hi, BLOCK_M):
         offs_qm = start_m + offs_m
-        mask_m = offs_qm < N_Q
+        mask_m = offs_qm < n_q
+        i = offs_qm[None, :]
         q = tl.load(q_base + q_offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        lse2 = _load_lse_log2(Lse, row_base + offs_qm, mask_m)
+        lse2 = _load_lse_log2(Lse, row0 + offs_qm, mask_m)
         # -- recompute P^T [BLOCK_N, BLOCK_M] from the saved lse ----
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        sT = qkT * qk_scale - lse2[None, :]
-        if MASKED:  # mask before exp2: a masked score above the row's lse must not make inf
-            sT = tl.where(offs_n[:, None] <= offs_qm[None, :] + diag, sT, float("-inf"))
-        pT = tl.math.exp2(sT)
+        sT, tT = _scores(qkT, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base,
+                         slope2, qk_scale2, cap_in, cap_out, win_left, win_right, BOUNDARY,
+                         WIN_LEFT, WIN_RIGHT, MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP)
+        # masked to -inf before exp2: a masked score above the row's lse must not make inf
+        pT = tl.math.exp2(sT - lse2[None, :])
         do = tl.load(do_base + do_offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        # -- dV += P^T dO ----
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        # dV before dP^T is formed: fewer live tiles (dP^T first spilled fp32 D=128 on sm_80)
+        if DROPOUT:  # dV += (P∘Z)^T dO / (1-p); dP = (dO V^T)∘Z / (1-p)
+            keepT = _dropout_keep(seed, row0 + i, j, DROP_COLS, dropout_p)
+            inv_keep = 1.0 / (1.0 - dropout_p)
+            dv = tl.dot(tl.where(keepT, pT * inv_keep, 0.0).to(do.dtype), do, dv,
+                        input_precision=DOT_PRECISION)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            dpT = tl.where(keepT, dpT * inv_keep, 0.0)
+        else:  # dV += P^T dO
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         # -- dS^T = P^T * (dP^T - delta), dK += dS^T Q ----
-        delta = tl.load(Delta + row_base + offs_qm, mask=mask_m, other=0.0)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        delta = tl.load(Delta + row0 + offs_qm, mask=mask_m, other=0.0)
         dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:  # through softcap * tanh(s / softcap)
+            dsT = dsT * (1.0 - tT * tT)
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
         q_base += BLOCK_M * stride_qm
         do_base += BLOCK_M * stride_dom
@@ -215,107 +378,146 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, De
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
+def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
                    stride_qz, stride_qh, stride_qm, stride_qd,
                    stride_kz, stride_kh, stride_kn, stride_kd,
                    stride_vz, stride_vh, stride_vn, stride_vd,
                    stride_doz, stride_doh, stride_dom, stride_dod,
                    stride_dkz, stride_dkh, stride_dkn, stride_dkd,
                    stride_dvz, stride_dvh, stride_dvn, stride_dvd,
-                   H, GROUP, N_Q, N_KV, sm_scale,
+                   stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
+                   H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
+                   dropout_p, seed, DROP_COLS,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+                   HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+                   DROPOUT: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # One program owns one K/V tile of one kv head and loops over the query heads of its group
     # and over their query tiles: dK/dV are complete in registers, no atomics (deterministic).
     start_n = tl.program_id(0)
-    off_z = tl.program_id(1)
     off_hkv = tl.program_id(2)  # kv head
-    diag = N_KV - N_Q
+    z, q_start, k_start, n_q, n_kv = _seq_info(CuQ, CuK, tl.program_id(1), N_Q, N_KV, VARLEN)
+    diag = n_kv - n_q
 
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    mask_nd = (offs_n[:, None] < N_KV) & mask_d[None, :]
+    mask_nd = (offs_n[:, None] < n_kv) & mask_d[None, :]
+    j = offs_n[:, None]
+    z64 = z.to(tl.int64)
+    rows_n = (k_start + offs_n)[:, None].to(tl.int64)
 
-    k = tl.load(K + off_z.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
-                + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
-                mask=mask_nd, other=0.0)
-    v = tl.load(V + off_z.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
-                + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd,
-                mask=mask_nd, other=0.0)
+    k = tl.load(K + z64 * stride_kz + off_hkv.to(tl.int64) * stride_kh + rows_n * stride_kn
+                + offs_d[None, :] * stride_kd, mask=mask_nd, other=0.0)
+    v = tl.load(V + z64 * stride_vz + off_hkv.to(tl.int64) * stride_vh + rows_n * stride_vn
+                + offs_d[None, :] * stride_vd, mask=mask_nd, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    qk_scale = sm_scale * 1.44269504  # 1/ln(2)
+    qk_scale2 = sm_scale * 1.4426950408889634
 
-    # query rows that see any key of this tile, and rows that see all of it
-    m_end = tl.cdiv(N_Q, BLOCK_M) * BLOCK_M
-    if CAUSAL:
-        lo = (tl.maximum(start_n * BLOCK_N - diag, 0) // BLOCK_M) * BLOCK_M
-        full_lo = tl.cdiv(tl.maximum((start_n + 1) * BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M
-        lo = tl.minimum(lo, m_end)
-        full_lo = tl.minimum(full_lo, m_end)
+    # query tiles that see any key of this tile [m_lo, m_hi), and that see all of it
+    n0 = start_n * BLOCK_N
+    n1 = n0 + BLOCK_N - 1
+    m_end = tl.cdiv(n_q, BLOCK_M) * BLOCK_M
+    if WIN_RIGHT:  # row i sees key j iff i >= j - diag - right
+        m_lo = (tl.maximum(n0 - diag - win_right, 0) // BLOCK_M) * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum(n1 - diag - win_right, 0), BLOCK_M) * BLOCK_M
     else:
-        lo = 0
-        full_lo = 0
+        m_lo = n_q * 0
+        full_lo = n_q * 0
+    if WIN_LEFT:  # row i sees key j iff i <= j - diag + left
+        m_hi = tl.minimum(tl.maximum(n1 - diag + win_left + 1, 0), n_q)
+        full_hi = (tl.maximum(n0 - diag + win_left + 1, 0) // BLOCK_M) * BLOCK_M
+    else:
+        m_hi = m_end
+        full_hi = m_end
+    kpm_base = Kpm + z64 * stride_kpz
+    if HAS_KPM:  # a key tile that is all padding has zero gradient: skip its query loop
+        pad = tl.load(kpm_base + offs_n, mask=offs_n < n_kv, other=1)
+        m_hi = tl.where(tl.sum((pad == 0).to(tl.int32), 0) > 0, m_hi, 0)
+    m_hi = tl.where(n0 < n_kv, m_hi, 0)  # varlen: a tile past this sequence's keys
+    m_lo = tl.minimum(m_lo, m_hi)
+    full_lo = tl.minimum(tl.maximum(full_lo, m_lo), m_hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), m_hi)
 
     q_offs = offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd  # [BLOCK_M, BLOCK_D]
     do_offs = offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
     for g in range(GROUP):
         off_h = off_hkv * GROUP + g
-        q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
-        do_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
-        row_base = (off_z * H + off_h).to(tl.int64) * N_Q
-        # stage 1: tiles crossing the causal diagonal, masked
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, Delta,
-                                      stride_qm, stride_dom, row_base, lo, full_lo,
-                                      offs_m, offs_n, mask_d, N_Q, diag, qk_scale,
-                                      BLOCK_M, True, DOT_PRECISION)
-        # stage 2: tiles below the diagonal (or all tiles when not causal), unmasked
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, Delta,
-                                      stride_qm, stride_dom, row_base, full_lo, m_end,
-                                      offs_m, offs_n, mask_d, N_Q, diag, qk_scale,
-                                      BLOCK_M, False, DOT_PRECISION)
+        q_base = (Q + z64 * stride_qz + off_h.to(tl.int64) * stride_qh
+                  + q_start.to(tl.int64) * stride_qm)
+        do_base = (DO + z64 * stride_doz + off_h.to(tl.int64) * stride_doh
+                   + q_start.to(tl.int64) * stride_dom)
+        row0 = (z * H + off_h).to(tl.int64) * N_Q + q_start
+        m_base = Mask + z64 * stride_mz + off_h.to(tl.int64) * stride_mh
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(Alibi + tl.program_id(1) * H + off_h) * 1.4426950408889634
+        if WIN_RIGHT:  # query tiles crossing the right edge (causal diagonal)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, Delta, stride_qm,
+                stride_dom, row0, m_lo, full_lo, offs_m, j, mask_d, n_q, n_kv, diag, m_base,
+                stride_mm, stride_mn, kpm_base, slope2, qk_scale2, cap_in, cap_out, win_left,
+                win_right, DROP_COLS, dropout_p, seed, BLOCK_M, True, WIN_LEFT, WIN_RIGHT,
+                MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP, DROPOUT, DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, Delta, stride_qm,
+            stride_dom, row0, full_lo, full_hi, offs_m, j, mask_d, n_q, n_kv, diag, m_base,
+            stride_mm, stride_mn, kpm_base, slope2, qk_scale2, cap_in, cap_out, win_left,
+            win_right, DROP_COLS, dropout_p, seed, BLOCK_M, False, WIN_LEFT, WIN_RIGHT,
+            MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP, DROPOUT, DOT_PRECISION)
+        if WIN_LEFT:  # query tiles crossing the left edge
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, Delta, stride_qm,
+                stride_dom, row0, full_hi, m_hi, offs_m, j, mask_d, n_q, n_kv, diag, m_base,
+                stride_mm, stride_mn, kpm_base, slope2, qk_scale2, cap_in, cap_out, win_left,
+                win_right, DROP_COLS, dropout_p, seed, BLOCK_M, True, WIN_LEFT, WIN_RIGHT,
+                MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP, DROPOUT, DOT_PRECISION)
 
     dk *= sm_scale
-    tl.store(DK + off_z.to(tl.int64) * stride_dkz + off_hkv.to(tl.int64) * stride_dkh
-             + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=mask_nd)
-    tl.store(DV + off_z.to(tl.int64) * stride_dvz + off_hkv.to(tl.int64) * stride_dvh
-             + offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=mask_nd)
+    tl.store(DK + z64 * stride_dkz + off_hkv.to(tl.int64) * stride_dkh + rows_n * stride_dkn
+             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=mask_nd)
+    tl.store(DV + z64 * stride_dvz + off_hkv.to(tl.int64) * stride_dvh + rows_n * stride_dvn
+             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=mask_nd)
 
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, k_offs, v_offs,
-                       stride_kn, stride_vn, lo, hi, offs_m, offs_n, mask_d, N_KV, diag, qk_scale,
-                       BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
+                       stride_kn, stride_vn, lo, hi, i, offs_n, mask_d, n_q, n_kv, diag,
+                       m_base, stride_mm, stride_mn, kpm_base, slope2, qk_scale2, cap_in, cap_out,
+                       win_left, win_right, row0, DROP_COLS, dropout_p, seed, dm_base, stride_dmm,
+                       BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, WIN_LEFT: tl.constexpr,
+                       WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
+                       HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+                       MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
     k_base += tl.cast(lo, tl.int64) * stride_kn
     v_base += tl.cast(lo, tl.int64) * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
-        offs_kn = start_n + offs_n
-        if MASKED:
-            kT = tl.load(k_base + k_offs, mask=mask_d[:, None] & (offs_kn[None, :] < N_KV), other=0.0)
-            vT = tl.load(v_base + v_offs, mask=mask_d[:, None] & (offs_kn[None, :] < N_KV), other=0.0)
+        j = (start_n + offs_n)[None, :]
+        if BOUNDARY:
+            kT = tl.load(k_base + k_offs, mask=mask_d[:, None] & (j < n_kv), other=0.0)
+            vT = tl.load(v_base + v_offs, mask=mask_d[:, None] & (j < n_kv), other=0.0)
         else:
             kT = tl.load(k_base + k_offs, mask=mask_d[:, None], other=0.0)
             vT = tl.load(v_base + v_offs, mask=mask_d[:, None], other=0.0)
-        # -- recompute P [BLOCK_M, BLOCK_N] ----
+        # -- recompute P [BLOCK_M, BLOCK_N]; masked to -inf before exp2 ----
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
-        s = qk * qk_scale - lse2[:, None]
-        if MASKED:
-            # keys past N_KV load as zero, so P must be masked explicitly there; masked before
-            # exp2 so that a masked score above the row's lse never makes an inf
-            keep = offs_kn[None, :] < N_KV
-            if CAUSAL:
-                keep = keep & (offs_kn[None, :] <= offs_m[:, None] + diag)
-            s = tl.where(keep, s, float("-inf"))
-        p = tl.math.exp2(s)
+        s, t = _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope2,
+                       qk_scale2, cap_in, cap_out, win_left, win_right, BOUNDARY, WIN_LEFT,
+                       WIN_RIGHT, MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP)
+        p = tl.math.exp2(s - lse2[:, None])
         # -- dS = P * (dP - delta), dQ += dS K ----
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, row0 + i, j, DROP_COLS, dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
+        if MASK_GRAD:  # d(additive mask) = dS, written [B, Hq, Nq, Nk] (reduced by the caller)
+            tl.store(dm_base + i.to(tl.int64) * stride_dmm + j, ds, mask=(i < n_q) & (j < n_kv))
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
         k_base += BLOCK_N * stride_kn
         v_base += BLOCK_N * stride_vn
@@ -323,58 +525,92 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, k_offs, v_offs,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ,
+def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, CuK, DMask,
                  stride_qz, stride_qh, stride_qm, stride_qd,
                  stride_kz, stride_kh, stride_kn, stride_kd,
                  stride_vz, stride_vh, stride_vn, stride_vd,
                  stride_doz, stride_doh, stride_dom, stride_dod,
                  stride_dqz, stride_dqh, stride_dqm, stride_dqd,
-                 H, GROUP, N_Q, N_KV, sm_scale,
+                 stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
+                 H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
+                 dropout_p, seed, DROP_COLS,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+                 HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+                 DROPOUT: tl.constexpr, VARLEN: tl.constexpr, MASK_GRAD: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
     start_m = tl.program_id(0)
-    off_z = tl.program_id(1)
     off_h = tl.program_id(2)
-    off_hz = off_z * H + off_h
     off_hkv = off_h // GROUP
-    diag = N_KV - N_Q
+    z, q_start, k_start, n_q, n_kv = _seq_info(CuQ, CuK, tl.program_id(1), N_Q, N_KV, VARLEN)
+    diag = n_kv - n_q
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    mask_m = offs_m < N_Q
+    mask_m = offs_m < n_q
     mask_md = mask_m[:, None] & mask_d[None, :]
+    i = offs_m[:, None]
+    z64 = z.to(tl.int64)
+    rows_m = (q_start + offs_m)[:, None].to(tl.int64)
 
-    q = tl.load(Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
-                + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
-                mask=mask_md, other=0.0)
-    do = tl.load(DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
-                 + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :] * stride_dod,
-                 mask=mask_md, other=0.0)
-    row = off_hz.to(tl.int64) * N_Q + offs_m
-    lse2 = _load_lse_log2(Lse, row, mask_m)
-    delta = tl.load(Delta + row, mask=mask_m, other=0.0)
-    k_base = K + off_z.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
-    v_base = V + off_z.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
+    q = tl.load(Q + z64 * stride_qz + off_h.to(tl.int64) * stride_qh + rows_m * stride_qm
+                + offs_d[None, :] * stride_qd, mask=mask_md, other=0.0)
+    do = tl.load(DO + z64 * stride_doz + off_h.to(tl.int64) * stride_doh + rows_m * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=mask_md, other=0.0)
+    row0 = (z * H + off_h).to(tl.int64) * N_Q + q_start
+    lse2 = _load_lse_log2(Lse, row0 + offs_m, mask_m)
+    delta = tl.load(Delta + row0 + offs_m, mask=mask_m, other=0.0)
+    k_base = K + z64 * stride_kz + off_hkv.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
+    v_base = V + z64 * stride_vz + off_hkv.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
     k_offs = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # K^T tile [BLOCK_D, BLOCK_N]
     v_offs = offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd  # V^T tile [BLOCK_D, BLOCK_N]
+    m_base = Mask + z64 * stride_mz + off_h.to(tl.int64) * stride_mh
+    kpm_base = Kpm + z64 * stride_kpz
+    dm_base = DMask + (z * H + off_h).to(tl.int64) * N_Q * N_KV  # dense [B, Hq, Nq, Nk] fp32
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Alibi + tl.program_id(1) * H + off_h) * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    qk_scale = sm_scale * 1.44269504  # 1/ln(2)
+    qk_scale2 = sm_scale * 1.4426950408889634
 
-    full_hi, hi = _visible_key_range(start_m, N_KV, diag, BLOCK_M, BLOCK_N, CAUSAL)
-    # stage 1: off-band key tiles, no mask; stage 2: diagonal tiles and the ragged tail
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, k_offs, v_offs,
-                            stride_kn, stride_vn, 0, full_hi, offs_m, offs_n, mask_d,
-                            N_KV, diag, qk_scale, BLOCK_N, False, CAUSAL, DOT_PRECISION)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, k_offs, v_offs,
-                            stride_kn, stride_vn, full_hi, hi, offs_m, offs_n, mask_d,
-                            N_KV, diag, qk_scale, BLOCK_N, True, CAUSAL, DOT_PRECISION)
+    lo, full_lo, full_hi, hi = _key_range(start_m * BLOCK_M, n_q, n_kv, diag, win_left, win_right,
+                                          KvRange, tl.program_id(1), BLOCK_M, BLOCK_N,
+                                          WIN_LEFT, WIN_RIGHT, HAS_KPM)
+    if WIN_LEFT:
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, lo,
+            full_lo, i, offs_n, mask_d, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base,
+            slope2, qk_scale2, cap_in, cap_out, win_left, win_right, row0, DROP_COLS, dropout_p,
+            seed, dm_base, N_KV, BLOCK_N, True, WIN_LEFT, WIN_RIGHT, MASK_KIND, HAS_KPM,
+            HAS_ALIBI, SOFTCAP, DROPOUT, MASK_GRAD, DOT_PRECISION)
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, full_lo,
+        full_hi, i, offs_n, mask_d, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base,
+        slope2, qk_scale2, cap_in, cap_out, win_left, win_right, row0, DROP_COLS, dropout_p,
+        seed, dm_base, N_KV, BLOCK_N, False, WIN_LEFT, WIN_RIGHT, MASK_KIND, HAS_KPM,
+        HAS_ALIBI, SOFTCAP, DROPOUT, MASK_GRAD, DOT_PRECISION)
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, full_hi,
+        hi, i, offs_n, mask_d, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base,
+        slope2, qk_scale2, cap_in, cap_out, win_left, win_right, row0, DROP_COLS, dropout_p,
+        seed, dm_base, N_KV, BLOCK_N, True, WIN_LEFT, WIN_RIGHT, MASK_KIND, HAS_KPM,
+        HAS_ALIBI, SOFTCAP, DROPOUT, MASK_GRAD, DOT_PRECISION)
     dq *= sm_scale
-    tl.store(DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh
-             + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=mask_md)
+    tl.store(DQ + z64 * stride_dqz + off_h.to(tl.int64) * stride_dqh + rows_m * stride_dqm
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask_md)
+
+
+@triton.jit
+def _dropout_mask_kernel(Out, n_rows, n_cols, dropout_p, seed,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Out[r, c] = the attention kernels' dropout keep bit of lse row r, key c (DROP_COLS = n_cols)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    keep = _dropout_keep(seed, rows, cols, n_cols, dropout_p)
+    tl.store(Out + rows.to(tl.int64) * n_cols + cols, keep, mask=(rows < n_rows) & (cols < n_cols))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,7 +645,9 @@ GPU_CONFIGS = {
              (128, 4, [_cfg(32, 32, 8, 1), _cfg(32, 16, 8, 1)]),
              (256, 4, [_cfg(32, 16, 8, 1), _cfg(16, 32, 8, 1)])],
         80: [(64, 2, [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3)]),
-             (128, 2, [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)]),
+             # 128x64/8 warps/3 stages spilled 48 B once the kernel took masks/varlen (causal);
+             # 128x32/8/3: 189 regs, 0 spill
+             (128, 2, [_cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3)]),
              # 64x32/4 warps spilled 136 B on Triton 3.7.1 (causal); 8 warps: 222 regs, 0 spill
              (256, 2, [_cfg(64, 32, 8, 2), _cfg(32, 32, 4, 2)]),
              (64, 4, [_cfg(64, 32, 4, 2)]),
@@ -463,6 +701,34 @@ def configs_for(kernel: str, arch: int | None, block_d: int, elem_bytes: int) ->
 # ---------------------------------------------------------------------------------------------
 # Host launchers
 # ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Options:
+    """Everything beyond q, k, v (see the module docstring); tensors already on q's device.
+
+    left/right: window offsets from the bottom-right diagonal, None = unbounded (causal:
+    right = 0). attn_mask: [B, Hq, Nq, Nk] view (stride 0 where broadcast), bool or float.
+    key_padding_mask: [B, Nk] bool, True = padding. alibi_slopes: [B, Hq] float32 (varlen:
+    [num_seqs, Hq]). cu_seqlens_*: int32 [num_seqs + 1] for packed sequences; q/k/v are then
+    [1, H, total, D] views and max_seqlen_* size the grid."""
+    scale: float
+    left: Optional[int] = None
+    right: Optional[int] = None
+    attn_mask: Optional[torch.Tensor] = None
+    key_padding_mask: Optional[torch.Tensor] = None
+    alibi_slopes: Optional[torch.Tensor] = None
+    softcap: float = 0.0
+    dropout_p: float = 0.0
+    seed: int = 0
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
 
@@ -486,30 +752,86 @@ def _strides(t: torch.Tensor, prefix: str) -> dict:
     return {f"stride_{prefix}{a}": t.stride(i) for i, a in enumerate(axes)}
 
 
-def plan_forward(q, k, v, out, lse, causal: bool, scale: float, arch: int | None) -> list[Launch]:
-    B, H, N_Q, D = q.shape
-    H_KV, N_KV = k.shape[1], k.shape[2]
+def _kv_range(kpm: torch.Tensor) -> torch.Tensor:
+    """[B, 2] int32: first valid key and last valid key + 1 of each sequence (0, 0 if none)."""
+    valid = ~kpm
+    n = kpm.shape[1]
+    first = valid.to(torch.int32).argmax(1)
+    last = n - valid.flip(1).to(torch.int32).argmax(1)
+    any_valid = valid.any(1)
+    zero = torch.zeros_like(first)
+    return torch.stack([torch.where(any_valid, first, zero),
+                        torch.where(any_valid, last, zero)], 1).to(torch.int32).contiguous()
+
+
+def _features(q, k, opts: Options, dummy: torch.Tensor):
+    """(runtime args, constexprs, grid axis-1 size, grid axis-0 length) shared by the kernels."""
+    B, H, N_Q, _ = q.shape
+    N_KV = k.shape[2]
+    mask, kpm, slopes = opts.attn_mask, opts.key_padding_mask, opts.alibi_slopes
+    if kpm is not None:
+        kpm = kpm.contiguous()
+    args = {
+        "Mask": dummy if mask is None else mask,
+        "Kpm": dummy if kpm is None else kpm,
+        "KvRange": dummy if kpm is None else _kv_range(kpm),
+        "Alibi": dummy if slopes is None else slopes,
+        "CuQ": dummy if not opts.varlen else opts.cu_seqlens_q,
+        "CuK": dummy if not opts.varlen else opts.cu_seqlens_k,
+        **({f"stride_m{a}": 0 for a in "zhmn"} if mask is None
+           else {f"stride_m{a}": mask.stride(i) for i, a in enumerate("zhmn")}),
+        "stride_kpz": 0 if kpm is None else kpm.stride(0),
+        "H": H, "GROUP": H // k.shape[1], "N_Q": N_Q, "N_KV": N_KV, "sm_scale": opts.scale,
+        "cap_in": opts.scale / opts.softcap if opts.softcap else 0.0,
+        "cap_out": opts.softcap * LOG2E if opts.softcap else 0.0,
+        "win_left": opts.left or 0, "win_right": opts.right or 0,
+        "dropout_p": float(opts.dropout_p), "seed": int(opts.seed),
+        "DROP_COLS": opts.max_seqlen_k if opts.varlen else N_KV,
+    }
+    constexprs = {
+        "WIN_LEFT": opts.left is not None, "WIN_RIGHT": opts.right is not None,
+        "MASK_KIND": 0 if mask is None else (1 if mask.dtype == torch.bool else 2),
+        "HAS_KPM": kpm is not None, "HAS_ALIBI": slopes is not None,
+        "SOFTCAP": bool(opts.softcap), "DROPOUT": opts.dropout_p > 0, "VARLEN": opts.varlen,
+    }
+    n_z = opts.cu_seqlens_q.shape[0] - 1 if opts.varlen else B
+    return args, constexprs, n_z
+
+
+def _pick(fn, values: dict) -> dict:
+    """The entries of `values` that are parameters of kernel `fn`, in signature order."""
+    return {name: values[name] for name in fn.arg_names if name in values}
+
+
+def _tune_key(constexprs: dict) -> list:
+    return ["N_Q", "N_KV", "HEAD_DIM", *[c for c in constexprs if c.isupper() and c != "HEAD_DIM"]]
+
+
+def plan_forward(q, k, v, out, lse, opts: Options, arch: int | None) -> list[Launch]:
+    H, D = q.shape[1], q.shape[3]
     block_d = _block_d(D)
-    args = {"Q": q, "K": k, "V": v, "Out": out, "Lse": lse,
-            **_strides(q, "q"), **_strides(k, "k"), **_strides(v, "v"), **_strides(out, "o"),
-            "H": H, "GROUP": H // H_KV, "N_Q": N_Q, "N_KV": N_KV, "qk_scale": scale}
-    constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, "CAUSAL": causal,
+    feats, flags, n_z = _features(q, k, opts, lse)
+    n_q = opts.max_seqlen_q if opts.varlen else q.shape[2]
+    args = _pick(_attn_fwd, {"Q": q, "K": k, "V": v, "Out": out, "Lse": lse, **feats,
+                             **_strides(q, "q"), **_strides(k, "k"), **_strides(v, "v"),
+                             **_strides(out, "o")})
+    constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, **flags,
                   "DOT_PRECISION": _dot_precision(q.dtype, block_d)}
     return [Launch("attn_fwd", _attn_fwd, args, constexprs,
-                   lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]), B, H),
-                   configs_for("fwd", arch, block_d, q.element_size()),
-                   ["N_Q", "N_KV", "HEAD_DIM", "CAUSAL"])]
+                   lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), n_z, H),
+                   configs_for("fwd", arch, block_d, q.element_size()), _tune_key(constexprs))]
 
 
-def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, causal: bool, scale: float,
-                  arch: int | None) -> list[Launch]:
+def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
+                  arch: int | None, dmask: torch.Tensor | None = None) -> list[Launch]:
     B, H, N_Q, D = q.shape
-    H_KV, N_KV = k.shape[1], k.shape[2]
     block_d = _block_d(D)
-    common = {"H": H, "GROUP": H // H_KV, "N_Q": N_Q, "N_KV": N_KV, "sm_scale": scale}
-    constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, "CAUSAL": causal,
+    feats, flags, n_z = _features(q, k, opts, lse)
+    n_q = opts.max_seqlen_q if opts.varlen else N_Q
+    n_k = opts.max_seqlen_k if opts.varlen else k.shape[2]
+    constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, **flags,
                   "DOT_PRECISION": _dot_precision(q.dtype, block_d)}
-    tune_key = ["N_Q", "N_KV", "HEAD_DIM", "CAUSAL"]
+    tune_key = _tune_key(constexprs)
     pre_m = PREPROCESS_BLOCK_M
     preprocess = Launch(
         "attn_bwd_preprocess", _attn_bwd_preprocess,
@@ -518,20 +840,19 @@ def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, causal: bool, 
         {"HEAD_DIM": D, "BLOCK_D": block_d, "BLOCK_M": pre_m, "HAS_DLSE": dlse is not None},
         lambda meta: (triton.cdiv(N_Q, pre_m), B, H),
         [triton.Config({}, num_warps=4, num_stages=1)], [])
+    values = {"Q": q, "K": k, "V": v, "DO": do, "Lse": lse, "Delta": delta, "DK": dk, "DV": dv,
+              "DQ": dq, "DMask": lse if dmask is None else dmask, **feats,
+              **_strides(q, "q"), **_strides(k, "k"), **_strides(v, "v"), **_strides(do, "do"),
+              **_strides(dk, "dk"), **_strides(dv, "dv"), **_strides(dq, "dq")}
     dkdv = Launch(
-        "attn_bwd_dkdv", _attn_bwd_dkdv,
-        {"Q": q, "K": k, "V": v, "DO": do, "Lse": lse, "Delta": delta, "DK": dk, "DV": dv,
-         **_strides(q, "q"), **_strides(k, "k"), **_strides(v, "v"), **_strides(do, "do"),
-         **_strides(dk, "dk"), **_strides(dv, "dv"), **common},
-        constexprs, lambda meta: (triton.cdiv(N_KV, meta["BLOCK_N"]), B, H_KV),
+        "attn_bwd_dkdv", _attn_bwd_dkdv, _pick(_attn_bwd_dkdv, values), constexprs,
+        lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), n_z, k.shape[1]),
         configs_for("bwd_dkdv", arch, block_d, q.element_size()), tune_key)
     dq_launch = Launch(
-        "attn_bwd_dq", _attn_bwd_dq,
-        {"Q": q, "K": k, "V": v, "DO": do, "Lse": lse, "Delta": delta, "DQ": dq,
-         **_strides(q, "q"), **_strides(k, "k"), **_strides(v, "v"), **_strides(do, "do"),
-         **_strides(dq, "dq"), **common}, constexprs,
-                       lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]), B, H),
-                       configs_for("bwd_dq", arch, block_d, q.element_size()), tune_key)
+        "attn_bwd_dq", _attn_bwd_dq, _pick(_attn_bwd_dq, values),
+        {**constexprs, "MASK_GRAD": dmask is not None},
+        lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), n_z, H),
+        configs_for("bwd_dq", arch, block_d, q.element_size()), tune_key + ["MASK_GRAD"])
     return [preprocess, dkdv, dq_launch]
 
 
@@ -539,30 +860,45 @@ def _arch_for(t: torch.Tensor) -> int | None:
     return None if is_interpreted(_attn_fwd) else device_arch(t)
 
 
-def attention_forward(q, k, v, causal: bool, scale: float):
+def attention_forward(q, k, v, opts: Options):
     """out [B, Hq, Nq, D] (q's dtype and layout), lse [B, Hq, Nq] float32 (natural log)."""
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     if out.numel():
-        for launch in plan_forward(q, k, v, out, lse, causal, scale, _arch_for(q)):
+        for launch in plan_forward(q, k, v, out, lse, opts, _arch_for(q)):
             run(launch)
     else:
         lse.fill_(float("-inf"))
     return out, lse
 
 
-def attention_backward(do, q, k, v, out, lse, causal: bool, scale: float, dlse=None):
-    """dq, dk, dv (same shapes, dtypes and layouts as q, k, v). Deterministic: no atomics."""
+def attention_backward(do, q, k, v, out, lse, opts: Options, dlse=None, mask_grad=False):
+    """dq, dk, dv (same shapes, dtypes and layouts as q, k, v) and, with mask_grad, the
+    gradient of the additive mask as dense [B, Hq, Nq, Nk] float32 (else an empty tensor).
+    Deterministic: no atomics."""
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dmask = (torch.zeros((*q.shape[:3], k.shape[2]), device=q.device, dtype=torch.float32)
+             if mask_grad else q.new_empty(0, dtype=torch.float32))
     if q.numel() == 0 or k.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_(), dmask
     delta = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     if dlse is not None:
         # the kernel indexes dLse as a dense [B, H, N] float32 buffer; autograd may hand over any
         # layout (an expanded zero has stride 0) or dtype. B*H*N floats: the copy is negligible.
         dlse = dlse.to(torch.float32).contiguous()
     lse = lse.contiguous()
-    for launch in plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, causal, scale,
-                                _arch_for(q)):
+    for launch in plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts,
+                                _arch_for(q), dmask if mask_grad else None):
         run(launch)
-    return dq, dk, dv
+    return dq, dk, dv, dmask
+
+
+def dropout_keep_mask(seed: int, dropout_p: float, n_rows: int, n_cols: int, device) -> torch.Tensor:
+    """bool [n_rows, n_cols]: the keep bits the attention kernels draw for lse row r and key c
+    (dense: rows are [B, Hq, Nq] flattened and n_cols = Nk; varlen: [Hq, total_q] and
+    n_cols = max_seqlen_k). For tests and the reference comparison."""
+    out = torch.empty(n_rows, n_cols, dtype=torch.bool, device=device)
+    if out.numel():
+        _dropout_mask_kernel[(triton.cdiv(n_rows, 32), triton.cdiv(n_cols, 64))](
+            out, n_rows, n_cols, float(dropout_p), int(seed), BLOCK_R=32, BLOCK_C=64)
+    return out

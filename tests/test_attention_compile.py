@@ -1,4 +1,6 @@
 """The custom ops: torch.library.opcheck, and torch.compile(fullgraph=True) forward + backward."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -6,19 +8,26 @@ import tritformer
 from tritformer.validate import check_attention
 
 
+def _op_args(q, k, v, *, attn_mask=None, kpm=None, alibi=None, cu_q=None, cu_k=None, seed=None,
+             scale=0.25, left=None, right=None, softcap=0.0, dropout_p=0.0, max_q=0, max_k=0):
+    """Positional arguments of tritformer::attention_fwd."""
+    return (q, k, v, attn_mask, kpm, alibi, cu_q, cu_k, seed, scale, left, right, softcap,
+            dropout_p, max_q, max_k)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_opcheck(causal):
     q = torch.randn(1, 2, 20, 16, requires_grad=True)
     k = torch.randn(1, 1, 24, 16, requires_grad=True)
     v = torch.randn(1, 1, 24, 16, requires_grad=True)
-    torch.library.opcheck(torch.ops.tritformer.attention_fwd.default, (q, k, v, causal, 0.25))
+    torch.library.opcheck(torch.ops.tritformer.attention_fwd.default, _op_args(q, k, v, right=0 if causal else None))
 
 
 def test_opcheck_strided_input():
     q = torch.randn(1, 20, 2, 16).transpose(1, 2).requires_grad_()
     k = torch.randn(1, 24, 2, 16).transpose(1, 2).requires_grad_()
     v = torch.randn(1, 24, 2, 16).transpose(1, 2).requires_grad_()
-    torch.library.opcheck(torch.ops.tritformer.attention_fwd.default, (q, k, v, True, 0.25))
+    torch.library.opcheck(torch.ops.tritformer.attention_fwd.default, _op_args(q, k, v, right=0))
 
 
 def test_compile_fullgraph_forward_and_backward():
@@ -48,6 +57,7 @@ def test_check_attention_detects_a_wrong_kernel(monkeypatch):
     # the criterion can fail: a kernel that drops the scale must be caught
     from tritformer.kernels import attention as K
     real = K.attention_forward
-    monkeypatch.setattr(K, "attention_forward", lambda q, k, v, c, s: real(q, k, v, c, s * 1.01))
+    monkeypatch.setattr(K, "attention_forward", lambda q, k, v, opts: real(
+        q, k, v, dataclasses.replace(opts, scale=opts.scale * 1.01)))
     q, k, v = (torch.randn(1, 1, 30, 16, dtype=torch.float16) for _ in range(3))
     assert not all(c.ok for c in check_attention(q, k, v, grads=False))

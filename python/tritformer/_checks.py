@@ -163,3 +163,108 @@ def check_gated_ffn_inputs(x, w_gate, w_up, w_down, activation, recompute, b_gat
     _check_activation(activation, ACTIVATIONS)
     if not isinstance(recompute, bool):
         raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
+
+
+def _check_float(name, value, lo=None, lo_open=False, hi=None, hi_open=False, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float{' or None' if allow_none else ''}, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
+    if hi is not None and (value >= hi if hi_open else value > hi):
+        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {value}")
+
+
+def check_attention_options(q, k, *, attn_mask=None, key_padding_mask=None, dropout_p=0.0,
+                            window=None, alibi_slopes=None, softcap=None, batch=None,
+                            heads=None) -> None:
+    """The optional arguments of attention / varlen_attention (q, k already checked).
+
+    batch/heads: for varlen (q [T, Hq, D]): the number of sequences and Hq."""
+    if batch is None:
+        batch, heads, n_q, n_k = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+            raise TypeError(f"attn_mask must be bool (True = attend) or a float additive mask, got {_dtype_name(attn_mask.dtype)}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask must be on q's device {q.device}, got {attn_mask.device}")
+        want = (batch, heads, n_q, n_k)
+        try:
+            shape = torch.broadcast_shapes(attn_mask.shape, want)
+        except RuntimeError:
+            shape = None
+        if attn_mask.dim() > 4 or shape != want:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} must broadcast to [B, Hq, Nq, Nk] = {list(want)}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be bool (True = padding), got {_dtype_name(key_padding_mask.dtype)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {key_padding_mask.device}")
+        if tuple(key_padding_mask.shape) != (batch, n_k):
+            raise ValueError(f"key_padding_mask must have shape [B, Nk] = [{batch}, {n_k}], got {tuple(key_padding_mask.shape)}")
+    _check_float("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_open=True)
+    if window is not None:
+        if (not isinstance(window, (tuple, list)) or len(window) != 2
+                or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+            raise TypeError(f"window must be a (left, right) pair of ints (-1 = unbounded) or None, got {window!r}")
+        if min(window) < -1:
+            raise ValueError(f"window values must be >= -1 (-1 = unbounded), got {tuple(window)}")
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor):
+            raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+        if not alibi_slopes.dtype.is_floating_point:
+            raise TypeError(f"alibi_slopes must be a float tensor, got {_dtype_name(alibi_slopes.dtype)}")
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
+        if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+            raise ValueError(f"alibi_slopes must have shape [Hq] = [{heads}] or [B, Hq] = [{batch}, {heads}], got {tuple(alibi_slopes.shape)}")
+    _check_float("softcap", softcap, lo=0.0, allow_none=True)
+
+
+def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale) -> None:
+    """varlen_attention's tensors. The cu_seqlens contents are checked too (a device sync),
+    except while torch.compile traces, where they are data the graph cannot inspect."""
+    check_tensor("q", q, 3, "[total_q, Hq, D]")
+    check_tensor("k", k, 3, "[total_k, Hkv, D]")
+    check_tensor("v", v, 3, "[total_k, Hkv, D]")
+    # the head/dim/dtype/device rules of attention, on [1, H, T, D] views
+    check_attention_inputs(q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2),
+                           v.unsqueeze(0).transpose(1, 2), scale)
+    totals = {"cu_seqlens_q": q.shape[0], "cu_seqlens_k": k.shape[0]}
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32 (FlashAttention's convention), got {_dtype_name(cu.dtype)}")
+        if cu.dim() != 1 or cu.shape[0] < 1:
+            raise ValueError(f"{name} must be 1-D [num_seqs + 1], got shape {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (num_seqs + 1), got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, int):
+            raise TypeError(f"{name} must be an int, got {type(m).__name__}")
+        if m < 0:
+            raise ValueError(f"{name} must be >= 0, got {m}")
+    if torch.compiler.is_compiling():
+        return
+    for (name, cu), m_name, m in ((("cu_seqlens_q", cu_seqlens_q), "max_seqlen_q", max_seqlen_q),
+                                  (("cu_seqlens_k", cu_seqlens_k), "max_seqlen_k", max_seqlen_k)):
+        c = cu.tolist()
+        if c[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {c[0]}")
+        lengths = [b - a for a, b in zip(c, c[1:])]
+        if any(n < 0 for n in lengths):
+            raise ValueError(f"{name} must be non-decreasing, got {c}")
+        if c[-1] != totals[name]:
+            raise ValueError(f"{name} must end at the total length {totals[name]}, got {c[-1]}")
+        if lengths and max(lengths) > m:
+            raise ValueError(f"{m_name}={m} is smaller than the longest sequence ({max(lengths)}) in {name}")

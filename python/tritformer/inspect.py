@@ -107,9 +107,10 @@ def _attention_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool)
     delta = torch.empty_like(lse)
     scale = head_dim ** -0.5
     cap = ARCHES[arch]
-    return (K.plan_forward(q, k, v, o, lse, causal, scale, cap)
+    opts = K.Options(scale=scale, right=0 if causal else None)
+    return (K.plan_forward(q, k, v, o, lse, opts, cap)
             + K.plan_backward(do, q, k, v, o, lse, None, delta, q.clone(), k.clone(), v.clone(),
-                              causal, scale, cap))
+                              opts, cap))
 
 
 SOFTMAX_ROWS = (1024, 16384, 65536)  # one 4-warp tile, the largest single tile, multi-tile

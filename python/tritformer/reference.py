@@ -18,70 +18,131 @@ def causal_mask(n_q: int, n_k: int, device=None) -> torch.Tensor:
     return j <= i + (n_k - n_q)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-              scale: float | None = None, return_lse: bool = False):
-    """softmax(q kᵀ · scale + mask) v, the semantics of `tritformer.attention`.
+def window_keep(n_q: int, n_k: int, left: int | None, right: int | None, device=None) -> torch.Tensor:
+    """Bool [Nq, Nk], True = attend: key j visible to query i iff
+    i + (Nk - Nq) - left <= j <= i + (Nk - Nq) + right (None: that side unbounded).
+    Bottom-right aligned as FlashAttention's window; causal is right = 0."""
+    i = torch.arange(n_q, device=device)[:, None]
+    j = torch.arange(n_k, device=device)[None, :]
+    d = i + (n_k - n_q)
+    keep = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
+    if right is not None:
+        keep &= j <= d + right
+    if left is not None:
+        keep &= j >= d - left
+    return keep
 
-    q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] with Hq % Hkv == 0. Rows whose every key is masked
-    return 0 (and lse = -inf), as the fused kernel does.
+
+def window_bounds(causal: bool, window) -> tuple[int | None, int | None]:
+    """(left, right) key offsets from the bottom-right diagonal, None = unbounded.
+
+    window=(left, right) as FlashAttention, -1 = unbounded; causal forces right = 0 (as
+    FlashAttention does when both are given)."""
+    left, right = (-1, -1) if window is None else (int(window[0]), int(window[1]))
+    left = None if left < 0 else left
+    right = None if right < 0 else right
+    if causal:
+        right = 0
+    return left, right
+
+
+def alibi_bias(slopes: torch.Tensor, b: int, h: int, n_q: int, n_k: int) -> torch.Tensor:
+    """[B, H, Nq, Nk] bias -slope * |i + Nk - Nq - j| (bottom-right aligned, FlashAttention's)."""
+    i = torch.arange(n_q, device=slopes.device)[:, None]
+    j = torch.arange(n_k, device=slopes.device)[None, :]
+    dist = (i + (n_k - n_q) - j).abs()
+    s = slopes.reshape(-1, h) if slopes.dim() == 2 else slopes.reshape(1, h)
+    return -s[:, :, None, None] * dist
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              scale: float | None = None, return_lse: bool = False, attn_mask=None,
+              key_padding_mask=None, dropout_p: float = 0.0, window=None, alibi_slopes=None,
+              softcap=None, dropout_mask: torch.Tensor | None = None):
+    """softmax(score(q kᵀ) + bias) v, the semantics of `tritformer.attention`.
+
+    q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] with Hq % Hkv == 0. score = scale·qkᵀ, or
+    softcap·tanh(scale·qkᵀ/softcap); bias = ALiBi + additive attn_mask; masked = causal/window
+    (bottom-right aligned), bool attn_mask False, key_padding_mask True. Rows whose every key is
+    masked return 0 (and lse = -inf). Dropout multiplies the probabilities by
+    dropout_mask / (1 - dropout_p) (dropout_mask: bool keep, broadcastable to [B, Hq, Nq, Nk];
+    drawn with torch.rand when not given). Computes in the inputs' dtype.
     """
+    left, right = window_bounds(causal, window)
+    return _attention(q, k, v, scale, left, right, return_lse, attn_mask, key_padding_mask,
+                      dropout_p, alibi_slopes, softcap, dropout_mask)
+
+
+def _attention(q, k, v, scale, left, right, return_lse=False, attn_mask=None,
+               key_padding_mask=None, dropout_p=0.0, alibi_slopes=None, softcap=None,
+               dropout_mask=None):
+    """`attention` with the window as (left, right) offsets from the bottom-right diagonal (None
+    = unbounded; any integer, e.g. right = Nq - Nk is SDPA's top-left causal)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    group = q.shape[1] // k.shape[1]
+    B, Hq, Nq, _ = q.shape
+    Nk = k.shape[2]
+    group = Hq // k.shape[1]
     if group > 1:
         k = k.repeat_interleave(group, dim=1)  # (B, Hq, Nk, D)
         v = v.repeat_interleave(group, dim=1)
     scores = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, Hq, Nq, Nk)
-    empty = None
-    if causal:
-        keep = causal_mask(q.shape[2], k.shape[2], q.device)  # (Nq, Nk)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes.to(scores.dtype), B, Hq, Nq, Nk)
+    keep = None
+    if left is not None or right is not None:
+        keep = window_keep(Nq, Nk, left, right, q.device)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            keep = attn_mask if keep is None else keep & attn_mask
+        else:
+            scores = scores + attn_mask.to(scores.dtype)
+    if key_padding_mask is not None:
+        kp = ~key_padding_mask[:, None, None, :]
+        keep = kp if keep is None else keep & kp
+    if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
-        empty = ~keep.any(dim=-1, keepdim=True)  # (Nq, 1): rows with no visible key
-        # keep those rows finite so that neither softmax nor its gradient produce NaN
-        scores = scores.masked_fill(empty, 0.0)
-    lse = torch.logsumexp(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)  # (B, Hq, Nq)
-    probs = torch.softmax(scores, dim=-1)
-    if empty is not None:
-        probs = probs.masked_fill(empty, 0.0)
-        lse = lse.masked_fill(empty[:, 0], float("-inf"))
+    # rows with no visible key: keep them finite so that neither softmax nor its gradient is NaN
+    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    scores = scores.masked_fill(empty, 0.0)
+    lse = torch.logsumexp(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
+    probs = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
+    lse = lse.masked_fill(empty[..., 0], float("-inf"))
+    if dropout_p > 0.0:
+        if dropout_mask is None:
+            dropout_mask = torch.rand(probs.shape, device=probs.device) >= dropout_p
+        probs = probs * dropout_mask / (1.0 - dropout_p)
     out = torch.matmul(probs.to(v.dtype), v)  # (B, Hq, Nq, D)
     return (out, lse) if return_lse else out
 
 
-def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                       causal: bool = False, scale: float | None = None,
-                       dlse: torch.Tensor | None = None):
-    """dq, dk, dv of `attention` (and of its lse when `dlse` is given), written out by hand.
-
-    For the CPU reference path of the custom op, whose body runs below autograd (no graph is
-    recorded there). Computes in the inputs' dtype; rows with no visible key get zero gradient.
-        P = softmax(S), dP = dO Vᵀ, dS = P ∘ (dP − rowsum(P ∘ dP) + dLse)
-        dQ = dS K · scale, dK = dSᵀ Q · scale, dV = Pᵀ dO   (summed over each GQA group)
-    """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    B, Hkv, Nk, D = k.shape
-    group = q.shape[1] // Hkv
-    ke = k.repeat_interleave(group, dim=1) if group > 1 else k
-    ve = v.repeat_interleave(group, dim=1) if group > 1 else v
-    scores = torch.matmul(q * scale, ke.transpose(-2, -1))
-    if causal:
-        keep = causal_mask(q.shape[2], Nk, q.device)
-        scores = scores.masked_fill(~keep, float("-inf"))
-        empty = ~keep.any(dim=-1, keepdim=True)
-        probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
-    else:
-        probs = torch.softmax(scores, dim=-1)
-    dp = torch.matmul(do, ve.transpose(-2, -1))
-    delta = (probs * dp).sum(-1, keepdim=True)
-    if dlse is not None:
-        delta = delta - dlse.to(delta.dtype)[..., None]
-    ds = probs * (dp - delta)
-    dq = torch.matmul(ds, ke) * scale
-    dk = torch.matmul(ds.transpose(-2, -1), q) * scale
-    dv = torch.matmul(probs.transpose(-2, -1), do)
-    if group > 1:  # fold the query heads of each group back onto their kv head
-        dk = dk.view(B, Hkv, group, Nk, D).sum(2)
-        dv = dv.view(B, Hkv, group, Nk, D).sum(2)
-    return dq, dk, dv
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                     *, causal=False, scale=None, dropout_p=0.0, window=None, alibi_slopes=None,
+                     softcap=None, return_lse=False, dropout_mask=None):
+    """`tritformer.varlen_attention` as a loop over the packed sequences (q [Tq, Hq, D], k/v
+    [Tk, Hkv, D]). lse is [Hq, Tq]; dropout_mask, if given, is bool [Hq, Tq, max_seqlen_k]
+    (query row t of head h against key j of its own sequence)."""
+    outs, lses = [], []
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for s in range(len(cq) - 1):
+        qs = q[cq[s]:cq[s + 1]].transpose(0, 1)[None]
+        ks = k[ck[s]:ck[s + 1]].transpose(0, 1)[None]
+        vs = v[ck[s]:ck[s + 1]].transpose(0, 1)[None]
+        slopes = alibi_slopes
+        if slopes is not None and slopes.dim() == 2:
+            slopes = slopes[s]
+        dm = None
+        if dropout_mask is not None:
+            dm = dropout_mask[:, cq[s]:cq[s + 1], :ck[s + 1] - ck[s]][None]
+        o, l = attention(qs, ks, vs, causal=causal, scale=scale, return_lse=True,
+                         dropout_p=dropout_p, window=window, alibi_slopes=slopes,
+                         softcap=softcap, dropout_mask=dm)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(l[0])
+    out = torch.cat(outs, 0) if outs else q.new_zeros(0, *q.shape[1:])
+    lse = torch.cat(lses, 1) if lses else q.new_zeros(q.shape[1], 0, dtype=torch.float32)
+    return (out, lse) if return_lse else out
 
 
 def softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0, mask: torch.Tensor | None = None,

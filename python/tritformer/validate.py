@@ -24,41 +24,95 @@ def _backprop(out, ref, base, seed=1234):
     return grad
 
 
-def check_attention(q, k, v, *, causal=False, scale=None, grads=True, return_lse=False) -> list[numerics.Check]:
-    """Run tritformer.attention forward (and backward) and check out (lse, dq, dk, dv).
+def _same_rng_seed(fn, dropout_p):
+    """Run fn() and return (its result, the dropout seed it drew from torch's generator)."""
+    from .ops.attention import _dropout_seed
+    state = torch.get_rng_state()
+    result = fn()
+    after = torch.get_rng_state()
+    torch.set_rng_state(state)
+    seed = _dropout_seed(dropout_p)
+    torch.set_rng_state(after)
+    return result, seed
 
-    Error of the kernel vs a float64 reference, bounded by PyTorch's own error in q's dtype
-    (reference.attention run in that dtype).
+
+def _dropout_reference_mask(q, seed, dropout_p, n_rows, n_cols, shape):
+    """The keep mask the backend drew for `seed`, for the reference computation."""
+    from .backend import backend_for
+    if seed is None:
+        return None
+    if backend_for(q) == "reference":
+        from .ops.attention import _reference_dropout_mask
+        return (_reference_dropout_mask(seed, shape, q.device) >= dropout_p)
+    from tritformer.kernels import attention as K
+    return K.dropout_keep_mask(int(seed.item()), dropout_p, n_rows, n_cols, q.device).view(shape)
+
+
+def _grad_floors(ref_in, do, scale, D):
+    """Roundoff floor at the magnitude of the terms each gradient sums (see numerics): dq and
+    dk vanish by cancellation when the softmax is one-hot (a single key, or |logits| ~1e4),
+    where PyTorch's delta = sum(P dP) cancels exactly (dq ~1e-40) and FlashAttention's
+    delta = rowsum(dO O) leaves fp32 roundoff: measured dq 1.2e-4 with |k| ~100, |dP| ~10,
+    i.e. one ulp of a single dS k term. dq sums scale*dS*k with |dS| <= |dP| <= |dO_i||v_j|;
+    dk the same with q; dv sums P*dO."""
+    qd, kd, vd = (x.detach().double() for x in ref_in[:3])
+    dod = do.double()
+    norm = lambda t: float(t.norm(dim=-1).max()) if t.numel() else 0.0  # noqa: E731
+    amax = lambda t: float(t.abs().max()) if t.numel() else 0.0  # noqa: E731
+    sc = abs(scale) if scale is not None else D ** -0.5
+    dp = norm(dod) * norm(vd)
+    gscale = max((amax(r.grad) for r in ref_in[:3]), default=0.0)
+    return {"dq": max(gscale, sc * dp * amax(kd)), "dk": max(gscale, sc * dp * amax(qd)),
+            "dv": max(gscale, amax(dod)), "dmask": max(gscale, dp)}
+
+
+def check_attention(q, k, v, *, causal=False, scale=None, grads=True, return_lse=False,
+                    **options) -> list[numerics.Check]:
+    """Run tritformer.attention forward (and backward) and check out (lse, dq, dk, dv, and
+    dmask for a float attn_mask that requires grad).
+
+    options: attn_mask, key_padding_mask, dropout_p, window, alibi_slopes, softcap, as
+    `tritformer.attention`. Error of the kernel vs a float64 reference, bounded by PyTorch's own
+    error in q's dtype (reference.attention run in that dtype); with dropout the reference
+    uses the kernel's own keep mask (regenerated from the same seed).
     """
     from .ops.attention import attention
-    leaves = [x.detach().clone().requires_grad_(grads) for x in (q, k, v)]
-    ref_in = [x.detach().double().requires_grad_(grads) for x in (q, k, v)]
-    base_in = [x.detach().clone().requires_grad_(grads) for x in (q, k, v)]
-    out, lse = attention(*leaves, causal=causal, scale=scale, return_lse=True)
-    ref, ref_lse = reference.attention(*ref_in, causal=causal, scale=scale, return_lse=True)
-    base, base_lse = reference.attention(*base_in, causal=causal, scale=scale, return_lse=True)
+    mask = options.pop("attn_mask", None)
+    mask_grad = grads and mask is not None and mask.dtype != torch.bool and mask.requires_grad
+    slopes = options.pop("alibi_slopes", None)
+
+    def leaves(dtype=None):
+        ts = [x.detach().to(dtype or x.dtype).requires_grad_(grads) for x in (q, k, v)]
+        m = mask
+        if mask is not None and mask.dtype != torch.bool:
+            m = mask.detach().to(dtype or mask.dtype).requires_grad_(mask_grad)
+        s = None if slopes is None else slopes.detach().to(dtype or slopes.dtype)
+        return ts, m, s
+
+    (lk, mk, sk), (lr, mr, sr), (lb, mb, sb) = leaves(), leaves(torch.float64), leaves()
+    p = float(options.get("dropout_p", 0.0))
+    (out, lse), seed = _same_rng_seed(
+        lambda: attention(*lk, causal=causal, scale=scale, return_lse=True, attn_mask=mk,
+                          alibi_slopes=sk, **options), p)
+    B, Hq, Nq, _ = q.shape
+    Nk = k.shape[2]
+    keep = _dropout_reference_mask(q, seed, p, B * Hq * Nq, Nk, (B, Hq, Nq, Nk))
+    ref, ref_lse = reference.attention(*lr, causal=causal, scale=scale, return_lse=True,
+                                       attn_mask=mr, alibi_slopes=sr, dropout_mask=keep, **options)
+    base, base_lse = reference.attention(*lb, causal=causal, scale=scale, return_lse=True,
+                                         attn_mask=mb, alibi_slopes=sb, dropout_mask=keep, **options)
     checks = [numerics.check("out", out, ref, base, numerics.FORWARD_FACTOR)]
     if return_lse:
         checks.append(numerics.check("lse", lse, ref_lse, base_lse, numerics.FORWARD_FACTOR))
     if grads:
         do = _backprop(out, ref, base)
-        # Roundoff floor at the magnitude of the terms each gradient sums (see numerics): dq and
-        # dk vanish by cancellation when the softmax is one-hot (a single key, or |logits| ~1e4),
-        # where PyTorch's delta = sum(P dP) cancels exactly (dq ~1e-40) and FlashAttention's
-        # delta = rowsum(dO O) leaves fp32 roundoff: measured dq 1.2e-4 with |k| ~100,
-        # |dP| ~10, i.e. one ulp of a single dS k term. dq sums scale*dS*k with |dS| <= |dP|
-        # <= |dO_i||v_j|; dk the same with q; dv sums P*dO.
-        qd, kd, vd = (x.detach().double() for x in ref_in)
-        dod = do.double()
-        norm = lambda t: float(t.norm(dim=-1).max()) if t.numel() else 0.0  # noqa: E731
-        amax = lambda t: float(t.abs().max()) if t.numel() else 0.0  # noqa: E731
-        sc = abs(scale) if scale is not None else q.shape[-1] ** -0.5
-        dp = norm(dod) * norm(vd)
-        floors = {"dq": sc * dp * amax(kd), "dk": sc * dp * amax(qd), "dv": amax(dod)}
-        gscale = max((amax(r.grad) for r in ref_in), default=0.0)
-        for name, a, r, b in zip(("dq", "dk", "dv"), leaves, ref_in, base_in):
+        pairs = [("dq", lk[0], lr[0], lb[0]), ("dk", lk[1], lr[1], lb[1]), ("dv", lk[2], lr[2], lb[2])]
+        if mask_grad:
+            pairs.append(("dmask", mk, mr, mb))
+        floors = _grad_floors(lr, do, scale, q.shape[-1])
+        for name, a, r, b in pairs:
             checks.append(numerics.check(name, a.grad, r.grad, b.grad, numerics.GRAD_FACTOR,
-                                         floor_scale=max(gscale, floors[name])))
+                                         floor_scale=floors[name]))
     return checks
 
 

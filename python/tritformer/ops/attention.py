@@ -1,8 +1,15 @@
-"""Fused attention: torch.library custom ops, autograd, and the public `attention` function.
+"""Fused attention: torch.library custom ops, autograd, and the public `attention` /
+`varlen_attention` functions.
 
 Layers (as in flash-attention's interface): `tritformer::attention_fwd` / `attention_bwd` custom
 ops around the kernel launchers, `register_fake` allocating output shapes only, and
 `register_autograd` wiring the backward, so `torch.compile(fullgraph=True)` traces through.
+On the "reference" backend (CPU without Triton's interpreter) the public functions run the
+pure-PyTorch reference in float32 under autograd instead of the custom ops.
+
+Internally a window is (left, right): key j is visible to query i iff
+i + (Nk - Nq) - left <= j <= i + (Nk - Nq) + right, None = unbounded on that side. causal is
+right = 0; `window=(l, r)` maps -1 to None; SDPA's top-left causal is right = Nq - Nk.
 """
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .._checks import check_attention_inputs
+from .._checks import check_attention_inputs, check_attention_options, check_varlen_inputs
 from ..backend import backend_for
 
 
@@ -21,72 +28,143 @@ def _kernels():
     return K
 
 
+def _options(scale, left, right, attn_mask, key_padding_mask, alibi_slopes, cu_seqlens_q,
+             cu_seqlens_k, seed, softcap, dropout_p, max_seqlen_q, max_seqlen_k):
+    return _kernels().Options(
+        scale=scale, left=left, right=right, attn_mask=attn_mask,
+        key_padding_mask=key_padding_mask, alibi_slopes=alibi_slopes, softcap=softcap,
+        dropout_p=dropout_p, seed=0 if seed is None else int(seed.item()),
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k)
+
+
 # ---------------------------------------------------------------------------------------------
 # Custom ops
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("tritformer::attention_fwd", mutates_args=())
-def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend_for(q) != "reference":
-        return _kernels().attention_forward(q, k, v, causal, scale)
-    # reference path (CPU without the interpreter): fp32 math, same output layout as the kernel
-    o, lse = reference.attention(q.float(), k.float(), v.float(), causal=causal, scale=scale,
-                                 return_lse=True)
-    out = torch.empty_like(q)
-    out.copy_(o)
-    return out, lse.float().contiguous()
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+                   alibi_slopes: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
+                   cu_seqlens_k: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                   scale: float, left: Optional[int], right: Optional[int], softcap: float,
+                   dropout_p: float, max_seqlen_q: int, max_seqlen_k: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (varlen: B = 1, N = total tokens, cu_seqlens set);
+    attn_mask expanded to [B, Hq, Nq, Nk] (a stride-0 view where broadcast)."""
+    opts = _options(scale, left, right, attn_mask, key_padding_mask, alibi_slopes, cu_seqlens_q,
+                    cu_seqlens_k, seed, softcap, dropout_p, max_seqlen_q, max_seqlen_k)
+    return _kernels().attention_forward(q, k, v, opts)
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, causal, scale):
+def _(q, k, v, attn_mask, key_padding_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed,
+      scale, left, right, softcap, dropout_p, max_seqlen_q, max_seqlen_k):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("tritformer::attention_bwd", mutates_args=())
 def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
-                   causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend_for(q) != "reference":
-        return _kernels().attention_backward(do, q, k, v, out, lse, causal, scale, dlse)
-    # the body of a custom op runs below autograd: the gradient is written out, not traced
-    g = reference.attention_backward(do.float(), q.float(), k.float(), v.float(), causal=causal,
-                                     scale=scale, dlse=None if dlse is None else dlse.float())
-    res = tuple(torch.empty_like(x) for x in (q, k, v))
-    for r, gi in zip(res, g):
-        r.copy_(gi)
-    return res
+                   attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+                   alibi_slopes: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
+                   cu_seqlens_k: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                   scale: float, left: Optional[int], right: Optional[int], softcap: float,
+                   dropout_p: float, max_seqlen_q: int, max_seqlen_k: int, mask_grad: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv, and d(attn_mask) [B, Hq, Nq, Nk] float32 when mask_grad (else empty)."""
+    opts = _options(scale, left, right, attn_mask, key_padding_mask, alibi_slopes, cu_seqlens_q,
+                    cu_seqlens_k, seed, softcap, dropout_p, max_seqlen_q, max_seqlen_k)
+    return _kernels().attention_backward(do, q, k, v, out, lse, opts, dlse, mask_grad)
 
 
 @_attention_bwd.register_fake
-def _(do, q, k, v, out, lse, dlse, causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(do, q, k, v, out, lse, dlse, attn_mask, key_padding_mask, alibi_slopes, cu_seqlens_q,
+      cu_seqlens_k, seed, scale, left, right, softcap, dropout_p, max_seqlen_q, max_seqlen_k,
+      mask_grad):
+    dmask = (q.new_empty((*q.shape[:3], k.shape[2]), dtype=torch.float32) if mask_grad
+             else q.new_empty(0, dtype=torch.float32))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
+    q, k, v, attn_mask, kpm, alibi, cu_q, cu_k, seed = inputs[:9]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, kpm, alibi, cu_q, cu_k, seed)
+    ctx.scalars = inputs[9:]
+    ctx.mask_grad = (attn_mask is not None and attn_mask.dtype != torch.bool
+                     and ctx.needs_input_grad[3])
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, attn_mask, kpm, alibi, cu_q, cu_k, seed = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.tritformer.attention_bwd(dout, q, k, v, out, lse, dlse, ctx.causal,
-                                                    ctx.scale)
-    return dq, dk, dv, None, None
+    dq, dk, dv, dmask = torch.ops.tritformer.attention_bwd(
+        dout, q, k, v, out, lse, dlse, attn_mask, kpm, alibi, cu_q, cu_k, seed, *ctx.scalars,
+        ctx.mask_grad)
+    dmask = dmask.to(attn_mask.dtype) if ctx.mask_grad else None
+    return (dq, dk, dv, dmask) + (None,) * 12
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
-# Public function
+# Shared driver
+# ---------------------------------------------------------------------------------------------
+def _dropout_seed(dropout_p: float) -> Optional[torch.Tensor]:
+    """A Philox seed drawn from torch's default CPU generator (torch.manual_seed reproduces it),
+    as a tensor so that torch.compile traces the draw instead of breaking the graph."""
+    if dropout_p <= 0.0:
+        return None
+    return torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64)
+
+
+def _reference_dropout_mask(seed, shape, device):
+    """Reference backend: the keep mask for `seed`, from a torch generator (deterministic per
+    seed; a different stream from the kernels' Philox)."""
+    gen = torch.Generator(device=device).manual_seed(int(seed.item()))
+    return torch.rand(shape, generator=gen, device=device)
+
+
+def _attention(q, k, v, scale, left, right, return_lse=False, attn_mask=None,
+               key_padding_mask=None, dropout_p=0.0, alibi_slopes=None, softcap=None):
+    """Dense attention on checked inputs; window as (left, right) offsets (module docstring)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    softcap = float(softcap) if softcap else 0.0
+    dropout_p = float(dropout_p)
+    seed = _dropout_seed(dropout_p)
+    B, Hq, Nq, _ = q.shape
+    Nk = k.shape[2]
+    if backend_for(q) == "reference":
+        keep = None
+        if seed is not None:
+            keep = _reference_dropout_mask(seed, (B, Hq, Nq, Nk), q.device) >= dropout_p
+        out, lse = reference._attention(
+            q.float(), k.float(), v.float(), scale, left, right, True,
+            None if attn_mask is None else (attn_mask if attn_mask.dtype == torch.bool else attn_mask.float()),
+            key_padding_mask, dropout_p, None if alibi_slopes is None else alibi_slopes.float(),
+            softcap, keep)
+        out = out.to(q.dtype)
+        return (out, lse) if return_lse else out
+    mask = None if attn_mask is None else attn_mask.expand(B, Hq, Nq, Nk)
+    slopes = None if alibi_slopes is None else alibi_slopes.float().expand(B, Hq).contiguous()
+    out, lse = torch.ops.tritformer.attention_fwd(
+        q, k, v, mask, key_padding_mask, slopes, None, None, seed, scale, left, right, softcap,
+        dropout_p, 0, 0)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
 # ---------------------------------------------------------------------------------------------
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-              scale: float | None = None, return_lse: bool = False):
-    """Fused softmax attention, FlashAttention-2 style: softmax(q kᵀ · scale + mask) v.
+              scale: float | None = None, return_lse: bool = False,
+              attn_mask: Optional[torch.Tensor] = None,
+              key_padding_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+              window: Optional[tuple[int, int]] = None,
+              alibi_slopes: Optional[torch.Tensor] = None, softcap: Optional[float] = None):
+    """Fused softmax attention, FlashAttention-2 style: softmax(score + bias, masked) v.
 
     Args:
         q: [B, Hq, Nq, D] queries. float16, bfloat16 or float32; any strides (a [B, N, H, D]
@@ -96,8 +174,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             h // (Hq // Hkv)), Hkv == 1 multi-query attention.
         v: [B, Hkv, Nk, D] values.
         causal: mask key j for query i when j > i + (Nk - Nq): aligned to the bottom-right
-            corner (FlashAttention's convention; torch SDPA's ``is_causal`` is top-left), so a
-            block of new queries attends to a longer KV cache. With Nq=2, Nk=5 (1 = attend)::
+            corner (FlashAttention's convention; torch SDPA's ``is_causal`` is top-left, see
+            `tritformer.scaled_dot_product_attention`), so a block of new queries attends to a
+            longer KV cache. With Nq=2, Nk=5 (1 = attend)::
 
                 1 1 1 1 0
                 1 1 1 1 1
@@ -112,16 +191,86 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
             A query row with no visible key outputs 0 (lse = -inf) and gets zero gradient.
         scale: multiplier of q kᵀ before the softmax; default 1/sqrt(D).
-        return_lse: also return the log-sum-exp of the scaled scores.
+        return_lse: also return the log-sum-exp of the (masked, biased) scores.
+        attn_mask: bool (True = attend, SDPA's meaning) or additive float, broadcastable to
+            [B, Hq, Nq, Nk]; read tile by tile through broadcast strides, never expanded in
+            memory. A float mask that requires grad gets its gradient.
+        key_padding_mask: [B, Nk] bool, True = padding (nn.MultiheadAttention's meaning).
+            Key tiles outside each sequence's first..last valid key are not visited.
+        dropout_p: dropout on the attention probabilities, in [0, 1). The mask comes from an
+            in-kernel Philox generator seeded from torch's default generator (so
+            ``torch.manual_seed`` reproduces it); the backward regenerates the same mask.
+        window: (left, right) sliding window as FlashAttention's ``window_size``: query i sees
+            keys i + Nk - Nq - left .. i + Nk - Nq + right, -1 = unbounded. causal=True sets
+            right = 0. Key tiles outside the window are skipped.
+        alibi_slopes: [Hq] or [B, Hq]; adds -slope * |i + Nk - Nq - j| to the scores.
+        softcap: scores become softcap * tanh(scores / softcap) before bias and mask (Gemma-2);
+            None or 0 = off.
 
     Returns:
         out [B, Hq, Nq, D] in q's dtype (and q's memory layout); with ``return_lse`` also
-        lse [B, Hq, Nq] float32, natural log. Gradients flow to q, k, v (and through lse).
+        lse [B, Hq, Nq] float32, natural log (unaffected by dropout). Gradients flow to q, k,
+        v, a float attn_mask, and through lse.
 
     D may be 1..256 (any value; tiles are padded to a power of two on chip), Nq and Nk any
     length including 0 and 1. Where this runs: see ``tritformer.backend_for``.
     """
     check_attention_inputs(q, k, v, scale)
+    check_attention_options(q, k, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                            dropout_p=dropout_p, window=window, alibi_slopes=alibi_slopes,
+                            softcap=softcap)
+    left, right = reference.window_bounds(bool(causal), window)
+    return _attention(q, k, v, scale, left, right, return_lse, attn_mask, key_padding_mask,
+                      dropout_p, alibi_slopes, softcap)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                     max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                     scale: float | None = None, dropout_p: float = 0.0,
+                     window: Optional[tuple[int, int]] = None,
+                     alibi_slopes: Optional[torch.Tensor] = None,
+                     softcap: Optional[float] = None, return_lse: bool = False):
+    """Attention over packed variable-length sequences (FlashAttention's varlen convention).
+
+    q [total_q, Hq, D], k/v [total_k, Hkv, D]; sequence s holds query rows
+    cu_seqlens_q[s]:cu_seqlens_q[s+1] and keys cu_seqlens_k[s]:cu_seqlens_k[s+1] (int32,
+    starting at 0, non-decreasing, ending at the totals). Each sequence attends only within
+    itself; no padding is computed. max_seqlen_q / max_seqlen_k bound the lengths (they size
+    the launch grid). causal / window / alibi_slopes ([Hq] or [num_seqs, Hq]) / softcap /
+    dropout_p as in `attention`, aligned bottom-right within each sequence.
+
+    Returns out [total_q, Hq, D] (and lse [Hq, total_q] float32 with ``return_lse``).
+    """
+    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
+    n_seq = cu_seqlens_q.shape[0] - 1
+    check_attention_options(q, k, dropout_p=dropout_p, window=window, alibi_slopes=alibi_slopes,
+                            softcap=softcap, batch=n_seq, heads=q.shape[1])
+    left, right = reference.window_bounds(bool(causal), window)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, lse = torch.ops.tritformer.attention_fwd(q, k, v, bool(causal), scale)
-    return (out, lse) if return_lse else out
+    softcap = float(softcap) if softcap else 0.0
+    dropout_p = float(dropout_p)
+    seed = _dropout_seed(dropout_p)
+    if backend_for(q) == "reference":
+        keep = None
+        if seed is not None:
+            keep = _reference_dropout_mask(seed, (q.shape[1], q.shape[0], max_seqlen_k),
+                                           q.device) >= dropout_p
+        out, lse = reference.varlen_attention(
+            q.float(), k.float(), v.float(), cu_seqlens_q, cu_seqlens_k, causal=False,
+            scale=scale, dropout_p=dropout_p,
+            window=(-1 if left is None else left, -1 if right is None else right),
+            alibi_slopes=None if alibi_slopes is None else alibi_slopes.float(),
+            softcap=softcap, return_lse=True, dropout_mask=keep)
+        out = out.to(q.dtype)
+        return (out, lse) if return_lse else out
+    slopes = None
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.float().expand(n_seq, q.shape[1]).contiguous()
+    # [T, H, D] viewed as [1, H, T, D]: the kernels read the packed tokens through strides
+    view = lambda t: t.transpose(0, 1).unsqueeze(0)  # noqa: E731
+    out, lse = torch.ops.tritformer.attention_fwd(
+        view(q), view(k), view(v), None, None, slopes, cu_seqlens_q, cu_seqlens_k, seed, scale,
+        left, right, softcap, dropout_p, int(max_seqlen_q), int(max_seqlen_k))
+    out = out[0].transpose(0, 1)
+    return (out, lse[0]) if return_lse else out
