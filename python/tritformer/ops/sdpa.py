@@ -1,0 +1,270 @@
+"""`scaled_dot_product_attention`: a drop-in for `torch.nn.functional.scaled_dot_product_attention`.
+
+Same signature and semantics as torch 2.13's function (so it can be assigned in its place),
+served by the fused kernel (`tritformer.ops.attention._attention`) where it can be, and by
+torch's own implementation otherwise. `_dense` is the shared core that
+`tritformer.nn.MultiheadAttention` also uses.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from .._checks import MAX_HEAD_DIM, SUPPORTED_DTYPES, _dtype_name
+from .attention import _attention
+
+# The builtin op that torch.nn.functional.scaled_dot_product_attention is bound to. Captured as
+# the builtin (not through F) so that the fallback still reaches torch's own implementation when
+# a user has assigned this module's function to F.scaled_dot_product_attention.
+_torch_sdpa = torch._C._nn.scaled_dot_product_attention
+
+
+def _fusable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> bool:
+    """Whether the fused kernel serves these (already validated) tensors."""
+    return (q.dtype in SUPPORTED_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and k.device == q.device and v.device == q.device
+            and q.shape[-1] == k.shape[-1] == v.shape[-1]
+            and 1 <= q.shape[-1] <= MAX_HEAD_DIM
+            and dropout_p < 1.0  # p = 1 zeroes everything (torch's dropout); the kernel scales by 1/(1-p)
+            and not (q.is_nested or k.is_nested or v.is_nested))
+
+
+def _top_left_causal(n_q: int, n_k: int, device) -> torch.Tensor:
+    """Bool [L, S], True = attend: torch's is_causal (key j visible to query i iff j <= i)."""
+    return torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril()
+
+
+def _merge_masks(attn_mask, key_padding_mask, causal: bool, n_q: int, n_k: int, device):
+    """One SDPA attn_mask (bool True = attend, or float additive) for torch's op: the causal
+    mask (top-left) and the key padding folded into attn_mask."""
+    keep = None
+    if causal:
+        keep = _top_left_causal(n_q, n_k, device)
+    if key_padding_mask is not None:
+        kp = ~key_padding_mask[:, None, None, :]
+        keep = kp if keep is None else keep & kp
+    if keep is None:
+        return attn_mask
+    if attn_mask is None:
+        return keep
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & keep
+    return attn_mask.masked_fill(~keep, float("-inf"))
+
+
+def _dense(q, k, v, *, scale=None, attn_mask=None, key_padding_mask=None, causal=False,
+           dropout_p=0.0):
+    """Attention on [B, Hq, L, E] / [B, Hkv, S, E] / [B, Hkv, S, Ev] (Hq % Hkv == 0).
+
+    attn_mask: bool (True = attend) or float additive, broadcastable to [B, Hq, L, S], at most
+    4-D. key_padding_mask: bool [B, S], True = padding. causal: torch's top-left is_causal.
+    Fused when `_fusable`, else torch's own SDPA (masks merged into one, GQA expanded) in the
+    inputs' dtype.
+    """
+    L, S = q.shape[-2], k.shape[-2]
+    if _fusable(q, k, v, dropout_p):
+        if attn_mask is not None and attn_mask.dim() < 4:
+            attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        # top-left causal: j <= i, i.e. right = Nq - Nk in _attention's bottom-right offsets
+        return _attention(q, k, v, scale, None, (L - S) if causal else None,
+                          attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                          dropout_p=dropout_p)
+    mask = _merge_masks(attn_mask, key_padding_mask, causal, L, S, q.device)
+    return _torch_sdpa(q, k, v, mask, dropout_p, False, scale=scale,
+                       enable_gqa=q.shape[-3] != k.shape[-3])
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+def _broadcast(names_shapes, what: str) -> tuple:
+    try:
+        return tuple(torch.broadcast_shapes(*(s for _, s in names_shapes)))
+    except RuntimeError:
+        desc = ", ".join(f"{n} {list(s)}" for n, s in names_shapes)
+        raise ValueError(f"the {what} of query, key and value must broadcast, got {desc}") from None
+
+
+def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """Raise ValueError/TypeError naming the argument; returns (batch, heads_q, heads_kv) for the
+    fused mapping: batch = the broadcast leading dims, heads = the head dim (-3) of q and of k/v
+    (heads_* are None for 2-D inputs without a head dim), as torch broadcasts them."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {_dtype_name(t.dtype)}")
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have at least 2 dimensions [..., seq, features], got shape {tuple(t.shape)}")
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype:
+            raise TypeError(f"{name} must have query's dtype {_dtype_name(query.dtype)}, got {_dtype_name(t.dtype)}")
+        if t.device != query.device:
+            raise ValueError(f"{name} must be on query's device {query.device}, got {t.device}")
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"key's last dim must equal query's embedding dim E={query.shape[-1]}, got key shape {tuple(key.shape)}")
+    if value.shape[-2] != key.shape[-2]:
+        raise ValueError(f"value must have key's sequence length S={key.shape[-2]} (dim -2), got value shape {tuple(value.shape)}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+
+    lead = {"query": tuple(query.shape[:-2]), "key": tuple(key.shape[:-2]), "value": tuple(value.shape[:-2])}
+    if enable_gqa:
+        if min(query.dim(), key.dim(), value.dim()) < 3:
+            raise ValueError("enable_gqa=True needs query, key and value with a head dimension "
+                             f"[..., H, seq, E] (3+ dims), got {query.dim()}-D, {key.dim()}-D and {value.dim()}-D")
+        hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
+        for name, h in (("key", hk), ("value", hv)):
+            if h == 0 or hq % h != 0:
+                raise ValueError(f"enable_gqa=True: query's head count ({hq}) must be a multiple of "
+                                 f"{name}'s head count ({h})")
+        batch = _broadcast([(n, s[:-1]) for n, s in lead.items()], "batch dims (before the head dim)")
+        out_lead = batch + (hq,)
+    else:
+        heads = {n: t.shape[-3] for n, t in (("query", query), ("key", key), ("value", value))
+                 if t.dim() >= 3}
+        for name, h in heads.items():
+            if name != "query" and "query" in heads and 1 != h != heads["query"] != 1:
+                raise ValueError(f"query has {heads['query']} heads and {name} {h}: head counts "
+                                 "must match (or be 1) unless enable_gqa=True")
+        out_lead = _broadcast(list(lead.items()), "batch and head dims")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype not in (torch.float32, query.dtype):
+            raise TypeError("attn_mask must be bool (True = attend) or a float additive mask in float32 "
+                            f"or query's dtype {_dtype_name(query.dtype)}, got {_dtype_name(attn_mask.dtype)}")
+        if attn_mask.device != query.device:
+            raise ValueError(f"attn_mask must be on query's device {query.device}, got {attn_mask.device}")
+        want = out_lead + (query.shape[-2], key.shape[-2])
+        try:
+            ok = attn_mask.dim() >= 2 and tuple(torch.broadcast_shapes(attn_mask.shape, want)) == want
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} must broadcast to [..., L, S] = {list(want)}")
+    return out_lead
+
+
+# ---------------------------------------------------------------------------------------------
+# The public function
+# ---------------------------------------------------------------------------------------------
+def _to_4d(t: torch.Tensor, lead: tuple, heads: Optional[int], keep_heads: bool) -> torch.Tensor:
+    """[*lead_t, N, X] -> [B, H, N, X] for the output's leading dims `lead` (B = prod(lead[:-1]),
+    H = lead[-1]); the head dim stays 1 when keep_heads and t's head dim is 1 (MQA: no copy),
+    or t's own head count when `heads` is given (GQA)."""
+    n, x = t.shape[-2:]
+    if not lead:
+        return t.reshape(1, 1, n, x)
+    h = t.shape[-3] if t.dim() >= 3 else 1
+    if heads is None:
+        h = h if (keep_heads and h == 1) else lead[-1]
+    else:
+        h = heads
+    t = t.expand(*lead[:-1], h, n, x)
+    return t.reshape(math.prod(lead[:-1]), h, n, x)
+
+
+def _mask_to_4d(mask: torch.Tensor, lead: tuple) -> torch.Tensor:
+    """attn_mask broadcastable to [*lead, L, S] -> broadcastable to [B, H, L, S] (a view unless
+    mask varies along several flattened batch dims)."""
+    full = len(lead) + 2
+    mask = mask.reshape((1,) * (full - mask.dim()) + tuple(mask.shape))
+    if len(lead) <= 2:
+        return mask.reshape((1,) * (2 - len(lead)) + tuple(mask.shape))
+    batch = lead[:-1]
+    if all(s == 1 for s in mask.shape[:len(batch)]):
+        return mask.reshape(1, *mask.shape[len(batch):])
+    mask = mask.expand(*batch, *mask.shape[len(batch):])
+    return mask.reshape(math.prod(batch), *mask.shape[len(batch):])
+
+
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, *, scale: Optional[float] = None,
+                                 enable_gqa: bool = False) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (torch 2.13 semantics).
+
+    ``torch.nn.functional.scaled_dot_product_attention = tritformer.scaled_dot_product_attention``
+    routes existing code through the fused kernel.
+
+    Args:
+        query: [..., Hq, L, E] (also [H, L, E] or [L, E]).
+        key: [..., Hkv, S, E]. value: [..., Hkv, S, Ev]. Leading dims (head dim included)
+            broadcast against each other as in torch. Same dtype and device as query.
+        attn_mask: bool (True = attend) or float additive (float32 or query's dtype),
+            broadcastable to [..., L, S]. A float mask that requires grad gets its gradient.
+        dropout_p: dropout on the attention probabilities in [0, 1]. Applied whenever > 0
+            (also in eval mode, as torch's functional); pass ``p if self.training else 0.0``.
+            The fused path draws its mask from an in-kernel generator seeded from torch's
+            default generator, so ``torch.manual_seed`` reproduces it, but the mask differs
+            from the one torch would draw.
+        is_causal: causal mask aligned to the TOP-LEFT corner (torch's convention): key j is
+            masked for query i when j > i; with L > S the last L - S queries see every key.
+            Together with attn_mask the two are combined (AND) and both apply. (torch 2.13 on
+            CPU does the same on its fused CPU path, i.e. 4-D inputs with a 2-D or 4-D mask, but
+            raises on its math path: 3-D inputs or masks, dropout, Ev != E, a mask requiring
+            grad. Here the combination is always accepted.)
+        scale: multiplier of q kᵀ; default 1/sqrt(E). Keyword-only, as in torch.
+        enable_gqa: grouped-query attention: Hq must be a multiple of Hkv (query head h reads
+            key/value head h // (Hq // Hkv)). Without it the head dims must match or broadcast.
+
+    Rows whose every key is masked output 0 (torch 2.13's CPU behaviour).
+
+    Where it runs: the fused kernel (`tritformer.attention`'s backend) when query/key/value
+    are float16, bfloat16 or float32 with E == Ev and 1 <= E <= 256, dropout_p < 1, and (with
+    enable_gqa) key and value have the same head count. Everything else falls back to torch's
+    own implementation in the input dtype, with torch's results: float64 inputs, Ev != E,
+    E = 0 or E > 256, dropout_p == 1 (all zeros), enable_gqa with different key/value head
+    counts, nested tensors. On the fallback, is_causal together with attn_mask is passed as one
+    merged mask.
+
+    Raises:
+        TypeError / ValueError naming the offending argument, before any kernel runs.
+    """
+    if isinstance(dropout_p, torch.Tensor) and dropout_p.numel() == 1:
+        dropout_p = float(dropout_p)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        scale = float(scale)
+    out_lead = _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    dropout_p = float(dropout_p)
+    scale = None if scale is None else float(scale)
+    L, S = query.shape[-2], key.shape[-2]
+
+    gqa_split = enable_gqa and key.shape[-3] != value.shape[-3]
+    if gqa_split or not _fusable(query, key, value, dropout_p):
+        mask = attn_mask
+        if is_causal and attn_mask is not None:
+            mask = _merge_masks(attn_mask, None, True, L, S, query.device)
+            is_causal = False
+        return _torch_sdpa(query, key, value, mask, dropout_p, is_causal, scale=scale,
+                           enable_gqa=enable_gqa)
+
+    if enable_gqa:
+        q = _to_4d(query, out_lead, query.shape[-3], False)
+        k = _to_4d(key, out_lead, key.shape[-3], False)
+        v = _to_4d(value, out_lead, value.shape[-3], False)
+    else:
+        q = _to_4d(query, out_lead, None, False)
+        # key/value heads: keep a broadcast head dim of 1 as MQA (no copy) if both have it
+        kv_one = all(t.dim() >= 3 and t.shape[-3] == 1 for t in (key, value)) or (
+            key.dim() == 2 and value.dim() == 2)
+        k = _to_4d(key, out_lead, None, kv_one)
+        v = _to_4d(value, out_lead, None, kv_one)
+    mask = None if attn_mask is None else _mask_to_4d(attn_mask, out_lead)
+    out = _dense(q, k, v, scale=scale, attn_mask=mask, causal=is_causal, dropout_p=dropout_p)
+    return out.reshape(*out_lead, L, value.shape[-1])
