@@ -90,3 +90,142 @@ def test_ffn_rows_measure_what_recompute_saves():
     assert {r["op"] for r in rows} == {"ffn", "softmax"}
     errors = [r for r in rows if r["metric"] == "max_error"]
     assert errors and all(r["value"] < 1e-5 for r in errors)
+
+
+# ---------------------------------------------------------------------------------------------
+# masked and varlen ops
+# ---------------------------------------------------------------------------------------------
+def _keep(b, h, nq, nk, causal, attn_mask=None, kpm=None):
+    """Brute force: the mask the reference applies, materialised to [B, H, Nq, Nk]."""
+    keep = torch.ones(b, h, nq, nk, dtype=torch.bool)
+    if causal:
+        keep &= reference.causal_mask(nq, nk)
+    if attn_mask is not None:
+        keep &= attn_mask
+    if kpm is not None:
+        keep &= ~kpm[:, None, None, :]
+    return keep
+
+
+@pytest.mark.parametrize("nq,nk", [(7, 7), (5, 9), (9, 5), (1, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_masked_visible_pairs_count_what_the_masks_leave(nq, nk, causal):
+    gen = torch.Generator().manual_seed(nq * 31 + nk)
+    kpm = torch.rand(3, nk, generator=gen) < 0.3
+    dense = torch.rand(3, 1, nq, nk, generator=gen) < 0.6  # broadcast over 2 heads
+    for am, kp in ((None, None), (None, kpm), (dense, None), (dense, kpm)):
+        want = int(_keep(3, 2, nq, nk, causal, am, kp).sum())
+        assert bench.masked_visible_pairs(3, 2, nq, nk, causal, am, kp) == want
+    assert bench.masked_flops(3, 2, nq, nk, 16, causal, "bwd", dense, kpm) == (
+        2.5 * 4 * 16 * int(_keep(3, 2, nq, nk, causal, dense, kpm).sum()))
+    # no mask: the attention formula
+    assert bench.masked_flops(3, 2, nq, nk, 16, causal, "fwd") == bench.attention_flops(
+        3, 2, nq, nk, 16, causal, "fwd")
+
+
+def test_mask_cases_pad_a_quarter_and_keep_every_row_visible():
+    lengths = bench.padded_lengths(4096, 64, seed=0)
+    assert lengths.min() >= 32 and lengths.max() <= 64
+    assert 0.2 < 1 - lengths.float().mean() / 64 < 0.3
+    case = bench.mask_case("padding", 3, 40, "cpu", seed=2)
+    assert case.attn_mask is None
+    assert (case.key_padding_mask.sum(1) == 40 - case.lengths).all()
+    dense = bench.mask_case("dense", 2, 40, "cpu", seed=2).attn_mask
+    assert dense.shape == (2, 1, 40, 40) and dense.dtype == torch.bool
+    assert dense.diagonal(dim1=-2, dim2=-1).all() and (dense == dense.transpose(-1, -2)).all()
+    assert not dense.all()  # more than one document per row
+
+
+def test_varlen_lengths_and_flops():
+    lengths = bench.varlen_lengths(1000, 128, seed=3)
+    assert sum(lengths) == 1000 and max(lengths) == 128
+    assert sorted(lengths)[1] >= 32  # all but the cut last one within [max/4, max]
+    assert bench.varlen_visible_pairs([3, 5], [3, 5], True) == 6 + 15
+    assert bench.varlen_visible_pairs([2, 4], [5, 4], False) == 10 + 16
+    assert bench.varlen_flops([3, 5], [3, 5], 4, 8, True, "fwd_bwd") == 3.5 * 4 * 4 * 21 * 8
+    # the packed sequences as one block-diagonal mask count the same pairs
+    pk = bench.packing([3, 5, 2], [3, 5, 2], "cpu")
+    doc = torch.repeat_interleave(torch.arange(3), torch.tensor([3, 5, 2]))
+    block = (doc[:, None] == doc[None, :]) & reference.causal_mask(10, 10)
+    assert bench.varlen_visible_pairs(pk.seqlens_q, pk.seqlens_k, True) == int(block.sum())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lq,lk", [([3, 7, 1], [3, 7, 1]), ([2, 5], [4, 6])])
+def test_varlen_sdpa_provider_pads_and_unpads(lq, lk, causal):
+    # SDPA over the padded batch returns the packed result of the per-sequence reference
+    pk = bench.packing(lq, lk, "cpu")
+    q, k, v = bench._packed_qkv(pk, 2, 8, torch.float64, "cpu", grad=False)
+    out = bench.varlen_providers()["sdpa"].fn(q, k, v, causal, pk)
+    ref = reference.varlen_attention(q, k, v, pk.cu_seqlens_q, pk.cu_seqlens_k, causal=causal)
+    torch.testing.assert_close(out, ref)
+
+
+def test_flash_attn_wrappers_with_a_stand_in(monkeypatch):
+    # flash_attn runs on CUDA only; its wrappers' layout work (unpad, pad back) is checked here
+    # against a stand-in flash_attn_varlen_func with flash_attn's signature and conventions
+    import types
+
+    def varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=False):
+        assert q.dim() == 3 and cu_q.dtype == torch.int32 and max_q == int((cu_q[1:] - cu_q[:-1]).max())
+        return reference.varlen_attention(q, k, v, cu_q, cu_k, causal=causal)
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=varlen_func))
+    case = bench.mask_case("padding", 3, 20, "cpu", seed=4)
+    q, k, v = bench._qkv(3, 2, 20, 8, torch.float64, "cpu", grad=False)
+    for causal in (False, True):
+        out = bench._masked_flash_attn(q, k, v, causal, case)
+        ref = reference.attention(q, k, v, causal=causal, key_padding_mask=case.key_padding_mask)
+        valid = ~case.key_padding_mask[:, None, :, None]
+        torch.testing.assert_close(out * valid, ref * valid)
+        assert (out.masked_fill(valid, 0) == 0).all()
+    pk = bench.packing([4, 9, 2], [4, 9, 2], "cpu")
+    q, k, v = bench._packed_qkv(pk, 2, 8, torch.float64, "cpu", grad=False)
+    torch.testing.assert_close(bench._varlen_flash_attn(q, k, v, True, pk),
+                               reference.varlen_attention(q, k, v, pk.cu_seqlens_q,
+                                                          pk.cu_seqlens_k, causal=True))
+
+
+def test_reference64_in_chunks_equals_one_call():
+    case = bench.mask_case("dense", 2, 24, "cpu", seed=5)
+    q, k, v = bench._qkv(2, 4, 24, 8, torch.float32, "cpu", grad=False)
+    whole = reference.attention(q.double(), k.double(), v.double(), causal=True,
+                                attn_mask=case.attn_mask)
+    chunked = bench._reference64(q, k, v, True, case.attn_mask, budget=24 * 24 * 8 * 2)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+
+
+def test_masked_and_varlen_rows(monkeypatch):
+    # a tiny in-process run (the interpreter is on in tests): tidy rows, every provider's error
+    # against float64 small, memory sweep rows at B = H = 1, no TFLOP/s on CPU
+    tiny = lambda *a, **kw: bench.AttentionSweep((32,), 64, (16,), 16, "fp32", causal=(True,),  # noqa: E731
+                                                 memory_seqlens=(64, 128), reps=1)
+    monkeypatch.setattr(bench, "masked_sweep", tiny)
+    monkeypatch.setattr(bench, "varlen_sweep", lambda *a, **kw: bench.AttentionSweep(
+        (32,), 80, (16,), 32, "fp32", reps=1))
+    rows, skipped = bench.run(ops=("masked", "varlen"), quick=True, out_dir=None,
+                              providers=bench.PROVIDERS)
+    assert all(tuple(r) == bench.COLUMNS for r in rows)
+    assert {r["op"] for r in rows} == {"masked_padding", "masked_dense", "varlen"}
+    assert {r["provider"] for r in rows} == {"naive", "sdpa", "tritformer"}
+    assert {r["metric"] for r in rows} == {"latency", "peak_memory", "max_error"}
+    assert skipped["masked_dense flash_attn"] == "flash_attn takes no dense attn_mask"
+    assert skipped["varlen flash_attn"] == "flash_attn runs on CUDA only"
+    assert {r["backend"] for r in rows if r["provider"] == "tritformer"} == {"triton-interpreter"}
+    errors = [r for r in rows if r["metric"] == "max_error"]
+    assert len(errors) == 2 * 3 + 3 * 2 and all(r["value"] < 1e-5 for r in errors)
+    for r in rows:
+        assert r["x_name"] == ("max_seqlen" if r["op"] == "varlen" else "seqlen")
+        assert r["mode"] in bench.MODES and r["value"] is not None
+    varlen = [r for r in rows if r["op"] == "varlen"]
+    assert {r["causal"] for r in varlen} == {False, True} and {r["x_value"] for r in varlen} == {32}
+    assert {r["batch"] for r in varlen} == {len(bench.varlen_lengths(80, 32, seed=32))}
+    sweep = {(r["op"], r["provider"], r["x_value"]): r["value"] for r in rows
+             if r["metric"] == "peak_memory" and r["batch"] == 1 and r["heads"] == 1}
+    assert len(sweep) == 2 * 3 * 2
+    # the fused kernel allocates out and lse only; naive the scores, which grow 4x from 64 to 128
+    for op in ("masked_padding", "masked_dense"):
+        out_lse = 128 * 16 * 4 + 128 * 4
+        assert out_lse <= sweep[(op, "tritformer", 128)] < out_lse + 2048  # no N x N buffer
+        assert sweep[(op, "tritformer", 128)] < 2.2 * sweep[(op, "tritformer", 64)]
+        assert sweep[(op, "naive", 128)] > 128 * 128 * 4
+        assert sweep[(op, "naive", 128)] > 3 * sweep[(op, "naive", 64)]

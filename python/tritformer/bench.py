@@ -19,8 +19,38 @@ FLOP counts (FlashAttention's benchmark convention):
     forward + backward  3.5 * forward
     ffn forward         2 * M * (in * hidden + hidden * out)   (gated: 3 matmuls of M x in x I)
     ffn backward        2 * forward
+    masked forward      4 * D * P_masked            P_masked = visible (query, key) pairs summed
+                                                over batch and heads: (i, j) is visible iff
+                                                the causal condition holds (if causal), the
+                                                bool attn_mask[b, h, i, j] is True and
+                                                key_padding_mask[b, j] is False. Padded query
+                                                rows count too: the masked call computes them.
+    varlen forward      sum_s 4 * H * P_s * D       P_s = visible pairs of packed sequence s:
+                                                n_q,s * n_k,s, or causal (bottom-right within
+                                                the sequence) as in the attention line
+    masked / varlen backward and forward + backward: 2.5 and 3.5 * forward, as attention
 Bytes for GB/s (softmax, the minimum a kernel must move): forward reads x (+ the mask as
 stored) and writes y; backward reads y and dy and writes dx.
+
+`--op masked` runs two sweeps, with rows op=masked_padding and op=masked_dense:
+- masked_padding: a padded batch, key_padding_mask [B, N] (True = pad), each batch row's valid
+  length drawn uniformly from [N/2, N] (~25% padding). naive = reference.attention with the
+  mask; sdpa = torch SDPA with the equivalent bool attn_mask [B, 1, N, N] (True = attend; the
+  causal mask folded in), built inside the timed call as a user would; flash_attn = unpad,
+  flash_attn_varlen_func, pad back (what flash_attn's bert_padding does); flex = a mask_mod over
+  the same mask. max_error is taken over the valid query rows (padded rows are don't-care in a
+  padded batch, and flash_attn's unpadded path leaves them 0).
+- masked_dense: a dense bool attn_mask [B, 1, N, N] (a document mask: each row packs documents
+  of random lengths, a token attends within its document), broadcast over heads. The fused
+  kernel reads it tile by tile; naive materialises the scores. flash_attn takes no dense mask.
+  Both also run a forward peak-memory sweep (B = 1, H = 1, causal) over longer sequences.
+`--op varlen`: packed sequences (q/k/v [total, H, D], int32 cu_seqlens); x = the longest
+sequence (max_seqlen), the other lengths drawn uniformly from [max/4, max] until the total
+reaches the tokens of the attention sweep (batch * seqlen); the batch column = number of
+sequences. naive = reference.varlen_attention (a per-sequence loop); sdpa = what users do
+without varlen: pad to [num_seqs, H, max_seqlen, D], a bool key-padding (+ causal) mask, SDPA,
+unpad (the padding copies are inside the timed call); tritformer = varlen_attention; flash_attn
+= flash_attn_varlen_func; flex = a document mask_mod over the packed tokens.
 """
 from __future__ import annotations
 
@@ -38,7 +68,7 @@ from typing import Callable, Optional
 import torch
 
 OPS = ("attention", "masked", "varlen", "softmax", "ffn", "gated_ffn", "gpt")
-IMPLEMENTED_OPS = ("attention", "softmax", "ffn", "gated_ffn")  # the others join as they land
+IMPLEMENTED_OPS = ("attention", "masked", "varlen", "softmax", "ffn", "gated_ffn")  # gpt: not yet
 PROVIDERS = ("naive", "sdpa", "tritformer", "flash_attn", "flex")
 # softmax / FFN: the unfused PyTorch sequence ("naive") against the fused kernels; for the FFNs
 # also "tritformer_recompute" (recompute=True), whose point is the saved_bytes metric
@@ -60,10 +90,60 @@ def visible_pairs(n_q: int, n_k: int, causal: bool) -> int:
     return sum(min(n_k, max(0, i + off + 1)) for i in range(n_q))
 
 
+_MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
+
+
 def attention_flops(batch: int, heads: int, n_q: int, n_k: int, head_dim: int, causal: bool,
                     mode: str) -> float:
     fwd = 4.0 * batch * heads * visible_pairs(n_q, n_k, causal) * head_dim
-    return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode]
+    return fwd * _MODE_FACTOR[mode]
+
+
+def masked_visible_pairs(batch: int, heads: int, n_q: int, n_k: int, causal: bool,
+                         attn_mask: Optional[torch.Tensor] = None,
+                         key_padding_mask: Optional[torch.Tensor] = None) -> int:
+    """Visible (query, key) pairs summed over batch and heads (module docstring, P_masked):
+    causal bottom-right, bool attn_mask (True = attend, broadcastable to [B, H, Nq, Nk]),
+    key_padding_mask [B, Nk] (True = pad)."""
+    if attn_mask is None:  # O(B * Nk): a key j is seen by the queries i >= j - (Nk - Nq)
+        seen = torch.full((n_k,), n_q, dtype=torch.int64)
+        if causal:
+            j = torch.arange(n_k, dtype=torch.int64)
+            seen = (n_q - (j - (n_k - n_q))).clamp(0, n_q)
+        if key_padding_mask is None:
+            return int(seen.sum()) * batch * heads
+        valid = (~key_padding_mask).to("cpu", torch.int64)
+        return int((valid * seen).sum()) * heads
+    if attn_mask.dtype != torch.bool:
+        raise TypeError("visible pairs are defined for bool masks")
+    keep = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    if causal:
+        from . import reference
+        keep = keep & reference.causal_mask(n_q, n_k, keep.device)
+    if key_padding_mask is not None:
+        keep = keep & ~key_padding_mask[:, None, None, :].to(keep.device)
+    shape = torch.broadcast_shapes(keep.shape, (batch, heads, n_q, n_k))
+    repeat = 1
+    for have, want in zip(keep.shape, shape):
+        repeat *= want // have  # a broadcast dimension repeats the pairs counted
+    return int(keep.sum()) * repeat
+
+
+def masked_flops(batch: int, heads: int, n_q: int, n_k: int, head_dim: int, causal: bool,
+                 mode: str, attn_mask=None, key_padding_mask=None) -> float:
+    pairs = masked_visible_pairs(batch, heads, n_q, n_k, causal, attn_mask, key_padding_mask)
+    return 4.0 * pairs * head_dim * _MODE_FACTOR[mode]
+
+
+def varlen_visible_pairs(seqlens_q, seqlens_k, causal: bool) -> int:
+    """Visible pairs of one head over packed sequences (causal: bottom-right per sequence)."""
+    return sum(visible_pairs(int(nq), int(nk), causal) for nq, nk in zip(seqlens_q, seqlens_k))
+
+
+def varlen_flops(seqlens_q, seqlens_k, heads: int, head_dim: int, causal: bool,
+                 mode: str) -> float:
+    fwd = 4.0 * heads * varlen_visible_pairs(seqlens_q, seqlens_k, causal) * head_dim
+    return fwd * _MODE_FACTOR[mode]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,6 +419,418 @@ def bench_attention(device: str, quick: bool, providers: list[str], emit: Callab
 
 
 # ---------------------------------------------------------------------------------------------
+# Masked attention (key padding, dense bool mask) and packed variable-length sequences
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class MaskCase:
+    """The masks of one masked sweep point. lengths: valid keys (= valid queries) per batch row
+    of a padded batch (right padding), None for the dense mask."""
+    attn_mask: Optional[torch.Tensor] = None         # bool [B, 1, N, N], True = attend
+    key_padding_mask: Optional[torch.Tensor] = None  # bool [B, N], True = pad
+    lengths: Optional[torch.Tensor] = None           # int [B]
+
+
+def padded_lengths(batch: int, n: int, seed: int = 0) -> torch.Tensor:
+    """Valid lengths of a padded batch: uniform in [N/2, N] (~25% padding on average)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(max(1, n // 2), n + 1, (batch,), generator=gen)
+
+
+def document_mask(batch: int, n: int, seed: int = 0) -> torch.Tensor:
+    """Bool [B, 1, N, N], True = attend: each row packs documents of lengths drawn from
+    [N/8, N/2]; a token attends to the tokens of its own document."""
+    gen = torch.Generator().manual_seed(seed)
+    doc = torch.empty(batch, n, dtype=torch.int64)
+    for b in range(batch):
+        pos, d = 0, 0
+        while pos < n:
+            length = int(torch.randint(max(1, n // 8), max(2, n // 2) + 1, (1,), generator=gen))
+            doc[b, pos:pos + length] = d
+            pos, d = pos + length, d + 1
+    return (doc[:, :, None] == doc[:, None, :])[:, None]
+
+
+def mask_case(variant: str, batch: int, n: int, device: str, seed: int = 0) -> MaskCase:
+    if variant == "padding":
+        lengths = padded_lengths(batch, n, seed)
+        kpm = torch.arange(n)[None, :] >= lengths[:, None]
+        return MaskCase(key_padding_mask=kpm.to(device), lengths=lengths.to(device))
+    return MaskCase(attn_mask=document_mask(batch, n, seed).to(device))
+
+
+def _sdpa_keep(case: MaskCase, causal: bool, n_q: int, n_k: int, device) -> Optional[torch.Tensor]:
+    """One bool attn_mask for torch SDPA (True = attend): causal, attn_mask and key padding."""
+    keep = case.attn_mask
+    if case.key_padding_mask is not None:
+        kp = ~case.key_padding_mask[:, None, None, :]
+        keep = kp if keep is None else keep & kp
+    if causal:  # bottom-right; Nq == Nk in the sweeps, where it equals SDPA's top-left
+        from . import reference
+        c = reference.causal_mask(n_q, n_k, device)
+        keep = c if keep is None else keep & c
+    return keep
+
+
+def _masked_naive(q, k, v, causal, case):
+    from . import reference
+    return reference.attention(q, k, v, causal=causal, attn_mask=case.attn_mask,
+                               key_padding_mask=case.key_padding_mask)
+
+
+def _masked_tritformer(q, k, v, causal, case):
+    from .ops.attention import attention
+    return attention(q, k, v, causal=causal, attn_mask=case.attn_mask,
+                     key_padding_mask=case.key_padding_mask)
+
+
+def _masked_sdpa(q, k, v, causal, case):
+    keep = _sdpa_keep(case, causal, q.shape[2], k.shape[2], q.device)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=keep, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pad(lengths.to(torch.int64).cumsum(0), (1, 0)).to(torch.int32)
+
+
+def _masked_flash_attn(q, k, v, causal, case):
+    """A padded batch through flash_attn: unpad the valid tokens, flash_attn_varlen_func, pad
+    back with zeros (flash_attn.bert_padding's approach; right padding, Nq == Nk)."""
+    from flash_attn import flash_attn_varlen_func
+    B, H, N, D = q.shape
+    idx = (~case.key_padding_mask).reshape(-1).nonzero().squeeze(1)
+    cu = _cu_seqlens(case.lengths)
+    max_len = int(case.lengths.max())
+    unpad = lambda t: t.transpose(1, 2).reshape(B * N, t.shape[1], D).index_select(0, idx)  # noqa: E731
+    out = flash_attn_varlen_func(unpad(q), unpad(k), unpad(v), cu, cu, max_len, max_len,
+                                 causal=causal)
+    return out.new_zeros(B * N, H, D).index_copy(0, idx, out).view(B, N, H, D).transpose(1, 2)
+
+
+def _masked_flex(q, k, v, causal, case):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention)
+    B, _, n_q, _ = q.shape
+    n_k = k.shape[2]
+    am, kpm, off = case.attn_mask, case.key_padding_mask, n_k - n_q
+
+    def mask_mod(b, h, i, j):
+        keep = (j <= i + off) if causal else (j >= 0)
+        if am is not None:
+            keep = keep & am[b, 0, i, j]
+        if kpm is not None:
+            keep = keep & ~kpm[b, j]
+        return keep
+    block_mask = create_block_mask(mask_mod, B, None, n_q, n_k, device=q.device)
+    return _FLEX["fn"](q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def masked_providers(variant: str) -> dict[str, Provider]:
+    """Providers of the masked sweeps: fn(q, k, v, causal, case: MaskCase) -> out [B, H, N, D]."""
+    base = attention_providers()
+    flash_why = _cuda_only("flash_attn", "flash_attn")
+    if variant == "dense":
+        flash_why = lambda d, t: "flash_attn takes no dense attn_mask"  # noqa: E731
+    return {
+        "naive": dataclasses.replace(base["naive"], fn=_masked_naive),
+        "sdpa": dataclasses.replace(base["sdpa"], fn=_masked_sdpa),
+        "tritformer": dataclasses.replace(base["tritformer"], fn=_masked_tritformer),
+        "flash_attn": Provider("flash_attn", _masked_flash_attn, flash_why,
+                               lambda d: "flash_attn (unpad + varlen)"),
+        "flex": dataclasses.replace(base["flex"], fn=_masked_flex),
+    }
+
+
+@dataclasses.dataclass
+class Packing:
+    """Packed sequences: lengths, int32 cu_seqlens, and the token -> padded-batch indices (the
+    per-batch bookkeeping a data loader computes once) for the padded SDPA path."""
+    seqlens_q: list
+    seqlens_k: list
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    pad_index_q: torch.Tensor  # packed token t -> s * max_seqlen_q + (t - cu_seqlens_q[s])
+    pad_index_k: torch.Tensor
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seqlens_q)
+
+
+def varlen_lengths(tokens: int, max_len: int, seed: int = 0) -> list[int]:
+    """One sequence of max_len, the others uniform in [max_len/4, max_len], until the total
+    reaches `tokens` (the last one cut to fit), in shuffled order."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [min(max_len, tokens)]
+    while sum(lengths) < tokens:
+        n = int(torch.randint(max(1, max_len // 4), max_len + 1, (1,), generator=gen))
+        lengths.append(min(n, tokens - sum(lengths)))
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    return [lengths[i] for i in order]
+
+
+def packing(seqlens_q: list, seqlens_k: list, device: str) -> Packing:
+    def index(lengths, n_max):
+        return torch.cat([s * n_max + torch.arange(n) for s, n in enumerate(lengths)]
+                         ).to(device)
+    lq, lk = torch.tensor(seqlens_q), torch.tensor(seqlens_k)
+    return Packing(list(seqlens_q), list(seqlens_k), _cu_seqlens(lq).to(device),
+                   _cu_seqlens(lk).to(device), max(seqlens_q), max(seqlens_k),
+                   index(seqlens_q, max(seqlens_q)), index(seqlens_k, max(seqlens_k)))
+
+
+def _packed_qkv(pk: Packing, heads, d, dtype, device, grad, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(total, heads, d, generator=gen, dtype=torch.float32)
+            .to(device, dtype).requires_grad_(grad)
+            for total in (sum(pk.seqlens_q), sum(pk.seqlens_k), sum(pk.seqlens_k))]
+
+
+def _varlen_naive(q, k, v, causal, pk):
+    from . import reference
+    return reference.varlen_attention(q, k, v, pk.cu_seqlens_q, pk.cu_seqlens_k, causal=causal)
+
+
+def _varlen_tritformer(q, k, v, causal, pk):
+    from .ops.attention import varlen_attention
+    return varlen_attention(q, k, v, pk.cu_seqlens_q, pk.cu_seqlens_k, pk.max_seqlen_q,
+                            pk.max_seqlen_k, causal=causal)
+
+
+def _varlen_sdpa(q, k, v, causal, pk):
+    """Without varlen: pad to [S, H, max_seqlen, D], mask keys past each length (and causal,
+    bottom-right within each sequence), SDPA, gather the valid rows back."""
+    S, nq, nk = pk.num_seqs, pk.max_seqlen_q, pk.max_seqlen_k
+
+    def pad(t, index, n):
+        return (t.new_zeros(S * n, *t.shape[1:]).index_copy(0, index, t)
+                .view(S, n, *t.shape[1:]).transpose(1, 2))
+    lq = torch.tensor(pk.seqlens_q, device=q.device)
+    lk = torch.tensor(pk.seqlens_k, device=q.device)
+    j = torch.arange(nk, device=q.device)
+    keep = (j[None, :] < lk[:, None])[:, None, None, :]  # [S, 1, 1, Nk]
+    if causal:
+        i = torch.arange(nq, device=q.device)
+        keep = keep & (j[None, None, :] <= i[None, :, None] + (lk - lq)[:, None, None])[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        pad(q, pk.pad_index_q, nq), pad(k, pk.pad_index_k, nk), pad(v, pk.pad_index_k, nk),
+        attn_mask=keep, enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2).reshape(S * nq, *q.shape[1:]).index_select(0, pk.pad_index_q)
+
+
+def _varlen_flash_attn(q, k, v, causal, pk):
+    from flash_attn import flash_attn_varlen_func
+    return flash_attn_varlen_func(q, k, v, pk.cu_seqlens_q, pk.cu_seqlens_k, pk.max_seqlen_q,
+                                  pk.max_seqlen_k, causal=causal)
+
+
+def _varlen_flex(q, k, v, causal, pk):
+    """Packed tokens as one [1, H, T, D] sequence with a document mask_mod."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention)
+    dev = q.device
+    lq = torch.tensor(pk.seqlens_q, device=dev)
+    lk = torch.tensor(pk.seqlens_k, device=dev)
+    doc_q = torch.repeat_interleave(torch.arange(pk.num_seqs, device=dev), lq)
+    doc_k = torch.repeat_interleave(torch.arange(pk.num_seqs, device=dev), lk)
+    pos_q = torch.arange(q.shape[0], device=dev) - pk.cu_seqlens_q.long()[doc_q]
+    pos_k = torch.arange(k.shape[0], device=dev) - pk.cu_seqlens_k.long()[doc_k]
+    off = lk - lq
+
+    def mask_mod(b, h, i, j):
+        keep = doc_q[i] == doc_k[j]
+        if causal:
+            keep = keep & (pos_k[j] <= pos_q[i] + off[doc_q[i]])
+        return keep
+    block_mask = create_block_mask(mask_mod, None, None, q.shape[0], k.shape[0], device=dev)
+    view = lambda t: t.transpose(0, 1)[None]  # noqa: E731
+    out = _FLEX["fn"](view(q), view(k), view(v), block_mask=block_mask,
+                      enable_gqa=q.shape[1] != k.shape[1])
+    return out[0].transpose(0, 1)
+
+
+def varlen_providers() -> dict[str, Provider]:
+    """Providers of the varlen sweep: fn(q, k, v, causal, pk: Packing) -> out [total_q, H, D]."""
+    base = attention_providers()
+    return {
+        "naive": dataclasses.replace(base["naive"], fn=_varlen_naive),
+        "sdpa": dataclasses.replace(base["sdpa"], fn=_varlen_sdpa),
+        "tritformer": dataclasses.replace(base["tritformer"], fn=_varlen_tritformer),
+        "flash_attn": Provider("flash_attn", _varlen_flash_attn,
+                               _cuda_only("flash_attn", "flash_attn"),
+                               lambda d: "flash_attn (varlen)"),
+        "flex": dataclasses.replace(base["flex"], fn=_varlen_flex),
+    }
+
+
+def _reference64(q, k, v, causal, attn_mask=None, key_padding_mask=None,
+                 budget=1 << 28) -> torch.Tensor:
+    """reference.attention in float64, per batch row and chunk of heads so that the float64
+    scores stay under `budget` bytes (the GPU sweeps' shapes would not fit at once)."""
+    from . import reference
+    B, H, n_q, _ = q.shape
+    n_k = k.shape[2]
+    group = H // k.shape[1]
+    hc = max(group, min(H, budget // max(1, n_q * n_k * 8)) // group * group)
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+    with torch.no_grad():
+        for b in range(B):
+            for h in range(0, H, hc):
+                am = None
+                if attn_mask is not None:
+                    am = attn_mask[b:b + 1] if attn_mask.dim() == 4 else attn_mask
+                    if am.dim() == 4 and am.shape[1] > 1:
+                        am = am[:, h:h + hc]
+                out[b:b + 1, h:h + hc] = reference.attention(
+                    q[b:b + 1, h:h + hc].double(), k[b:b + 1, h // group:(h + hc) // group].double(),
+                    v[b:b + 1, h // group:(h + hc) // group].double(), causal=causal,
+                    attn_mask=am, key_padding_mask=None if key_padding_mask is None
+                    else key_padding_mask[b:b + 1])
+    return out
+
+
+def masked_max_error(p: Provider, q, k, v, causal, case: MaskCase) -> float:
+    """Max |out - float64 reference|, over the valid query rows of a padded batch."""
+    with torch.no_grad():
+        out = p.fn(q, k, v, causal, case)
+    diff = (out.double() - _reference64(q, k, v, causal, case.attn_mask,
+                                        case.key_padding_mask)).abs()
+    if case.key_padding_mask is not None:
+        diff = diff.masked_fill(case.key_padding_mask[:, None, :, None], 0.0)
+    return float(diff.max())
+
+
+def varlen_max_error(p: Provider, q, k, v, causal, pk: Packing) -> float:
+    with torch.no_grad():
+        out = p.fn(q, k, v, causal, pk).double()
+    err = 0.0
+    cq, ck = pk.cu_seqlens_q.tolist(), pk.cu_seqlens_k.tolist()
+    for s in range(pk.num_seqs):  # per sequence: the float64 scores of one at a time
+        view = lambda t, c: t[c[s]:c[s + 1]].transpose(0, 1)[None]  # noqa: E731
+        if cq[s + 1] == cq[s]:
+            continue
+        ref = _reference64(view(q, cq), view(k, ck), view(v, ck), causal)
+        err = max(err, float((view(out, cq) - ref).abs().max()))
+    return err
+
+
+def _active_providers(table, names, device, dtype, skipped, op) -> list[Provider]:
+    active = []
+    for name in names:
+        reason = table[name].why_not(device, dtype)
+        if reason:
+            skipped[f"{op} {name}"] = reason
+        else:
+            active.append(table[name])
+    return active
+
+
+def masked_sweep(device: str, quick: bool) -> AttentionSweep:
+    if device == "cuda":
+        if quick:
+            return AttentionSweep((1024, 4096), 16384, (64,), 2048, "bf16",
+                                  memory_seqlens=(1024, 4096, 16384))
+        return AttentionSweep((512, 1024, 2048, 4096, 8192), 16384, (64, 128), 2048, "bf16",
+                              memory_seqlens=(1024, 2048, 4096, 8192, 16384))
+    # CPU: interpreter times (a masked tile iteration costs tens of ms, backward ~5x forward):
+    # tiny shapes, and in --quick one head and the causal case only (~25 s for both variants)
+    if quick:
+        return AttentionSweep((64, 128), 256, (64,), 64, "fp32", causal=(True,),
+                              memory_seqlens=(512, 1024, 2048), reps=1)
+    return AttentionSweep((64, 128, 256), 256, (64,), 128, "fp32",
+                          memory_seqlens=(1024, 2048, 4096, 8192), reps=3)
+
+
+def varlen_sweep(device: str, quick: bool) -> AttentionSweep:
+    """seqlens: the longest packed sequence; tokens: the packed total."""
+    if device == "cuda":
+        if quick:
+            return AttentionSweep((1024, 4096), 16384, (64,), 2048, "bf16")
+        return AttentionSweep((512, 1024, 2048, 4096, 8192), 16384, (64, 128), 2048, "bf16")
+    if quick:  # as masked: one head, causal only
+        return AttentionSweep((64, 128), 192, (64,), 64, "fp32", causal=(True,), reps=1)
+    return AttentionSweep((64, 128, 256), 512, (64,), 128, "fp32", reps=3)
+
+
+def _leaf_modes(fn, leaves, modes) -> dict:
+    fns = _fwd_bwd_fns(fn, leaves, None)
+    return {m: fns[m] for m in modes}
+
+
+def bench_masked(device: str, quick: bool, providers: list[str], emit: Callable[[dict], None],
+                 progress: Callable[[str], None], skipped: dict) -> None:
+    """Masked attention sweeps (module docstring): rows op=masked_padding and op=masked_dense."""
+    sweep = masked_sweep(device, quick)
+    dtype = DTYPES[sweep.dtype]
+    for variant in ("padding", "dense"):
+        op = f"masked_{variant}"
+        active = _active_providers(masked_providers(variant), providers, device, dtype, skipped, op)
+        for d in sweep.head_dims:
+            heads = max(1, sweep.model_dim // d)
+            for n in sweep.seqlens:
+                batch = max(1, sweep.tokens // n)
+                case = mask_case(variant, batch, n, device, seed=n)
+                for causal in sweep.causal:
+                    fl = masked_flops(batch, heads, n, n, d, causal, "fwd", case.attn_mask,
+                                      case.key_padding_mask)
+                    for p in active:
+                        progress(f"{op} {p.name} D={d} N={n} causal={causal}")
+                        q, k, v = _qkv(batch, heads, n, d, dtype, device, grad=True)
+                        err = masked_max_error(p, q, k, v, causal, case)
+                        fns = _leaf_modes(lambda: p.fn(q, k, v, causal, case), [q, k, v],
+                                          sweep.modes)
+                        _timed_rows(op, p.name, p.backend(device), device, fns, "seqlen", n,
+                                    dict(batch=batch, heads=heads, head_dim=d, causal=causal),
+                                    sweep.dtype, emit, sweep.reps,
+                                    flops={m: fl * f for m, f in _MODE_FACTOR.items()},
+                                    max_error=err)
+        # forward peak memory against sequence length: one sequence, one head, causal
+        d = sweep.head_dims[0]
+        with _large_interpreter_tiles():
+            for n in sweep.memory_seqlens:
+                case = mask_case(variant, 1, n, device, seed=n)
+                for p in active:
+                    progress(f"{op} memory {p.name} N={n}")
+                    q, k, v = _qkv(1, 1, n, d, dtype, device, grad=False)
+                    with torch.no_grad():
+                        value = peak_bytes(lambda: p.fn(q, k, v, True, case), device)
+                    emit(dict(op=op, provider=p.name, backend=p.backend(device), mode="fwd",
+                              metric="peak_memory", unit="bytes", x_name="seqlen", x_value=n,
+                              value=value, p20=None, p80=None, batch=1, heads=1, head_dim=d,
+                              causal=True, dtype=sweep.dtype))
+
+
+def bench_varlen(device: str, quick: bool, providers: list[str], emit: Callable[[dict], None],
+                 progress: Callable[[str], None], skipped: dict) -> None:
+    """Packed variable-length sequences (module docstring); x = max_seqlen, batch = sequences."""
+    sweep = varlen_sweep(device, quick)
+    dtype = DTYPES[sweep.dtype]
+    active = _active_providers(varlen_providers(), providers, device, dtype, skipped, "varlen")
+    for d in sweep.head_dims:
+        heads = max(1, sweep.model_dim // d)
+        for n in sweep.seqlens:
+            lengths = varlen_lengths(sweep.tokens, n, seed=n)
+            pk = packing(lengths, lengths, device)
+            for causal in sweep.causal:
+                fl = varlen_flops(lengths, lengths, heads, d, causal, "fwd")
+                for p in active:
+                    progress(f"varlen {p.name} D={d} max_seqlen={n} causal={causal}")
+                    q, k, v = _packed_qkv(pk, heads, d, dtype, device, grad=True)
+                    err = varlen_max_error(p, q, k, v, causal, pk)
+                    fns = _leaf_modes(lambda: p.fn(q, k, v, causal, pk), [q, k, v], sweep.modes)
+                    _timed_rows("varlen", p.name, p.backend(device), device, fns, "max_seqlen",
+                                n, dict(batch=pk.num_seqs, heads=heads, head_dim=d,
+                                        causal=causal),
+                                sweep.dtype, emit, sweep.reps,
+                                flops={m: fl * f for m, f in _MODE_FACTOR.items()},
+                                max_error=err)
+
+
+# ---------------------------------------------------------------------------------------------
 # Softmax and FFN: the unfused PyTorch sequence against the fused kernels
 # ---------------------------------------------------------------------------------------------
 def _sweep_rows(device: str, quick: bool, gpu: tuple, cpu_quick: tuple, cpu_full: tuple):
@@ -540,8 +1032,11 @@ def plot_results(rows: list[dict], out_dir: str) -> list[str]:
         ax.set_xlabel(rs[0]["x_name"])
         ax.set_ylabel(f"{metric} ({unit})")
         where = rs[0]["device"]
-        shape = ("B=1 H=1" if tag else f"B*N={rs[0]['batch'] * rs[0]['x_value']} H={rs[0]['heads']}"
-                 ) if op == "attention" else ""
+        shape = ""
+        if op in ("attention", "masked_padding", "masked_dense"):
+            shape = "B=1 H=1" if tag else f"B*N={rs[0]['batch'] * rs[0]['x_value']} H={rs[0]['heads']}"
+        elif op == "varlen":
+            shape = f"packed, H={rs[0]['heads']}"
         interp = " (Triton interpreter times: not GPU speed)" if (
             metric == "latency" and any("interpreter" in r["backend"] for r in rs)) else ""
         dim = "" if d is None else f"D={d} "
@@ -570,7 +1065,7 @@ def format_table(rows: list[dict]) -> str:
     """Terminal table: one line per measurement, peak memory also as a ratio to naive."""
     naive = {(r["op"], r["mode"], r["metric"], r["x_value"], r["batch"], r["heads"],
               r["head_dim"], r["causal"]): r["value"] for r in rows if r["provider"] == "naive"}
-    head = (f"{'op':<10} {'provider':<11} {'backend':<22} {'mode':<8} {'D':>4} {'causal':<6} "
+    head = (f"{'op':<14} {'provider':<11} {'backend':<22} {'mode':<8} {'D':>4} {'causal':<6} "
             f"{'seqlen':>7} {'metric':<12} {'value':>14} {'p20..p80':>21} {'vs naive':>9}")
     out = [head, "-" * len(head)]
     for r in rows:
@@ -586,7 +1081,7 @@ def format_table(rows: list[dict]) -> str:
         val = _fmt(r["value"], r["unit"]) + ("" if r["unit"] == "bytes" else f" {r['unit']}")
         d = "-" if r["head_dim"] is None else r["head_dim"]
         causal = "-" if r["causal"] is None else str(r["causal"])
-        out.append(f"{r['op']:<10} {r['provider'][:11]:<11} {r['backend'][:22]:<22} {r['mode']:<8} "
+        out.append(f"{r['op']:<14} {r['provider'][:11]:<11} {r['backend'][:22]:<22} {r['mode']:<8} "
                    f"{d:>4} {causal:<6} {r['x_value']:>7} {r['metric']:<12} "
                    f"{val:>14} {spread:>21} {ratio:>9}")
     return "\n".join(out)
@@ -629,6 +1124,10 @@ def run(ops=("all",), quick=False, out_dir="bench-results", providers=PROVIDERS,
             continue
         if op == "attention":
             bench_attention(device, quick, list(providers), emit, prog, skipped)
+        elif op == "masked":
+            bench_masked(device, quick, list(providers), emit, prog, skipped)
+        elif op == "varlen":
+            bench_varlen(device, quick, list(providers), emit, prog, skipped)
         elif op == "softmax":
             bench_softmax(device, quick, list(providers), emit, prog, skipped)
         elif op in ("ffn", "gated_ffn"):
