@@ -5,7 +5,7 @@ Packed variable-length batches (VARLEN) use the same kernels on [1, H, total, D]
 axis 1 is then the sequence, whose token range comes from cu_seqlens.
 
 Scores, in this order (all optional except the first, each a constexpr switch):
-    s = scale * q kᵀ                                 (log2 units on chip: exp2 softmax)
+    s = scale * q kᵀ                                 (natural units; exp2((s - max) * log2 e))
     s = softcap * tanh(s / softcap)                  SOFTCAP (Gemma-2)
     s += -slope_h * |i + Nk - Nq - j|                HAS_ALIBI
     s += attn_mask[b, h, i, j]                       MASK_KIND 2 (additive float)
@@ -31,7 +31,6 @@ import triton.language as tl
 
 from ._launch import Launch, arch_family, device_arch, is_interpreted, run
 
-LOG2E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x * LOG2E)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,24 +76,28 @@ def _seq_info(CuQ, CuK, off_z, N_Q, N_KV, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope2,
-            qk_scale2, cap_in, cap_out, win_left, win_right,
+def _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope,
+            sm_scale, cap_in, cap_out, win_left, win_right,
             BOUNDARY: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
             MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr,
             SOFTCAP: tl.constexpr):
-    """Scores of a tile in log2 units, -inf where masked, and tanh(.) for the softcap gradient.
+    """Scores of a tile (natural units), -inf where masked, and tanh(.) for the softcap gradient.
+
+    Natural units until the row max / lse is subtracted, then exp2((s - m) * log2(e)): scaling
+    s by log2(e) first rounds |s| in the exponent (fp32 at |s| ~ 16: dV 5.9x PyTorch's error
+    through the recomputed P, found by the fuzz tests); the difference is small and exact.
 
     i, j: query and key positions within the sequence, shaped to broadcast to qk's tile
     ([M, 1] and [1, N] in the forward and dQ kernels, [1, M] and [N, 1] in dK/dV). BOUNDARY:
     evaluate the window and the key bound; off the window's edges both are known to hold."""
     if SOFTCAP:
         t = _tanh(qk * cap_in)    # cap_in = scale / softcap
-        s = t * cap_out           # cap_out = softcap * log2(e)
+        s = t * cap_out           # cap_out = softcap
     else:
         t = qk
-        s = qk * qk_scale2
+        s = qk * sm_scale
     if HAS_ALIBI:
-        s += slope2 * (-tl.abs(i + diag - j)).to(tl.float32)
+        s += slope * (-tl.abs(i + diag - j)).to(tl.float32)
     if MASK_KIND != 0:
         inb = (i < n_q) & (j < n_kv)
         m_ptrs = m_base + i.to(tl.int64) * stride_mm + j.to(tl.int64) * stride_mn
@@ -102,7 +105,7 @@ def _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, s
             keep_m = tl.load(m_ptrs, mask=inb, other=0)
             s = tl.where(keep_m != 0, s, float("-inf"))
         else:
-            s += tl.load(m_ptrs, mask=inb, other=0.0).to(tl.float32) * 1.4426950408889634
+            s += tl.load(m_ptrs, mask=inb, other=0.0).to(tl.float32)
     if HAS_KPM:
         pad = tl.load(kpm_base + j, mask=j < n_kv, other=1)
         s = tl.where(pad != 0, float("-inf"), s)
@@ -152,7 +155,7 @@ def _key_range(m0, n_q, n_kv, diag, win_left, win_right, KvRange, z,
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
                     lo, hi, i, offs_n, mask_d, n_q, n_kv, diag,
-                    m_base, stride_mm, stride_mn, kpm_base, slope2, qk_scale2, cap_in, cap_out,
+                    m_base, stride_mm, stride_mn, kpm_base, slope, sm_scale, cap_in, cap_out,
                     win_left, win_right, drop_row, DROP_COLS, dropout_p, seed,
                     BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, WIN_LEFT: tl.constexpr,
                     WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -171,8 +174,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
         else:
             k = tl.load(k_base + k_offs, mask=mask_d[:, None], other=0.0)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
-        s, _ = _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope2,
-                       qk_scale2, cap_in, cap_out, win_left, win_right, BOUNDARY, WIN_LEFT,
+        s, _ = _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope,
+                       sm_scale, cap_in, cap_out, win_left, win_right, BOUNDARY, WIN_LEFT,
                        WIN_RIGHT, MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP)
         # -- online softmax update ----
         m_ij = tl.maximum(m_i, tl.max(s, 1))
@@ -181,8 +184,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
             m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
         else:
             m_sub = m_ij
-        p = tl.math.exp2(s - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
+        p = tl.math.exp2((s - m_sub[:, None]) * 1.4426950408889634)
+        alpha = tl.math.exp2((m_i - m_sub) * 1.4426950408889634)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, drop_row + i, j, DROP_COLS, dropout_p), p, 0.0)
@@ -238,14 +241,13 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
     m_base = Mask + z64 * stride_mz + off_h.to(tl.int64) * stride_mh
     kpm_base = Kpm + z64 * stride_kpz
     row0 = (z * H + off_h).to(tl.int64) * N_Q + q_start  # lse row of query 0 of this sequence
-    slope2 = 0.0
+    slope = 0.0
     if HAS_ALIBI:
-        slope2 = tl.load(Alibi + tl.program_id(1) * H + off_h) * 1.4426950408889634
+        slope = tl.load(Alibi + tl.program_id(1) * H + off_h)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    qk_scale2 = sm_scale * 1.4426950408889634  # softmax in base 2
     # the query tile stays on chip for the whole loop
     q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
 
@@ -255,22 +257,22 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
     if WIN_LEFT:  # tiles crossing the window's left edge
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, lo, full_lo,
-            i, offs_n, mask_d, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope2,
-            qk_scale2, cap_in, cap_out, win_left, win_right, row0, DROP_COLS, dropout_p, seed,
+            i, offs_n, mask_d, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope,
+            sm_scale, cap_in, cap_out, win_left, win_right, row0, DROP_COLS, dropout_p, seed,
             BLOCK_N, True, WIN_LEFT, WIN_RIGHT, MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP, DROPOUT,
             DOT_PRECISION)
     # tiles inside every row's window: no window or bound mask
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, full_lo, full_hi,
-        i, offs_n, mask_d, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope2,
-        qk_scale2, cap_in, cap_out, win_left, win_right, row0, DROP_COLS, dropout_p, seed,
+        i, offs_n, mask_d, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope,
+        sm_scale, cap_in, cap_out, win_left, win_right, row0, DROP_COLS, dropout_p, seed,
         BLOCK_N, False, WIN_LEFT, WIN_RIGHT, MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP, DROPOUT,
         DOT_PRECISION)
     # tiles crossing the right edge (causal diagonal) and the ragged key tail
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, full_hi, hi,
-        i, offs_n, mask_d, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope2,
-        qk_scale2, cap_in, cap_out, win_left, win_right, row0, DROP_COLS, dropout_p, seed,
+        i, offs_n, mask_d, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope,
+        sm_scale, cap_in, cap_out, win_left, win_right, row0, DROP_COLS, dropout_p, seed,
         BLOCK_N, True, WIN_LEFT, WIN_RIGHT, MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP, DROPOUT,
         DOT_PRECISION)
 
@@ -281,7 +283,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
     if DROPOUT:
         inv_l = inv_l * (1.0 / (1.0 - dropout_p))
     acc = acc * inv_l[:, None]
-    lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453  # back to natural log: * ln(2)
+    lse = m_i + tl.math.log2(l_safe) * 0.6931471805599453  # m + ln(l)
     lse = tl.where(empty, float("-inf"), lse)
     tl.store(Lse + row0 + offs_m, lse, mask=mask_m)
     o_ptrs = (Out + z64 * stride_oz + off_h.to(tl.int64) * stride_oh
@@ -321,17 +323,16 @@ def _attn_bwd_preprocess(Out, DO, DLse, Delta,
 
 
 @triton.jit
-def _load_lse_log2(Lse, row, mask):
-    # rows past N_Q and rows with no visible key (lse = -inf) get +inf, so P = exp2(s - lse) = 0
+def _load_lse(Lse, row, mask):
+    # rows past N_Q and rows with no visible key (lse = -inf) get +inf, so P = exp(s - lse) = 0
     lse = tl.load(Lse + row, mask=mask, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    return lse * 1.44269504  # 1/ln(2)
+    return tl.where(lse == float("-inf"), float("inf"), lse)
 
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, Delta,
                          stride_qm, stride_dom, row0, lo, hi, offs_m, j, mask_d, n_q, n_kv, diag,
-                         m_base, stride_mm, stride_mn, kpm_base, slope2, qk_scale2, cap_in,
+                         m_base, stride_mm, stride_mn, kpm_base, slope, sm_scale, cap_in,
                          cap_out, win_left, win_right, DROP_COLS, dropout_p, seed,
                          BLOCK_M: tl.constexpr, BOUNDARY: tl.constexpr, WIN_LEFT: tl.constexpr,
                          WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -346,14 +347,14 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, De
         mask_m = offs_qm < n_q
         i = offs_qm[None, :]
         q = tl.load(q_base + q_offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        lse2 = _load_lse_log2(Lse, row0 + offs_qm, mask_m)
+        lse = _load_lse(Lse, row0 + offs_qm, mask_m)
         # -- recompute P^T [BLOCK_N, BLOCK_M] from the saved lse ----
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         sT, tT = _scores(qkT, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base,
-                         slope2, qk_scale2, cap_in, cap_out, win_left, win_right, BOUNDARY,
+                         slope, sm_scale, cap_in, cap_out, win_left, win_right, BOUNDARY,
                          WIN_LEFT, WIN_RIGHT, MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP)
         # masked to -inf before exp2: a masked score above the row's lse must not make inf
-        pT = tl.math.exp2(sT - lse2[None, :])
+        pT = tl.math.exp2((sT - lse[None, :]) * 1.4426950408889634)
         do = tl.load(do_base + do_offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         # dV before dP^T is formed: fewer live tiles (dP^T first spilled fp32 D=128 on sm_80)
         if DROPOUT:  # dV += (P∘Z)^T dO / (1-p); dP = (dO V^T)∘Z / (1-p)
@@ -415,7 +416,6 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
                 + offs_d[None, :] * stride_vd, mask=mask_nd, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    qk_scale2 = sm_scale * 1.4426950408889634
 
     # query tiles that see any key of this tile [m_lo, m_hi), and that see all of it
     n0 = start_n * BLOCK_N
@@ -452,27 +452,27 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
                    + q_start.to(tl.int64) * stride_dom)
         row0 = (z * H + off_h).to(tl.int64) * N_Q + q_start
         m_base = Mask + z64 * stride_mz + off_h.to(tl.int64) * stride_mh
-        slope2 = 0.0
+        slope = 0.0
         if HAS_ALIBI:
-            slope2 = tl.load(Alibi + tl.program_id(1) * H + off_h) * 1.4426950408889634
+            slope = tl.load(Alibi + tl.program_id(1) * H + off_h)
         if WIN_RIGHT:  # query tiles crossing the right edge (causal diagonal)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, Delta, stride_qm,
                 stride_dom, row0, m_lo, full_lo, offs_m, j, mask_d, n_q, n_kv, diag, m_base,
-                stride_mm, stride_mn, kpm_base, slope2, qk_scale2, cap_in, cap_out, win_left,
+                stride_mm, stride_mn, kpm_base, slope, sm_scale, cap_in, cap_out, win_left,
                 win_right, DROP_COLS, dropout_p, seed, BLOCK_M, True, WIN_LEFT, WIN_RIGHT,
                 MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP, DROPOUT, DOT_PRECISION)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, Delta, stride_qm,
             stride_dom, row0, full_lo, full_hi, offs_m, j, mask_d, n_q, n_kv, diag, m_base,
-            stride_mm, stride_mn, kpm_base, slope2, qk_scale2, cap_in, cap_out, win_left,
+            stride_mm, stride_mn, kpm_base, slope, sm_scale, cap_in, cap_out, win_left,
             win_right, DROP_COLS, dropout_p, seed, BLOCK_M, False, WIN_LEFT, WIN_RIGHT,
             MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP, DROPOUT, DOT_PRECISION)
         if WIN_LEFT:  # query tiles crossing the left edge
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, Delta, stride_qm,
                 stride_dom, row0, full_hi, m_hi, offs_m, j, mask_d, n_q, n_kv, diag, m_base,
-                stride_mm, stride_mn, kpm_base, slope2, qk_scale2, cap_in, cap_out, win_left,
+                stride_mm, stride_mn, kpm_base, slope, sm_scale, cap_in, cap_out, win_left,
                 win_right, DROP_COLS, dropout_p, seed, BLOCK_M, True, WIN_LEFT, WIN_RIGHT,
                 MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP, DROPOUT, DOT_PRECISION)
 
@@ -484,9 +484,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, k_offs, v_offs,
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
                        stride_kn, stride_vn, lo, hi, i, offs_n, mask_d, n_q, n_kv, diag,
-                       m_base, stride_mm, stride_mn, kpm_base, slope2, qk_scale2, cap_in, cap_out,
+                       m_base, stride_mm, stride_mn, kpm_base, slope, sm_scale, cap_in, cap_out,
                        win_left, win_right, row0, DROP_COLS, dropout_p, seed, dm_base, stride_dmm,
                        BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, WIN_LEFT: tl.constexpr,
                        WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -504,10 +504,10 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, k_offs, v_offs,
             vT = tl.load(v_base + v_offs, mask=mask_d[:, None], other=0.0)
         # -- recompute P [BLOCK_M, BLOCK_N]; masked to -inf before exp2 ----
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
-        s, t = _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope2,
-                       qk_scale2, cap_in, cap_out, win_left, win_right, BOUNDARY, WIN_LEFT,
+        s, t = _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope,
+                       sm_scale, cap_in, cap_out, win_left, win_right, BOUNDARY, WIN_LEFT,
                        WIN_RIGHT, MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP)
-        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.math.exp2((s - lse[:, None]) * 1.4426950408889634)
         # -- dS = P * (dP - delta), dQ += dS K ----
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         if DROPOUT:
@@ -561,7 +561,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, Cu
     do = tl.load(DO + z64 * stride_doz + off_h.to(tl.int64) * stride_doh + rows_m * stride_dom
                  + offs_d[None, :] * stride_dod, mask=mask_md, other=0.0)
     row0 = (z * H + off_h).to(tl.int64) * N_Q + q_start
-    lse2 = _load_lse_log2(Lse, row0 + offs_m, mask_m)
+    lse = _load_lse(Lse, row0 + offs_m, mask_m)
     delta = tl.load(Delta + row0 + offs_m, mask=mask_m, other=0.0)
     k_base = K + z64 * stride_kz + off_hkv.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
     v_base = V + z64 * stride_vz + off_hkv.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
@@ -570,32 +570,31 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, Cu
     m_base = Mask + z64 * stride_mz + off_h.to(tl.int64) * stride_mh
     kpm_base = Kpm + z64 * stride_kpz
     dm_base = DMask + (z * H + off_h).to(tl.int64) * N_Q * N_KV  # dense [B, Hq, Nq, Nk] fp32
-    slope2 = 0.0
+    slope = 0.0
     if HAS_ALIBI:
-        slope2 = tl.load(Alibi + tl.program_id(1) * H + off_h) * 1.4426950408889634
+        slope = tl.load(Alibi + tl.program_id(1) * H + off_h)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    qk_scale2 = sm_scale * 1.4426950408889634
 
     lo, full_lo, full_hi, hi = _key_range(start_m * BLOCK_M, n_q, n_kv, diag, win_left, win_right,
                                           KvRange, tl.program_id(1), BLOCK_M, BLOCK_N,
                                           WIN_LEFT, WIN_RIGHT, HAS_KPM)
     if WIN_LEFT:
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, lo,
+            dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, lo,
             full_lo, i, offs_n, mask_d, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base,
-            slope2, qk_scale2, cap_in, cap_out, win_left, win_right, row0, DROP_COLS, dropout_p,
+            slope, sm_scale, cap_in, cap_out, win_left, win_right, row0, DROP_COLS, dropout_p,
             seed, dm_base, N_KV, BLOCK_N, True, WIN_LEFT, WIN_RIGHT, MASK_KIND, HAS_KPM,
             HAS_ALIBI, SOFTCAP, DROPOUT, MASK_GRAD, DOT_PRECISION)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, full_lo,
+        dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, full_lo,
         full_hi, i, offs_n, mask_d, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base,
-        slope2, qk_scale2, cap_in, cap_out, win_left, win_right, row0, DROP_COLS, dropout_p,
+        slope, sm_scale, cap_in, cap_out, win_left, win_right, row0, DROP_COLS, dropout_p,
         seed, dm_base, N_KV, BLOCK_N, False, WIN_LEFT, WIN_RIGHT, MASK_KIND, HAS_KPM,
         HAS_ALIBI, SOFTCAP, DROPOUT, MASK_GRAD, DOT_PRECISION)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, full_hi,
+        dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, full_hi,
         hi, i, offs_n, mask_d, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base,
-        slope2, qk_scale2, cap_in, cap_out, win_left, win_right, row0, DROP_COLS, dropout_p,
+        slope, sm_scale, cap_in, cap_out, win_left, win_right, row0, DROP_COLS, dropout_p,
         seed, dm_base, N_KV, BLOCK_N, True, WIN_LEFT, WIN_RIGHT, MASK_KIND, HAS_KPM,
         HAS_ALIBI, SOFTCAP, DROPOUT, MASK_GRAD, DOT_PRECISION)
     dq *= sm_scale
@@ -656,13 +655,15 @@ GPU_CONFIGS = {
     },
     "bwd_dkdv": {  # BLOCK_M: streamed query tile, BLOCK_N: resident key tile
         90: [(64, 2, [_cfg(32, 128, 8, 2), _cfg(64, 128, 8, 2)]),
-             (128, 2, [_cfg(32, 128, 8, 2), _cfg(64, 64, 8, 2)]),
+             # GQA 4:1 (the group loop): 32x128/8 and 64x64/8 spilled; 16x128/8: 255 regs, 0 B
+             (128, 2, [_cfg(16, 128, 8, 2), _cfg(32, 64, 8, 2)]),
              (256, 2, [_cfg(16, 32, 4, 1)]),
              (64, 4, [_cfg(16, 32, 4, 1)]),
              (128, 4, [_cfg(32, 32, 8, 1), _cfg(32, 16, 8, 1)]),
              (256, 4, [_cfg(16, 32, 8, 1), _cfg(16, 16, 8, 1)])],
-        80: [(64, 2, [_cfg(32, 128, 8, 2), _cfg(32, 64, 4, 2)]),
-             (128, 2, [_cfg(64, 64, 8, 2), _cfg(16, 128, 8, 2)]),
+        # GQA 4:1 (the group loop): 32x64/4 (D=64) and 64x64/8 (D=128) spilled
+        80: [(64, 2, [_cfg(32, 128, 8, 2), _cfg(16, 128, 8, 2)]),
+             (128, 2, [_cfg(16, 128, 8, 2), _cfg(32, 64, 8, 2)]),
              (256, 2, [_cfg(16, 32, 4, 1)]),
              (64, 4, [_cfg(16, 32, 4, 1)]),
              (128, 4, [_cfg(32, 32, 8, 1), _cfg(32, 16, 8, 1)]),
@@ -685,14 +686,23 @@ GPU_CONFIGS = {
              (256, 4, [_cfg(32, 16, 8, 1), _cfg(16, 32, 8, 1)])],
     },
 }
+# Packed sequences and the masked switches: own tables (see configs_for), filled from the AOT
+# sweep below; placeholder until then.
+VARIANT_CONFIGS = {"varlen": GPU_CONFIGS, "masked": GPU_CONFIGS}
 PREPROCESS_BLOCK_M = 64
 
 
-def configs_for(kernel: str, arch: int | None, block_d: int, elem_bytes: int) -> list:
-    """Candidate configs of `kernel` for a compute capability (None: the interpreter)."""
+def configs_for(kernel: str, arch: int | None, block_d: int, elem_bytes: int,
+                variant: str = "plain") -> list:
+    """Candidate configs of `kernel` for a compute capability (None: the interpreter).
+
+    variant: "plain" (dense, causal or not), "varlen" (packed sequences) or "masked" (any of
+    attn_mask, key padding, ALiBi, softcap, dropout, a left window edge): each has its own
+    spill-free table (VARIANT_CONFIGS), the masked one with smaller tiles."""
     if arch is None:
         return [INTERPRETER_CONFIGS[kernel]]
-    for max_d, nbytes, cfgs in GPU_CONFIGS[kernel][arch_family(arch)]:
+    table = GPU_CONFIGS if variant == "plain" else VARIANT_CONFIGS[variant]
+    for max_d, nbytes, cfgs in table[kernel][arch_family(arch)]:
         if block_d <= max_d and elem_bytes == nbytes:
             return cfgs
     raise ValueError(f"no {kernel} config for head dim {block_d}, {elem_bytes}-byte elements")
@@ -765,7 +775,7 @@ def _kv_range(kpm: torch.Tensor) -> torch.Tensor:
 
 
 def _features(q, k, opts: Options, dummy: torch.Tensor):
-    """(runtime args, constexprs, grid axis-1 size, grid axis-0 length) shared by the kernels."""
+    """(runtime args, constexprs, grid axis-1 size, config variant) shared by the kernels."""
     B, H, N_Q, _ = q.shape
     N_KV = k.shape[2]
     mask, kpm, slopes = opts.attn_mask, opts.key_padding_mask, opts.alibi_slopes
@@ -783,7 +793,7 @@ def _features(q, k, opts: Options, dummy: torch.Tensor):
         "stride_kpz": 0 if kpm is None else kpm.stride(0),
         "H": H, "GROUP": H // k.shape[1], "N_Q": N_Q, "N_KV": N_KV, "sm_scale": opts.scale,
         "cap_in": opts.scale / opts.softcap if opts.softcap else 0.0,
-        "cap_out": opts.softcap * LOG2E if opts.softcap else 0.0,
+        "cap_out": opts.softcap if opts.softcap else 0.0,
         "win_left": opts.left or 0, "win_right": opts.right or 0,
         "dropout_p": float(opts.dropout_p), "seed": int(opts.seed),
         "DROP_COLS": opts.max_seqlen_k if opts.varlen else N_KV,
@@ -795,7 +805,10 @@ def _features(q, k, opts: Options, dummy: torch.Tensor):
         "SOFTCAP": bool(opts.softcap), "DROPOUT": opts.dropout_p > 0, "VARLEN": opts.varlen,
     }
     n_z = opts.cu_seqlens_q.shape[0] - 1 if opts.varlen else B
-    return args, constexprs, n_z
+    heavy = (constexprs["MASK_KIND"] or kpm is not None or slopes is not None or opts.softcap
+             or opts.dropout_p > 0 or opts.left is not None)
+    variant = "masked" if heavy else ("varlen" if opts.varlen else "plain")
+    return args, constexprs, n_z, variant
 
 
 def _pick(fn, values: dict) -> dict:
@@ -810,7 +823,7 @@ def _tune_key(constexprs: dict) -> list:
 def plan_forward(q, k, v, out, lse, opts: Options, arch: int | None) -> list[Launch]:
     H, D = q.shape[1], q.shape[3]
     block_d = _block_d(D)
-    feats, flags, n_z = _features(q, k, opts, lse)
+    feats, flags, n_z, variant = _features(q, k, opts, lse)
     n_q = opts.max_seqlen_q if opts.varlen else q.shape[2]
     args = _pick(_attn_fwd, {"Q": q, "K": k, "V": v, "Out": out, "Lse": lse, **feats,
                              **_strides(q, "q"), **_strides(k, "k"), **_strides(v, "v"),
@@ -819,14 +832,15 @@ def plan_forward(q, k, v, out, lse, opts: Options, arch: int | None) -> list[Lau
                   "DOT_PRECISION": _dot_precision(q.dtype, block_d)}
     return [Launch("attn_fwd", _attn_fwd, args, constexprs,
                    lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), n_z, H),
-                   configs_for("fwd", arch, block_d, q.element_size()), _tune_key(constexprs))]
+                   configs_for("fwd", arch, block_d, q.element_size(), variant),
+                   _tune_key(constexprs))]
 
 
 def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
                   arch: int | None, dmask: torch.Tensor | None = None) -> list[Launch]:
     B, H, N_Q, D = q.shape
     block_d = _block_d(D)
-    feats, flags, n_z = _features(q, k, opts, lse)
+    feats, flags, n_z, variant = _features(q, k, opts, lse)
     n_q = opts.max_seqlen_q if opts.varlen else N_Q
     n_k = opts.max_seqlen_k if opts.varlen else k.shape[2]
     constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, **flags,
@@ -847,12 +861,12 @@ def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
     dkdv = Launch(
         "attn_bwd_dkdv", _attn_bwd_dkdv, _pick(_attn_bwd_dkdv, values), constexprs,
         lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), n_z, k.shape[1]),
-        configs_for("bwd_dkdv", arch, block_d, q.element_size()), tune_key)
+        configs_for("bwd_dkdv", arch, block_d, q.element_size(), variant), tune_key)
     dq_launch = Launch(
         "attn_bwd_dq", _attn_bwd_dq, _pick(_attn_bwd_dq, values),
         {**constexprs, "MASK_GRAD": dmask is not None},
         lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), n_z, H),
-        configs_for("bwd_dq", arch, block_d, q.element_size()), tune_key + ["MASK_GRAD"])
+        configs_for("bwd_dq", arch, block_d, q.element_size(), variant), tune_key + ["MASK_GRAD"])
     return [preprocess, dkdv, dq_launch]
 
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from tritformer.validate import check_attention, check_ffn, check_gated_ffn, check_softmax  # noqa: E402
+from tritformer.validate import (check_attention, check_ffn, check_gated_ffn, check_softmax,  # noqa: E402
+                                 check_varlen_attention)
 
 DEEP = int(os.environ.get("TRITFORMER_FUZZ_EXAMPLES", "0"))
 
@@ -56,6 +57,190 @@ def test_attention(B, Hkv, group, Nq, Nk, D, dtype, causal, layout, scale, seed)
     q, k, v = t(Hq, Nq), t(Hkv, Nk), t(Hkv, Nk)
     assert_checks(check_attention(q, k, v, causal=causal, scale=scale, return_lse=True),
                   (B, Hq, Hkv, Nq, Nk, D, dtype, causal, layout, scale))
+
+
+# --------------------------------------------------------------------------------------------
+# attention with every option: masks, key padding, window, ALiBi, softcap, dropout; and varlen
+# --------------------------------------------------------------------------------------------
+# attn_mask broadcast shapes, as names of the dims kept ("1" = broadcast dim)
+MASK_SHAPES = ["B,Hq,Nq,Nk", "Nq,Nk", "B,1,1,Nk", "1,Hq,Nq,Nk", "Nk", "B,1,Nq,Nk", "Hq,1,Nk"]
+WINDOW_EDGE = st.one_of(st.just(-1), st.integers(0, 100))
+DROPOUT = st.one_of(st.just(0.0), st.floats(0.1, 0.5))
+SOFTCAP = st.one_of(st.none(), st.floats(0.5, 50.0))
+
+
+@st.composite
+def attention_options_case(draw):
+    """Shapes, dtype, layout and a combination of options for tritformer.attention.
+
+    The tensors themselves are drawn from `seed` in the test (cheap to shrink, exact to replay);
+    the draws here are what decides the code path."""
+    Hkv, group = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    c = dict(B=draw(st.integers(1, 2)), Hkv=Hkv, Hq=Hkv * group,
+             Nq=draw(st.integers(1, 90)), Nk=draw(st.integers(1, 90)),
+             D=draw(st.one_of(st.sampled_from([16, 32, 64, 80]), st.integers(1, 80))),
+             dtype=draw(DTYPES), layout=draw(st.sampled_from(["bhnd", "bnhd"])),
+             causal=draw(st.booleans()), scale=draw(st.one_of(st.none(), st.floats(0.05, 2.0))),
+             magnitude=draw(st.sampled_from([1.0, 4.0])))
+    c["window"] = draw(st.one_of(st.none(), st.tuples(WINDOW_EDGE, WINDOW_EDGE)))
+    c["alibi"] = draw(st.sampled_from([None, "Hq", "B,Hq"]))
+    c["softcap"] = draw(SOFTCAP)
+    c["mask"] = draw(st.sampled_from([None, "bool", "float", "float_grad"]))
+    if c["mask"]:
+        c["mask_shape"] = draw(st.sampled_from(MASK_SHAPES))
+        c["mask_dtype"] = draw(st.sampled_from(["q", "float32"]))  # float masks: q's dtype or fp32
+        c["mask_density"] = draw(st.sampled_from([0.0, 0.2, 0.6, 0.95]))  # masked (-inf) fraction
+        c["mask_empty_row"] = draw(st.booleans())  # one mask row fully masked
+    c["kpm"] = draw(st.sampled_from([None, "random", "right", "left"]))
+    if c["kpm"]:
+        c["kpm_empty_batch"] = draw(st.booleans())  # a batch row that is all padding
+    c["dropout_p"] = draw(DROPOUT)
+    return c
+
+
+def _attention_options_inputs(c, seed):
+    g = _gen(seed)
+    B, Hq, Hkv, Nq, Nk, D, dtype = (c[n] for n in ("B", "Hq", "Hkv", "Nq", "Nk", "D", "dtype"))
+
+    def t(h, n, mag=1.0):
+        if c["layout"] == "bnhd":  # a transposed [B, N, H, D] projection, read through strides
+            return (torch.randn(B, n, h, D, generator=g) * mag).to(dtype).transpose(1, 2)
+        return (torch.randn(B, h, n, D, generator=g) * mag).to(dtype)
+
+    q, k, v = t(Hq, Nq, c["magnitude"]), t(Hkv, Nk), t(Hkv, Nk)
+    opts = dict(window=c["window"], softcap=c["softcap"], dropout_p=c["dropout_p"])
+    if c["alibi"]:
+        shape = (Hq,) if c["alibi"] == "Hq" else (B, Hq)
+        opts["alibi_slopes"] = torch.rand(*shape, generator=g)
+    if c["mask"]:
+        dims = {"B": B, "Hq": Hq, "Nq": Nq, "Nk": Nk, "1": 1}
+        shape = [dims[d] for d in c["mask_shape"].split(",")]
+        masked = torch.rand(*shape, generator=g) < c["mask_density"]
+        if c["mask_empty_row"]:  # the first mask row along every leading dim: no visible key
+            masked[(0,) * (len(shape) - 1)] = True
+        if c["mask"] == "bool":
+            m = ~masked
+        else:
+            m = (torch.randn(*shape, generator=g) * 2).masked_fill(masked, float("-inf"))
+            m = m.to(dtype if c["mask_dtype"] == "q" else torch.float32)
+            m.requires_grad_(c["mask"] == "float_grad")
+        opts["attn_mask"] = m
+    if c["kpm"]:
+        if c["kpm"] == "random":
+            pad = torch.rand(B, Nk, generator=g) < 0.3
+        else:  # right / left padding to a random length per batch row
+            lengths = torch.randint(0, Nk + 1, (B, 1), generator=g)
+            pos = torch.arange(Nk)[None, :]
+            pad = pos >= lengths if c["kpm"] == "right" else pos < Nk - lengths
+        if c["kpm_empty_batch"]:
+            pad[int(torch.randint(0, B, (1,), generator=g))] = True
+        opts["key_padding_mask"] = pad
+    return q, k, v, opts
+
+
+# Found by the deep search (plain path, no option involved): fp32, large scale, 2 keys. dv was
+# 5.9x PyTorch's error: the kernels scaled the scores to log2 units before subtracting the row
+# max / lse, rounding |s| ~ 20 into the exponent. Fixed by subtracting in natural units first
+# (kernels/attention.py _scores): dv 2.17x, dk 2.25x now. Kept as a regression example.
+FP32_LSE_RECOMPUTE = dict(B=2, Hkv=1, Hq=2, Nq=10, Nk=2, D=16, dtype=torch.float32, layout="bhnd",
+                          causal=False, scale=1.5, magnitude=1.0, window=None, alibi=None,
+                          softcap=None, mask=None, kpm=None, dropout_p=0.0)
+
+# Deep search: fp16 q with a float32 mask that requires grad. dmask 14.6x PyTorch's error
+# (5.5e-6): dS = P (dP - delta) with delta = rowsum(dO O) over the fp16-rounded O, the same
+# roundoff _grad_floors accepts for dq/dk; dmask's floor took fp32's eps (the mask's storage).
+# check_attention now floors dmask at q's eps (the precision dS is computed from).
+FP16_Q_FP32_MASK_DMASK = dict(B=1, Hkv=1, Hq=1, Nq=1, Nk=8, D=1, dtype=torch.float16,
+                              layout="bhnd", causal=False, scale=None, magnitude=1.0, window=None,
+                              alibi=None, softcap=None, mask="float_grad", mask_shape="B,Hq,Nq,Nk",
+                              mask_dtype="float32", mask_density=0.6, mask_empty_row=False,
+                              kpm=None, dropout_p=0.0)
+
+
+@fuzz(12)
+@given(c=attention_options_case(), seed=st.integers(0, 2**16))
+@example(c=FP32_LSE_RECOMPUTE, seed=0)
+@example(c=FP16_Q_FP32_MASK_DMASK, seed=1)
+def test_attention_options(c, seed):
+    q, k, v, opts = _attention_options_inputs(c, seed)
+    torch.manual_seed(seed)  # the dropout seed: the example replays exactly
+    assert_checks(check_attention(q, k, v, causal=c["causal"], scale=c["scale"], return_lse=True,
+                                  **opts), (c, seed))
+
+
+@st.composite
+def varlen_case(draw):
+    """Packed sequences with lengths 0..90 (a sequence may have no queries or no keys)."""
+    Hkv, group = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    n = draw(st.integers(1, 4))
+    length = st.one_of(st.just(0), st.integers(1, 90))
+    c = dict(Hkv=Hkv, Hq=Hkv * group, lq=draw(st.lists(length, min_size=n, max_size=n)),
+             D=draw(st.one_of(st.sampled_from([16, 64]), st.integers(1, 80))), dtype=draw(DTYPES),
+             causal=draw(st.booleans()), scale=draw(st.one_of(st.none(), st.floats(0.05, 2.0))),
+             layout=draw(st.sampled_from(["thd", "packed_kv", "htd"])))
+    same = draw(st.booleans())  # self-attention: the key lengths are the query lengths
+    c["lk"] = c["lq"] if same else draw(st.lists(length, min_size=n, max_size=n))
+    c["slack"] = draw(st.sampled_from([(0, 0), (0, 7), (5, 0), (3, 40)]))  # max_seqlen > longest
+    c["window"] = draw(st.one_of(st.none(), st.tuples(WINDOW_EDGE, WINDOW_EDGE)))
+    c["alibi"] = draw(st.sampled_from([None, "Hq", "S,Hq"]))
+    c["softcap"] = draw(SOFTCAP)
+    c["dropout_p"] = draw(DROPOUT)
+    return c
+
+
+def _varlen_inputs(c, seed):
+    g = _gen(seed)
+    Hq, Hkv, D, dtype, lq, lk = (c[n] for n in ("Hq", "Hkv", "D", "dtype", "lq", "lk"))
+    Tq, Tk = sum(lq), sum(lk)
+    if c["layout"] == "packed_kv":  # k and v interleaved in one [Tk, 2, Hkv, D] buffer
+        q = torch.randn(Tq, Hq, D, generator=g).to(dtype)
+        kv = torch.randn(Tk, 2, Hkv, D, generator=g).to(dtype)
+        k, v = kv[:, 0], kv[:, 1]
+    elif c["layout"] == "htd":  # head-major buffers viewed as [T, H, D]
+        q, k, v = (torch.randn(h, n, D, generator=g).to(dtype).transpose(0, 1)
+                   for h, n in ((Hq, Tq), (Hkv, Tk), (Hkv, Tk)))
+    else:
+        q, k, v = (torch.randn(n, h, D, generator=g).to(dtype)
+                   for h, n in ((Hq, Tq), (Hkv, Tk), (Hkv, Tk)))
+    cu = lambda ls: torch.tensor([0, *ls]).cumsum(0).to(torch.int32)  # noqa: E731
+    opts = dict(window=c["window"], softcap=c["softcap"], dropout_p=c["dropout_p"])
+    if c["alibi"]:
+        shape = (Hq,) if c["alibi"] == "Hq" else (len(lq), Hq)
+        opts["alibi_slopes"] = torch.rand(*shape, generator=g)
+    max_q, max_k = max(lq) + c["slack"][0], max(lk) + c["slack"][1]
+    return (q, k, v, cu(lq), cu(lk), max_q, max_k), opts
+
+
+# Deep search: fp32, scale 1.39 (scores |s| ~ 15), softcap 50 + dropout 0.125. Before the
+# natural-units fix: out 2.8x, dv 3.9x; after: out 3.06x (bound 2x), grads <= 1.5x. Without
+# softcap out is 1.26x but dk is 3.38x with dropout (2.62x without). What is left is the
+# FlashAttention recompute itself: the backward rebuilds P = exp(s - lse) from the stored lse
+# (two roundings at |s|, where PyTorch's backward reuses its saved softmax), and the softcap
+# product softcap * tanh rounds at |s| <= 50 before the max is subtracted. Open: tracked here as
+# a strict xfail (it fails the test if it starts passing), not hidden by a wider bound.
+FP32_SOFTCAP_DROPOUT_VARLEN = dict(
+    Hkv=2, Hq=2, lq=[13, 13, 77], D=10, dtype=torch.float32, causal=False,
+    scale=1.3875672946954716, layout="thd", lk=[13, 13, 77], slack=(3, 40), window=None,
+    alibi=None, softcap=50.0, dropout_p=0.125)
+
+
+@pytest.mark.xfail(strict=True, reason="fp32 large-score recompute: out 3.06x PyTorch's error "
+                                       "(bound 2x); see FP32_SOFTCAP_DROPOUT_VARLEN")
+def test_varlen_fp32_softcap_dropout_known_gap():
+    args, opts = _varlen_inputs(FP32_SOFTCAP_DROPOUT_VARLEN, 2999)
+    torch.manual_seed(2999)
+    assert_checks(check_varlen_attention(*args, causal=False,
+                                         scale=FP32_SOFTCAP_DROPOUT_VARLEN["scale"],
+                                         return_lse=True, **opts), "known gap")
+
+
+@fuzz(10)
+@given(c=varlen_case(), seed=st.integers(0, 2**16))
+def test_varlen_attention(c, seed):
+    args, opts = _varlen_inputs(c, seed)
+    torch.manual_seed(seed)
+    assert_checks(check_varlen_attention(*args, causal=c["causal"], scale=c["scale"],
+                                         return_lse=True, **opts), (c, seed))
 
 
 @st.composite

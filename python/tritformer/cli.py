@@ -29,9 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--head-dim", nargs="+", type=int, choices=[64, 128, 256], default=[64, 128, 256],
                    help="head-dim buckets to compile (64 covers D<=64, 128 D<=128, 256 D<=256)")
     i.add_argument("--dtype", nargs="+", choices=["fp16", "bf16", "fp32"], default=["fp16", "fp32"])
-    i.add_argument("--op", nargs="+", choices=["attention", "softmax", "ffn"],
-                   default=["attention", "softmax", "ffn"],
-                   help="kernels to compile (D/C column: head dim, softmax row length, or FFN model dim)")
+    i.add_argument("--op", nargs="+", choices=["attention", "masked", "varlen", "softmax", "ffn"],
+                   default=["attention", "masked", "varlen", "softmax", "ffn"],
+                   help="kernels to compile (D/C column: head dim, softmax row length, or FFN model "
+                        "dim); masked: every mask/bias/dropout switch on, varlen: packed sequences")
     return p
 
 

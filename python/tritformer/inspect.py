@@ -101,8 +101,12 @@ def compile_launch(launch, cfg, arch: str) -> tuple[int, int, int, int]:
 def _attention_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool):
     from tritformer.kernels import attention as K
     meta = dict(device="meta", dtype=dtype)
-    B, H, N = 2, 4, 1024  # contiguous [B, H, N, D]: strides and lengths divisible by 16
-    q, k, v, o, do = (torch.empty(B, H, N, head_dim, **meta) for _ in range(5))
+    # contiguous [B, H, N, D]: strides and lengths divisible by 16. GQA 4:1: the dK/dV program's
+    # loop over the group's query heads (an MHA plan passes GROUP=1, which the JIT specialises
+    # away) costs registers: fp16 D=64 32x128/8 warps measured 216 regs MHA, 254 GQA on sm_80
+    B, H, H_KV, N = 2, 8, 2, 1024
+    q, o, do = (torch.empty(B, H, N, head_dim, **meta) for _ in range(3))
+    k, v = (torch.empty(B, H_KV, N, head_dim, **meta) for _ in range(2))
     lse = torch.empty(B, H, N, device="meta", dtype=torch.float32)
     delta = torch.empty_like(lse)
     scale = head_dim ** -0.5
@@ -111,6 +115,43 @@ def _attention_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool)
     return (K.plan_forward(q, k, v, o, lse, opts, cap)
             + K.plan_backward(do, q, k, v, o, lse, None, delta, q.clone(), k.clone(), v.clone(),
                               opts, cap))
+
+
+def _masked_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool):
+    """The heaviest masked variant: every switch on (float mask whose gradient the dQ kernel
+    writes, key padding, ALiBi, softcap, dropout, sliding window; right edge 0 when causal)."""
+    from tritformer.kernels import attention as K
+    meta = dict(device="meta", dtype=dtype)
+    B, H, N = 2, 4, 1024
+    q, k, v, o, do = (torch.empty(B, H, N, head_dim, **meta) for _ in range(5))
+    lse = torch.empty(B, H, N, device="meta", dtype=torch.float32)
+    opts = K.Options(scale=head_dim ** -0.5, left=256, right=0 if causal else 256,
+                     attn_mask=torch.empty(1, H, N, N, **meta).expand(B, H, N, N),
+                     key_padding_mask=torch.empty(B, N, device="meta", dtype=torch.bool),
+                     alibi_slopes=torch.empty(B, H, device="meta"), softcap=30.0, dropout_p=0.1,
+                     seed=1234)
+    cap = ARCHES[arch]
+    dmask = torch.empty(B, H, N, N, device="meta")
+    return (K.plan_forward(q, k, v, o, lse, opts, cap)
+            + K.plan_backward(do, q, k, v, o, lse, None, torch.empty_like(lse), q.clone(),
+                              k.clone(), v.clone(), opts, cap, dmask)[1:])
+
+
+def _varlen_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool):
+    """Packed sequences ([1, H, total, D] views of [total, H, D], cu_seqlens), GQA 4:1."""
+    from tritformer.kernels import attention as K
+    meta = dict(device="meta", dtype=dtype)
+    T, H = 8192, 8
+    view = lambda h: torch.empty(T, h, head_dim, **meta).transpose(0, 1)[None]  # noqa: E731
+    q, k, v, o, do = view(H), view(2), view(2), view(H), view(H)
+    lse = torch.empty(1, H, T, device="meta", dtype=torch.float32)
+    cu = torch.empty(9, device="meta", dtype=torch.int32)
+    opts = K.Options(scale=head_dim ** -0.5, right=0 if causal else None, cu_seqlens_q=cu,
+                     cu_seqlens_k=cu, max_seqlen_q=2048, max_seqlen_k=2048)
+    cap = ARCHES[arch]
+    return (K.plan_forward(q, k, v, o, lse, opts, cap)
+            + K.plan_backward(do, q, k, v, o, lse, None, torch.empty_like(lse), q.clone(),
+                              k.clone(), v.clone(), opts, cap)[1:])
 
 
 SOFTMAX_ROWS = (1024, 16384, 65536)  # one 4-warp tile, the largest single tile, multi-tile
@@ -143,10 +184,17 @@ def _ffn_plans(arch: str, dtype: torch.dtype, hidden: int, _causal: bool):
 
 
 def inspect(archs=("sm_80", "sm_90"), head_dims=(64, 128, 256), dtypes=("fp16", "fp32"),
-            causal=(False, True), progress=None, ops=("attention", "softmax", "ffn")) -> list[Row]:
+            causal=(False, True), progress=None,
+            ops=("attention", "masked", "varlen", "softmax", "ffn")) -> list[Row]:
     cases = []
     if "attention" in ops:
         cases += [(_attention_plans, a, dt, d, c) for a in archs for dt in dtypes
+                  for d in head_dims for c in causal]
+    if "masked" in ops:
+        cases += [(_masked_plans, a, dt, d, c) for a in archs for dt in dtypes
+                  for d in head_dims for c in causal]
+    if "varlen" in ops:
+        cases += [(_varlen_plans, a, dt, d, c) for a in archs for dt in dtypes
                   for d in head_dims for c in causal]
     if "softmax" in ops:
         cases += [(_softmax_plans, a, dt, n, c) for a in archs for dt in dtypes
@@ -164,7 +212,8 @@ def inspect(archs=("sm_80", "sm_90"), head_dims=(64, 128, 256), dtypes=("fp16", 
                     err = ""
                 except Exception as e:  # an unshippable config is a failing row, not a crash
                     regs, spills, smem, mma, err = -1, -1, -1, -1, f"{type(e).__name__}: {e}"[:200]
-                rows.append(Row(launch.name, arch, dt, d, c, desc, regs, spills, smem, mma, err))
+                tag = {_masked_plans: "+masked", _varlen_plans: "+varlen"}.get(plans, "")
+                rows.append(Row(launch.name + tag, arch, dt, d, c, desc, regs, spills, smem, mma, err))
                 if progress:
                     progress(rows[-1])
     return rows

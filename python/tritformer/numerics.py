@@ -63,10 +63,12 @@ def _max_err(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, str]:
 
 
 def check(name: str, out: torch.Tensor, ref: torch.Tensor, baseline: torch.Tensor,
-          factor: float = FORWARD_FACTOR, floor_scale: float | None = None) -> Check:
+          factor: float = FORWARD_FACTOR, floor_scale: float | None = None,
+          eps_dtype: torch.dtype | None = None) -> Check:
     """Compare `out` (kernel) and `baseline` (PyTorch, same dtype as out) against `ref` (float64).
 
-    floor_scale: magnitude for the roundoff floor; default max|ref|."""
+    floor_scale: magnitude for the roundoff floor; default max|ref|. eps_dtype: the precision
+    the quantity is computed from, when coarser than its storage (default out's dtype)."""
     if out.shape != ref.shape:
         return Check(name, float("inf"), 0.0, 0.0, f"shape {tuple(out.shape)} != {tuple(ref.shape)}")
     ref = ref.detach().to(torch.float64)
@@ -76,7 +78,8 @@ def check(name: str, out: torch.Tensor, ref: torch.Tensor, baseline: torch.Tenso
     scale = float(finite.abs().max()) if finite.numel() else 0.0
     if floor_scale is not None:
         scale = max(scale, floor_scale)
-    floor = torch.finfo(out.dtype).eps * scale if out.dtype.is_floating_point else 0.0
+    eps_dtype = eps_dtype or out.dtype
+    floor = torch.finfo(eps_dtype).eps * scale if eps_dtype.is_floating_point else 0.0
     return Check(name, err, base, factor * base + floor, where)
 
 

@@ -111,6 +111,53 @@ def check_attention(q, k, v, *, causal=False, scale=None, grads=True, return_lse
             pairs.append(("dmask", mk, mr, mb))
         floors = _grad_floors(lr, do, scale, q.shape[-1])
         for name, a, r, b in pairs:
+            # dmask is dS, computed from q's dtype (dO, O, P of 16-bit inputs) whatever the
+            # mask's storage: an fp32 mask on fp16 inputs takes fp16's roundoff floor (measured:
+            # Nq=1, Nk=8, D=1 dmask 5.5e-6 = 14.6x the fp16 baseline's error, fp16-level)
+            eps_dtype = q.dtype if name == "dmask" else None
+            checks.append(numerics.check(name, a.grad, r.grad, b.grad, numerics.GRAD_FACTOR,
+                                         floor_scale=floors[name], eps_dtype=eps_dtype))
+    return checks
+
+
+def check_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                           causal=False, scale=None, grads=True, return_lse=False,
+                           **options) -> list[numerics.Check]:
+    """`check_attention` for tritformer.varlen_attention (q [Tq, Hq, D], k/v [Tk, Hkv, D],
+    packed sequences): out (lse [Hq, Tq]), dq, dk, dv of the kernel vs reference.varlen_attention
+    on float64 copies, bounded by the same reference run in q's dtype. options: dropout_p,
+    window, alibi_slopes ([Hq] or [num_seqs, Hq]), softcap; with dropout the reference uses the
+    kernel's own keep bits (rows [Hq, Tq], max_seqlen_k columns, regenerated from the seed).
+    """
+    from .ops.attention import varlen_attention
+    slopes = options.pop("alibi_slopes", None)
+    cu = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+    def leaves(dtype=None):
+        ts = [x.detach().to(dtype or x.dtype).requires_grad_(grads) for x in (q, k, v)]
+        s = None if slopes is None else slopes.detach().to(dtype or slopes.dtype)
+        return ts, s
+
+    (lk, sk), (lr, sr), (lb, sb) = leaves(), leaves(torch.float64), leaves()
+    p = float(options.get("dropout_p", 0.0))
+    (out, lse), seed = _same_rng_seed(
+        lambda: varlen_attention(*lk, *cu, causal=causal, scale=scale, return_lse=True,
+                                 alibi_slopes=sk, **options), p)
+    Tq, Hq = q.shape[:2]
+    keep = _dropout_reference_mask(q, seed, p, Hq * Tq, max_seqlen_k, (Hq, Tq, max_seqlen_k))
+    ref, ref_lse = reference.varlen_attention(*lr, *cu, causal=causal, scale=scale, return_lse=True,
+                                              alibi_slopes=sr, dropout_mask=keep, **options)
+    base, base_lse = reference.varlen_attention(*lb, *cu, causal=causal, scale=scale,
+                                                return_lse=True, alibi_slopes=sb,
+                                                dropout_mask=keep, **options)
+    checks = [numerics.check("out", out, ref, base, numerics.FORWARD_FACTOR)]
+    if return_lse:
+        checks.append(numerics.check("lse", lse, ref_lse, base_lse, numerics.FORWARD_FACTOR))
+    if grads:
+        do = _backprop(out, ref, base)
+        floors = _grad_floors(lr, do, scale, q.shape[-1])
+        for name, a, r, b in (("dq", lk[0], lr[0], lb[0]), ("dk", lk[1], lr[1], lb[1]),
+                              ("dv", lk[2], lr[2], lb[2])):
             checks.append(numerics.check(name, a.grad, r.grad, b.grad, numerics.GRAD_FACTOR,
                                          floor_scale=floors[name]))
     return checks
@@ -196,6 +243,90 @@ def _cases(quick: bool):
     return cases[:3] if quick else cases
 
 
+def _masked_cases(quick: bool):
+    # (B, Hq, Hkv, Nq, Nk, D, causal, options): one line per code path of the option switches
+    # (built by _masked_inputs; "mask=bool:1,1,Nq,Nk" is a mask of that broadcast shape)
+    cases = [
+        (2, 4, 2, 100, 130, 64, False, "mask=bool:B,1,Nq,Nk"),      # bool mask + GQA, masked rows
+        (1, 4, 4, 96, 96, 48, False, "mask=float_grad:1,Hq,Nq,Nk"),  # additive mask with -inf, dmask
+        (2, 2, 2, 80, 150, 64, True, "kpm"),                      # key padding (one batch all padding) + causal
+        (1, 4, 4, 128, 160, 64, False, "window=40,8 alibi"),      # sliding window + ALiBi, skipped tiles
+        (2, 2, 1, 90, 90, 64, True, "softcap=20"),                # softcap (tanh) + MQA
+        (1, 2, 2, 100, 100, 64, False, "dropout=0.2"),            # Philox dropout, fwd and bwd
+    ]
+    return cases[:2] if quick else cases
+
+
+def _masked_inputs(case, dtype, device, gen):
+    """(q, k, v, causal, options for check_attention, name) of a _masked_cases line."""
+    B, Hq, Hkv, Nq, Nk, D, causal, spec = case
+    rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    q, k, v = (rnd(B, h, s, D).to(device, dtype) for h, s in ((Hq, Nq), (Hkv, Nk), (Hkv, Nk)))
+    dims = {"B": B, "Hq": Hq, "Nq": Nq, "Nk": Nk}
+    opts = {}
+    for item in spec.split():
+        key, _, val = item.partition("=")
+        if key == "mask":
+            kind, shape = val.split(":")
+            shape = [dims.get(d) or int(d) for d in shape.split(",")]
+            if kind == "bool":
+                m = torch.rand(*shape, generator=gen) > 0.3
+                m[..., 3, :] = False  # a query row that sees no key
+            else:
+                m = (rnd(*shape) * 2).masked_fill(torch.rand(*shape, generator=gen) < 0.2, float("-inf"))
+                m[..., 5, :] = float("-inf")  # a row with every key at -inf
+                m = m.to(dtype).requires_grad_(kind == "float_grad")
+            opts["attn_mask"] = m.to(device)
+        elif key == "kpm":
+            lengths = torch.randint(1, Nk + 1, (B,), generator=gen)
+            lengths[-1] = 0  # a batch row that is all padding
+            opts["key_padding_mask"] = (torch.arange(Nk)[None, :] >= lengths[:, None]).to(device)
+        elif key == "window":
+            opts["window"] = tuple(int(w) for w in val.split(","))
+        elif key == "alibi":
+            opts["alibi_slopes"] = torch.exp2(-8.0 * torch.arange(1, Hq + 1) / Hq).to(device)
+        elif key == "softcap":
+            opts["softcap"] = float(val)
+            q = q * 4  # scores beyond the cap: tanh saturates
+        elif key == "dropout":
+            opts["dropout_p"] = float(val)
+    name = (f"attention {str(dtype).split('.')[-1]} B={B} H={Hq}/{Hkv} N={Nq}x{Nk} D={D}"
+            f"{' causal' if causal else ''} {spec}")
+    return q, k, v, causal, opts, name
+
+
+def _varlen_cases(quick: bool):
+    # (Hq, Hkv, seqlens_q, seqlens_k, D, causal, options): packed sequences incl. empty ones
+    cases = [
+        (4, 2, (37, 0, 90, 5), (60, 0, 90, 1), 64, True, ""),          # GQA, causal, 0-length seq
+        (2, 2, (100, 17), (100, 40), 48, False, "window=32,0 alibi softcap=15"),
+        (2, 1, (50, 0, 70), (70, 20, 33), 64, False, "dropout=0.15"),  # queries without keys, dropout
+    ]
+    return cases[:1] if quick else cases
+
+
+def _varlen_inputs(case, dtype, device, gen):
+    """(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, options, name)."""
+    Hq, Hkv, lq, lk, D, causal, spec = case
+    cu = lambda ls: torch.tensor([0, *ls], dtype=torch.int32).cumsum(0).to(torch.int32).to(device)  # noqa: E731
+    q = torch.randn(sum(lq), Hq, D, generator=gen).to(device, dtype)
+    kv = torch.randn(sum(lk), 2, Hkv, D, generator=gen).to(device, dtype)  # packed kv: strided views
+    opts = {}
+    for item in spec.split():
+        key, _, val = item.partition("=")
+        if key == "window":
+            opts["window"] = tuple(int(w) for w in val.split(","))
+        elif key == "alibi":  # [num_seqs, Hq]
+            opts["alibi_slopes"] = (torch.rand(len(lq), Hq, generator=gen) * 0.5).to(device)
+        elif key == "softcap":
+            opts["softcap"] = float(val)
+        elif key == "dropout":
+            opts["dropout_p"] = float(val)
+    name = (f"varlen {str(dtype).split('.')[-1]} H={Hq}/{Hkv} q={'+'.join(map(str, lq))} "
+            f"k={'+'.join(map(str, lk))} D={D}{' causal' if causal else ''}{' ' + spec if spec else ''}")
+    return (q, kv[:, 0], kv[:, 1], cu(lq), cu(lk), max(lq), max(lk), causal, opts, name)
+
+
 def _softmax_cases(quick: bool):
     # (x shape, bool mask shape or None, causal, scale): one line per code path
     cases = [
@@ -230,10 +361,12 @@ def main(args) -> int:
     from .backend import backend_for
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     grid = [("attention", dt, c) for dt in args.dtype for c in _cases(args.quick)]
+    grid += [("masked", dt, c) for dt in args.dtype for c in _masked_cases(args.quick)]
+    grid += [("varlen", dt, c) for dt in args.dtype for c in _varlen_cases(args.quick)]
     grid += [("softmax", dt, c) for dt in args.dtype for c in _softmax_cases(args.quick)]
     grid += [("ffn", dt, c) for dt in args.dtype for c in _ffn_cases(args.quick)]
     backend = backend_for(torch.empty(0, device=device))
-    print(f"validate: attention, softmax, ffn on {device} ({backend}), {len(grid)} cases", file=sys.stderr)
+    print(f"validate: attention (masks, options, varlen), softmax, ffn on {device} ({backend}), {len(grid)} cases", file=sys.stderr)
     rows, failed, t0 = [], 0, time.time()
     for n, (op, dt, case) in enumerate(grid, 1):
         gen = torch.Generator().manual_seed(n)
@@ -243,6 +376,14 @@ def main(args) -> int:
                        for h, s in ((Hq, Nq), (Hkv, Nk), (Hkv, Nk)))
             name = f"attention {dt} B={B} H={Hq}/{Hkv} N={Nq}x{Nk} D={D}{' causal' if causal else ''}"
             checks = check_attention(q, k, v, causal=causal, return_lse=True)
+        elif op == "masked":
+            q, k, v, causal, opts, name = _masked_inputs(case, dtypes[dt], device, gen)
+            torch.manual_seed(n)  # the dropout seed
+            checks = check_attention(q, k, v, causal=causal, return_lse=True, **opts)
+        elif op == "varlen":
+            *tensors, causal, opts, name = _varlen_inputs(case, dtypes[dt], device, gen)
+            torch.manual_seed(n)
+            checks = check_varlen_attention(*tensors, causal=causal, return_lse=True, **opts)
         elif op == "ffn":
             gated, M, d_in, hidden, d_out, act, extra = case
             dtype = dtypes[dt]
