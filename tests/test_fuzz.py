@@ -17,8 +17,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from tritformer.validate import (check_attention, check_ffn, check_gated_ffn, check_softmax,  # noqa: E402
-                                 check_varlen_attention)
+from tritformer.validate import (check_attention, check_ffn, check_gated_ffn, check_sdpa,  # noqa: E402
+                                 check_softmax, check_varlen_attention)
 
 DEEP = int(os.environ.get("TRITFORMER_FUZZ_EXAMPLES", "0"))
 
@@ -241,6 +241,34 @@ def test_varlen_attention(c, seed):
     torch.manual_seed(seed)
     assert_checks(check_varlen_attention(*args, causal=c["causal"], scale=c["scale"],
                                          return_lse=True, **opts), (c, seed))
+
+
+@fuzz(8)
+@given(lead=st.sampled_from([(), (2,), (1, 2)]), Hkv=st.integers(1, 2), group=st.integers(1, 3),
+       L=st.integers(1, 70), S=st.integers(1, 70), E=st.sampled_from([8, 16, 33, 64]),
+       dtype=DTYPES, is_causal=st.booleans(),
+       mask=st.sampled_from([None, "bool:L,S", "bool:H,1,S", "float:L,S", "float_grad:1,L,S"]),
+       gqa=st.booleans(), scale=st.one_of(st.none(), st.floats(0.05, 1.5)),
+       seed=st.integers(0, 2**16))
+def test_sdpa_drop_in(lead, Hkv, group, L, S, E, dtype, is_causal, mask, gqa, scale, seed):
+    # the drop-in against torch's own SDPA (top-left is_causal, broadcast leading dims, GQA)
+    g = _gen(seed)
+    Hq = Hkv * group if gqa else Hkv
+    t = lambda h, n: torch.randn(*lead, h, n, E, generator=g).to(dtype)  # noqa: E731
+    q, k, v = t(Hq, L), t(Hkv, S), t(Hkv, S)
+    m = None
+    if mask is not None:
+        kind, shape = mask.split(":")
+        dims = {"L": L, "S": S, "H": Hq}
+        shape = [dims.get(d) or int(d) for d in shape.split(",")]
+        if kind == "bool":
+            m = torch.rand(*shape, generator=g) > 0.3
+        else:
+            m = torch.randn(*shape, generator=g).to(dtype).requires_grad_(kind == "float_grad")
+    if is_causal:
+        m = None  # torch's math path refuses is_causal with a mask (test_sdpa covers the AND)
+    assert_checks(check_sdpa(q, k, v, m, is_causal=is_causal, scale=scale, enable_gqa=gqa),
+                  (lead, Hq, Hkv, L, S, E, dtype, is_causal, mask, gqa, scale, seed))
 
 
 @st.composite

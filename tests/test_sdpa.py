@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import tritformer.ops.sdpa as sdpa_mod
 from tritformer import numerics
 from tritformer.ops.sdpa import scaled_dot_product_attention as sdpa
-from tritformer.validate import _backprop
+from tritformer.validate import check_sdpa
 
 TORCH_SDPA = torch._C._nn.scaled_dot_product_attention  # torch's op, whatever F holds
 
@@ -43,39 +43,8 @@ def rnd(*shape, dtype=torch.float16):
 
 
 def check_against_torch(q, k, v, attn_mask=None, grads=True, **kw):
-    """tritformer sdpa vs torch's SDPA in float64 (reference) and in q's dtype (baseline); outputs
-    and the gradients of q, k, v and of a float attn_mask that requires grad."""
-    mask_grad = attn_mask is not None and attn_mask.requires_grad
-
-    def leaves(dtype, mask_dtype=None):
-        ins = [x.detach().to(dtype).requires_grad_(grads) for x in (q, k, v)]
-        m = attn_mask
-        if m is not None and m.dtype != torch.bool:
-            m = m.detach().to(mask_dtype or dtype).requires_grad_(mask_grad)
-        return ins, m
-
-    # ours: the mask as given; reference: float64; baseline: everything in q's dtype. (A float32
-    # mask with fp16 inputs: torch's CPU kernel then returns dmask at fp32 accuracy, while
-    # FlashAttention's dS = P (dP - rowsum(dO O)) reads the fp16-rounded O: the same-dtype
-    # criterion bounds the fp16 computation, so the baseline runs the mask in fp16 too.)
-    mdt = None if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.dtype
-    (ok, mk), (rk, mr), (bk, mb) = leaves(q.dtype, mdt), leaves(torch.float64), leaves(q.dtype)
-    out = sdpa(*ok, mk, **kw)
-    ref = TORCH_SDPA(*rk, mr, **kw)
-    base = TORCH_SDPA(*bk, mb, **kw)
-    assert out.shape == base.shape and out.dtype == base.dtype
-    checks = [numerics.check("out", out, ref, base, numerics.FORWARD_FACTOR)]
-    if grads:
-        _backprop(out, ref, base)
-        trip = list(zip(("dq", "dk", "dv"), ok, rk, bk))
-        if mask_grad:
-            trip.append(("dmask", mk, mr, mb))
-        gscale = max(float(r.grad.abs().max()) for _, _, r, _ in trip if r.grad.numel())
-        for name, a, r, b in trip:
-            assert a.grad.shape == r.grad.shape, name
-            checks.append(numerics.check(name, a.grad, r.grad, b.grad, numerics.GRAD_FACTOR,
-                                         floor_scale=gscale))
-    bad = [str(c) for c in checks if not c.ok]
+    """tritformer sdpa vs torch's SDPA (tritformer.validate.check_sdpa), asserted."""
+    bad = [str(c) for c in check_sdpa(q, k, v, attn_mask, grads=grads, **kw) if not c.ok]
     assert not bad, "\n".join(bad)
 
 

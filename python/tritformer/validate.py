@@ -163,6 +163,48 @@ def check_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return checks
 
 
+def check_sdpa(q, k, v, attn_mask=None, *, grads=True, **kw) -> list[numerics.Check]:
+    """tritformer.scaled_dot_product_attention vs torch's own SDPA: float64 (reference) and in
+    q's dtype (baseline); outputs and the gradients of q, k, v and of a float attn_mask that
+    requires grad. kw: dropout_p, is_causal, scale, enable_gqa (dropout_p > 0 cannot match)."""
+    from .ops.sdpa import scaled_dot_product_attention
+    _torch_sdpa = torch._C._nn.scaled_dot_product_attention  # torch's op, whatever F holds
+    mask_grad = attn_mask is not None and attn_mask.requires_grad
+
+    def leaves(dtype, mask_dtype=None):
+        ins = [x.detach().to(dtype).requires_grad_(grads) for x in (q, k, v)]
+        m = attn_mask
+        if m is not None and m.dtype != torch.bool:
+            m = m.detach().to(mask_dtype or dtype).requires_grad_(mask_grad)
+        return ins, m
+
+    # ours: the mask as given; reference: float64; baseline: everything in q's dtype. (A float32
+    # mask with fp16 inputs: torch's CPU kernel then returns dmask at fp32 accuracy, while
+    # FlashAttention's dS = P (dP - rowsum(dO O)) reads the fp16-rounded O: the same-dtype
+    # criterion bounds the fp16 computation, so the baseline runs the mask in fp16 too.)
+    mdt = None if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.dtype
+    (ok, mk), (rk, mr), (bk, mb) = leaves(q.dtype, mdt), leaves(torch.float64), leaves(q.dtype)
+    out = scaled_dot_product_attention(*ok, mk, **kw)
+    ref = _torch_sdpa(*rk, mr, **kw)
+    base = _torch_sdpa(*bk, mb, **kw)
+    if out.shape != base.shape or out.dtype != base.dtype:
+        return [numerics.Check("out", float("inf"), 0.0, 0.0,
+                               f"shape/dtype {tuple(out.shape)} {out.dtype} != {tuple(base.shape)} {base.dtype}")]
+    checks = [numerics.check("out", out, ref, base, numerics.FORWARD_FACTOR)]
+    if grads:
+        do = _backprop(out, ref, base)
+        trip = list(zip(("dq", "dk", "dv"), ok, rk, bk))
+        if mask_grad:
+            trip.append(("dmask", mk, mr, mb))
+        # the floors of check_attention: dq/dk vanish by cancellation with a single key
+        floors = _grad_floors(rk, do, kw.get("scale"), q.shape[-1])
+        for name, a, r, b in trip:
+            checks.append(numerics.check(name, a.grad, r.grad, b.grad, numerics.GRAD_FACTOR,
+                                         floor_scale=floors[name],
+                                         eps_dtype=q.dtype if name == "dmask" else None))
+    return checks
+
+
 def check_softmax(x, dim=-1, *, scale=1.0, mask=None, causal=False, grads=True) -> list[numerics.Check]:
     """tritformer.softmax forward (and backward: dx, and d(mask) for a float mask requiring
     grad) against float64, bounded by PyTorch's own error in x's dtype (reference.softmax)."""
