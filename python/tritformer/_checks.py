@@ -50,6 +50,23 @@ def check_attention_inputs(q, k, v, scale) -> None:
             raise ValueError(f"scale must be finite, got {scale}")
 
 
+def _check_mask(name, mask, meaning, ref, ref_name, want: tuple, target: str) -> None:
+    """A bool (True = `meaning`) or additive float mask on ref's device, broadcastable to
+    `want` (described as `target` in the error)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise TypeError(f"{name} must be bool (True = {meaning}) or a float additive mask, got {_dtype_name(mask.dtype)}")
+    if mask.device != ref.device:
+        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {mask.device}")
+    try:
+        shape = tuple(torch.broadcast_shapes(mask.shape, want))
+    except RuntimeError:
+        shape = None
+    if shape != want:  # (more dims than `want` broadcast to a longer shape: refused too)
+        raise ValueError(f"{name} of shape {tuple(mask.shape)} must broadcast to {target}")
+
+
 def check_softmax_inputs(x, dim, scale, mask, causal) -> int:
     """Validate tritformer.softmax's arguments; returns dim normalised to 0..x.dim()-1."""
     if not isinstance(x, torch.Tensor):
@@ -68,18 +85,7 @@ def check_softmax_inputs(x, dim, scale, mask, causal) -> int:
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-        if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
-            raise TypeError(f"mask must be bool (True = keep) or a float additive mask, got {_dtype_name(mask.dtype)}")
-        if mask.device != x.device:
-            raise ValueError(f"mask must be on x's device {x.device}, got {mask.device}")
-        try:
-            shape = torch.broadcast_shapes(mask.shape, x.shape)
-        except RuntimeError:
-            shape = None
-        if shape != x.shape:
-            raise ValueError(f"mask of shape {tuple(mask.shape)} must broadcast to x's shape {tuple(x.shape)}")
+        _check_mask("mask", mask, "keep", x, "x", tuple(x.shape), f"x's shape {tuple(x.shape)}")
     if causal:
         if x.dim() < 2:
             raise ValueError(f"causal=True masks the last two dims: x needs 2+ dims, got shape {tuple(x.shape)}")
@@ -187,19 +193,8 @@ def check_attention_options(q, k, *, attn_mask=None, key_padding_mask=None, drop
     if batch is None:
         batch, heads, n_q, n_k = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     if attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor):
-            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
-            raise TypeError(f"attn_mask must be bool (True = attend) or a float additive mask, got {_dtype_name(attn_mask.dtype)}")
-        if attn_mask.device != q.device:
-            raise ValueError(f"attn_mask must be on q's device {q.device}, got {attn_mask.device}")
         want = (batch, heads, n_q, n_k)
-        try:
-            shape = torch.broadcast_shapes(attn_mask.shape, want)
-        except RuntimeError:
-            shape = None
-        if attn_mask.dim() > 4 or shape != want:
-            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} must broadcast to [B, Hq, Nq, Nk] = {list(want)}")
+        _check_mask("attn_mask", attn_mask, "attend", q, "q", want, f"[B, Hq, Nq, Nk] = {list(want)}")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor):
             raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}")
