@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import tritformer
-from tritformer import numerics, reference
 from tritformer.kernels import attention as K
+from tritformer.validate import check_varlen_attention
 
 
 def packed(lens_q, lens_k, Hq=4, Hkv=2, D=32, dtype=torch.float16):
@@ -21,28 +21,13 @@ def packed(lens_q, lens_k, Hq=4, Hkv=2, D=32, dtype=torch.float16):
 
 
 def check_varlen(q, k, v, cu_q, cu_k, **kw):
-    """Kernel vs float64 reference, bounded by the reference in q's dtype; out and grads."""
-    max_q = int((cu_q[1:] - cu_q[:-1]).max()) if cu_q.numel() > 1 else 0
-    max_k = int((cu_k[1:] - cu_k[:-1]).max()) if cu_k.numel() > 1 else 0
-    dt = lambda x, d: x.to(d) if torch.is_tensor(x) and x.is_floating_point() else x  # noqa: E731
-    runs = []
-    for fn, dtype in ((tritformer.varlen_attention, q.dtype), (reference.varlen_attention, torch.float64),
-                      (reference.varlen_attention, q.dtype)):
-        leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
-        out, lse = fn(*leaves, cu_q, cu_k, max_q, max_k, return_lse=True,
-                      **{n: dt(x, dtype) for n, x in kw.items()})
-        runs.append((out, lse, leaves))
-    g = torch.randn(runs[0][0].shape)
-    for out, _, _ in runs:
-        out.backward(g.to(out.dtype))
-    (o, lse, lk), (r, rlse, lr), (b, blse, lb) = runs
-    checks = [numerics.check("out", o, r, b), numerics.check("lse", lse, rlse, blse)]
-    scale = float(max(x.grad.abs().max() for x in lr)) if o.numel() else 0.0
-    for name, a, rr, bb in zip(("dq", "dk", "dv"), lk, lr, lb):
-        checks.append(numerics.check(name, a.grad, rr.grad, bb.grad, numerics.GRAD_FACTOR, floor_scale=scale))
+    """Kernel vs float64 reference, bounded by the reference in q's dtype: out, lse and grads
+    (tritformer.validate.check_varlen_attention), asserted."""
+    lens = lambda cu: int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0  # noqa: E731
+    checks = check_varlen_attention(q, k, v, cu_q, cu_k, lens(cu_q), lens(cu_k),
+                                    return_lse=True, **kw)
     bad = [str(c) for c in checks if not c.ok]
     assert not bad, "\n".join(bad)
-    return o, lse
 
 
 SELF = ([70, 5, 33], [70, 5, 33])       # self-attention; sequences start at rows 70, 75: inside tiles
@@ -93,20 +78,10 @@ def test_packed_equals_the_per_sequence_loop(causal):
 
 
 def test_varlen_dropout_uses_the_kernel_mask_per_sequence():
-    # keep bits: lse row (h, t) x key j of the sequence, DROP_COLS = max_seqlen_k
-    lens_q, lens_k = [20, 33], [41, 30]
-    q, k, v, cu_q, cu_k = packed(lens_q, lens_k)
-    torch.manual_seed(7)
-    seed = int(torch.randint(0, 2 ** 31 - 1, (1,)))
-    torch.manual_seed(7)
-    out = tritformer.varlen_attention(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), dropout_p=0.3,
-                                      causal=True)
-    keep = K.dropout_keep_mask(seed, 0.3, 4 * sum(lens_q), max(lens_k), "cpu").view(4, sum(lens_q), -1)
-    ref = reference.varlen_attention(*(x.double() for x in (q, k, v)), cu_q, cu_k, dropout_p=0.3,
-                                     causal=True, dropout_mask=keep)
-    base = reference.varlen_attention(q, k, v, cu_q, cu_k, dropout_p=0.3, causal=True, dropout_mask=keep)
-    c = numerics.check("out", out, ref, base)
-    assert c.ok, str(c)
+    # keep bits: lse row (h, t) x key j of the sequence, DROP_COLS = max_seqlen_k; the reference
+    # takes the kernel's bits regenerated from the same seed, forward and backward
+    q, k, v, cu_q, cu_k = packed([20, 33], [41, 30])
+    check_varlen(q, k, v, cu_q, cu_k, dropout_p=0.3, causal=True)
 
 
 def test_lse_layout():

@@ -66,6 +66,26 @@ def _grad_floors(ref_in, do, scale, D):
             "dv": max(gscale, amax(dod)), "dmask": max(gscale, dp)}
 
 
+def _attention_grad_checks(out, ref, base, kernel, refs, bases, scale, mask=None):
+    """Backward through the three outputs and check dq, dk, dv (kernel / float64 / same-dtype
+    leaves q, k, v) and dmask when `mask` = (kernel, ref, base) masks, with _grad_floors."""
+    do = _backprop(out, ref, base)
+    q = kernel[0]
+    pairs = list(zip(("dq", "dk", "dv"), kernel, refs, bases))
+    if mask is not None:
+        pairs.append(("dmask", *mask))
+    floors = _grad_floors(refs, do, scale, q.shape[-1])
+    checks = []
+    for name, a, r, b in pairs:
+        # dmask is dS, computed from q's dtype (dO, O, P of 16-bit inputs) whatever the mask's
+        # storage: an fp32 mask on fp16 inputs takes fp16's roundoff floor (measured: Nq=1,
+        # Nk=8, D=1 dmask 5.5e-6 = 14.6x the fp16 baseline's error, fp16-level)
+        checks.append(numerics.check(name, a.grad, r.grad, b.grad, numerics.GRAD_FACTOR,
+                                     floor_scale=floors[name],
+                                     eps_dtype=q.dtype if name == "dmask" else None))
+    return checks
+
+
 def check_attention(q, k, v, *, causal=False, scale=None, grads=True, return_lse=False,
                     **options) -> list[numerics.Check]:
     """Run tritformer.attention forward (and backward) and check out (lse, dq, dk, dv, and
@@ -105,18 +125,8 @@ def check_attention(q, k, v, *, causal=False, scale=None, grads=True, return_lse
     if return_lse:
         checks.append(numerics.check("lse", lse, ref_lse, base_lse, numerics.FORWARD_FACTOR))
     if grads:
-        do = _backprop(out, ref, base)
-        pairs = [("dq", lk[0], lr[0], lb[0]), ("dk", lk[1], lr[1], lb[1]), ("dv", lk[2], lr[2], lb[2])]
-        if mask_grad:
-            pairs.append(("dmask", mk, mr, mb))
-        floors = _grad_floors(lr, do, scale, q.shape[-1])
-        for name, a, r, b in pairs:
-            # dmask is dS, computed from q's dtype (dO, O, P of 16-bit inputs) whatever the
-            # mask's storage: an fp32 mask on fp16 inputs takes fp16's roundoff floor (measured:
-            # Nq=1, Nk=8, D=1 dmask 5.5e-6 = 14.6x the fp16 baseline's error, fp16-level)
-            eps_dtype = q.dtype if name == "dmask" else None
-            checks.append(numerics.check(name, a.grad, r.grad, b.grad, numerics.GRAD_FACTOR,
-                                         floor_scale=floors[name], eps_dtype=eps_dtype))
+        checks += _attention_grad_checks(out, ref, base, lk, lr, lb, scale,
+                                         (mk, mr, mb) if mask_grad else None)
     return checks
 
 
@@ -154,12 +164,7 @@ def check_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if return_lse:
         checks.append(numerics.check("lse", lse, ref_lse, base_lse, numerics.FORWARD_FACTOR))
     if grads:
-        do = _backprop(out, ref, base)
-        floors = _grad_floors(lr, do, scale, q.shape[-1])
-        for name, a, r, b in (("dq", lk[0], lr[0], lb[0]), ("dk", lk[1], lr[1], lb[1]),
-                              ("dv", lk[2], lr[2], lb[2])):
-            checks.append(numerics.check(name, a.grad, r.grad, b.grad, numerics.GRAD_FACTOR,
-                                         floor_scale=floors[name]))
+        checks += _attention_grad_checks(out, ref, base, lk, lr, lb, scale)
     return checks
 
 
@@ -191,17 +196,9 @@ def check_sdpa(q, k, v, attn_mask=None, *, grads=True, **kw) -> list[numerics.Ch
         return [numerics.Check("out", float("inf"), 0.0, 0.0,
                                f"shape/dtype {tuple(out.shape)} {out.dtype} != {tuple(base.shape)} {base.dtype}")]
     checks = [numerics.check("out", out, ref, base, numerics.FORWARD_FACTOR)]
-    if grads:
-        do = _backprop(out, ref, base)
-        trip = list(zip(("dq", "dk", "dv"), ok, rk, bk))
-        if mask_grad:
-            trip.append(("dmask", mk, mr, mb))
-        # the floors of check_attention: dq/dk vanish by cancellation with a single key
-        floors = _grad_floors(rk, do, kw.get("scale"), q.shape[-1])
-        for name, a, r, b in trip:
-            checks.append(numerics.check(name, a.grad, r.grad, b.grad, numerics.GRAD_FACTOR,
-                                         floor_scale=floors[name],
-                                         eps_dtype=q.dtype if name == "dmask" else None))
+    if grads:  # check_attention's floors: dq/dk vanish by cancellation with a single key
+        checks += _attention_grad_checks(out, ref, base, ok, rk, bk, kw.get("scale"),
+                                         (mk, mr, mb) if mask_grad else None)
     return checks
 
 
