@@ -43,7 +43,7 @@ def _dropout_reference_mask(q, seed, dropout_p, n_rows, n_cols, shape):
         return None
     if backend_for(q) == "reference":
         from .ops.attention import _reference_dropout_mask
-        return (_reference_dropout_mask(seed, shape, q.device) >= dropout_p)
+        return _reference_dropout_mask(seed, dropout_p, shape, q.device)
     from tritformer.kernels import attention as K
     return K.dropout_keep_mask(int(seed.item()), dropout_p, n_rows, n_cols, q.device).view(shape)
 

@@ -120,26 +120,30 @@ def _dropout_seed(dropout_p: float) -> Optional[torch.Tensor]:
     return torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64)
 
 
-def _reference_dropout_mask(seed, shape, device):
-    """Reference backend: the keep mask for `seed`, from a torch generator (deterministic per
-    seed; a different stream from the kernels' Philox)."""
+def _reference_dropout_mask(seed, dropout_p, shape, device):
+    """Reference backend: the bool keep mask for `seed` (None without dropout), from a torch
+    generator (deterministic per seed; a different stream from the kernels' Philox)."""
+    if seed is None:
+        return None
     gen = torch.Generator(device=device).manual_seed(int(seed.item()))
-    return torch.rand(shape, generator=gen, device=device)
+    return torch.rand(shape, generator=gen, device=device) >= dropout_p
+
+
+def _scalars(q, scale, softcap, dropout_p):
+    """(scale, softcap, dropout_p, seed) as the custom ops take them: default scale
+    1/sqrt(D), softcap 0 = off, a fresh dropout seed when dropout_p > 0."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return scale, float(softcap) if softcap else 0.0, float(dropout_p), _dropout_seed(dropout_p)
 
 
 def _attention(q, k, v, scale, left, right, return_lse=False, attn_mask=None,
                key_padding_mask=None, dropout_p=0.0, alibi_slopes=None, softcap=None):
     """Dense attention on checked inputs; window as (left, right) offsets (module docstring)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    softcap = float(softcap) if softcap else 0.0
-    dropout_p = float(dropout_p)
-    seed = _dropout_seed(dropout_p)
+    scale, softcap, dropout_p, seed = _scalars(q, scale, softcap, dropout_p)
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[2]
     if backend_for(q) == "reference":
-        keep = None
-        if seed is not None:
-            keep = _reference_dropout_mask(seed, (B, Hq, Nq, Nk), q.device) >= dropout_p
+        keep = _reference_dropout_mask(seed, dropout_p, (B, Hq, Nq, Nk), q.device)
         out, lse = reference._attention(
             q.float(), k.float(), v.float(), scale, left, right, True,
             None if attn_mask is None else (attn_mask if attn_mask.dtype == torch.bool else attn_mask.float()),
@@ -247,15 +251,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_attention_options(q, k, dropout_p=dropout_p, window=window, alibi_slopes=alibi_slopes,
                             softcap=softcap, batch=n_seq, heads=q.shape[1])
     left, right = reference.window_bounds(bool(causal), window)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    softcap = float(softcap) if softcap else 0.0
-    dropout_p = float(dropout_p)
-    seed = _dropout_seed(dropout_p)
+    scale, softcap, dropout_p, seed = _scalars(q, scale, softcap, dropout_p)
     if backend_for(q) == "reference":
-        keep = None
-        if seed is not None:
-            keep = _reference_dropout_mask(seed, (q.shape[1], q.shape[0], max_seqlen_k),
-                                           q.device) >= dropout_p
+        keep = _reference_dropout_mask(seed, dropout_p, (q.shape[1], q.shape[0], max_seqlen_k),
+                                       q.device)
         out, lse = reference.varlen_attention(
             q.float(), k.float(), v.float(), cu_seqlens_q, cu_seqlens_k, causal=False,
             scale=scale, dropout_p=dropout_p,
