@@ -11,14 +11,16 @@ setup(
     python_requires=">=3.10",
     # kernels/ is installed as tritformer.kernels; the rest of the package lives in python/
     package_dir={"tritformer": "python/tritformer", "tritformer.kernels": "kernels"},
-    packages=["tritformer", "tritformer.ops", "tritformer.nn", "tritformer.kernels"],
+    packages=["tritformer", "tritformer.ops", "tritformer.nn", "tritformer.models",
+              "tritformer.integrations", "tritformer.kernels"],
     # Install torch first (see README): a bare `torch` requirement on a machine without torch
     # pulls a multi-GB CUDA build. Triton 3.7.1 is what torch 2.13's CUDA build pins.
     install_requires=["torch>=2.6", "triton>=3.7.1,<3.10", "numpy"],
     extras_require={
         "bench": ["matplotlib", "pytest-benchmark"],
+        "hf": ["transformers>=4.56", "safetensors"],
         "test": ["pytest>=8", "pytest-xdist", "expecttest", "pytest-benchmark", "matplotlib",
-                 "hypothesis"],
+                 "hypothesis", "transformers>=4.56", "safetensors"],
     },
     entry_points={"console_scripts": ["tritformer=tritformer.cli:main"]},
 )

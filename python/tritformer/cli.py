@@ -1,4 +1,5 @@
-"""Command line: `python -m tritformer {bench,validate,inspect}` (also the `tritformer` script)."""
+"""Command line: `python -m tritformer {bench,validate,inspect,train,generate}` (also the
+`tritformer` script)."""
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,21 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--head-dim", nargs="+", type=int, choices=[64, 128, 256], default=[64, 128, 256],
                    help="head-dim buckets to compile (64 covers D<=64, 128 D<=128, 256 D<=256)")
     i.add_argument("--dtype", nargs="+", choices=["fp16", "bf16", "fp32"], default=["fp16", "fp32"])
-    i.add_argument("--op", nargs="+", choices=["attention", "masked", "varlen", "softmax", "ffn"],
-                   default=["attention", "masked", "varlen", "softmax", "ffn"],
+    i.add_argument("--op", nargs="+",
+                   choices=["attention", "masked", "varlen", "softmax", "ffn", "decode"],
+                   default=["attention", "masked", "varlen", "softmax", "ffn", "decode"],
                    help="kernels to compile (D/C column: head dim, softmax row length, or FFN model "
-                        "dim); masked: every mask/bias/dropout switch on, varlen: packed sequences")
+                        "dim); masked: every mask/bias/dropout switch on, varlen: packed sequences, "
+                        "decode: flash-decoding (split-KV) over a KV cache")
+
+    t = sub.add_parser("train", help="train a byte-level GPT on the fused kernels (one process, or "
+                                     "many under torchrun: DDP); checkpoints, log.csv, loss.png")
+    from . import train
+    train.add_arguments(t)
+
+    g = sub.add_parser("generate", help="stream text from a `train` checkpoint or a GPT-2 directory")
+    from . import generate
+    generate.add_arguments(g)
     return p
 
 
@@ -42,6 +54,13 @@ def main(argv=None) -> int:
     if args.command == "bench":
         from . import bench
         return bench.main(args)
+    if args.command in ("train", "generate"):
+        from . import generate, train
+        try:
+            return (train if args.command == "train" else generate).main(args)
+        except (ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
+            print(f"tritformer {args.command}: error: {e}", file=sys.stderr)
+            return 2
     if args.command == "validate":
         from . import validate
         return validate.main(args)

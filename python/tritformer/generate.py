@@ -1,0 +1,120 @@
+"""`python -m tritformer generate`: stream text from a trained checkpoint or a GPT-2 directory.
+
+--checkpoint is a checkpoint written by `tritformer train` (the ckpt.pt file or its --out
+folder; byte-level, the prompt is encoded as UTF-8 bytes), or a local GPT-2 directory
+(config.json + model.safetensors / pytorch_model.bin, loaded by `GPT.from_hf`) whose tokenizer
+files (tokenizer.json, or vocab.json + merges.txt) are read with transformers' tokenizer, never
+from the network.
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import os
+import sys
+
+import torch
+
+from .models.gpt import GPT, GPTConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="ckpt.pt from `tritformer train` (or its --out folder), or a GPT-2 directory")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--attn-backend", choices=("tritformer", "sdpa", "naive"), default="tritformer")
+    p.add_argument("--no-cache", action="store_true", help="rerun the whole context every step")
+
+
+def load_model(path: str, attn_backend: str = "tritformer"):
+    """(model, encode, decoder) for a training checkpoint or a GPT-2 directory."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        model = GPT.from_hf(path, attn_backend=attn_backend)
+        tok = _hf_tokenizer(path)
+        return model, (lambda s: tok.encode(s)), _TokenDecoder(tok)
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--checkpoint: {path!r} is neither a checkpoint file nor a "
+                                "directory with ckpt.pt or a GPT-2 config.json")
+    from .train import load_checkpoint
+    ckpt = load_checkpoint(path)
+    config = GPTConfig.from_dict(dict(ckpt["config"], attn_backend=attn_backend, dropout=0.0))
+    model = GPT(config)
+    load_checkpoint(path, model)
+    if config.vocab_size != 256:
+        raise ValueError(f"--checkpoint: vocab_size {config.vocab_size}; training checkpoints "
+                         "are byte-level (256)")
+    return model, (lambda s: list(s.encode("utf-8"))), _ByteDecoder()
+
+
+def _hf_tokenizer(path: str):
+    files = os.listdir(path)
+    if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= set(files):
+        raise FileNotFoundError(f"--checkpoint: GPT-2 directory {path!r} has no tokenizer files "
+                                "(tokenizer.json, or vocab.json and merges.txt)")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise ImportError("reading a GPT-2 tokenizer needs transformers: pip install "
+                          "transformers") from e
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+class _ByteDecoder:
+    """Byte tokens -> text as they arrive (a multi-byte character is printed once complete)."""
+
+    def __init__(self):
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, token: int) -> str:
+        return self._dec.decode(bytes([token]))
+
+
+class _TokenDecoder:
+    """BPE tokens -> the new text since the last call (decodes the whole generation each time:
+    a token can complete a character started by the previous one)."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.text = tok, [], ""
+
+    def __call__(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""  # incomplete character: wait for the next token
+        new, self.text = text[len(self.text):], text
+        return new
+
+
+def main(args, stream=sys.stdout) -> int:
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    if not args.prompt:
+        raise ValueError("--prompt must not be empty")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                          if args.device == "auto" else args.device)
+    model, encode, decode = load_model(args.checkpoint, args.attn_backend)
+    ids = encode(args.prompt)
+    if len(ids) > model.config.block_size:
+        raise ValueError(f"--prompt is {len(ids)} tokens, longer than the model's context "
+                         f"(block_size {model.config.block_size})")
+    model.to(device).eval()
+    torch.manual_seed(args.seed)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    stream.write(args.prompt)
+    for tok in model.generate_stream(idx, args.max_new_tokens, temperature=args.temperature,
+                                     top_k=args.top_k, use_cache=not args.no_cache):
+        stream.write(decode(int(tok[0, 0])))
+        stream.flush()
+    stream.write("\n")
+    return 0

@@ -1,0 +1,440 @@
+"""`python -m tritformer train`: byte-level GPT language modelling, one process or many (DDP).
+
+Data: the bytes of a text file or of every file under a folder (vocabulary 256, no tokenizer).
+With no --data the corpus is the Python standard library's own source (`*.py` under
+``sysconfig.get_paths()["stdlib"]``), present on every machine, so training runs offline.
+The last --val-fraction of the bytes is the validation split.
+
+Many processes: ``torchrun --nproc_per_node=N -m tritformer train ...`` initialises
+torch.distributed (NCCL on GPUs, Gloo on CPU) and wraps the model in DDP. The training bytes are
+cut into N contiguous shards; rank r draws its --batch-size rows from shard r only, so the global
+batch is N x --batch-size rows. DDP averages the gradients, i.e. one step equals a single
+process's step on the concatenated global batch (tests/test_train.py checks this). Only rank 0
+prints, logs and writes checkpoints.
+
+Schedule: AdamW (betas 0.9/0.95, weight decay on matrices only), gradient clipping, learning rate
+warm-up then cosine decay to --min-lr (nanoGPT's). Batches are a function of (seed, step, rank),
+so a resumed run sees exactly the batches the uninterrupted one would have.
+
+Output in --out: ckpt.pt (model, optimiser, step, config, args; written atomically), log.csv
+(step, lr, train loss, val loss, tokens/s) and loss.png (train/val curves).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import os
+import sys
+import sysconfig
+import time
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .models.gpt import GPT, GPTConfig
+
+MODEL_ARGS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "attn_backend",
+              "mlp_backend")
+MODEL_DEFAULTS = dict(block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=True,
+                      attn_backend="tritformer", mlp_backend="tritformer")
+# fields that change the parameters (a checkpoint cannot be loaded into a model differing in these)
+SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
+CKPT_NAME = "ckpt.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None,
+                   help="text file or folder (every file under it, sorted); default: the Python "
+                        "standard library's *.py sources")
+    p.add_argument("--max-bytes", type=int, default=8_000_000,
+                   help="use at most this many bytes of the corpus (default 8 MB)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--out", default="train-out", help="checkpoint, log.csv and loss.png go here")
+    p.add_argument("--resume", action="store_true", help=f"continue from OUT/{CKPT_NAME}")
+    p.add_argument("--steps", type=int, default=2000, help="optimiser steps in total")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per process per step")
+    g = p.add_argument_group("model (default: from the checkpoint with --resume, else "
+                             + ", ".join(f"{k}={v}" for k, v in MODEL_DEFAULTS.items()) + ")")
+    g.add_argument("--block-size", type=int, default=None)
+    g.add_argument("--n-layer", type=int, default=None)
+    g.add_argument("--n-head", type=int, default=None)
+    g.add_argument("--n-embd", type=int, default=None)
+    g.add_argument("--dropout", type=float, default=None)
+    g.add_argument("--bias", type=_bool, default=None, metavar="{true,false}")
+    g.add_argument("--attn-backend", choices=("tritformer", "sdpa", "naive"), default=None)
+    g.add_argument("--mlp-backend", choices=("tritformer", "torch"), default=None)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--min-lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=100, help="warm-up steps (linear)")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--eval-interval", type=int, default=250, help="steps between validation "
+                                                                     "losses (0: only at the end)")
+    p.add_argument("--eval-iters", type=int, default=20, help="batches per validation estimate")
+    p.add_argument("--ckpt-interval", type=int, default=500, help="steps between checkpoints "
+                                                                     "(and one at the end)")
+    p.add_argument("--log-interval", type=int, default=10)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16: autocast (parameters and optimiser stay float32)")
+    p.add_argument("--seed", type=int, default=1337)
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes"):
+        return True
+    if s.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def check_args(args) -> None:
+    for name in ("steps", "batch_size", "eval_iters", "log_interval", "ckpt_interval"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("warmup", "eval_interval", "max_bytes"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0.0 < args.val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if not (args.lr > 0 and args.min_lr >= 0):
+        raise ValueError(f"--lr must be > 0 and --min-lr >= 0, got {args.lr}, {args.min_lr}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def default_corpus() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def load_corpus(path: Optional[str], max_bytes: int = 0) -> bytes:
+    """The training bytes: a file's contents, or every regular file under a folder in sorted
+    order (the default corpus: only *.py). max_bytes > 0 truncates."""
+    default = path is None
+    path = default_corpus() if default else path
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--data: {path!r} does not exist")
+    if os.path.isfile(path):
+        files = [path]
+    else:
+        files = []
+        for root, dirs, names in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                             and not (default and d in ("site-packages", "dist-packages", "__pycache__")))
+            files += [os.path.join(root, n) for n in sorted(names)
+                      if not n.startswith(".") and (not default or n.endswith(".py"))]
+    chunks, total = [], 0
+    for f in files:
+        if max_bytes and total >= max_bytes:
+            break
+        try:
+            with open(f, "rb") as fh:
+                b = fh.read(max_bytes - total if max_bytes else -1)
+        except OSError:
+            continue  # unreadable file (permissions, broken link): skip
+        chunks.append(b)
+        total += len(b)
+    data = b"".join(chunks)
+    if not data:
+        raise ValueError(f"--data: {path!r} is empty (no bytes to train on)")
+    return data
+
+
+class Shards:
+    """Train/val byte tokens and the batch of each (step, rank): rank r of `world` samples only
+    from the r-th contiguous shard of the split."""
+
+    def __init__(self, data: bytes, block_size: int, val_fraction: float, rank: int, world: int,
+                 seed: int):
+        tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        n_val = max(int(len(tokens) * val_fraction), block_size + 1)
+        self.train, self.val = tokens[:-n_val], tokens[-n_val:]
+        self.block, self.rank, self.world, self.seed = block_size, rank, world, seed
+        need = world * (block_size + 1)
+        if len(self.train) < need or len(self.val) < block_size + 1:
+            raise ValueError(f"--data: the corpus has {len(tokens)} bytes, too few for block_size "
+                             f"{block_size} with {world} process(es) (train needs >= {need} bytes "
+                             f"and validation >= {block_size + 1})")
+
+    def _shard(self, split: str, rank: int) -> torch.Tensor:
+        t = self.train if split == "train" else self.val
+        if split == "val":
+            return t  # every rank estimates on the whole validation split (different rows)
+        n = len(t) // self.world
+        return t[rank * n:(rank + 1) * n]
+
+    def batch(self, split: str, step: int, rows: int, rank: Optional[int] = None):
+        """x, y [rows, block] int64 for this step: a function of (seed, split, step, rank) only."""
+        rank = self.rank if rank is None else rank
+        shard = self._shard(split, rank)
+        g = torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + step * 8191 + rank * 131 + (split == "val")) % (2 ** 63))
+        ix = torch.randint(len(shard) - self.block, (rows,), generator=g)
+        x = torch.stack([shard[i:i + self.block] for i in ix.tolist()]).long()
+        y = torch.stack([shard[i + 1:i + 1 + self.block] for i in ix.tolist()]).long()
+        return x, y
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, optimiser, schedule
+# ---------------------------------------------------------------------------------------------
+def lr_at(step: int, args) -> float:
+    """Linear warm-up to --lr over --warmup steps, then cosine decay to --min-lr at --steps."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / (args.warmup + 1)
+    span = max(args.steps - args.warmup, 1)
+    ratio = min((step - args.warmup) / span, 1.0)
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.lr - args.min_lr)
+
+
+def make_optimizer(model: nn.Module, args) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (Linear/Embedding weights) only, as nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=args.lr, betas=(0.9, 0.95))
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x, y, lr: float, grad_clip: float,
+               autocast_dtype: Optional[torch.dtype] = None) -> float:
+    """One optimiser step on (x, y); returns the (local) loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        _, loss = model(x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return float(loss.detach())
+
+
+def model_config(args, ckpt_config: Optional[dict]) -> GPTConfig:
+    """The run's GPTConfig: explicit flags over the checkpoint's config over the defaults; a
+    flag that contradicts the checkpoint's shape is an error."""
+    base = dict(MODEL_DEFAULTS, vocab_size=256)
+    if ckpt_config is not None:
+        base.update(ckpt_config)
+    for name in MODEL_ARGS:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if ckpt_config is not None and name in SHAPE_FIELDS and ckpt_config.get(name) != value:
+            raise ValueError(f"the checkpoint's config does not match the model requested: "
+                             f"{name}={ckpt_config.get(name)!r} in the checkpoint, --"
+                             f"{name.replace('_', '-')} {value!r} given")
+        base[name] = value
+    return GPTConfig.from_dict(base)
+
+
+def load_checkpoint(path: str, model: Optional[GPT] = None, map_location="cpu"):
+    """Read a checkpoint written by `train` (dict with model, optimizer, step, config, args).
+
+    With `model`: load its weights after checking that the checkpoint's config matches the
+    model's (every field that shapes the parameters); returns the checkpoint dict."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path!r} is not a tritformer training checkpoint (no model/config)")
+    if model is not None:
+        have = model.config.to_dict()
+        diff = [f"{k}: checkpoint {ckpt['config'].get(k)!r}, model {have[k]!r}"
+                for k in SHAPE_FIELDS if ckpt["config"].get(k) != have[k]]
+        if diff:
+            raise ValueError("the checkpoint's config does not match the model: " + "; ".join(diff))
+        model.load_state_dict(ckpt["model"])
+    return ckpt
+
+
+def _save(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------------------
+class Progress:
+    """A one-line progress bar on a terminal, a line every --log-interval steps otherwise."""
+
+    def __init__(self, total: int, start: int, interval: int, stream=sys.stdout):
+        self.total, self.interval, self.stream = total, interval, stream
+        self.tty = stream.isatty()
+        self.t0, self.s0 = time.perf_counter(), start
+
+    def update(self, step: int, loss: float, lr: float, tok_s: float, val: Optional[float]):
+        done = step + 1
+        extra = f" | val {val:.4f}" if val is not None else ""
+        msg = f"step {done}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {tok_s / 1e3:.1f}k tok/s{extra}"
+        if self.tty:
+            width = 24
+            fill = int(width * done / self.total)
+            self.stream.write("\r[" + "#" * fill + "." * (width - fill) + "] " + msg + " " * 4)
+            if done == self.total:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif done % self.interval == 0 or done == self.total or val is not None:
+            print(msg, file=self.stream, flush=True)
+
+
+def plot_losses(rows: list[dict], path: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], label="train", lw=1)
+    val = [r for r in rows if r["val_loss"] != ""]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / byte)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+def _device(args, local_rank: int) -> torch.device:
+    if args.device == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device(f"cuda:{local_rank}")
+    return dev
+
+
+@torch.no_grad()
+def estimate_val(model, shards: Shards, args, device, autocast_dtype) -> float:
+    model.eval()
+    losses = []
+    for i in range(args.eval_iters):
+        x, y = shards.batch("val", i, args.batch_size)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            _, loss = model(x.to(device), y.to(device))
+        losses.append(float(loss))
+    model.train()
+    val = torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        val = val.to(device)
+        torch.distributed.all_reduce(val)
+        val = val.cpu() / torch.distributed.get_world_size()
+    return float(val)
+
+
+def main(args) -> int:
+    check_args(args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = _device(args, local_rank)
+    ckpt_path = os.path.join(args.out, CKPT_NAME)
+    # everything that can fail on bad input fails here, before processes wait on each other
+    ckpt = None
+    if args.resume:
+        if not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path!r}")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    config = model_config(args, None if ckpt is None else ckpt["config"])
+    data = load_corpus(args.data, args.max_bytes)
+    shards = Shards(data, config.block_size, args.val_fraction, rank, world, args.seed)
+
+    if world > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend=backend)
+    try:
+        return _train(args, config, ckpt, shards, device, rank, world, ckpt_path)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _train(args, config, ckpt, shards, device, rank, world, ckpt_path) -> int:
+    main_rank = rank == 0
+    torch.manual_seed(args.seed)  # same initial weights on every rank (DDP broadcasts rank 0's)
+    model = GPT(config).to(device)
+    opt = make_optimizer(model, args)
+    start, rows = 0, []
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start, rows = int(ckpt["step"]), list(ckpt.get("log", []))
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
+    os.makedirs(args.out, exist_ok=True) if main_rank else None
+    if main_rank:
+        print(f"tritformer train: {model.num_params() / 1e6:.2f}M parameters, config {config}, "
+              f"{world} process(es) on {device}, global batch {world * args.batch_size} x "
+              f"{config.block_size} bytes, {len(shards.train)} train / {len(shards.val)} val bytes"
+              + (f", resuming at step {start}" if start else ""), flush=True)
+        if start >= args.steps:
+            print(f"nothing to do: the checkpoint is at step {start} >= --steps {args.steps}")
+    bar = Progress(args.steps, start, args.log_interval)
+
+    def checkpoint(step_done: int):
+        if main_rank:
+            _save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step_done,
+                   "config": config.to_dict(), "args": vars(args), "log": rows}, ckpt_path)
+
+    net.train()
+    tokens_per_step = world * args.batch_size * config.block_size
+    for step in range(start, args.steps):
+        t0 = time.perf_counter()
+        x, y = shards.batch("train", step, args.batch_size)
+        lr = lr_at(step, args)
+        loss = train_step(net, opt, x.to(device), y.to(device), lr, args.grad_clip, autocast_dtype)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        tok_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+        last = step + 1 == args.steps
+        val = None
+        if last or (args.eval_interval and (step + 1) % args.eval_interval == 0):
+            val = estimate_val(net, shards, args, device, autocast_dtype)
+        if main_rank:
+            rows.append({"step": step + 1, "lr": lr, "train_loss": loss,
+                         "val_loss": "" if val is None else val, "tokens_per_s": tok_s})
+            bar.update(step, loss, lr, tok_s, val)
+            if val is not None or last:
+                _write_log(rows, args.out)
+        if last or (step + 1) % args.ckpt_interval == 0:
+            checkpoint(step + 1)
+    if main_rank and rows:
+        print(f"checkpoint: {ckpt_path}; log: {os.path.join(args.out, 'log.csv')}"
+              + ("; curve: " + os.path.join(args.out, "loss.png")
+                 if os.path.exists(os.path.join(args.out, "loss.png")) else ""))
+    return 0
+
+
+def _write_log(rows: list[dict], out: str) -> None:
+    with open(os.path.join(out, "log.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["step", "lr", "train_loss", "val_loss", "tokens_per_s"])
+        w.writeheader()
+        w.writerows(rows)
+    plot_losses(rows, os.path.join(out, "loss.png"))
+
+
+def config_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(GPTConfig))
