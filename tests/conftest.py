@@ -18,6 +18,12 @@ _interp_patch.apply()  # bf16 dot/cast in the interpreter; see the module docstr
 # the interpreter itself never checks (see tritformer/_interp_bounds.py)
 _interp_bounds.enable()
 
+# every test means the interpreted kernels: a Triton import failure must not silently turn the
+# fused ops into the pure-PyTorch reference backend (tests that count op calls would still pass)
+from tritformer import backend_for  # noqa: E402
+
+assert backend_for(torch.empty(0)) == "triton-interpreter", backend_for(torch.empty(0))
+
 
 @pytest.fixture(autouse=True)
 def _seed():
