@@ -183,9 +183,37 @@ def _ffn_plans(arch: str, dtype: torch.dtype, hidden: int, _causal: bool):
             + K.plan_gemm(y, w2, hm, epi=K.EPI_DGATED, act=4, aux=pre, aux2=e(M, H), c2=e(M, H), arch=cap))
 
 
+def _decode_plans(arch: str, dtype: torch.dtype, head_dim: int, _causal: bool):
+    """Flash-decoding, GQA 8:1: the split kernel for every query tile the config table ships
+    (Nq = 1, 4, 8 new tokens: 8, 32, 64 rows -> 16, 32, 64-row tiles, up to the bucket's cap),
+    each with a workspace (num_splits > 1) and with the single-split store; and the combine."""
+    from tritformer.kernels import decode as K
+    cap = ARCHES[arch]
+    meta = dict(device="meta", dtype=dtype)
+    B, H, H_KV, N_MAX, S = 4, 32, 4, 4096, 8
+    k, v = (torch.empty(B, H_KV, N_MAX, head_dim, **meta) for _ in range(2))
+    seqlens = torch.empty(B, device="meta", dtype=torch.int32)
+    max_m = K.max_block_m(cap, K._block_d(head_dim), torch.empty(0, dtype=dtype).element_size())
+    plans = []
+    for n_q in (1, 4, 8)[:{16: 1, 32: 2, 64: 3}[max_m]]:
+        q = torch.empty(B, H, n_q, head_dim, **meta)
+        lse = torch.empty(B, H, n_q, device="meta", dtype=torch.float32)
+        o_part = torch.empty(B, H, n_q, S, head_dim, device="meta", dtype=torch.float32)
+        lse_part = torch.empty(B, H, n_q, S, device="meta", dtype=torch.float32)
+        for splits in (S, 1):
+            for launch in K.plan_decode(q, k, v, seqlens, torch.empty_like(q), lse, o_part,
+                                        lse_part, head_dim ** -0.5, splits, cap):
+                if launch.name == "decode_split":
+                    tag = f"+m{launch.constexprs['BLOCK_M']}" + ("+single" if splits == 1 else "")
+                    plans.append(dataclasses.replace(launch, name=launch.name + tag))
+                elif n_q == 1:  # the combine kernel does not depend on the query tile
+                    plans.append(launch)
+    return plans
+
+
 def inspect(archs=("sm_80", "sm_90"), head_dims=(64, 128, 256), dtypes=("fp16", "fp32"),
             causal=(False, True), progress=None,
-            ops=("attention", "masked", "varlen", "softmax", "ffn")) -> list[Row]:
+            ops=("attention", "masked", "varlen", "softmax", "ffn", "decode")) -> list[Row]:
     cases = []
     if "attention" in ops:
         cases += [(_attention_plans, a, dt, d, c) for a in archs for dt in dtypes
@@ -201,6 +229,9 @@ def inspect(archs=("sm_80", "sm_90"), head_dims=(64, 128, 256), dtypes=("fp16", 
                   for n in SOFTMAX_ROWS for c in causal]
     if "ffn" in ops:
         cases += [(_ffn_plans, a, dt, 1024, False) for a in archs for dt in dtypes]
+    if "decode" in ops:  # decoding is causal by construction (Nq > 1: the last Nq positions)
+        cases += [(_decode_plans, a, dt, d, True) for a in archs for dt in dtypes
+                  for d in head_dims]
     rows = []
     for plans, arch, dt, d, c in cases:
         for launch in plans(arch, DTYPE_NAMES[dt], d, c):

@@ -215,3 +215,27 @@ def gated_ffn(x, w_gate, w_up, w_down, *, activation: str = "silu", recompute: b
     F = torch.nn.functional
     return F.linear(apply_activation(F.linear(x, w_gate, b_gate), activation)
                     * F.linear(x, w_up, b_up), w_down, b_down)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding with a KV cache
+# --------------------------------------------------------------------------------------------
+def decode_attention(q, k_cache, v_cache, cache_seqlens=None, *, scale=None, return_lse=False):
+    """`tritformer.decode_attention`: q [B, Hq, Nq, D] against the first cache_seqlens[b] keys
+    of k_cache/v_cache [B, Hkv, Nmax, D] (None: all Nmax); query i sees key j iff
+    j <= cache_seqlens[b] - Nq + i. Cache entries past the length are replaced by 0 before any
+    arithmetic (torch.where), so garbage there, even NaN, cannot reach the result. No
+    data-dependent shapes (traceable). Computes in the inputs' dtype."""
+    B, _, Nq, _ = q.shape
+    n_max = k_cache.shape[2]
+    if cache_seqlens is None:
+        lens = torch.full((B,), n_max, device=q.device, dtype=torch.long)
+    else:
+        lens = cache_seqlens.to(device=q.device, dtype=torch.long)
+    j = torch.arange(n_max, device=q.device)
+    valid = (j[None, :] < lens[:, None])[:, None, :, None]  # (B, 1, Nmax, 1)
+    k = torch.where(valid, k_cache, torch.zeros((), dtype=k_cache.dtype, device=q.device))
+    v = torch.where(valid, v_cache, torch.zeros((), dtype=v_cache.dtype, device=q.device))
+    i = torch.arange(Nq, device=q.device)
+    keep = j[None, None, :] <= (lens[:, None, None] - Nq + i[None, :, None])  # (B, Nq, Nmax)
+    return _attention(q, k, v, scale, None, None, return_lse, attn_mask=keep[:, None])

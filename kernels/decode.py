@@ -1,0 +1,446 @@
+"""Flash-decoding (split-KV) attention for KV-cache generation: Triton kernels and host launchers.
+
+Layout: q [B, Hq, Nq, D]; k_cache/v_cache [B, Hkv, Nmax, D], any strides; Hq = GROUP * Hkv
+(MHA, GQA, MQA: query head h reads kv head h // GROUP). Batch b holds cache_seqlens[b] valid keys
+(no seqlens: all Nmax); cache positions past them are never read. The Nq queries are the last Nq
+positions of the sequence and attend causally: query i sees key j iff j <= len_b - Nq + i (with
+Nq = 1: every valid key). A query row that sees no key outputs 0 with lse = -inf.
+
+Two kernels, as FlashAttention's split-KV decode:
+  1. _decode_split, grid (num_splits, B * Hkv, row blocks). A program takes one KV head and one
+     contiguous chunk of its batch's valid keys (ceil(len_b / num_splits) rounded up to BLOCK_N,
+     so programs past the end of a short sequence find an empty range), and packs the GROUP * Nq
+     query rows of that KV head's group into the rows of one tile (row r = query head r // Nq of
+     the group, query r % Nq), so every K/V tile is loaded once per group, not once per query
+     head. Online softmax over the chunk's tiles; it writes the normalised partial output (fp32)
+     and its lse (log2 units) to a workspace [B, Hq, Nq, num_splits, D] / [B, Hq, Nq,
+     num_splits]. With a single split it writes out and lse directly and the second kernel is
+     not launched.
+  2. _decode_combine, one program per (b, h, i) row: merges the splits by their lse,
+     m = max_s lse_s, w_s = 2^(lse_s - m), out = sum_s w_s o_s / sum_s w_s,
+     lse = (m + log2(sum_s w_s)) * ln 2. A split that saw no key has lse = -inf: weight 0, its
+     partial output is not even read.
+Every batch runs in the same launch whatever its length: the split chunk is computed per batch.
+
+This module knows nothing of autograd (decoding is inference only): launchers take tensors and
+return tensors.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import Launch, arch_family, device_arch, is_interpreted, run
+from .attention import _block_d, _dot_precision
+
+_LOG2E = 1.4426950408889634            # exp(x) = exp2(x * log2(e)): folded into the score scale
+LN2 = tl.constexpr(0.6931471805599453)  # ln(x) = log2(x) * ln(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel 1: one KV head's query group against one chunk of the cache
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
+                  lo, hi, i, offs_n, mask_d, n_kv, diag, qk_scale,
+                  BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # BOUNDARY=False: every key of every tile in [lo, hi) is valid and visible to every row,
+    # so neither the length bound nor the causal diagonal is evaluated (the fast path).
+    k_base += tl.cast(lo, tl.int64) * stride_kn
+    v_base += tl.cast(lo, tl.int64) * stride_vn
+    for start_n in range(lo, hi, BLOCK_N):
+        j = start_n + offs_n  # [BLOCK_N] key positions
+        # -- load K^T tile [BLOCK_D, BLOCK_N]; keys past the length are never read ----
+        if BOUNDARY:
+            k = tl.load(k_base + k_offs, mask=mask_d[:, None] & (j[None, :] < n_kv), other=0.0)
+        else:
+            k = tl.load(k_base + k_offs, mask=mask_d[:, None], other=0.0)
+        # log2 units: qk_scale = scale * log2(e), one multiply (see _decode_split)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if BOUNDARY:
+            # causal: row with query i sees j <= len - Nq + i (which also bounds j < len)
+            s = tl.where(j[None, :] <= i + diag, s, float("-inf"))
+        # -- online softmax update ----
+        m_ij = tl.maximum(m_i, tl.max(s, 1))
+        if BOUNDARY:
+            # a row with no visible key so far keeps m = -inf; subtract 0 instead (exp2(-inf) = 0)
+            m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        else:
+            m_sub = m_ij
+        p = tl.math.exp2(s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # -- accumulate p @ v; V rows past the length load as 0 (garbage, even NaN, never
+        # meets a zero probability) ----
+        if BOUNDARY:
+            v = tl.load(v_base + v_offs, mask=(j[:, None] < n_kv) & mask_d[None, :], other=0.0)
+        else:
+            v = tl.load(v_base + v_offs, mask=mask_d[None, :], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_ij
+        k_base += BLOCK_N * stride_kn
+        v_base += BLOCK_N * stride_vn
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _decode_split(Q, K, V, SeqLens, Out, Lse, OPart, LsePart,
+                  stride_qz, stride_qh, stride_qm, stride_qd,
+                  stride_kz, stride_kh, stride_kn, stride_kd,
+                  stride_vz, stride_vh, stride_vn, stride_vd,
+                  stride_oz, stride_oh, stride_om, stride_od,
+                  HQ, HKV, GROUP, N_Q, N_MAX, NUM_SPLITS, qk_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HAS_SEQLENS: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    # Scores are in log2 units, s = q k^T * (scale * log2 e), so p = exp2(s - m) (FlashAttention-2's
+    # folding): one rounding per score fewer than natural units' exp2((s - m) * log2 e), where
+    # rounding the product moves p by up to |s - m| ulp. attention.py keeps natural units for
+    # its backward, which recomputes P from a stored lse; nothing is recomputed here. The
+    # workspace lse stays in log2 units for the combine; the returned lse is a natural log.
+    split = tl.program_id(0)
+    b = tl.program_id(1) // HKV
+    off_hkv = tl.program_id(1) % HKV
+
+    # -- this program's key range: split `split` of batch b's valid keys ----
+    if HAS_SEQLENS:
+        # clamped: lengths are checked on the host, except while torch.compile traces
+        n_kv = tl.minimum(tl.maximum(tl.load(SeqLens + b), 0), N_MAX)
+    else:
+        n_kv = N_MAX + b * 0
+    chunk = tl.cdiv(tl.cdiv(n_kv, NUM_SPLITS), BLOCK_N) * BLOCK_N  # a whole number of tiles
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, n_kv)  # lo >= hi: past this sequence's end, nothing to visit
+    diag = n_kv - N_Q                  # query i sees keys j <= diag + i
+    # keys < diag + 1 are visible to every row: whole tiles below it need no mask
+    full_hi = (tl.maximum(diag + 1, 0) // BLOCK_N) * BLOCK_N
+    mid = tl.minimum(tl.maximum(full_hi, lo), hi)
+
+    # -- rows: the GROUP query heads of this KV head times the Nq queries ----
+    offs_r = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # row in the group tile
+    g = offs_r // N_Q              # query head within the group
+    i = (offs_r % N_Q)[:, None]    # query index, [BLOCK_M, 1]
+    mask_r = offs_r < GROUP * N_Q
+    off_h = (off_hkv * GROUP + g).to(tl.int64)  # [BLOCK_M] query heads
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM  # folds to all-true when HEAD_DIM == BLOCK_D
+
+    # int64 base offsets: B*H*N*D may pass 2^31; in-tile offsets stay int32
+    b64 = b.to(tl.int64)
+    q_ptrs = (Q + b64 * stride_qz + off_h[:, None] * stride_qh + i * stride_qm
+              + offs_d[None, :] * stride_qd)
+    k_base = K + b64 * stride_kz + off_hkv.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vz + off_hkv.to(tl.int64) * stride_vh
+    k_offs = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # K^T tile [BLOCK_D, BLOCK_N]
+    v_offs = offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # V tile [BLOCK_N, BLOCK_D]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # the query tile (the whole group) stays on chip for the whole loop
+    q = tl.load(q_ptrs, mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+
+    # whole tiles every row sees entirely
+    acc, l_i, m_i = _decode_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs,
+                                  stride_kn, stride_vn, lo, mid, i, offs_n, mask_d, n_kv, diag,
+                                  qk_scale, BLOCK_N, False, DOT_PRECISION)
+    # tiles crossing the causal diagonal (Nq > 1) and the ragged tail of the sequence
+    acc, l_i, m_i = _decode_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs,
+                                  stride_kn, stride_vn, mid, hi, i, offs_n, mask_d, n_kv, diag,
+                                  qk_scale, BLOCK_N, True, DOT_PRECISION)
+
+    # -- epilogue: normalise; rows with no visible key give 0 and lse = -inf ----
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc * (1.0 / l_safe)[:, None]
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))  # log2 units
+    # flat [B, Hq, Nq] row index: (b * Hq + h) * Nq + i = (b * Hq + hkv * GROUP) * Nq + r
+    row = (b64 * HQ + off_hkv * GROUP) * N_Q + offs_r
+    mask_rd = mask_r[:, None] & mask_d[None, :]
+    if SINGLE_SPLIT:  # the final result, in q's dtype, through out's strides
+        o_ptrs = (Out + b64 * stride_oz + off_h[:, None] * stride_oh + i * stride_om
+                  + offs_d[None, :] * stride_od)
+        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=mask_rd)
+        tl.store(Lse + row, lse2 * LN2, mask=mask_r)
+    else:  # workspace [B, Hq, Nq, NUM_SPLITS, HEAD_DIM] / [B, Hq, Nq, NUM_SPLITS], contiguous
+        part = row * NUM_SPLITS + split
+        tl.store(OPart + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_rd)
+        tl.store(LsePart + part, lse2, mask=mask_r)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel 2: merge the splits of one (b, h, i) row
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_combine(OPart, LsePart, Out, Lse,
+                    stride_oz, stride_oh, stride_om, stride_od,
+                    HQ, N_Q, NUM_SPLITS,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_TILE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # flat [B, Hq, Nq] row
+    b = row // (HQ * N_Q)
+    off_h = (row // N_Q) % HQ
+    i = row % N_Q
+    offs_s = tl.arange(0, SPLIT_TILE)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    part0 = row * NUM_SPLITS
+
+    # online softmax over the splits, SPLIT_TILE at a time (any NUM_SPLITS, bounded registers)
+    m_i = tl.full([1], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, NUM_SPLITS, SPLIT_TILE):
+        mask_s = s0 + offs_s < NUM_SPLITS
+        lse_s = tl.load(LsePart + part0 + s0 + offs_s, mask=mask_s, other=float("-inf"))  # log2
+        m_new = tl.maximum(m_i, tl.max(lse_s, 0))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: every weight is 0
+        alpha = tl.math.exp2(m_i - m_sub)
+        w = tl.math.exp2(lse_s - m_sub)  # [SPLIT_TILE]; 0 for a split with no key
+        # -- partial outputs [SPLIT_TILE, BLOCK_D]; splits with weight 0 are not read ----
+        o = tl.load(OPart + (part0 + s0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=(w > 0.0)[:, None] & mask_d[None, :], other=0.0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        l_i = l_i * alpha + tl.sum(w, 0)
+        m_i = m_new
+
+    # -- epilogue: rows no split saw a key for give 0 and lse = -inf ----
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc * (1.0 / l_safe)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)  # natural log
+    o_ptrs = Out + b * stride_oz + off_h * stride_oh + i * stride_om + offs_d * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_d)
+    tl.store(Lse + row + tl.arange(0, 1), lse)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+def _cfg(block_n, num_warps, num_stages):
+    return triton.Config({"BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+
+
+def _combine_cfg(split_tile, num_warps, num_stages):
+    return triton.Config({"SPLIT_TILE": split_tile}, num_warps=num_warps, num_stages=num_stages)
+
+
+# Rows of the split kernel's query tile: GROUP * Nq padded to a power of two, at least 16
+# (tl.dot's minimum M), at most the largest BLOCK_M the config table has for the head dim and
+# dtype (more rows run in several row blocks, each streaming the chunk's K/V again).
+MIN_BLOCK_M = 16
+
+# Interpreter tiles: BLOCK_N = 16 so the tests' short caches (up to 50 keys) span several
+# tiles and splits; SPLIT_TILE = 2 so that their (at most 4) non-empty splits already take two
+# steps of the combine's loop (the rescale between steps) and an odd count a ragged last step.
+INTERPRETER_CONFIGS = {
+    "split": _cfg(16, 4, 1),
+    "combine": _combine_cfg(2, 4, 1),
+}
+INTERPRETER_MAX_BLOCK_M = 64
+
+# GPU configs: {arch family: [(max BLOCK_D, element bytes, max BLOCK_M, [configs])]}: the
+# smallest head-dim bucket holding BLOCK_D, then its first entry holding the query tile; the
+# largest max BLOCK_M of a bucket caps the tile. Written for an H100 (sm_90) and sm_80.
+# Decoding is bandwidth-bound: the query tile is small and K/V tiles stream through shared
+# memory, so each entry takes the widest KV tile / deepest pipeline that passes.
+# NOTE: picked by an AOT sweep (`inspect --op decode` plans: GQA 8:1 with Nq = 1, 4, 8 for 16,
+# 32, 64 rows; split and single-split stores) on Triton 3.7.1 AND 3.9: the first candidate in
+# the order BLOCK_N 128 -> 16, deeper -> shallower pipeline, 4 -> 8 warps that is spill-free
+# with <= 240 registers on both (register allocation moves by tens between the versions:
+# sm_90 fp16 D=128 32 rows 128/4 warps/2 stages was 255 regs, 0 B on 3.9 but spilled 12 B on
+# 3.7.1) and lets two programs share an SM (shared memory <= half the SM's, registers x threads
+# <= 32K), which the num_splits heuristic (PROGRAMS_PER_SM) counts on. Where nothing gives two
+# per SM (marked 1/SM), the first spill-free one. E.g. 256-wide fp16 heads at 32 rows: every
+# 4-warp tile spilled or sat at 245-255 regs. fp32 beyond D=64 computes its dots in exact fp32
+# FMA (attention's _dot_precision), which holds at most 32 rows at D=128 and 16 at D=256.
+# Comments: registers / shared memory per entry, worst over the plans it serves and both versions.
+SPLIT_CONFIGS = {
+    90: [(64, 2, 32, [_cfg(128, 4, 3)]),   # 168 regs, 76 KB
+         (64, 2, 64, [_cfg(64, 4, 3)]),    # 167 regs, 56 KB
+         (128, 2, 16, [_cfg(128, 4, 2)]),  # 186 regs, 72 KB
+         (128, 2, 64, [_cfg(32, 4, 3)]),   # 187 regs, 64 KB
+         (256, 2, 16, [_cfg(64, 4, 2)]),   # 187 regs, 74 KB
+         (256, 2, 32, [_cfg(64, 8, 3)]),   # 178 regs, 148 KB: 1/SM
+         (64, 4, 16, [_cfg(64, 4, 3)]),    # 3xTF32 dots: 221 regs, 80 KB
+         (64, 4, 64, [_cfg(16, 4, 2)]),    # 228 regs, 48 KB
+         (128, 4, 16, [_cfg(64, 4, 2)]),   # FMA dots: 146 regs, 76 KB
+         (128, 4, 32, [_cfg(16, 8, 2)]),   # 80 regs, 34 KB
+         (256, 4, 16, [_cfg(32, 8, 2)])],  # 115 regs, 82 KB
+    80: [(64, 2, 32, [_cfg(128, 4, 3)]),   # 168 regs, 76 KB
+         (64, 2, 64, [_cfg(32, 4, 3)]),    # 143 regs, 24 KB
+         (128, 2, 16, [_cfg(128, 4, 2)]),  # 186 regs, 72 KB
+         (128, 2, 32, [_cfg(64, 4, 3)]),   # 191 regs, 76 KB
+         (128, 2, 64, [_cfg(64, 8, 3)]),   # 176 regs, 88 KB: 1/SM
+         (256, 2, 16, [_cfg(32, 8, 2)]),   # 128 regs, 41 KB
+         (256, 2, 32, [_cfg(64, 8, 3)]),   # 184 regs, 148 KB: 1/SM
+         (64, 4, 16, [_cfg(64, 4, 3)]),    # 3xTF32 dots: 230 regs, 80 KB
+         (64, 4, 32, [_cfg(32, 4, 2)]),    # 220 regs, 40 KB
+         (64, 4, 64, [_cfg(16, 8, 2)]),    # 167 regs, 40 KB: 1/SM
+         (128, 4, 16, [_cfg(32, 4, 3)]),   # FMA dots: 128 regs, 74 KB
+         (128, 4, 32, [_cfg(16, 8, 2)]),   # 80 regs, 34 KB
+         (256, 4, 16, [_cfg(32, 8, 2)])],  # 107 regs, 82 KB: 1/SM (just over half of 163 KB)
+}
+# the combine kernel: one row per program, SPLIT_TILE x BLOCK_D fp32 partials per step
+COMBINE_CONFIG = _combine_cfg(16, 4, 2)
+
+
+def _split_entries(arch: int, block_d: int, elem_bytes: int) -> list:
+    """[(max BLOCK_M, configs)] of the smallest head-dim bucket holding block_d."""
+    table = [e for e in SPLIT_CONFIGS[arch_family(arch)] if e[1] == elem_bytes and block_d <= e[0]]
+    if not table:
+        raise ValueError(f"no decode config for head dim {block_d}, {elem_bytes}-byte elements")
+    bucket = min(e[0] for e in table)
+    return [(max_m, cfgs) for max_d, _, max_m, cfgs in table if max_d == bucket]
+
+
+def max_block_m(arch: int | None, block_d: int, elem_bytes: int) -> int:
+    """Largest query tile (rows) shipped for this head dim and dtype."""
+    if arch is None:
+        return INTERPRETER_MAX_BLOCK_M
+    return max(m for m, _ in _split_entries(arch, block_d, elem_bytes))
+
+
+def configs_for(kernel: str, arch: int | None, block_d: int, elem_bytes: int,
+                block_m: int = MIN_BLOCK_M) -> list:
+    """Candidate configs of `kernel` ("split" or "combine") for a compute capability (None:
+    the interpreter) and, for the split kernel, its query tile of block_m rows."""
+    if arch is None:
+        return [INTERPRETER_CONFIGS[kernel]]
+    if kernel == "combine":
+        return [COMBINE_CONFIG]
+    for max_m, cfgs in _split_entries(arch, block_d, elem_bytes):
+        if block_m <= max_m:
+            return cfgs
+    raise ValueError(f"no decode config for {block_m} query rows at head dim {block_d}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Number of splits
+# ---------------------------------------------------------------------------------------------
+H100_SMS = 132       # streaming multiprocessors of an H100 SXM: the count used off a GPU
+PROGRAMS_PER_SM = 2  # split programs resident per SM: SPLIT_CONFIGS is chosen so that two fit
+MAX_SPLITS = 128     # FlashAttention's cap
+
+
+def num_splits_heuristic(n_programs: int, n_tiles: int, n_sms: int = H100_SMS) -> int:
+    """Splits of the KV sequence so that n_programs * splits fills the GPU (FlashAttention's
+    decode heuristic, simplified).
+
+    n_programs: programs without splitting (B * Hkv * row blocks); n_tiles: KV tiles of the
+    cache. Aim at PROGRAMS_PER_SM * n_sms programs; no split when the batch nearly fills them
+    alone (>= 80%); at most one split per tile and MAX_SPLITS. Among split counts giving the
+    same tiles per split the fewest is taken, so that no split is empty (64 tiles in 12 splits:
+    6 tiles each fill only 11 of them, so 11)."""
+    target = PROGRAMS_PER_SM * n_sms
+    if n_programs <= 0 or n_tiles <= 1 or n_programs >= 0.8 * target:
+        return 1
+    splits = min(triton.cdiv(target, n_programs), n_tiles, MAX_SPLITS)
+    return triton.cdiv(n_tiles, triton.cdiv(n_tiles, splits))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _n_sms(t: torch.Tensor) -> int:
+    if t.device.type != "cuda":
+        return H100_SMS
+    return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def _block_m(rows: int, arch: int | None, block_d: int, elem_bytes: int) -> int:
+    cap = max_block_m(arch, block_d, elem_bytes)
+    return min(cap, max(MIN_BLOCK_M, triton.next_power_of_2(rows)))
+
+
+def default_num_splits(q: torch.Tensor, k_cache: torch.Tensor, arch: int | None) -> int:
+    """num_splits_heuristic for these shapes: the cache's tiles counted with the first candidate
+    config's BLOCK_N, lengths taken as Nmax (no device sync; splits past a shorter sequence's
+    end exit at once)."""
+    B, Hq, Nq, D = q.shape
+    Hkv, n_max = k_cache.shape[1], k_cache.shape[2]
+    rows = (Hq // Hkv) * Nq
+    block_d, nbytes = _block_d(D), q.element_size()
+    block_m = _block_m(rows, arch, block_d, nbytes)
+    block_n = configs_for("split", arch, block_d, nbytes, block_m)[0].kwargs["BLOCK_N"]
+    n_programs = B * Hkv * triton.cdiv(rows, block_m)
+    return num_splits_heuristic(n_programs, triton.cdiv(n_max, block_n), _n_sms(q))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host launchers
+# ---------------------------------------------------------------------------------------------
+def _strides(t: torch.Tensor, prefix: str, axes: str) -> dict:
+    return {f"stride_{prefix}{a}": t.stride(i) for i, a in enumerate(axes)}
+
+
+def plan_decode(q, k_cache, v_cache, cache_seqlens, out, lse, o_part, lse_part, scale: float,
+                num_splits: int, arch: int | None) -> list[Launch]:
+    """The split kernel, and the combine kernel when num_splits > 1 (o_part [B, Hq, Nq, S, D]
+    and lse_part [B, Hq, Nq, S] float32 contiguous; unused with one split)."""
+    B, Hq, Nq, D = q.shape
+    Hkv, n_max = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    block_d, nbytes = _block_d(D), q.element_size()
+    block_m = _block_m(group * Nq, arch, block_d, nbytes)
+    single = num_splits == 1
+    dummy = lse
+    split = Launch(
+        "decode_split", _decode_split,
+        {"Q": q, "K": k_cache, "V": v_cache,
+         "SeqLens": dummy if cache_seqlens is None else cache_seqlens,
+         "Out": out, "Lse": lse, "OPart": dummy if single else o_part,
+         "LsePart": dummy if single else lse_part,
+         **_strides(q, "q", "zhmd"), **_strides(k_cache, "k", "zhnd"),
+         **_strides(v_cache, "v", "zhnd"), **_strides(out, "o", "zhmd"),
+         "HQ": Hq, "HKV": Hkv, "GROUP": group, "N_Q": Nq, "N_MAX": n_max,
+         "NUM_SPLITS": num_splits, "qk_scale": scale * _LOG2E},
+        {"HEAD_DIM": D, "BLOCK_D": block_d, "BLOCK_M": block_m,
+         "HAS_SEQLENS": cache_seqlens is not None, "SINGLE_SPLIT": single,
+         "DOT_PRECISION": _dot_precision(q.dtype, block_d)},
+        lambda meta: (num_splits, B * Hkv, triton.cdiv(group * Nq, block_m)),
+        configs_for("split", arch, block_d, nbytes, block_m),
+        ["HQ", "HKV", "N_Q", "N_MAX", "NUM_SPLITS", "HEAD_DIM", "HAS_SEQLENS", "SINGLE_SPLIT"])
+    if single:
+        return [split]
+    combine = Launch(
+        "decode_combine", _decode_combine,
+        {"OPart": o_part, "LsePart": lse_part, "Out": out, "Lse": lse,
+         **_strides(out, "o", "zhmd"), "HQ": Hq, "N_Q": Nq, "NUM_SPLITS": num_splits},
+        {"HEAD_DIM": D, "BLOCK_D": block_d},
+        lambda meta: (B * Hq * Nq,),
+        configs_for("combine", arch, block_d, nbytes),
+        ["NUM_SPLITS", "HEAD_DIM"])
+    return [split, combine]
+
+
+def _arch_for(t: torch.Tensor) -> int | None:
+    return None if is_interpreted(_decode_split) else device_arch(t)
+
+
+def decode_forward(q, k_cache, v_cache, cache_seqlens, scale: float, num_splits: int | None = None):
+    """out [B, Hq, Nq, D] (q's dtype and layout), lse [B, Hq, Nq] float32 (natural log).
+
+    cache_seqlens: int32 [B] or None (all Nmax keys valid). num_splits: None = the heuristic."""
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+    if out.numel() == 0 or k_cache.shape[2] == 0:  # nothing to compute, or no key at all
+        return out.zero_(), lse.fill_(float("-inf"))
+    arch = _arch_for(q)
+    if num_splits is None:
+        num_splits = default_num_splits(q, k_cache, arch)
+    o_part = lse_part = None
+    if num_splits > 1:
+        o_part = torch.empty((*q.shape[:3], num_splits, q.shape[3]), device=q.device,
+                             dtype=torch.float32)
+        lse_part = torch.empty((*q.shape[:3], num_splits), device=q.device, dtype=torch.float32)
+    for launch in plan_decode(q, k_cache, v_cache, cache_seqlens, out, lse, o_part, lse_part,
+                              scale, num_splits, arch):
+        run(launch)
+    return out, lse

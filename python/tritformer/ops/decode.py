@@ -1,0 +1,162 @@
+"""Flash-decoding attention for KV-cache generation: the `tritformer::decode_attention` custom op
+and the public `decode_attention` function.
+
+Inference only: there is no backward (training uses `tritformer.attention`). The custom op has a
+`register_fake` that only allocates the output shapes, so `torch.compile(fullgraph=True)` traces
+through it. On the "reference" backend (CPU without Triton's interpreter) the public function
+runs the pure-PyTorch reference in float32 instead of the kernels.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import reference
+from .._checks import MAX_HEAD_DIM, _dtype_name, check_tensor
+from ..backend import backend_for
+
+
+def _kernels():
+    from tritformer.kernels import decode as K  # imported at first use: see backend.py
+    return K
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom op
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("tritformer::decode_attention", mutates_args=())
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      cache_seqlens: Optional[torch.Tensor], scale: float,
+                      num_splits: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """out [B, Hq, Nq, D] (q's layout), lse [B, Hq, Nq] float32; num_splits None = heuristic."""
+    return _kernels().decode_forward(q, k_cache, v_cache, cache_seqlens, scale, num_splits)
+
+
+@_decode_attention.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, scale, num_splits):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------------------------
+def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, scale, num_splits, return_lse) -> None:
+    """Every argument, before any launch; errors name the argument. The contents of
+    cache_seqlens are checked too (one device sync), except while torch.compile traces."""
+    check_tensor("q", q, 4, "[B, Hq, Nq, D]")
+    check_tensor("k_cache", k_cache, 4, "[B, Hkv, Nmax, D]")
+    check_tensor("v_cache", v_cache, 4, "[B, Hkv, Nmax, D]")
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {_dtype_name(q.dtype)}, got {_dtype_name(x.dtype)}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+    B, Hq, _, D = q.shape
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.shape[0] != B:
+            raise ValueError(f"{name} must have q's batch size {B}, got shape {tuple(x.shape)}")
+        if x.shape[3] != D:
+            raise ValueError(f"{name} must have q's head dim D={D}, got shape {tuple(x.shape)}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"v_cache must have k_cache's shape [B, Hkv, Nmax, D] = {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D of q must be in 1..{MAX_HEAD_DIM}, got {D}")
+    Hkv, n_max = k_cache.shape[1], k_cache.shape[2]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"q's head count ({Hq}) must be a multiple of k_cache's head count ({Hkv})")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+    if num_splits is not None:
+        if isinstance(num_splits, bool) or not isinstance(num_splits, int):
+            raise TypeError(f"num_splits must be an int or None, got {type(num_splits).__name__}")
+        if num_splits < 1:
+            raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    if cache_seqlens is None:
+        return
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"cache_seqlens must be a torch.Tensor or None, got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens must be int32 (FlashAttention's convention), got {_dtype_name(cache_seqlens.dtype)}")
+    if tuple(cache_seqlens.shape) != (B,):
+        raise ValueError(f"cache_seqlens must have shape [B] = [{B}], got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens must be on q's device {q.device}, got {cache_seqlens.device}")
+    if torch.compiler.is_compiling() or B == 0:
+        return
+    lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
+    if lo < 0 or hi > n_max:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"cache_seqlens values must be in [0, Nmax={n_max}] (k_cache.shape[2]), got {bad}")
+
+
+def _check_inference(q, k_cache, v_cache) -> None:
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_cache, v_cache)):
+        raise RuntimeError(
+            "decode_attention is inference-only (no backward): an input requires grad while grad "
+            "mode is on. Use tritformer.attention for training, or run generation under "
+            "torch.no_grad() / torch.inference_mode().")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     cache_seqlens: Optional[torch.Tensor] = None, *,
+                     scale: float | None = None, num_splits: int | None = None,
+                     return_lse: bool = False):
+    """Attention of new queries against a KV cache, flash-decoding style (split-KV).
+
+    Args:
+        q: [B, Hq, Nq, D] queries, the LAST Nq positions of each sequence (Nq = 1: one token
+            per step; a few more, e.g. speculative decoding, also work). float16, bfloat16 or
+            float32; any strides (a [B, N, H, D] tensor's ``.transpose(1, 2)`` view is read in
+            place).
+        k_cache: [B, Hkv, Nmax, D] preallocated key cache, q's dtype and device, any strides.
+            Hq must be a multiple of Hkv (MHA, GQA, MQA: query head h reads kv head
+            h // (Hq // Hkv)).
+        v_cache: [B, Hkv, Nmax, D] value cache.
+        cache_seqlens: int32 [B]: batch b's cache holds cache_seqlens[b] valid keys (0..Nmax),
+            which already include the Nq new tokens. Positions past it are never read and may
+            hold anything (even NaN). None: all Nmax positions are valid.
+        scale: multiplier of q kᵀ before the softmax; default 1/sqrt(D).
+        num_splits: chunks the keys of each sequence are split into, each handled by its own
+            programs and merged by their log-sum-exp (flash-decoding); None picks enough to
+            fill the GPU when B * Hkv alone does not. The result does not depend on it beyond
+            rounding.
+        return_lse: also return the log-sum-exp of the visible scores.
+
+    Masking: with L = cache_seqlens[b], query i sees key j iff j <= L - Nq + i (causal,
+    bottom-right aligned as `tritformer.attention(..., causal=True)` on the first L keys).
+    With Nq=2, L=5, Nmax=7 (1 = attend, x = never read)::
+
+        1 1 1 1 0 x x
+        1 1 1 1 1 x x
+
+    A query row that sees no key (L < Nq - i, e.g. L = 0) outputs 0 with lse = -inf.
+
+    Returns:
+        out [B, Hq, Nq, D] in q's dtype (and q's memory layout); with ``return_lse`` also
+        lse [B, Hq, Nq] float32, natural log.
+
+    Inference only: raises if grad mode is on and an input requires grad (use
+    `tritformer.attention` for training). D may be 1..256. Where this runs: see
+    ``tritformer.backend_for``.
+    """
+    _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, scale, num_splits, return_lse)
+    _check_inference(q, k_cache, v_cache)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if backend_for(q) == "reference":
+        out, lse = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(),
+                                              cache_seqlens, scale=scale, return_lse=True)
+        out = out.to(q.dtype)
+    else:
+        out, lse = torch.ops.tritformer.decode_attention(q, k_cache, v_cache, cache_seqlens,
+                                                         scale, num_splits)
+    return (out, lse) if return_lse else out
