@@ -229,3 +229,30 @@ def test_masked_and_varlen_rows(monkeypatch):
         assert sweep[(op, "tritformer", 128)] < 2.2 * sweep[(op, "tritformer", 64)]
         assert sweep[(op, "naive", 128)] > 128 * 128 * 4
         assert sweep[(op, "naive", 128)] > 3 * sweep[(op, "naive", 64)]
+
+
+# ---------------------------------------------------------------------------------------------
+# gpt op
+# ---------------------------------------------------------------------------------------------
+def test_gpt_flops_count_linears_and_causal_pairs():
+    from tritformer.models import GPT, GPTConfig
+    m = GPT(GPTConfig(block_size=8, vocab_size=10, n_layer=2, n_head=2, n_embd=4))
+    w = 2 * (4 * 12 + 4 * 4 + 4 * 16 + 16 * 4) + 4 * 10  # per layer: c_attn, c_proj, c_fc, c_proj; lm_head
+    fwd = 2 * 3 * 8 * w + 2 * 4 * 3 * 36 * 4  # B=3, T=8: 36 causal pairs
+    assert bench.gpt_flops(m, 3, 8, "fwd") == fwd
+    assert bench.gpt_flops(m, 3, 8, "fwd_bwd") == 3 * fwd
+    assert bench.gpt_flops(m, 3, 8, "decode") == 2 * 3 * w + 2 * 4 * 3 * 8 * 4
+
+
+def test_gpt_rows():
+    rows, skipped = bench.run(ops=("gpt",), quick=True, out_dir=None)
+    assert skipped["gpt flash_attn"].startswith("not a GPT provider")
+    got = {(r["provider"], r["mode"], r["metric"]) for r in rows}
+    for p in ("naive", "sdpa", "tritformer"):
+        for mode in ("fwd", "fwd_bwd", "decode"):
+            assert (p, mode, "latency") in got and (p, mode, "peak_memory") in got
+    err = {r["provider"]: r["value"] for r in rows if r["metric"] == "max_error"}
+    # fp32 logits against the float64 model: every provider at fp32 rounding level (measured
+    # 2.2e-7 .. 2.6e-7 on the CPU quick shape)
+    assert set(err) == {"naive", "sdpa", "tritformer"} and max(err.values()) < 1e-5, err
+    assert {r["backend"] for r in rows if r["provider"] == "tritformer"} == {"triton-interpreter"}
