@@ -92,7 +92,8 @@ class _TokenDecoder:
         return new
 
 
-def main(args, stream=sys.stdout) -> int:
+def main(args, stream=None) -> int:
+    stream = sys.stdout if stream is None else stream  # looked up per call (captured stdout)
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.temperature < 0:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import math
 import os
 import sys
@@ -269,7 +268,8 @@ def _save(obj, path: str) -> None:
 class Progress:
     """A one-line progress bar on a terminal, a line every --log-interval steps otherwise."""
 
-    def __init__(self, total: int, start: int, interval: int, stream=sys.stdout):
+    def __init__(self, total: int, start: int, interval: int, stream=None):
+        stream = sys.stdout if stream is None else stream
         self.total, self.interval, self.stream = total, interval, stream
         self.tty = stream.isatty()
         self.t0, self.s0 = time.perf_counter(), start
@@ -435,6 +435,3 @@ def _write_log(rows: list[dict], out: str) -> None:
         w.writerows(rows)
     plot_losses(rows, os.path.join(out, "loss.png"))
 
-
-def config_fields() -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(GPTConfig))
