@@ -202,6 +202,21 @@ def check_sdpa(q, k, v, attn_mask=None, *, grads=True, **kw) -> list[numerics.Ch
     return checks
 
 
+def check_decode_attention(q, k_cache, v_cache, cache_seqlens=None, *, num_splits=None,
+                           scale=None) -> list[numerics.Check]:
+    """tritformer.decode_attention (out, lse) against float64 (reference.decode_attention),
+    bounded by PyTorch's own error in q's dtype. Forward only: decoding has no backward."""
+    from .ops.decode import decode_attention
+    out, lse = decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale,
+                                num_splits=num_splits, return_lse=True)
+    ref, ref_lse = reference.decode_attention(q.double(), k_cache.double(), v_cache.double(),
+                                              cache_seqlens, scale=scale, return_lse=True)
+    base, base_lse = reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale,
+                                                return_lse=True)
+    return [numerics.check("out", out, ref, base),
+            numerics.check("lse", lse, ref_lse, base_lse, eps_dtype=q.dtype)]
+
+
 def check_softmax(x, dim=-1, *, scale=1.0, mask=None, causal=False, grads=True) -> list[numerics.Check]:
     """tritformer.softmax forward (and backward: dx, and d(mask) for a float mask requiring
     grad) against float64, bounded by PyTorch's own error in x's dtype (reference.softmax)."""
@@ -377,6 +392,16 @@ def _softmax_cases(quick: bool):
     return cases[:2] if quick else cases
 
 
+def _decode_cases(quick: bool):
+    # (B, Hq, Hkv, Nq, Nmax, lengths, D, num_splits): one line per code path
+    cases = [
+        (2, 8, 2, 1, 300, (300, 123), 64, None),  # GQA 4:1 group tile, ragged lengths, default splits
+        (1, 4, 4, 4, 257, (200,), 128, 5),         # MHA, Nq = 4 causal rows, 5 splits
+        (3, 8, 1, 1, 64, (0, 1, 64), 40, 3),       # MQA, empty and single-key caches, odd D
+    ]
+    return cases[:1] if quick else cases
+
+
 def _ffn_cases(quick: bool):
     # (gated, M, in, hidden, out, activation, extra): one line per code path
     cases = [
@@ -404,8 +429,9 @@ def main(args) -> int:
     grid += [("varlen", dt, c) for dt in args.dtype for c in _varlen_cases(args.quick)]
     grid += [("softmax", dt, c) for dt in args.dtype for c in _softmax_cases(args.quick)]
     grid += [("ffn", dt, c) for dt in args.dtype for c in _ffn_cases(args.quick)]
+    grid += [("decode", dt, c) for dt in args.dtype for c in _decode_cases(args.quick)]
     backend = backend_for(torch.empty(0, device=device))
-    print(f"validate: attention (masks, options, varlen), softmax, ffn on {device} ({backend}), {len(grid)} cases", file=sys.stderr)
+    print(f"validate: attention (masks, options, varlen), decode, softmax, ffn on {device} ({backend}), {len(grid)} cases", file=sys.stderr)
     rows, failed, t0 = [], 0, time.time()
     for n, (op, dt, case) in enumerate(grid, 1):
         gen = torch.Generator().manual_seed(n)
@@ -423,6 +449,15 @@ def main(args) -> int:
             *tensors, causal, opts, name = _varlen_inputs(case, dtypes[dt], device, gen)
             torch.manual_seed(n)
             checks = check_varlen_attention(*tensors, causal=causal, return_lse=True, **opts)
+        elif op == "decode":
+            B, Hq, Hkv, Nq, n_max, lengths, D, splits = case
+            q = torch.randn(B, Hq, Nq, D, generator=gen).to(device, dtypes[dt])
+            kc, vc = (torch.randn(B, Hkv, n_max, D, generator=gen).to(device, dtypes[dt])
+                      for _ in range(2))
+            lens = torch.tensor(lengths, dtype=torch.int32, device=device)
+            name = (f"decode {dt} B={B} H={Hq}/{Hkv} Nq={Nq} cache={n_max} lens={list(lengths)} "
+                    f"D={D} splits={splits or 'auto'}")
+            checks = check_decode_attention(q, kc, vc, lens, num_splits=splits)
         elif op == "ffn":
             gated, M, d_in, hidden, d_out, act, extra = case
             dtype = dtypes[dt]
