@@ -20,6 +20,8 @@ from tritformer import numerics
 from tritformer.patching import FusedSequentialMLP, PatchReport
 from tritformer.validate import _backprop
 
+pytestmark = pytest.mark.integration  # newest Triton only in CI (pyproject.toml)
+
 D, H, FF, L, B = 16, 2, 32, 7, 2
 
 
