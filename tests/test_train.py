@@ -152,3 +152,34 @@ def test_bad_input(corpus, tmp_path, capsys):
     assert "longer than the model's context" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--batch-size"):
         train.main(_args("--batch-size", "0"))
+
+
+def test_generate_from_a_gpt2_directory_with_its_tokenizer(tmp_path, capsys):
+    # a GPT-2 directory as save_pretrained writes it: config + weights + tokenizer files (a tiny
+    # byte-level BPE trained here: no download), run through from_hf and the tokenizer
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    bpe.train_from_iterator(["hello world, hello tritformer"] * 4, tokenizers.trainers.BpeTrainer(
+        vocab_size=280, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe)
+    tok.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=32, n_positions=32, vocab_size=bpe.get_vocab_size()))
+    hf.save_pretrained(tmp_path)
+    assert cli.main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hello",
+                     "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    text = capsys.readouterr().out
+    # greedy ids from transformers' own model, decoded by the same tokenizer
+    ids = torch.tensor([tok.encode("hello")])
+    with torch.no_grad():
+        want = hf.eval().generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert text == "hello" + tok.decode(want[0, ids.shape[1]:].tolist()) + "\n"
+    # a GPT-2 directory without tokenizer files: a clear error
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).unlink(missing_ok=True)
+    assert cli.main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hello"]) == 2
+    assert "no tokenizer files" in capsys.readouterr().err

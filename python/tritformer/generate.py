@@ -75,6 +75,10 @@ class _ByteDecoder:
     def __call__(self, token: int) -> str:
         return self._dec.decode(bytes([token]))
 
+    def flush(self) -> str:
+        """What is left at the end: an incomplete character as U+FFFD."""
+        return self._dec.decode(b"", final=True)
+
 
 class _TokenDecoder:
     """BPE tokens -> the new text since the last call (decodes the whole generation each time:
@@ -88,6 +92,12 @@ class _TokenDecoder:
         text = self.tok.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""  # incomplete character: wait for the next token
+        new, self.text = text[len(self.text):], text
+        return new
+
+    def flush(self) -> str:
+        """What is left at the end (an incomplete character, as the tokenizer decodes it)."""
+        text = self.tok.decode(self.ids)
         new, self.text = text[len(self.text):], text
         return new
 
@@ -117,5 +127,5 @@ def main(args, stream=None) -> int:
                                      top_k=args.top_k, use_cache=not args.no_cache):
         stream.write(decode(int(tok[0, 0])))
         stream.flush()
-    stream.write("\n")
+    stream.write(decode.flush() + "\n")
     return 0
