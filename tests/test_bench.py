@@ -256,3 +256,20 @@ def test_gpt_rows():
     # 2.2e-7 .. 2.6e-7 on the CPU quick shape)
     assert set(err) == {"naive", "sdpa", "tritformer"} and max(err.values()) < 1e-5, err
     assert {r["backend"] for r in rows if r["provider"] == "tritformer"} == {"triton-interpreter"}
+
+
+def test_peak_fraction_rows_only_for_known_devices(monkeypatch):
+    # a CUDA row on a device with a datasheet peak gets a *_peak_fraction row next to it
+    assert bench.device_peak("NVIDIA H100 80GB HBM3", "bf16") == (989.4, 3350.0)
+    assert bench.device_peak("NVIDIA GeForce RTX 4090", "bf16") is None
+    assert bench.device_peak("cpu (x86_64, 2 cores)", "fp32") is None
+    monkeypatch.setattr(bench, "machine_info", lambda device: {"device": "NVIDIA A100-SXM4-80GB"})
+
+    def fake_ffn(device, quick, providers, emit, progress, skipped, gated):
+        emit(dict(op="ffn", provider="tritformer", backend="triton", mode="fwd", metric="tflops",
+                  unit="TFLOP/s", x_name="tokens", x_value=64, value=156.0, p20=150.0, p80=160.0,
+                  dtype="bf16"))
+    monkeypatch.setattr(bench, "bench_ffn", fake_ffn)
+    rows, _ = bench.run(ops=("ffn",), out_dir=None)
+    frac = [r for r in rows if r["metric"] == "tflops_peak_fraction"]
+    assert len(frac) == 1 and frac[0]["value"] == pytest.approx(0.5) and frac[0]["unit"] == "fraction"

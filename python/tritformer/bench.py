@@ -3,7 +3,8 @@
 One measurement per row, in tidy columns (`COLUMNS`), written as CSV and JSON, drawn as PNG plots.
 
 What is measured where:
-- CUDA: latency (median, p20, p80 of `triton.testing.do_bench`), TFLOP/s, peak memory
+- CUDA: latency (median, p20, p80 of `triton.testing.do_bench`), TFLOP/s (GB/s for softmax),
+  each also as a fraction of the datasheet peak on known GPUs (`DEVICE_PEAKS`), peak memory
   (`torch.cuda.max_memory_allocated` above what was allocated before the call), max error.
 - CPU: the fused kernels run in Triton's interpreter. Their latencies are interpreter times
   (the rows say backend=triton-interpreter) and say nothing about GPU speed; no TFLOP/s is
@@ -346,6 +347,23 @@ def _large_interpreter_tiles():
         yield
     finally:
         K.INTERPRETER_CONFIGS.update(saved)
+
+
+# Datasheet peaks (dense, no sparsity) of known GPUs, matched by a substring of the device name:
+# (TFLOP/s by dtype for tensor-core math; fp32 = what our fp32 paths use, 3xTF32 / FMA, so the
+# non-tensor fp32 peak), memory GB/s. Fractions are reported only for these.
+DEVICE_PEAKS = {
+    "H100": ({"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}, 3350.0),   # H100 SXM5
+    "A100": ({"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}, 2039.0),   # A100 SXM4 80GB
+}
+
+
+def device_peak(device_name: str, dtype_name: str) -> tuple[float, float] | None:
+    """(peak TFLOP/s, peak GB/s) of a known device for this dtype, else None."""
+    for key, (tflops, gbps) in DEVICE_PEAKS.items():
+        if key in device_name and dtype_name in tflops:
+            return tflops[dtype_name], gbps
+    return None
 
 
 def machine_info(device: str) -> dict:
@@ -1198,6 +1216,13 @@ def run(ops=("all",), quick=False, out_dir="bench-results", providers=PROVIDERS,
     def emit(r):
         r.update(info)
         rows.append({c: r.get(c) for c in COLUMNS})
+        peak = device_peak(info["device"], r.get("dtype") or "")
+        if peak and r["metric"] in ("tflops", "gbps"):  # as a fraction of the datasheet peak
+            frac = dict(r, metric=r["metric"] + "_peak_fraction", unit="fraction")
+            top = peak[0] if r["metric"] == "tflops" else peak[1]
+            for c in ("value", "p20", "p80"):
+                frac[c] = None if r[c] is None else r[c] / top
+            rows.append({c: frac.get(c) for c in COLUMNS})
 
     def prog(msg):
         count[0] += 1
