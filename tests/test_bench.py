@@ -273,3 +273,23 @@ def test_peak_fraction_rows_only_for_known_devices(monkeypatch):
     rows, _ = bench.run(ops=("ffn",), out_dir=None)
     frac = [r for r in rows if r["metric"] == "tflops_peak_fraction"]
     assert len(frac) == 1 and frac[0]["value"] == pytest.approx(0.5) and frac[0]["unit"] == "fraction"
+
+
+def test_inspect_command_covers_the_benchmarked_kernels(monkeypatch, tmp_path):
+    cmd = bench.inspect_command(["gpt", "softmax"], "cpu")
+    assert cmd[:1] == ["inspect"]
+    ops = cmd[cmd.index("--op") + 1:cmd.index("--arch")]
+    assert ops == ["attention", "decode", "ffn", "softmax"]
+    assert cmd[cmd.index("--arch") + 1:cmd.index("--head-dim")] == ["sm_80", "sm_90"]
+    assert set(bench.inspect_command(["all"], "cpu")[2:8]) == {
+        "attention", "decode", "ffn", "masked", "softmax", "varlen"}
+    # run_inspect: a fresh process without TRITON_INTERPRET, table written to OUT/inspect.txt
+    seen = {}
+
+    def fake_run(argv, env, capture_output, text):
+        seen.update(argv=argv, env=env)
+        return subprocess.CompletedProcess(argv, 0, stdout="table\n", stderr="")
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    code, out = bench.run_inspect(["softmax"], "cpu", str(tmp_path))
+    assert code == 0 and out == "table\n" and (tmp_path / "inspect.txt").read_text() == "table\n"
+    assert "TRITON_INTERPRET" not in seen["env"] and seen["argv"][1:4] == ["-m", "tritformer", "inspect"]

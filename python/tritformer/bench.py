@@ -1248,6 +1248,41 @@ def run(ops=("all",), quick=False, out_dir="bench-results", providers=PROVIDERS,
     return rows, skipped
 
 
+# inspect's kernels behind each benchmarked op
+INSPECT_OPS = {"attention": ("attention",), "masked": ("masked",), "varlen": ("varlen",),
+               "softmax": ("softmax",), "ffn": ("ffn",), "gated_ffn": ("ffn",),
+               "gpt": ("attention", "decode", "ffn")}
+
+
+def inspect_command(ops, device: str) -> list[str]:
+    """`tritformer inspect` argv for the kernels of the benchmarked ops: this GPU's arch family
+    (sm_80 / sm_90) on CUDA, both without one; the benchmarks' dtype (bf16 on CUDA; fp16
+    elsewhere, whose configs bf16 shares); head dims 64 and 128 (the sweep's)."""
+    wanted = OPS if "all" in ops else tuple(ops)
+    kernels = sorted({k for op in wanted for k in INSPECT_OPS.get(op, ())})
+    if device == "cuda":
+        archs = ["sm_90" if torch.cuda.get_device_capability()[0] >= 9 else "sm_80"]
+    else:
+        archs = ["sm_80", "sm_90"]
+    return ["inspect", "--op", *kernels, "--arch", *archs, "--head-dim", "64", "128",
+            "--dtype", "bf16" if device == "cuda" else "fp16"]
+
+
+def run_inspect(ops, device: str, out_dir: Optional[str]) -> tuple[int, str]:
+    """Run `tritformer inspect` for the benchmarked kernels in a fresh process (the kernels of
+    this one may be interpreted); its table is written to OUT/inspect.txt."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "tritformer", *inspect_command(ops, device)],
+                         env=env, capture_output=True, text=True)
+    text = res.stdout + (res.stderr if res.returncode else "")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "inspect.txt"), "w") as f:
+            f.write(text)
+    return res.returncode, text
+
+
 def main(args) -> int:
     def progress(msg):
         print(f"\r{msg:<78}", end="", file=sys.stderr, flush=True)
@@ -1266,4 +1301,12 @@ def main(args) -> int:
               "GPU speed. Memory and max error are the meaningful columns here.")
     for path in write_results(rows, args.out):
         print(f"wrote {path}")
+    if getattr(args, "inspect", False):
+        print("\ninspect (AOT compile of the benchmarked kernels' shipped configs):", flush=True)
+        code, text = run_inspect(args.op, rows[0]["device"].startswith("cpu") and "cpu" or "cuda",
+                                 args.out)
+        print(text)
+        print(f"wrote {os.path.join(args.out, 'inspect.txt')}")
+        if code:
+            return code
     return 0

@@ -19,6 +19,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="small sweep (a few minutes on a 2-core CPU)")
     b.add_argument("--out", default="bench-results", help="directory for results.csv/json and plots")
     b.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    b.add_argument("--inspect", action="store_true",
+                   help="also compile the benchmarked kernels' configs ahead of time and report "
+                        "registers, spills, shared memory, tensor-core use (OUT/inspect.txt; "
+                        "minutes on a CPU)")
 
     v = sub.add_parser("validate", help="check every op against the float64 reference (error-ratio criterion)")
     v.add_argument("--quick", action="store_true", help="a smaller grid of cases")
