@@ -82,7 +82,10 @@ import torch
 
 OPS = ("attention", "masked", "varlen", "softmax", "ffn", "gated_ffn", "gpt")
 IMPLEMENTED_OPS = OPS
-PROVIDERS = ("naive", "sdpa", "tritformer", "flash_attn", "flex")
+PROVIDERS = ("naive", "sdpa", "sdpa_math", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn",
+             "tritformer", "flash_attn", "flex")
+# sdpa = torch's default dispatch; sdpa_<backend> pins one SDPA backend (attention op only;
+# flash / efficient / cudnn are CUDA kernels, math runs everywhere)
 # softmax / FFN: the unfused PyTorch sequence ("naive") against the fused kernels; for the FFNs
 # also "tritformer_recompute" (recompute=True), whose point is the saved_bytes metric
 MODES = ("fwd", "bwd", "fwd_bwd")
@@ -251,6 +254,30 @@ def _sdpa(q, k, v, causal):
         q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
 
 
+_SDPA_BACKENDS = {"sdpa_math": "MATH", "sdpa_flash": "FLASH_ATTENTION",
+                  "sdpa_efficient": "EFFICIENT_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"}
+
+
+def _sdpa_pinned(name: str):
+    def fn(q, k, v, causal):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(getattr(SDPBackend, _SDPA_BACKENDS[name])):
+            return _sdpa(q, k, v, causal)
+    return fn
+
+
+def _sdpa_why_not(name: str):
+    def why(device, dtype):
+        if name == "sdpa_math":
+            return None
+        if device != "cuda":
+            return f"{name} runs on CUDA only"
+        if name in ("sdpa_flash", "sdpa_cudnn") and dtype == torch.float32:
+            return f"{name} takes fp16/bf16 only"
+        return None
+    return why
+
+
 def _flash_attn(q, k, v, causal):
     from flash_attn import flash_attn_func  # [B, N, H, D] layout: transposed views, no copy
     return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -293,6 +320,8 @@ def attention_providers() -> dict[str, Provider]:
         "naive": Provider("naive", _naive, lambda d, t: None, lambda d: "pytorch"),
         "sdpa": Provider("sdpa", _sdpa, lambda d, t: None,
                          lambda d: "sdpa (default dispatch)" if d == "cuda" else "sdpa (cpu)"),
+        **{n: Provider(n, _sdpa_pinned(n), _sdpa_why_not(n), lambda d, n=n: n.replace("_", " ", 1))
+           for n in _SDPA_BACKENDS},
         "tritformer": Provider("tritformer", _tritformer, lambda d, t: None, _backend),
         "flash_attn": Provider("flash_attn", _flash_attn, _cuda_only("flash_attn", "flash_attn"),
                                lambda d: "flash_attn"),
@@ -751,6 +780,9 @@ def varlen_max_error(p: Provider, q, k, v, causal, pk: Packing) -> float:
 def _active_providers(table, names, device, dtype, skipped, op) -> list[Provider]:
     active = []
     for name in names:
+        if name not in table:
+            skipped[f"{op} {name}"] = "a provider of the attention op only"
+            continue
         reason = table[name].why_not(device, dtype)
         if reason:
             skipped[f"{op} {name}"] = reason
