@@ -293,3 +293,9 @@ def test_inspect_command_covers_the_benchmarked_kernels(monkeypatch, tmp_path):
     code, out = bench.run_inspect(["softmax"], "cpu", str(tmp_path))
     assert code == 0 and out == "table\n" and (tmp_path / "inspect.txt").read_text() == "table\n"
     assert "TRITON_INTERPRET" not in seen["env"] and seen["argv"][1:4] == ["-m", "tritformer", "inspect"]
+
+
+def test_ffn_bytes():
+    # M = 4 tokens, d = 2, weights of 10 elements, fp32
+    assert bench.ffn_bytes(4, [6, 4], 2, 4) == {"fwd": (8 + 10 + 8) * 4, "bwd": (24 + 20) * 4,
+                                                "fwd_bwd": (26 + 44) * 4}

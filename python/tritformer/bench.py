@@ -36,8 +36,10 @@ FLOP counts (FlashAttention's benchmark convention):
                                                 P = causal visible pairs of T, C = n_embd
     gpt backward        2 * forward (the attention part 2.5x, counted as 2x: a lower bound)
     gpt decode          one new token per row against a cache of T - 1: 2 * B * W + L * 4 * B * T * C
-Bytes for GB/s (softmax, the minimum a kernel must move): forward reads x (+ the mask as
-stored) and writes y; backward reads y and dy and writes dx.
+Bytes for GB/s (the minimum a kernel must move): softmax forward reads x (+ the mask as
+stored) and writes y; backward reads y and dy and writes dx. FFN forward reads x [M, d] and
+the weights W (all matrices and biases) and writes y [M, d]: (2·M·d + W)·itemsize; backward
+reads dy, x, W and writes dx and dW: (3·M·d + 2·W)·itemsize.
 
 `--op masked` runs two sweeps, with rows op=masked_padding and op=masked_dense:
 - masked_padding: a padded batch, key_padding_mask [B, N] (True = pad), each batch row's valid
@@ -980,6 +982,16 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
+def ffn_bytes(m: int, weight_numels: list[int], d: int, itemsize: int) -> dict:
+    """The bytes an FFN call must move at least (module docstring): forward reads x and every
+    weight/bias once and writes y; backward reads dy, x and the weights and writes dx and one
+    gradient per weight (activations it saved or recomputes are not counted)."""
+    w = sum(weight_numels)
+    fwd = (m * d + w + m * d) * itemsize
+    bwd = (m * d + m * d + w + m * d + w) * itemsize
+    return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}
+
+
 def bench_ffn(device, quick, providers, emit, progress, skipped, gated: bool) -> None:
     from . import reference
     from .ops.ffn import ffn, gated_ffn
@@ -1026,6 +1038,8 @@ def bench_ffn(device, quick, providers, emit, progress, skipped, gated: bool) ->
                         _fwd_bwd_fns(lambda: fn(x), leaves, None), "tokens", m,
                         dict(batch=m, heads=None, head_dim=d, causal=None), dtype_name, emit,
                         reps=3, flops={"fwd": fl, "bwd": 2 * fl, "fwd_bwd": 3 * fl},
+                        bytes_moved=ffn_bytes(m, [t.numel() for t in weights], d,
+                                              x0.element_size()),
                         max_error=err)
             emit(dict(op=op, provider=name, backend="pytorch" if name == "naive" else _backend(device),
                       mode="fwd", metric="saved_bytes", unit="bytes", x_name="tokens", x_value=m,
