@@ -45,8 +45,8 @@ def load_model(path: str, attn_backend: str = "tritformer"):
     from .train import load_checkpoint
     ckpt = load_checkpoint(path)
     config = GPTConfig.from_dict(dict(ckpt["config"], attn_backend=attn_backend, dropout=0.0))
-    model = GPT(config)
-    load_checkpoint(path, model)
+    model = GPT(config)  # built from the checkpoint's own config: its weights fit
+    model.load_state_dict(ckpt["model"])
     if config.vocab_size != 256:
         raise ValueError(f"--checkpoint: vocab_size {config.vocab_size}; training checkpoints "
                          "are byte-level (256)")

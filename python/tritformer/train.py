@@ -352,7 +352,7 @@ def main(args) -> int:
     if args.resume:
         if not os.path.isfile(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path!r}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(ckpt_path)
     config = model_config(args, None if ckpt is None else ckpt["config"])
     data = load_corpus(args.data, args.max_bytes)
     shards = Shards(data, config.block_size, args.val_fraction, rank, world, args.seed)
@@ -384,8 +384,8 @@ def _train(args, config, ckpt, shards, device, rank, world, ckpt_path) -> int:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
-    os.makedirs(args.out, exist_ok=True) if main_rank else None
     if main_rank:
+        os.makedirs(args.out, exist_ok=True)
         print(f"tritformer train: {model.num_params() / 1e6:.2f}M parameters, config {config}, "
               f"{world} process(es) on {device}, global batch {world * args.batch_size} x "
               f"{config.block_size} bytes, {len(shards.train)} train / {len(shards.val)} val bytes"

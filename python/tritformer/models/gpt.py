@@ -157,18 +157,16 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + dropout(c_proj(gelu_tanh(c_fc(x))))."""
-        fused = self.backend == "tritformer" and not (self.training and self.dropout.p > 0)
-        if fused:
-            # the residual add happens in the second GEMM's epilogue
-            w1, b1, w2, b2 = (None if t is None else t.to(x.dtype) for t in
-                              (self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias))
-            return fused_ffn(x, w1, b1, w2, b2, activation="gelu_tanh", residual=residual)
-        if self.backend == "tritformer":  # dropout between the FFN and the residual add
-            w1, b1, w2, b2 = (None if t is None else t.to(x.dtype) for t in
-                              (self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias))
+        if self.backend == "torch":
+            h = F.gelu(self.c_fc(x), approximate="tanh")
+            return residual + self.dropout(self.c_proj(h))
+        # weights in x's dtype (under autocast x already is the autocast dtype)
+        w1, b1, w2, b2 = (None if t is None else t.to(x.dtype) for t in
+                          (self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias))
+        if self.training and self.dropout.p > 0:  # dropout sits between the FFN and the residual
             return residual + self.dropout(fused_ffn(x, w1, b1, w2, b2, activation="gelu_tanh"))
-        h = F.gelu(self.c_fc(x), approximate="tanh")
-        return residual + self.dropout(self.c_proj(h))
+        # the residual add happens in the second GEMM's epilogue
+        return fused_ffn(x, w1, b1, w2, b2, activation="gelu_tanh", residual=residual)
 
 
 class Block(nn.Module):
@@ -256,14 +254,17 @@ class GPT(nn.Module):
         logits = self.lm_head(x if all_logits else x[:, [-1], :])  # (B, T or 1, vocab)
         return logits, None
 
-    def _check_idx(self, idx, name):
+    def _check_idx(self, idx, name, check_ids: bool = False):
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"{name} must be an int64 tensor [batch, seq], got "
                              + (f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, torch.Tensor)
                                 else type(idx).__name__))
         if idx.shape[1] == 0:
             raise ValueError(f"{name} must hold at least one token per sequence")
-        if idx.numel() and not torch.compiler.is_compiling():
+        # the id range is read on the host: free for CPU tensors; for device tensors only in
+        # generate (check_ids: once per call), not in every training step's forward (a sync)
+        if (idx.numel() and (idx.device.type == "cpu" or check_ids)
+                and not torch.compiler.is_compiling()):
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"{name} holds token ids in [{lo}, {hi}], outside the vocabulary "
@@ -291,7 +292,7 @@ class GPT(nn.Module):
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: Optional[int] = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
         """`generate`, yielding each new token column [B, 1] as it is produced."""
-        self._check_idx(idx, "idx")
+        self._check_idx(idx, "idx", check_ids=True)
         if idx.shape[1] > self.config.block_size:
             raise ValueError(f"the prompt has {idx.shape[1]} tokens, longer than the model's "
                              f"context (block_size {self.config.block_size})")
