@@ -30,26 +30,12 @@ import triton
 import triton.language as tl
 
 from ._launch import Launch, arch_family, device_arch, is_interpreted, run
-
+from ._math import tanh as _tanh
 
 
 # ---------------------------------------------------------------------------------------------
 # Shared pieces
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _tanh(x):
-    """tanh in fp32 to ~2 ulp: odd series near 0 (no cancellation), exp2 form elsewhere."""
-    ax = tl.abs(x)
-    e = tl.math.exp2(-2.8853900817779268 * ax)  # exp(-2|x|)
-    big = (1.0 - e) / (1.0 + e)
-    x2 = x * x
-    # terms to x^9; the next one is below 8.5e-9 relative for |x| < 0.25
-    small = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
-        -0.05396825396825397 + x2 * 0.021869488536155203))))
-    r = tl.where(ax < 0.25, small, big)
-    return tl.where(x < 0, -r, r)
-
-
 @triton.jit
 def _dropout_keep(seed, row, col, DROP_COLS, dropout_p):
     """Philox keep mask of lse row `row` (broadcast with `col`): counter row * DROP_COLS + col."""

@@ -20,14 +20,10 @@ import triton
 import triton.language as tl
 
 from ._launch import Launch, arch_family, device_arch, is_interpreted, run
+from ._math import tanh as _tanh
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
 EPI_BIAS_ACT, EPI_DACT, EPI_GATED, EPI_DGATED = 0, 1, 2, 3
-
-
-@triton.jit
-def _tanh(z):
-    return 1.0 - 2.0 / (tl.math.exp(2.0 * z) + 1.0)  # saturates to +-1 without NaN
 
 
 @triton.jit
