@@ -50,6 +50,23 @@ def device_arch(t: torch.Tensor) -> int | None:
     return major * 10 + minor
 
 
+# In-tile element offsets (tile index x stride) and tile steps (BLOCK x stride) are int32 in the
+# kernels, as in Triton's attention tutorial: 64-bit offsets per element cost registers. With
+# tiles of at most 256 along an axis, strides below 2^31 / 512 keep them in range even summed over
+# a tile's two axes. Base offsets (batch, head, tile start) are int64 and take any stride.
+MAX_TILE_STRIDE = 2 ** 31 // 512
+
+
+def int32_tiles(t: torch.Tensor, dims: tuple = (-2, -1)) -> torch.Tensor:
+    """t, or a contiguous copy of it when a stride along one of its tiled `dims` is so large
+    (a strided view, e.g. one sequence position every 2^22 elements) that an in-tile offset
+    could wrap around int32. Measured without it: the attention kernel's K tile at stride 2^27
+    loaded from -2^31 elements (the interpreter's bounds checker, tests/test_large_offsets.py)."""
+    if all(t.shape[d] <= 1 or abs(t.stride(d)) < MAX_TILE_STRIDE for d in dims):
+        return t
+    return t.contiguous()
+
+
 _TUNERS: dict[tuple, Any] = {}
 
 

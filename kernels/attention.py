@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, arch_family, device_arch, is_interpreted, run
+from ._launch import Launch, arch_family, device_arch, int32_tiles, is_interpreted, run
 from ._math import tanh as _tanh
 
 
@@ -960,6 +960,7 @@ def _arch_for(t: torch.Tensor) -> int | None:
 
 def attention_forward(q, k, v, opts: Options):
     """out [B, Hq, Nq, D] (q's dtype and layout), lse [B, Hq, Nq] float32 (natural log)."""
+    q, k, v = (int32_tiles(t) for t in (q, k, v))
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     if out.numel():
@@ -974,6 +975,7 @@ def attention_backward(do, q, k, v, out, lse, opts: Options, dlse=None, mask_gra
     """dq, dk, dv (same shapes, dtypes and layouts as q, k, v) and, with mask_grad, the
     gradient of the additive mask as dense [B, Hq, Nq, Nk] float32 (else an empty tensor).
     Deterministic: no atomics."""
+    do, q, k, v, out = (int32_tiles(t) for t in (do, q, k, v, out))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dmask = (torch.zeros((*q.shape[:3], k.shape[2]), device=q.device, dtype=torch.float32)
              if mask_grad else q.new_empty(0, dtype=torch.float32))

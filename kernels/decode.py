@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, arch_family, device_arch, is_interpreted, run
+from ._launch import Launch, arch_family, device_arch, int32_tiles, is_interpreted, run
 from .attention import _block_d, _dot_precision
 
 _LOG2E = 1.4426950408889634            # exp(x) = exp2(x * log2(e)): folded into the score scale
@@ -428,6 +428,7 @@ def decode_forward(q, k_cache, v_cache, cache_seqlens, scale: float, num_splits:
     """out [B, Hq, Nq, D] (q's dtype and layout), lse [B, Hq, Nq] float32 (natural log).
 
     cache_seqlens: int32 [B] or None (all Nmax keys valid). num_splits: None = the heuristic."""
+    q, k_cache, v_cache = (int32_tiles(t) for t in (q, k_cache, v_cache))
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     if out.numel() == 0 or k_cache.shape[2] == 0:  # nothing to compute, or no key at all

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, arch_family, device_arch, is_interpreted, run
+from ._launch import Launch, arch_family, device_arch, int32_tiles, is_interpreted, run
 from ._math import tanh as _tanh
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
@@ -178,6 +178,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def plan_gemm(a, b, c, *, epi=EPI_BIAS_ACT, act=0, bias=None, bias2=None, residual=None, aux=None,
               aux2=None, b2=None, c2=None, pre=None, pre2=None, arch=None) -> list[Launch]:
     """C = A @ B (+ fused epilogue); A [M, K], B [K, N], C/C2/Pre/Pre2 [M, N] with C's strides."""
+    # tile steps along K are int32 (BLOCK_K x stride_ak, BLOCK_K x stride_bk)
+    a, b = int32_tiles(a, (1,)), int32_tiles(b, (0,))
+    b2 = None if b2 is None else int32_tiles(b2, (0,))
     M, K = a.shape
     N = b.shape[1]
     for name, t in (("c2", c2), ("pre", pre), ("pre2", pre2)):
