@@ -363,7 +363,14 @@ def main(args) -> int:
             torch.cuda.set_device(device)
         torch.distributed.init_process_group(backend=backend)
     try:
-        return _train(args, config, ckpt, shards, device, rank, world, ckpt_path)
+        code = _train(args, config, ckpt, shards, device, rank, world, ckpt_path)
+        if world > 1:
+            # rank 0 writes the checkpoint, log and plot last; the others wait for it here. A rank
+            # that tore its Gloo group down while rank 0 was still busy aborted now and then
+            # ("terminate called without an active exception", SIGABRT: 1 of 6 runs on a loaded
+            # 2-core machine)
+            torch.distributed.barrier()
+        return code
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
