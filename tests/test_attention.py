@@ -8,6 +8,7 @@ import torch
 
 import tritformer
 from tritformer.kernels import attention as K
+from tritformer.numerics import assert_checks
 from tritformer.validate import check_attention
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -21,11 +22,6 @@ def make_qkv(B, Hq, Hkv, Nq, Nk, D, dtype, layout="bhnd"):
         return q, k, v
     return (torch.randn(B, Hq, Nq, D, dtype=dtype), torch.randn(B, Hkv, Nk, D, dtype=dtype),
             torch.randn(B, Hkv, Nk, D, dtype=dtype))
-
-
-def assert_checks(checks):
-    bad = [str(c) for c in checks if not c.ok]
-    assert not bad, "\n".join(bad)
 
 
 def test_runs_in_interpreter():

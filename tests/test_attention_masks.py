@@ -10,6 +10,7 @@ import torch
 
 import tritformer
 from tritformer.kernels import attention as K
+from tritformer.numerics import assert_checks
 from tritformer.validate import check_attention
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -18,11 +19,6 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 def qkv(B=1, Hq=2, Hkv=1, Nq=70, Nk=83, D=32, dtype=torch.float16):
     return (torch.randn(B, Hq, Nq, D, dtype=dtype), torch.randn(B, Hkv, Nk, D, dtype=dtype),
             torch.randn(B, Hkv, Nk, D, dtype=dtype))
-
-
-def assert_checks(checks):
-    bad = [str(c) for c in checks if not c.ok]
-    assert not bad, "\n".join(bad)
 
 
 def padding(B, Nk, lengths):

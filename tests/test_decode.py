@@ -249,7 +249,7 @@ def _args():
     (lambda a: a.update(v_cache=a["v_cache"][:, :, :10]), ValueError, r"^v_cache must have k_cache's shape"),
     (lambda a: a.update(k_cache=a["k_cache"][:1], v_cache=a["v_cache"][:1]), ValueError, r"^k_cache must have q's batch size"),
     (lambda a: a.update(v_cache=a["v_cache"][..., :8]), ValueError, r"^v_cache must have q's head dim"),
-    (lambda a: a.update(q=torch.randn(2, 3, 1, 16)), ValueError, r"multiple of k_cache's head count"),
+    (lambda a: a.update(q=torch.randn(2, 3, 1, 16)), ValueError, r"multiple of k_cache/v_cache's head count"),
     (lambda a: a.update(q=torch.randn(2, 4, 1, 300), k_cache=torch.randn(2, 2, 20, 300),
                         v_cache=torch.randn(2, 2, 20, 300)), ValueError, r"^head dim D of q must be in 1..256"),
     (lambda a: a.update(cache_seqlens=a["cache_seqlens"].long()), TypeError, r"^cache_seqlens must be int32"),

@@ -8,15 +8,11 @@ import torch
 
 import tritformer
 
+from tritformer.numerics import assert_checks
 from tritformer.validate import check_ffn, check_gated_ffn
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 ACTS = ["gelu", "gelu_tanh", "relu", "silu"]
-
-
-def assert_checks(checks):
-    bad = [str(c) for c in checks if not c.ok]
-    assert not bad, "\n".join(bad)
 
 
 def weights(d_in, hidden, d_out, dtype, bias=True):

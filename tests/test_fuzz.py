@@ -17,6 +17,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from tritformer.numerics import assert_checks  # noqa: E402
 from tritformer.validate import (check_attention, check_ffn, check_gated_ffn, check_sdpa,  # noqa: E402
                                  check_softmax, check_varlen_attention)
 
@@ -29,11 +30,6 @@ def fuzz(examples: int):
 
 
 DTYPES = st.sampled_from([torch.float16, torch.bfloat16, torch.float32])
-
-
-def assert_checks(checks, case):
-    bad = [str(c) for c in checks if not c.ok]
-    assert not bad, f"{case}\n" + "\n".join(bad)
 
 
 def _gen(seed):

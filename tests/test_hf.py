@@ -29,6 +29,7 @@ transformers = pytest.importorskip("transformers")
 
 import tritformer.ops.attention as attn_ops  # noqa: E402
 from tritformer import numerics  # noqa: E402
+from tritformer.numerics import assert_checks  # noqa: E402
 from tritformer.integrations import hf  # noqa: E402
 
 pytestmark = pytest.mark.integration  # newest Triton only in CI (pyproject.toml)
@@ -96,11 +97,6 @@ def left_padded(batch=2, n=10, pads=(0, 4)):
         mask[b, :p] = 0
         ids[b, :p] = 0
     return ids, mask
-
-
-def assert_checks(checks):
-    bad = [str(c) for c in checks if not c.ok]
-    assert not bad, "\n".join(bad)
 
 
 # ---------------------------------------------------------------------------------------------

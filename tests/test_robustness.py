@@ -4,12 +4,8 @@ import torch
 
 import tritformer
 from tritformer import reference
+from tritformer.numerics import assert_checks
 from tritformer.validate import check_attention, check_softmax
-
-
-def assert_checks(checks):
-    bad = [str(c) for c in checks if not c.ok]
-    assert not bad, "\n".join(bad)
 
 
 def test_attention_huge_logits_fp32():

@@ -116,6 +116,11 @@ def _bad(**over):
     (dict(q=torch.randn(1, 30, 4, 32)), ValueError, r"q must have 3 dimensions \[total_q, Hq, D\]"),
     (dict(k=torch.randn(30, 3, 32, dtype=torch.float16), v=torch.randn(30, 3, 32, dtype=torch.float16)),
      ValueError, "multiple of k/v's head count"),
+    # k/v shapes are named in varlen's own layout, not the kernels' [1, H, T, D] views
+    (dict(v=torch.randn(31, 2, 32, dtype=torch.float16)), ValueError,
+     r"^v must have k's shape \[total_k, Hkv, D\] = \(30, 2, 32\), got \(31, 2, 32\)"),
+    (dict(v=torch.randn(30, 2, 16, dtype=torch.float16)), ValueError,
+     r"^v must have q's head dim D=32, got shape \(30, 2, 16\)"),
 ])
 def test_bad_input(over, exc, match, monkeypatch):
     monkeypatch.setattr(K, "attention_forward", lambda *a: pytest.fail("kernel launched"))

@@ -22,32 +22,40 @@ def check_tensor(name: str, x, ndim: int, layout: str) -> None:
         raise TypeError(f"{name} must be float16, bfloat16 or float32, got {_dtype_name(x.dtype)}")
 
 
-def check_attention_inputs(q, k, v, scale) -> None:
-    check_tensor("q", q, 4, "[B, Hq, Nq, D]")
-    check_tensor("k", k, 4, "[B, Hkv, Nk, D]")
-    check_tensor("v", v, 4, "[B, Hkv, Nk, D]")
-    for name, x in (("k", k), ("v", v)):
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {_dtype_name(q.dtype)}, got {_dtype_name(x.dtype)}")
-        if x.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
-    B, Hq, _, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"k and v must agree in [B, Hkv, Nk]: k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.shape[3] != D or v.shape[3] != D:
-        raise ValueError(f"head dims differ: q {D}, k {k.shape[3]}, v {v.shape[3]} (one D for all three)")
-    if not 1 <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim D must be in 1..{MAX_HEAD_DIM}, got {D}")
-    Hkv = k.shape[1]
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"q's head count ({Hq}) must be a multiple of k/v's head count ({Hkv})")
+def check_scale(scale) -> None:
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
         if not math.isfinite(scale):
             raise ValueError(f"scale must be finite, got {scale}")
+
+
+def check_attention_inputs(q, k, v, scale, names=("k", "v"), kv_layout="[B, Hkv, Nk, D]") -> None:
+    """q [B, Hq, Nq, D] and k, v [B, Hkv, N, D] (called `names`: decode's are k_cache and
+    v_cache): dtypes, devices, batch, head dim, head counts and scale."""
+    kn, vn = names
+    check_tensor("q", q, 4, "[B, Hq, Nq, D]")
+    check_tensor(kn, k, 4, kv_layout)
+    check_tensor(vn, v, 4, kv_layout)
+    for name, x in ((kn, k), (vn, v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {_dtype_name(q.dtype)}, got {_dtype_name(x.dtype)}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+    B, Hq, _, D = q.shape
+    for name, x in ((kn, k), (vn, v)):
+        if x.shape[0] != B:
+            raise ValueError(f"{name} must have q's batch size {B}, got shape {tuple(x.shape)}")
+        if x.shape[3] != D:
+            raise ValueError(f"{name} must have q's head dim D={D}, got shape {tuple(x.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"{vn} must have {kn}'s shape {kv_layout} = {tuple(k.shape)}, got {tuple(v.shape)}")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D of q must be in 1..{MAX_HEAD_DIM}, got {D}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"q's head count ({Hq}) must be a multiple of {kn}/{vn}'s head count ({Hkv})")
+    check_scale(scale)
 
 
 def _check_mask(name, mask, meaning, ref, ref_name, want: tuple, target: str) -> None:
@@ -229,7 +237,12 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     check_tensor("q", q, 3, "[total_q, Hq, D]")
     check_tensor("k", k, 3, "[total_k, Hkv, D]")
     check_tensor("v", v, 3, "[total_k, Hkv, D]")
-    # the head/dim/dtype/device rules of attention, on [1, H, T, D] views
+    # shapes named in varlen's layout first; the other rules of attention on [1, H, T, D] views
+    for name, x in (("k", k), ("v", v)):
+        if x.shape[2] != q.shape[2]:
+            raise ValueError(f"{name} must have q's head dim D={q.shape[2]}, got shape {tuple(x.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"v must have k's shape [total_k, Hkv, D] = {tuple(k.shape)}, got {tuple(v.shape)}")
     check_attention_inputs(q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2),
                            v.unsqueeze(0).transpose(1, 2), scale)
     totals = {"cu_seqlens_q": q.shape[0], "cu_seqlens_k": k.shape[0]}

@@ -12,6 +12,11 @@ key: softmax over one key is constant) has no magnitude of its own; there the ca
 magnitude of the terms that cancel (`floor_scale`). Measured: with Nk = 1, PyTorch's math gets
 dq = dk = 0 exactly (its delta = P dP is dP itself), while FlashAttention's delta = rowsum(dO O)
 differs from dP by fp32 rounding: |dq|, |dk| <= 4.5e-6 against |dv| ~ 3 (fp16, D = 32).
+
+In fp32 the max error is set by summation order, so the ratio is a noisy statistic: PyTorch
+against itself with the keys permuted (the same math, another order) exceeds 2x on about 1% of
+random inputs (measured: 2/200 at Nq=1, Nk=300, D=64; worst 2.37). The kernels show the same
+tail in the interpreter (README, "Known gaps").
 """
 from __future__ import annotations
 
@@ -88,3 +93,9 @@ def assert_close(name, out, ref, baseline, factor: float = FORWARD_FACTOR,
     c = check(name, out, ref, baseline, factor, floor_scale)
     assert c.ok, str(c)
     return c
+
+
+def assert_checks(checks, context=None) -> None:
+    """Fail (AssertionError) listing every check that is not ok, after `context` if given."""
+    bad = [str(c) for c in checks if not c.ok]
+    assert not bad, "\n".join(([str(context)] if context is not None else []) + bad)

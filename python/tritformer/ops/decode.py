@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .._checks import MAX_HEAD_DIM, _dtype_name, check_tensor
+from .._checks import _dtype_name, check_attention_inputs
 from ..backend import backend_for
 
 
@@ -45,32 +45,8 @@ def _(q, k_cache, v_cache, cache_seqlens, scale, num_splits):
 def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, scale, num_splits, return_lse) -> None:
     """Every argument, before any launch; errors name the argument. The contents of
     cache_seqlens are checked too (one device sync), except while torch.compile traces."""
-    check_tensor("q", q, 4, "[B, Hq, Nq, D]")
-    check_tensor("k_cache", k_cache, 4, "[B, Hkv, Nmax, D]")
-    check_tensor("v_cache", v_cache, 4, "[B, Hkv, Nmax, D]")
-    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {_dtype_name(q.dtype)}, got {_dtype_name(x.dtype)}")
-        if x.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
-    B, Hq, _, D = q.shape
-    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if x.shape[0] != B:
-            raise ValueError(f"{name} must have q's batch size {B}, got shape {tuple(x.shape)}")
-        if x.shape[3] != D:
-            raise ValueError(f"{name} must have q's head dim D={D}, got shape {tuple(x.shape)}")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"v_cache must have k_cache's shape [B, Hkv, Nmax, D] = {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
-    if not 1 <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim D of q must be in 1..{MAX_HEAD_DIM}, got {D}")
-    Hkv, n_max = k_cache.shape[1], k_cache.shape[2]
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"q's head count ({Hq}) must be a multiple of k_cache's head count ({Hkv})")
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
+    check_attention_inputs(q, k_cache, v_cache, scale, ("k_cache", "v_cache"), "[B, Hkv, Nmax, D]")
+    B, n_max = q.shape[0], k_cache.shape[2]
     if num_splits is not None:
         if isinstance(num_splits, bool) or not isinstance(num_splits, int):
             raise TypeError(f"num_splits must be an int or None, got {type(num_splits).__name__}")
