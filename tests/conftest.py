@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 from tritformer import _interp_bounds, _interp_patch  # noqa: E402
 
-_interp_patch.apply()  # bf16 dot/cast in the interpreter; see the module docstring
+_interp_patch.apply()  # bf16 dot/cast and GPU-like dots in the interpreter; see the module docstring
 # every kernel load/store (where its mask is on) must stay inside the launch's tensor arguments;
 # the interpreter itself never checks (see tritformer/_interp_bounds.py)
 _interp_bounds.enable()

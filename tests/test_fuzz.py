@@ -18,8 +18,9 @@ from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from tritformer.numerics import assert_checks  # noqa: E402
-from tritformer.validate import (check_attention, check_ffn, check_gated_ffn, check_sdpa,  # noqa: E402
-                                 check_softmax, check_varlen_attention)
+from tritformer.validate import (check_attention, check_decode_attention, check_ffn,  # noqa: E402
+                                 check_gated_ffn, check_sdpa, check_softmax,
+                                 check_varlen_attention)
 
 DEEP = int(os.environ.get("TRITFORMER_FUZZ_EXAMPLES", "0"))
 
@@ -312,3 +313,32 @@ def test_ffn(M, d_in, hidden, d_out, act, bias, residual, recompute, gated, dtyp
         checks = check_ffn(x, w(hidden, d_in), b(hidden), w(d_out, hidden), b(d_out),
                            activation=act, residual=res, recompute=recompute)
     assert_checks(checks, case)
+
+
+@fuzz(10)
+@given(B=st.integers(1, 3), Hkv=st.integers(1, 2), group=st.integers(1, 4), Nq=st.integers(1, 4),
+       n_max=st.integers(1, 120), D=st.sampled_from([8, 16, 33, 64, 100]), dtype=DTYPES,
+       layout=st.sampled_from(["bhnd", "bnhd"]), lengths=st.sampled_from(["none", "random", "edges"]),
+       num_splits=st.one_of(st.none(), st.integers(1, 9)),
+       scale=st.one_of(st.none(), st.floats(0.05, 1.5)), seed=st.integers(0, 2**16))
+def test_decode_attention(B, Hkv, group, Nq, n_max, D, dtype, layout, lengths, num_splits, scale,
+                          seed):
+    # flash-decoding over a KV cache: GQA group x Nq rows per tile, cache lengths 0..n_max
+    # (edges: 0, n_max and tile boundaries), any split count (more splits than tiles leaves
+    # empty splits); entries past a sequence's length are NaN, so reading one fails the check
+    g = _gen(seed)
+    q = torch.randn(B, Hkv * group, Nq, D, generator=g).to(dtype)
+    if layout == "bnhd":  # [B, N, H, D] storage viewed as [B, H, N, D]
+        k, v = (torch.randn(B, n_max, Hkv, D, generator=g).to(dtype).transpose(1, 2) for _ in "kv")
+    else:
+        k, v = (torch.randn(B, Hkv, n_max, D, generator=g).to(dtype) for _ in "kv")
+    seqlens = None
+    if lengths != "none":
+        pool = [0, n_max, 16, 17, 15, 32] if lengths == "edges" else range(n_max + 1)
+        pick = torch.randint(0, len(pool), (B,), generator=g).tolist()
+        seqlens = torch.tensor([min(list(pool)[i], n_max) for i in pick], dtype=torch.int32)
+        for b, n in enumerate(seqlens.tolist()):
+            k[b, :, n:] = float("nan")
+            v[b, :, n:] = float("nan")
+    assert_checks(check_decode_attention(q, k, v, seqlens, num_splits=num_splits, scale=scale),
+                  (B, Hkv, group, Nq, n_max, D, dtype, layout, seqlens, num_splits, scale))
