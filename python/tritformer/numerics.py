@@ -16,8 +16,7 @@ differs from dP by fp32 rounding: |dq|, |dk| <= 4.5e-6 against |dv| ~ 3 (fp16, D
 In fp32 the max error is set by summation order, so the ratio is a noisy statistic: PyTorch
 against itself with the keys permuted (the same math, another order) exceeds 2x on about 1% of
 random inputs (measured: 2/200 at Nq=1, Nk=300, D=64; worst 2.37). The kernels show the same
-tail in the interpreter, apart from two fp32 corners that are
-worse (README, "Known gaps").
+tail in the interpreter, apart from two fp32 corners that are worse (README, "Known gaps").
 """
 from __future__ import annotations
 
