@@ -165,14 +165,34 @@ def _num_warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
-def _as_4d(t: torch.Tensor) -> torch.Tensor:
-    """A [D0, D1, D2, C] view of t (rank >= 1); leading dims beyond three are merged (reshape:
-    a copy only if they cannot be viewed as one)."""
+def _view4(t: torch.Tensor) -> torch.Tensor | None:
+    """A [D0, D1, D2, C] view of t (rank >= 1; leading dims beyond three merged), or None when
+    they cannot be merged without a copy."""
     if t.dim() > 4:
-        t = t.reshape(-1, *t.shape[-3:])
-    while t.dim() < 4:
-        t = t.unsqueeze(0)
-    return t
+        try:
+            return t.view(-1, *t.shape[-3:])
+        except RuntimeError:
+            return None
+    return t[(None,) * (4 - t.dim())]
+
+
+def _read4(t: torch.Tensor) -> torch.Tensor:
+    """A [D0, D1, D2, C] tensor the kernels READ through its strides: a view of t, or a
+    contiguous copy of it (once, before launch) when its leading dims cannot be viewed as one
+    axis (rank > 4 only, e.g. a transposed batch or a mask broadcast over an inner batch dim)."""
+    v = _view4(t)
+    return v if v is not None else _view4(t.contiguous())
+
+
+def _write4(t: torch.Tensor) -> torch.Tensor:
+    """A [D0, D1, D2, C] view of an output the kernels WRITE: always a view, never a copy
+    (writing into a reshape copy would return uninitialised memory). Outputs are allocated so
+    that one exists (ops/softmax.py: _out_like)."""
+    v = _view4(t)
+    if v is None:
+        raise ValueError(f"softmax output of shape {tuple(t.shape)} and strides {t.stride()}: "
+                         "its leading dims must merge into one axis by a view")
+    return v
 
 
 def _strides4(t: torch.Tensor, p: str) -> dict:
@@ -205,25 +225,24 @@ def plan_backward(y4, dy4, dz4, grad_scale: float) -> list[Launch]:
                    lambda meta: (D0 * D1 * D2,), [cfg], ["C"])]
 
 
-def softmax_forward(x: torch.Tensor, mask: torch.Tensor | None, scale: float,
+def softmax_forward(x: torch.Tensor, mask: torch.Tensor | None, y: torch.Tensor, scale: float,
                     causal: bool) -> torch.Tensor:
-    """softmax(scale * x + mask) over x's last dim; mask already expanded to x's shape (a view)."""
-    y = torch.empty_like(x)
+    """y = softmax(scale * x + mask) over x's last dim, written in place and returned; mask
+    already expanded to x's shape (a view); y of x's shape, leading dims mergeable by a view."""
     if x.numel() == 0:
         return y
-    x4, y4 = _as_4d(x), _as_4d(y)
-    m4 = None if mask is None else _as_4d(mask)
-    for launch in plan_forward(x4, m4, y4, scale, causal):
+    m4 = None if mask is None else _read4(mask)
+    for launch in plan_forward(_read4(x), m4, _write4(y), scale, causal):
         run(launch)
     return y
 
 
-def softmax_backward(dy: torch.Tensor, y: torch.Tensor, grad_scale: float) -> torch.Tensor:
-    """grad_scale * y * (dy - rowsum(dy * y)), in y's dtype and layout."""
-    dz = torch.empty_like(y)
+def softmax_backward(dy: torch.Tensor, y: torch.Tensor, dz: torch.Tensor,
+                     grad_scale: float) -> torch.Tensor:
+    """dz = grad_scale * y * (dy - rowsum(dy * y)), written in place and returned."""
     if y.numel() == 0:
         return dz
-    for launch in plan_backward(_as_4d(y), _as_4d(dy), _as_4d(dz), grad_scale):
+    for launch in plan_backward(_read4(y), _read4(dy), _write4(dz), grad_scale):
         run(launch)
     return dz
 

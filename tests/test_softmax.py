@@ -131,3 +131,54 @@ def test_opcheck_and_compile():
 def test_bad_input(kwargs, err, match):
     with pytest.raises(err, match=match):
         tritformer.softmax(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 14: every tensor honoured with its strides, no silent wrong results, launch limits
+# ---------------------------------------------------------------------------------------------
+def _small_tiles(monkeypatch, path):
+    """path "single": rows of <= 100 are one tile; "multi": 32-element single-tile limit and
+    64-element tiles, so a row of 100 takes the online two-pass path (two tiles, ragged tail)."""
+    if path == "multi":
+        monkeypatch.setattr(K, "MAX_SINGLE_TILE", 32)
+        monkeypatch.setattr(K, "MULTI_TILE", 64)
+
+
+def _check_backward(x, dy, dim=-1, mask=None, **kw):
+    """y and dx against float64 with a given (strided, expanded, offset) grad_output dy."""
+    from tritformer import numerics, reference
+    xk, xr, xb = (x.detach().to(d).requires_grad_() for d in (x.dtype, torch.float64, x.dtype))
+    y = tritformer.softmax(xk, dim, mask=mask, **kw)
+    ref = reference.softmax(xr, dim, mask=mask, **kw)
+    base = reference.softmax(xb, dim, mask=mask, **kw)
+    y.backward(dy)
+    ref.backward(dy.double())
+    base.backward(dy)
+    gscale = float(xr.grad.abs().max())
+    return [numerics.check("y", y, ref, base),
+            numerics.check("dx", xk.grad, xr.grad, xb.grad, numerics.GRAD_FACTOR, floor_scale=gscale)]
+
+
+@pytest.mark.parametrize("path", ["single", "multi"])
+@pytest.mark.parametrize("kind", ["x", "mask", "float_mask", "dy", "dim0"])
+def test_unmergeable_leading_dims(kind, path, monkeypatch):
+    # rank 5 whose leading dims (2, 3, 4) cannot be viewed as one axis: the launcher used to
+    # write into a reshape *copy* of the output and return uninitialised memory (fwd and bwd)
+    _small_tiles(monkeypatch, path)
+    n = 100
+    x = torch.randn(3, 2, 4, 5, n).transpose(0, 1)
+    if kind == "x":
+        assert_checks(check_softmax(x, scale=0.5))
+    elif kind == "mask":  # bool mask, broadcast over dims 1 and 3, itself unmergeable
+        mask = (torch.rand(4, 2, 1, 1, n) > 0.3).permute(1, 2, 0, 3, 4)  # [2, 1, 4, 1, n]
+        assert_checks(check_softmax(x, mask=mask, causal=True))
+    elif kind == "float_mask":  # an additive mask with its gradient (summed over dim 1)
+        mask = torch.randn(2, 1, 4, 5, n).requires_grad_()
+        assert_checks(check_softmax(x, mask=mask))
+    elif kind == "dy":  # contiguous x and y, an unmergeable grad_output
+        x = x.contiguous()
+        dy = torch.randn(3, 2, 4, 5, n).transpose(0, 1)
+        assert_checks(_check_backward(x, dy))
+    else:  # softmax over dim 0 of a 5-D tensor: the moved view's leading dims do not merge
+        x = torch.randn(6, 2, 3, 4, 5).transpose(1, 3)
+        assert_checks(check_softmax(x, dim=0))

@@ -15,38 +15,51 @@ def _kernels():
     return K
 
 
+def _out_like(x: torch.Tensor) -> torch.Tensor:
+    """The output buffer for x (the kernels write it in place, it is what the op returns): x's
+    layout (torch.empty_like), or a contiguous one when that layout's leading dims (all but the
+    last three) cannot be merged into one strided axis by a view: the kernels index rows as
+    [D0, D1, D2, C] and must never write into a reshape copy. The fake kernels use the same
+    rule, so compiled graphs see the real strides."""
+    out = torch.empty_like(x)
+    if x.dim() > 4 and x.numel() > 0:
+        try:
+            out.view(-1, *x.shape[-3:])
+        except RuntimeError:
+            out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return out
+
+
 @torch.library.custom_op("tritformer::softmax_fwd", mutates_args=())
 def _softmax_fwd(x: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
                  causal: bool) -> torch.Tensor:
     # x: softmax over its last dim; mask: None or expanded to x's shape (a stride-0 view)
+    out = _out_like(x)
     if backend_for(x) != "reference":
-        return _kernels().softmax_forward(x, mask, scale, causal)
-    y = reference.softmax(x.float(), -1, scale=scale, mask=mask, causal=causal)
-    out = torch.empty_like(x)
-    out.copy_(y)
+        return _kernels().softmax_forward(x, mask, out, scale, causal)
+    out.copy_(reference.softmax(x.float(), -1, scale=scale, mask=mask, causal=causal))
     return out
 
 
 @_softmax_fwd.register_fake
 def _(x, mask, scale, causal):
-    return torch.empty_like(x)
+    return _out_like(x)
 
 
 @torch.library.custom_op("tritformer::softmax_bwd", mutates_args=())
 def _softmax_bwd(dy: torch.Tensor, y: torch.Tensor, grad_scale: float) -> torch.Tensor:
     """grad_scale * y * (dy - rowsum(dy * y)) over the last dim."""
+    out = _out_like(y)
     if backend_for(y) != "reference":
-        return _kernels().softmax_backward(dy, y, grad_scale)
+        return _kernels().softmax_backward(dy, y, out, grad_scale)
     yf, dyf = y.float(), dy.float()
-    dz = yf * (dyf - (yf * dyf).sum(-1, keepdim=True)) * grad_scale
-    out = torch.empty_like(y)
-    out.copy_(dz)
+    out.copy_(yf * (dyf - (yf * dyf).sum(-1, keepdim=True)) * grad_scale)
     return out
 
 
 @_softmax_bwd.register_fake
 def _(dy, y, grad_scale):
-    return torch.empty_like(y)
+    return _out_like(y)
 
 
 def _setup_context(ctx, inputs, output):
