@@ -182,3 +182,59 @@ def test_unmergeable_leading_dims(kind, path, monkeypatch):
     else:  # softmax over dim 0 of a 5-D tensor: the moved view's leading dims do not merge
         x = torch.randn(6, 2, 3, 4, 5).transpose(1, 3)
         assert_checks(check_softmax(x, dim=0))
+
+
+def _layout(t, layout):
+    """t's values (or, "expanded", a broadcast of its first slice) in a view the kernels must
+    read through its real strides. Buffers around the views hold NaN (True for bool), so any
+    read outside the view's elements shows up as a wrong result."""
+    fill = True if t.dtype == torch.bool else float("nan")
+    if layout == "strided":  # every dim of size > 1 at twice its contiguous stride
+        buf = torch.full([2 * n for n in t.shape], fill, dtype=t.dtype)
+        view = buf[tuple(slice(None, None, 2) for _ in t.shape)]
+    elif layout == "offset":  # contiguous at storage offset 1: big[1:]
+        view = torch.full((t.numel() + 1,), fill, dtype=t.dtype)[1:].view(t.shape)
+    elif layout == "expanded":  # stride 0 along dim 0
+        return t[:1].expand(t.shape)
+    elif layout == "expanded_row":  # stride 0 along the softmax dim itself
+        return t[..., :1].expand(t.shape)
+    else:
+        raise ValueError(layout)
+    view.copy_(t)
+    return view
+
+
+LAYOUTS = ["strided", "offset", "expanded", "expanded_row"]
+
+
+@pytest.mark.parametrize("path", ["single", "multi"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_x_layouts(layout, path, monkeypatch):
+    _small_tiles(monkeypatch, path)
+    x = _layout(torch.randn(3, 4, 100, dtype=torch.float16) * 3, layout)
+    assert_checks(check_softmax(x, scale=0.5, causal=True))
+
+
+@pytest.mark.parametrize("path", ["single", "multi"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_mask_layouts(kind, layout, path, monkeypatch):
+    # the mask as given (full shape, then broadcast by expand: layouts on top of broadcasting)
+    _small_tiles(monkeypatch, path)
+    x = torch.randn(3, 4, 100)
+    if kind == "bool":
+        mask = _layout(torch.rand(3, 4, 100) > 0.3, layout)
+    else:  # additive, with -inf entries and its gradient
+        mask = torch.randn(3, 4, 100).masked_fill(torch.rand(3, 4, 100) < 0.2, float("-inf"))
+        mask = _layout(mask, layout).requires_grad_()
+    assert_checks(check_softmax(x, mask=mask))
+
+
+@pytest.mark.parametrize("path", ["single", "multi"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_grad_output_layouts(layout, path, monkeypatch):
+    # dy as autograd hands it over: strided, offset, expanded (e.g. the backward of .sum())
+    _small_tiles(monkeypatch, path)
+    x = torch.randn(3, 4, 100, dtype=torch.bfloat16) * 2
+    dy = _layout(torch.randn(3, 4, 100, dtype=torch.bfloat16), layout)
+    assert_checks(_check_backward(x, dy, causal=True))
