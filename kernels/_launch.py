@@ -11,7 +11,9 @@ the autotuner's benchmarker needs a driver and is never invoked.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 from typing import Any, Callable
 
 import torch
@@ -69,15 +71,29 @@ def int32_tiles(t: torch.Tensor, dims: tuple = (-2, -1)) -> torch.Tensor:
 
 _TUNERS: dict[tuple, Any] = {}
 
+# Triton's interpreter swaps `triton.language`'s functions for interpreted ones for the duration
+# of each launch (and restores them after): two interpreted launches overlapping in time, from
+# two Python threads, break each other (InterpreterError). Interpreted launches are serialised;
+# compiled launches run concurrently as CUDA launches do.
+INTERPRETER_LOCK = threading.RLock()
+NO_LOCK = contextlib.nullcontext()
+
+
+def launch_lock(interpreted: bool):
+    """The context a launch runs in: INTERPRETER_LOCK for interpreted kernels, else NO_LOCK."""
+    return INTERPRETER_LOCK if interpreted else NO_LOCK
+
 
 def run(launch: Launch) -> None:
     """Run a plan: the single config directly, or several through a cached autotuner."""
-    if len(launch.configs) == 1 or is_interpreted(launch.fn):
+    interpreted = is_interpreted(launch.fn)
+    if len(launch.configs) == 1 or interpreted:
         cfg = launch.configs[0]
         kwargs = dict(launch.constexprs, **cfg.kwargs)
-        if not is_interpreted(launch.fn):
+        if not interpreted:
             kwargs.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        launch.fn[launch.grid(cfg.kwargs)](*launch.args.values(), **kwargs)
+        with launch_lock(interpreted):
+            launch.fn[launch.grid(cfg.kwargs)](*launch.args.values(), **kwargs)
         return
     key = (launch.name, tuple(str(c) for c in launch.configs))
     tuner = _TUNERS.get(key)

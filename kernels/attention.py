@@ -165,11 +165,10 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
                        WIN_RIGHT, MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP)
         # -- online softmax update ----
         m_ij = tl.maximum(m_i, tl.max(s, 1))
-        if BOUNDARY or MASK_KIND != 0 or HAS_KPM:
-            # a row with no visible key so far keeps m = -inf; subtract 0 instead (exp2(-inf) = 0)
-            m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-        else:
-            m_sub = m_ij
+        # a row with no finite score so far (masked, or -inf from the data itself: on every
+        # path, the fast one included) keeps m = -inf; subtract 0 instead (exp2(-inf) = 0),
+        # not -inf (-inf - -inf = NaN). One select per row per tile.
+        m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
         p = tl.math.exp2((s - m_sub[:, None]) * 1.4426950408889634)
         alpha = tl.math.exp2((m_i - m_sub) * 1.4426950408889634)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
@@ -339,8 +338,11 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, De
         sT, tT = _scores(qkT, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base,
                          slope, sm_scale, cap_in, cap_out, win_left, win_right, BOUNDARY,
                          WIN_LEFT, WIN_RIGHT, MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP)
-        # masked to -inf before exp2: a masked score above the row's lse must not make inf
+        # masked to -inf before exp2: a masked score above the row's lse must not make inf.
+        # Rows past n_q (zero-filled q) are zeroed explicitly: with a key of -inf their score is
+        # 0 * -inf = NaN, which would reach dK/dV through the dots (tests/test_empty_rows.py).
         pT = tl.math.exp2((sT - lse[None, :]) * 1.4426950408889634)
+        pT = tl.where(mask_m[None, :], pT, 0.0)
         do = tl.load(do_base + do_offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         # dV before dP^T is formed: fewer live tiles (dP^T first spilled fp32 D=128 on sm_80)
         if DROPOUT:  # dV += (P∘Z)^T dO / (1-p); dP = (dO V^T)∘Z / (1-p)
@@ -583,7 +585,9 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, Cu
         slope, sm_scale, cap_in, cap_out, win_left, win_right, row0, DROP_COLS, dropout_p,
         seed, dm_base, N_KV, BLOCK_N, True, WIN_LEFT, WIN_RIGHT, MASK_KIND, HAS_KPM,
         HAS_ALIBI, SOFTCAP, DROPOUT, MASK_GRAD, DOT_PRECISION)
-    dq *= sm_scale
+    # a row with no finite score has a constant output (0): zero gradient, even where a key of
+    # -inf met its zero dS in the dot (0 * -inf = NaN)
+    dq = tl.where((lse == float("inf"))[:, None], 0.0, dq * sm_scale)
     tl.store(DQ + z64 * stride_dqz + off_h.to(tl.int64) * stride_dqh + rows_m * stride_dqm
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask_md)
 
@@ -858,20 +862,28 @@ def _kv_range(kpm: torch.Tensor) -> torch.Tensor:
                         torch.where(any_valid, last, zero)], 1).to(torch.int32).contiguous()
 
 
+def _dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.contiguous()
+
+
 def _features(q, k, opts: Options, dummy: torch.Tensor):
     """(runtime args, constexprs, grid axis-1 size, config variant) shared by the kernels."""
     B, H, N_Q, _ = q.shape
     N_KV = k.shape[2]
     mask, kpm, slopes = opts.attn_mask, opts.key_padding_mask, opts.alibi_slopes
-    if kpm is not None:
-        kpm = kpm.contiguous()
+    # The small tensors are indexed as dense arrays in the kernels (Kpm + z * stride_kpz + j,
+    # Alibi + seq * H + h, CuQ + seq): normalised here, once per launch plan. Each is at most
+    # B * Nk elements; a strided cu_seqlens read as dense ran past q (tests/test_strided_args.py).
+    # Only the attention mask (up to B * H * Nq * Nk) is read through its own strides.
+    kpm, slopes = _dense(kpm), _dense(slopes)
+    cu_q, cu_k = _dense(opts.cu_seqlens_q), _dense(opts.cu_seqlens_k)
     args = {
         "Mask": dummy if mask is None else mask,
         "Kpm": dummy if kpm is None else kpm,
         "KvRange": dummy if kpm is None else _kv_range(kpm),
         "Alibi": dummy if slopes is None else slopes,
-        "CuQ": dummy if not opts.varlen else opts.cu_seqlens_q,
-        "CuK": dummy if not opts.varlen else opts.cu_seqlens_k,
+        "CuQ": dummy if not opts.varlen else cu_q,
+        "CuK": dummy if not opts.varlen else cu_k,
         **({f"stride_m{a}": 0 for a in "zhmn"} if mask is None
            else {f"stride_m{a}": mask.stride(i) for i, a in enumerate("zhmn")}),
         "stride_kpz": 0 if kpm is None else kpm.stride(0),
@@ -999,6 +1011,9 @@ def dropout_keep_mask(seed: int, dropout_p: float, n_rows: int, n_cols: int, dev
     n_cols = max_seqlen_k). For tests and the reference comparison."""
     out = torch.empty(n_rows, n_cols, dtype=torch.bool, device=device)
     if out.numel():
-        _dropout_mask_kernel[(triton.cdiv(n_rows, 32), triton.cdiv(n_cols, 64))](
-            out, n_rows, n_cols, float(dropout_p), int(seed), BLOCK_R=32, BLOCK_C=64)
+        run(Launch("dropout_mask", _dropout_mask_kernel,
+                   {"Out": out, "n_rows": n_rows, "n_cols": n_cols, "dropout_p": float(dropout_p),
+                    "seed": int(seed)}, {"BLOCK_R": 32, "BLOCK_C": 64},
+                   lambda meta: (triton.cdiv(n_rows, 32), triton.cdiv(n_cols, 64)),
+                   [triton.Config({}, num_warps=4, num_stages=1)], []))
     return out

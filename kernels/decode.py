@@ -65,11 +65,9 @@ def _decode_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, s
             s = tl.where(j[None, :] <= i + diag, s, float("-inf"))
         # -- online softmax update ----
         m_ij = tl.maximum(m_i, tl.max(s, 1))
-        if BOUNDARY:
-            # a row with no visible key so far keeps m = -inf; subtract 0 instead (exp2(-inf) = 0)
-            m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-        else:
-            m_sub = m_ij
+        # a row with no finite score so far (no visible key, or keys of -inf in the cache: on
+        # the fast path too) keeps m = -inf; subtract 0 instead (exp2(-inf) = 0, not NaN)
+        m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
         p = tl.math.exp2(s - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -394,7 +392,8 @@ def plan_decode(q, k_cache, v_cache, cache_seqlens, out, lse, o_part, lse_part, 
     split = Launch(
         "decode_split", _decode_split,
         {"Q": q, "K": k_cache, "V": v_cache,
-         "SeqLens": dummy if cache_seqlens is None else cache_seqlens,
+         # read as SeqLens + b: dense (a strided [B] view is copied, B int32s)
+         "SeqLens": dummy if cache_seqlens is None else cache_seqlens.contiguous(),
          "Out": out, "Lse": lse, "OPart": dummy if single else o_part,
          "LsePart": dummy if single else lse_part,
          **_strides(q, "q", "zhmd"), **_strides(k_cache, "k", "zhnd"),
