@@ -44,7 +44,7 @@ def test_ddp_two_processes_equal_one_process_on_the_global_batch(corpus, tmp_pat
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "2 process(es)" in r.stdout and "global batch 4 x 16" in r.stdout
-    ddp = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)
+    ddp = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
 
     # the same step in this process on the concatenation of both ranks' rows
     args = _args(*argv)
@@ -77,8 +77,8 @@ def test_resume_continues_the_same_run(corpus, tmp_path):
     assert train.main(_args(*common, "--steps", "4", "--out", str(tmp_path / "a"))) == 0
     assert train.main(_args(*common, "--steps", "2", "--out", str(tmp_path / "b"))) == 0
     assert train.main(_args(*common, "--steps", "4", "--out", str(tmp_path / "b"), "--resume")) == 0
-    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
     assert a["step"] == b["step"] == 4
     for name, p in a["model"].items():
         torch.testing.assert_close(b["model"][name], p, rtol=0, atol=0, msg=name)
@@ -100,7 +100,7 @@ def test_convergence_tracks_the_naive_backends(corpus, tmp_path):
         out = tmp_path / attn
         assert train.main(_args(*common, "--attn-backend", attn, "--mlp-backend", mlp,
                                 "--out", str(out))) == 0
-        curves[attn] = [r["train_loss"] for r in torch.load(out / "ckpt.pt", weights_only=False)["log"]]
+        curves[attn] = [r["train_loss"] for r in torch.load(out / "ckpt.pt", weights_only=True)["log"]]
     fused, naive = torch.tensor(curves["tritformer"]), torch.tensor(curves["naive"])
     assert naive[-5:].mean() < naive[:5].mean() - 0.5, naive  # the run does learn
     # fp32 both: the curves differ by reordered rounding that training amplifies slowly

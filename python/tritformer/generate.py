@@ -1,10 +1,11 @@
 """`python -m tritformer generate`: stream text from a trained checkpoint or a GPT-2 directory.
 
 --checkpoint is a checkpoint written by `tritformer train` (the ckpt.pt file or its --out
-folder; byte-level, the prompt is encoded as UTF-8 bytes), or a local GPT-2 directory
-(config.json + model.safetensors / pytorch_model.bin, loaded by `GPT.from_hf`) whose tokenizer
-files (tokenizer.json, or vocab.json + merges.txt) are read with transformers' tokenizer, never
-from the network.
+folder; byte-level, the prompt is encoded as UTF-8 bytes; plain types only, read by
+`train.load_checkpoint` with torch.load(weights_only=True), so it cannot run code), or a local
+GPT-2 directory (config.json + model.safetensors / pytorch_model.bin, loaded by `GPT.from_hf`)
+whose tokenizer files (tokenizer.json, or vocab.json + merges.txt) are read with transformers'
+tokenizer, never from the network.
 """
 from __future__ import annotations
 

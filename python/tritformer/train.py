@@ -16,15 +16,19 @@ Schedule: AdamW (betas 0.9/0.95, weight decay on matrices only), gradient clippi
 warm-up then cosine decay to --min-lr (nanoGPT's). Batches are a function of (seed, step, rank),
 so a resumed run sees exactly the batches the uninterrupted one would have.
 
-Output in --out: ckpt.pt (model, optimiser, step, config, args; written atomically), log.csv
+Output in --out: ckpt.pt (model, optimiser, step, config, args; written atomically; plain types
+only, read back with torch.load(weights_only=True), see `load_checkpoint`), log.csv
 (step, lr, train loss, val loss, tokens/s) and loss.png (train/val curves).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import math
 import os
+import pickle
+import re
 import sys
 import sysconfig
 import time
@@ -239,13 +243,37 @@ def model_config(args, ckpt_config: Optional[dict]) -> GPTConfig:
 def load_checkpoint(path: str, model: Optional[GPT] = None, map_location="cpu"):
     """Read a checkpoint written by `train` (dict with model, optimizer, step, config, args).
 
+    The file is read with ``torch.load(weights_only=True)``: tensors, dicts, lists, tuples,
+    numbers, strings, bools and None only, so a checkpoint from someone else cannot run code
+    while it loads; anything else (a pickled object or callable) is a ValueError naming the file.
     With `model`: load its weights after checking that the checkpoint's config matches the
     model's (every field that shapes the parameters); returns the checkpoint dict."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path!r} is not a tritformer training checkpoint (no model/config)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's weights-only unpickler refused the file
+        msg = str(e)
+        found = re.search(r"GLOBAL (\S+)", msg)
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", msg)
+        what = (f"it holds a pickled {found.group(1)}" if found else
+                f"torch.load: {detail.group(1).strip()[:200]}" if detail else
+                f"torch.load: {_first_line(e)}")
+        raise ValueError(
+            f"{path!r} is not a plain-type tritformer checkpoint ({what}). Checkpoints are read "
+            "with torch.load(weights_only=True), which refuses pickled objects: they could run "
+            "code on load. A checkpoint written by an older tritformer or by another tool: "
+            "re-save it as plain types (tensors, dicts, lists, numbers, strings) from a copy you "
+            "trust, or retrain") from None
+    except (RuntimeError, EOFError) as e:
+        if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e):
+            raise  # not the file's fault (a map_location without that device, ...)
+        # a truncated file, a zip archive that is not one
+        raise ValueError(f"{path!r} is not a readable tritformer checkpoint (torch.load: "
+                         f"{_first_line(e)})") from None
+    problem = _layout_problem(ckpt)
+    if problem:
+        raise ValueError(f"{path!r} is not a tritformer training checkpoint ({problem})")
     if model is not None:
         have = model.config.to_dict()
         diff = [f"{k}: checkpoint {ckpt['config'].get(k)!r}, model {have[k]!r}"
@@ -256,9 +284,71 @@ def load_checkpoint(path: str, model: Optional[GPT] = None, map_location="cpu"):
     return ckpt
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _layout_problem(ckpt) -> Optional[str]:
+    """What keeps a loaded object from being a training checkpoint, or None."""
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        return "no model/config"
+    if not isinstance(ckpt["config"], dict) or not all(isinstance(k, str) for k in ckpt["config"]):
+        return "config is not a dict of fields"
+    if not isinstance(ckpt["model"], dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["model"].items()):
+        return "model is not a state dict of tensors"
+    if "step" in ckpt and (isinstance(ckpt["step"], bool) or not isinstance(ckpt["step"], int)):
+        return f"step is {type(ckpt['step']).__name__}, not int"
+    for name, kind in (("optimizer", dict), ("args", dict), ("log", list)):
+        if name in ckpt and not isinstance(ckpt[name], kind):
+            return f"{name} is {type(ckpt[name]).__name__}, not {kind.__name__}"
+    return None
+
+
+def plain(obj, where: str = "checkpoint"):
+    """`obj` as the plain types `load_checkpoint` accepts: tensors, dicts (str/int keys), lists,
+    tuples, None, bool, int, float, str (a state dict stays an OrderedDict). Converts what has a
+    plain equivalent (argparse.Namespace -> dict, path -> str, numpy scalar -> int/float/bool,
+    torch.dtype/device -> str, tuple and str/int/float subclasses -> the base type); anything
+    else is a TypeError naming `where`."""
+    if obj is None or type(obj) in (bool, int, float, str):
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj if type(obj) in (torch.Tensor, nn.Parameter) else obj.as_subclass(torch.Tensor)
+    if isinstance(obj, argparse.Namespace):
+        obj = vars(obj)
+    if isinstance(obj, dict):
+        # a state dict stays an OrderedDict with its per-module versions (weights_only reads both)
+        out = collections.OrderedDict() if isinstance(obj, collections.OrderedDict) else {}
+        for k, v in obj.items():
+            key = plain(k, f"{where} key {k!r}")
+            if type(key) not in (str, int):
+                raise TypeError(f"{where}: key {k!r} ({type(k).__name__}) is not a str or int")
+            out[key] = plain(v, f"{where}.{k}")
+        if isinstance(out, collections.OrderedDict) and hasattr(obj, "_metadata"):
+            out._metadata = plain(obj._metadata, f"{where}._metadata")
+        return out
+    if isinstance(obj, (list, tuple)):
+        items = [plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    if isinstance(obj, os.PathLike):
+        return os.fsdecode(obj)
+    if isinstance(obj, (torch.dtype, torch.device)):
+        return str(obj)
+    if type(obj).__module__ == "numpy" and callable(getattr(obj, "item", None)) \
+            and getattr(obj, "shape", None) == ():
+        return plain(obj.item(), where)  # a numpy scalar (0-d array too)
+    for base in (bool, int, float, str):  # IntEnum, str subclasses, ...
+        if isinstance(obj, base):
+            return base(obj)
+    raise TypeError(f"{where}: a {type(obj).__module__}.{type(obj).__qualname__} cannot be "
+                    "written to a plain-type checkpoint (tensors, dicts, lists, numbers, strings, "
+                    "bools, None)")
+
+
 def _save(obj, path: str) -> None:
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
+    torch.save(plain(obj), tmp)
     os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint
 
 
@@ -400,11 +490,13 @@ def _train(args, config, ckpt, shards, device, rank, world, ckpt_path) -> int:
         if start >= args.steps:
             print(f"nothing to do: the checkpoint is at step {start} >= --steps {args.steps}")
     bar = Progress(args.steps, start, args.log_interval)
+    # the arguments as plain types now: one that a checkpoint cannot hold fails before training
+    args_plain = plain(vars(args), "args")
 
     def checkpoint(step_done: int):
         if main_rank:
             _save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step_done,
-                   "config": config.to_dict(), "args": vars(args), "log": rows}, ckpt_path)
+                   "config": config.to_dict(), "args": args_plain, "log": rows}, ckpt_path)
 
     net.train()
     tokens_per_step = world * args.batch_size * config.block_size
