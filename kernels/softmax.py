@@ -115,7 +115,10 @@ def _softmax_bwd(Y, DY, DZ, D1, D2, C,
                  stride_z0, stride_z1, stride_z2, stride_zc,
                  grad_scale,
                  BLOCK: tl.constexpr, SINGLE_TILE: tl.constexpr):
-    # dz = y * (dy - rowsum(dy * y)) * grad_scale; masked entries have y = 0, so dz = 0 there
+    # dz = y * (dy - rowsum(dy * y)) * grad_scale; masked entries have y = 0, so dz = 0 there.
+    # A row whose y is all 0 (nothing kept: sum(y) == 0, as y >= 0 and a kept row sums to 1)
+    # gets dz = 0 whatever dy holds, NaN or inf included, as the reference (a NaN y row sums
+    # to NaN and propagates)
     row = tl.program_id(0)
     y_off, _ = _row_bases(row, D1, D2, stride_y0, stride_y1, stride_y2)
     d_off, _ = _row_bases(row, D1, D2, stride_d0, stride_d1, stride_d2)
@@ -127,22 +130,26 @@ def _softmax_bwd(Y, DY, DZ, D1, D2, C,
         dy = tl.load(DY + d_off + cols.to(tl.int64) * stride_dc, mask=inb, other=0.0).to(tl.float32)
         delta = tl.sum(y * dy, axis=0)
         dz = y * (dy - delta) * grad_scale
+        dz = tl.where(tl.sum(y, axis=0) == 0.0, 0.0, dz)  # row with nothing kept: 0 even for NaN dy
         tl.store(DZ + z_off + cols.to(tl.int64) * stride_zc, dz.to(DZ.dtype.element_ty), mask=inb)
     else:
         acc = tl.zeros([BLOCK], tl.float32)
+        y_acc = tl.zeros([BLOCK], tl.float32)
         for start in range(0, C, BLOCK):
             c = start + cols
             inb = c < C
             y = tl.load(Y + y_off + c.to(tl.int64) * stride_yc, mask=inb, other=0.0).to(tl.float32)
             dy = tl.load(DY + d_off + c.to(tl.int64) * stride_dc, mask=inb, other=0.0).to(tl.float32)
             acc += y * dy
+            y_acc += y
         delta = tl.sum(acc, axis=0)
+        empty = tl.sum(y_acc, axis=0) == 0.0  # row with nothing kept: 0 even for NaN dy
         for start in range(0, C, BLOCK):
             c = start + cols
             inb = c < C
             y = tl.load(Y + y_off + c.to(tl.int64) * stride_yc, mask=inb, other=0.0).to(tl.float32)
             dy = tl.load(DY + d_off + c.to(tl.int64) * stride_dc, mask=inb, other=0.0).to(tl.float32)
-            dz = y * (dy - delta) * grad_scale
+            dz = tl.where(empty, 0.0, y * (dy - delta) * grad_scale)
             tl.store(DZ + z_off + c.to(tl.int64) * stride_zc, dz.to(DZ.dtype.element_ty), mask=inb)
 
 

@@ -238,3 +238,56 @@ def test_grad_output_layouts(layout, path, monkeypatch):
     x = torch.randn(3, 4, 100, dtype=torch.bfloat16) * 2
     dy = _layout(torch.randn(3, 4, 100, dtype=torch.bfloat16), layout)
     assert_checks(_check_backward(x, dy, causal=True))
+
+
+def _empty_row_case(source):
+    """x [2, 6, 100] and softmax kwargs where rows (0, 1) and (1, 4) have no finite score."""
+    x = torch.randn(2, 6, 100) * 2
+    kw = {}
+    if source == "data":  # -inf in x itself, no mask
+        x[0, 1] = float("-inf")
+        x[1, 4] = float("-inf")
+    elif source in ("bool", "float"):
+        keep = torch.rand(2, 6, 100) > 0.3
+        keep[0, 1] = False
+        keep[1, 4] = False
+        if source == "bool":
+            kw["mask"] = keep
+        else:
+            kw["mask"] = torch.zeros(2, 6, 100).masked_fill(~keep, float("-inf")).requires_grad_()
+    else:  # causal with more rows than columns: row i sees columns j <= i - 2 (rows 0, 1 empty)
+        x = torch.randn(2, 102, 100)
+        kw["causal"] = True
+    return x, kw
+
+
+@pytest.mark.parametrize("path", ["single", "multi"])
+@pytest.mark.parametrize("source", ["data", "bool", "float", "causal"])
+def test_rows_without_finite_score(source, path, monkeypatch):
+    # the README's rule on every path: such a row gives 0 and a zero gradient, never NaN
+    _small_tiles(monkeypatch, path)
+    x, kw = _empty_row_case(source)
+    assert_checks(check_softmax(x, **kw))
+    y = tritformer.reference.softmax(x, **{k: v.detach() if torch.is_tensor(v) else v
+                                           for k, v in kw.items()})
+    empty = (y == 0).all(-1)
+    assert empty.sum() == (4 if source == "causal" else 2)
+    # a non-finite grad_output in an empty row still gives a zero gradient (as the reference,
+    # whose masked_fill cuts the row off)
+    dy = torch.randn(x.shape)
+    dy[empty] = float("nan")
+    dy[tuple(empty.nonzero()[0].tolist() + [3])] = float("inf")
+    assert_checks(_check_backward(x, dy, **kw))
+
+
+@pytest.mark.parametrize("path", ["single", "multi"])
+def test_nan_and_inf_inputs_propagate_as_pytorch(path, monkeypatch):
+    # +inf and NaN scores are not "no finite score": the row is NaN as in torch.softmax
+    _small_tiles(monkeypatch, path)
+    x = torch.randn(4, 100)
+    x[0, 7] = float("nan")
+    x[1, 70] = float("inf")
+    x[2] = float("-inf")
+    x[2, 99] = float("inf")
+    assert_checks(check_softmax(x))
+    assert torch.isnan(tritformer.softmax(x)[:3]).all()

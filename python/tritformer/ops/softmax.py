@@ -53,7 +53,8 @@ def _softmax_bwd(dy: torch.Tensor, y: torch.Tensor, grad_scale: float) -> torch.
     if backend_for(y) != "reference":
         return _kernels().softmax_backward(dy, y, out, grad_scale)
     yf, dyf = y.float(), dy.float()
-    out.copy_(yf * (dyf - (yf * dyf).sum(-1, keepdim=True)) * grad_scale)
+    dz = yf * (dyf - (yf * dyf).sum(-1, keepdim=True)) * grad_scale
+    out.copy_(dz.masked_fill(yf.sum(-1, keepdim=True) == 0, 0.0))  # as the kernels: empty rows
     return out
 
 
