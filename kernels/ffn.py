@@ -2,7 +2,8 @@
 
 C[M, N] = A[M, K] @ B[K, N] with any strides (an nn.Linear weight [out, in] is used as B through
 its transposed view, never copied), masked tails on M, N and K, int64 offsets, grouped program
-order for L2 reuse. Epilogues (EPI):
+order for L2 reuse; the grid is capped at CUDA's axis-0 limit and the programs loop over the tiles
+beyond it. Epilogues (EPI):
 - EPI_BIAS_ACT:  pre = acc (+ bias[n]); optionally store pre (the backward's act' input);
                  out = act(pre) (+ residual[m, n])
 - EPI_DACT:      out = acc * act'(aux[m, n])           (backward through the activation)
@@ -10,7 +11,7 @@ order for L2 reuse. Epilogues (EPI):
                  u = A @ B2 (+ bias2);
                  out = act(g) * u; optionally store g and u for the backward
 - EPI_DGATED:    dh = acc; out = dh * u * act'(g) (= dg), out2 = dh * act(g) (= du)
-Activations: 0 none, 1 gelu (erf), 2 gelu_tanh, 3 relu, 4 silu; computed in fp32.
+Activations (ACT_*): none, gelu (erf), gelu_tanh, relu, silu; computed in fp32.
 This module knows nothing of autograd.
 """
 from __future__ import annotations
@@ -22,19 +23,25 @@ import triton.language as tl
 from ._launch import Launch, arch_family, device_arch, int32_tiles, is_interpreted, run
 from ._math import tanh as _tanh
 
-ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
-EPI_BIAS_ACT, EPI_DACT, EPI_GATED, EPI_DGATED = 0, 1, 2, 3
+# Kernel switches as tl.constexpr globals: the kernel branches on these names and the host passes
+# the same objects (plan_gemm unwraps them to ints), so no code depends on a number or an order.
+ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_RELU, ACT_SILU = (tl.constexpr(i) for i in range(5))
+ACTIVATIONS = {"none": ACT_NONE, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH, "relu": ACT_RELU,
+               "silu": ACT_SILU}
+EPI_BIAS_ACT, EPI_DACT, EPI_GATED, EPI_DGATED = (tl.constexpr(i) for i in range(4))
+EPI_NAMES = {EPI_BIAS_ACT.value: "bias_act", EPI_DACT.value: "dact", EPI_GATED.value: "gated",
+             EPI_DGATED.value: "dgated"}
 
 
 @triton.jit
 def _act(x, ACT: tl.constexpr):
-    if ACT == 1:
+    if ACT == ACT_GELU:
         return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-    elif ACT == 2:
+    elif ACT == ACT_GELU_TANH:
         return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
-    elif ACT == 3:
+    elif ACT == ACT_RELU:
         return tl.maximum(x, 0.0)
-    elif ACT == 4:
+    elif ACT == ACT_SILU:
         return x * tl.sigmoid(x)
     else:
         return x
@@ -42,16 +49,16 @@ def _act(x, ACT: tl.constexpr):
 
 @triton.jit
 def _dact(x, ACT: tl.constexpr):
-    if ACT == 1:
+    if ACT == ACT_GELU:
         return (0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
                 + x * 0.3989422804014327 * tl.math.exp(-0.5 * x * x))
-    elif ACT == 2:
+    elif ACT == ACT_GELU_TANH:
         t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
         return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (
             1.0 + 3.0 * 0.044715 * x * x)
-    elif ACT == 3:
+    elif ACT == ACT_RELU:
         return tl.where(x > 0.0, 1.0, 0.0)
-    elif ACT == 4:
+    elif ACT == ACT_SILU:
         s = tl.sigmoid(x)
         return s * (1.0 + x * (1.0 - s))
     else:
@@ -67,26 +74,73 @@ def _gemm(A, B, B2, C, C2, Bias, Bias2, Res, Aux, Aux2, Pre, Pre2,
           EPI: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
           STORE_PRE: tl.constexpr, DOT_PRECISION: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-          GROUP_M: tl.constexpr):
-    # C, C2, Pre, Pre2 share strides (stride_c*); Res uses stride_r*; Aux, Aux2 stride_x*
-    pid = tl.program_id(0)
+          GROUP_M: tl.constexpr, TILE_LOOP: tl.constexpr):
+    # C, C2, Pre, Pre2 share strides (stride_c*); Res uses stride_r*; Aux, Aux2 stride_x*.
+    # One program per tile; the grid holds at most MAX_PROGRAMS programs (CUDA's axis-0 limit),
+    # and when M x N has more tiles than that (TILE_LOOP) each program loops over the tiles
+    # pid, pid + num_programs, ... Tile numbers and tile corners are int64 (more than 2^31
+    # tiles, or rows); in-tile indices and masks int32.
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    group = GROUP_M * num_n.to(tl.int64)
+    if TILE_LOOP:
+        for tile in range(tl.program_id(0).to(tl.int64), num_m.to(tl.int64) * num_n,
+                          tl.num_programs(0)):
+            _gemm_tile(A, B, B2, C, C2, Bias, Bias2, Res, Aux, Aux2, Pre, Pre2, M, N, K,
+                       stride_am, stride_ak, stride_bk, stride_bn, stride_b2k, stride_b2n,
+                       stride_cm, stride_cn, stride_rm, stride_rn, stride_xm, stride_xn,
+                       tile, num_m, group,
+                       EPI, ACT, HAS_BIAS, HAS_RES, STORE_PRE, DOT_PRECISION,
+                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        _gemm_tile(A, B, B2, C, C2, Bias, Bias2, Res, Aux, Aux2, Pre, Pre2, M, N, K,
+                   stride_am, stride_ak, stride_bk, stride_bn, stride_b2k, stride_b2n,
+                   stride_cm, stride_cn, stride_rm, stride_rn, stride_xm, stride_xn,
+                   tl.program_id(0).to(tl.int64), num_m, group,
+                   EPI, ACT, HAS_BIAS, HAS_RES, STORE_PRE, DOT_PRECISION,
+                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+@triton.jit
+def _gemm_tile(A, B, B2, C, C2, Bias, Bias2, Res, Aux, Aux2, Pre, Pre2,
+               M, N, K,
+               stride_am, stride_ak, stride_bk, stride_bn, stride_b2k, stride_b2n,
+               stride_cm, stride_cn,
+               stride_rm, stride_rn, stride_xm, stride_xn,
+               tile, num_m, group,
+               EPI: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+               HAS_RES: tl.constexpr, STORE_PRE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               GROUP_M: tl.constexpr):
+    """Tile number `tile` (int64) of C, BLOCK_M x BLOCK_N, in grouped order: every pointer is
+    moved to the tile's corner once (int64 scalars); in-tile indices and masks stay int32."""
+    first_m = (tile // group) * GROUP_M  # grouped order: GROUP_M row tiles sweep the columns
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    start_m = (first_m + (tile % group) % size_m) * BLOCK_M
+    start_n = ((tile % group) // size_m) * BLOCK_N
+    A += start_m * stride_am
+    B += start_n * stride_bn
+    B2 += start_n * stride_b2n
+    c_base = start_m * stride_cm + start_n * stride_cn
+    C += c_base
+    C2 += c_base
+    Pre += c_base
+    Pre2 += c_base
+    Res += start_m * stride_rm + start_n * stride_rn
+    x_base = start_m * stride_xm + start_n * stride_xn
+    Aux += x_base
+    Aux2 += x_base
+    Bias += start_n
+    Bias2 += start_n
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    mask_m = offs_m < tl.minimum(M - start_m, BLOCK_M).to(tl.int32)  # rows left in this tile
+    mask_n = offs_n < tl.minimum(N - start_n, BLOCK_N).to(tl.int32)
     a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
     b_ptrs = B + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    if EPI == 2:
+    if EPI == EPI_GATED:
         b2_ptrs = B2 + offs_k[:, None].to(tl.int64) * stride_b2k + offs_n[None, :].to(tl.int64) * stride_b2n
         acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -96,7 +150,7 @@ def _gemm(A, B, B2, C, C2, Bias, Bias2, Res, Aux, Aux2, Pre, Pre2,
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-        if EPI == 2:
+        if EPI == EPI_GATED:
             b2 = tl.load(b2_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
             b2_ptrs += BLOCK_K * stride_b2k
@@ -105,7 +159,7 @@ def _gemm(A, B, B2, C, C2, Bias, Bias2, Res, Aux, Aux2, Pre, Pre2,
     c_off = offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
     x_off = offs_m[:, None].to(tl.int64) * stride_xm + offs_n[None, :].to(tl.int64) * stride_xn
     out_ty = C.dtype.element_ty
-    if EPI == 0:
+    if EPI == EPI_BIAS_ACT:
         if HAS_BIAS:
             acc += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if STORE_PRE:
@@ -115,10 +169,10 @@ def _gemm(A, B, B2, C, C2, Bias, Bias2, Res, Aux, Aux2, Pre, Pre2,
             r_off = offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :].to(tl.int64) * stride_rn
             out += tl.load(Res + r_off, mask=mask, other=0.0).to(tl.float32)
         tl.store(C + c_off, out.to(out_ty), mask=mask)
-    elif EPI == 1:
+    elif EPI == EPI_DACT:
         pre = tl.load(Aux + x_off, mask=mask, other=0.0).to(tl.float32)
         tl.store(C + c_off, (acc * _dact(pre, ACT)).to(out_ty), mask=mask)
-    elif EPI == 2:
+    elif EPI == EPI_GATED:
         if HAS_BIAS:  # gate and up biases (both given: the launcher passes zeros for a missing one)
             acc += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             acc2 += tl.load(Bias2 + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -161,12 +215,29 @@ GPU_CONFIGS = {
          (4, "aux"): [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3)]},
 }
 GROUP_M = 8
+MAX_PROGRAMS = 2 ** 31 - 1  # CUDA's limit on grid axis 0; the kernel loops over further tiles
+_MIN_BLOCK = min(min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+                 for c in [INTERPRETER_CONFIG, *(c for table in GPU_CONFIGS.values()
+                                                 for cs in table.values() for c in cs)])
+
+
+def _loops(M: int, N: int) -> bool:
+    """Whether the programs must loop over tiles (TILE_LOOP): more tiles than MAX_PROGRAMS for
+    some config (counted with the smallest tile of any). A compile-time switch, so the usual
+    one-tile-per-program kernel has no loop: a kernel that always looped took 40-90 more
+    registers per thread, up to 255 (inspect, sm_80 and sm_90)."""
+    return triton.cdiv(M, _MIN_BLOCK) * triton.cdiv(N, _MIN_BLOCK) > MAX_PROGRAMS
+
+
+def _int(code) -> int:
+    """An EPI_* / ACT_* constant (tl.constexpr) or its int value, as an int."""
+    return code.value if isinstance(code, tl.constexpr) else int(code)
 
 
 def configs_for(arch: int | None, elem_bytes: int, epi: int) -> list:
     if arch is None:
         return [INTERPRETER_CONFIG]
-    kind = {EPI_BIAS_ACT: "plain", EPI_GATED: "dual"}.get(epi, "aux")
+    kind = {EPI_BIAS_ACT.value: "plain", EPI_GATED.value: "dual"}.get(_int(epi), "aux")
     return GPU_CONFIGS[arch_family(arch)][(elem_bytes, kind)]
 
 
@@ -175,12 +246,19 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def plan_gemm(a, b, c, *, epi=EPI_BIAS_ACT, act=0, bias=None, bias2=None, residual=None, aux=None,
-              aux2=None, b2=None, c2=None, pre=None, pre2=None, arch=None) -> list[Launch]:
+def plan_gemm(a, b, c, *, epi=EPI_BIAS_ACT, act=ACT_NONE, bias=None, bias2=None, residual=None,
+              aux=None, aux2=None, b2=None, c2=None, pre=None, pre2=None, arch=None) -> list[Launch]:
     """C = A @ B (+ fused epilogue); A [M, K], B [K, N], C/C2/Pre/Pre2 [M, N] with C's strides."""
+    epi, act = _int(epi), _int(act)
     # tile steps along K are int32 (BLOCK_K x stride_ak, BLOCK_K x stride_bk)
     a, b = int32_tiles(a, (1,)), int32_tiles(b, (0,))
     b2 = None if b2 is None else int32_tiles(b2, (0,))
+    # the kernel reads biases as Bias + n: a strided or expanded (stride-0) bias vector is copied
+    # once here (N elements, next to the M x N x K GEMM); every other tensor goes in with its strides
+    bias = None if bias is None else bias.contiguous()
+    bias2 = None if bias2 is None else bias2.contiguous()
+    if aux is not None and aux2 is not None and aux.stride() != aux2.stride():
+        aux, aux2 = aux.contiguous(), aux2.contiguous()  # one pair of strides for both
     M, K = a.shape
     N = b.shape[1]
     for name, t in (("c2", c2), ("pre", pre), ("pre2", pre2)):
@@ -201,14 +279,14 @@ def plan_gemm(a, b, c, *, epi=EPI_BIAS_ACT, act=0, bias=None, bias2=None, residu
             "stride_rn": residual.stride(1) if residual is not None else 0,
             "stride_xm": aux.stride(0) if aux is not None else 0,
             "stride_xn": aux.stride(1) if aux is not None else 0}
-    if aux is not None and aux2 is not None and aux.stride() != aux2.stride():
-        raise ValueError("aux2 must share aux's strides")
     constexprs = {"EPI": epi, "ACT": act, "HAS_BIAS": bias is not None,
                   "HAS_RES": residual is not None,
                   "STORE_PRE": pre is not None, "DOT_PRECISION": _dot_precision(a.dtype),
-                  "GROUP_M": GROUP_M}
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    return [Launch(f"gemm_{['bias_act', 'dact', 'gated', 'dgated'][epi]}", _gemm, args, constexprs,
+                  "GROUP_M": GROUP_M, "TILE_LOOP": _loops(M, N)}
+    # one program per tile, capped at CUDA's grid limit (the programs then loop over the tiles)
+    grid = lambda meta: (min(triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),
+                             MAX_PROGRAMS),)
+    return [Launch(f"gemm_{EPI_NAMES[epi]}", _gemm, args, constexprs,
                    grid, configs_for(arch, a.element_size(), epi), ["M", "N", "K"])]
 
 

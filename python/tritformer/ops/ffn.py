@@ -13,6 +13,7 @@ and backward) and rebuilds both with GEMM 1 in the backward.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -27,11 +28,8 @@ def _kernels():
     return K
 
 
-ACT_NAMES = reference.ACTIVATIONS
-
-
-def _code(act: int) -> str:
-    return ACT_NAMES[act - 1]  # kernels: 1 gelu, 2 gelu_tanh, 3 relu, 4 silu
+# The ops take the activation by name (reference.ACTIVATIONS); the kernels' codes are
+# kernels/ffn.py's ACTIVATIONS[name] (tl.constexpr ACT_* constants), looked up at launch.
 
 
 def _empty(x):
@@ -43,14 +41,14 @@ def _empty(x):
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("tritformer::ffn_fwd", mutates_args=())
 def _ffn_fwd(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
-             b2: Optional[torch.Tensor], residual: Optional[torch.Tensor], act: int,
+             b2: Optional[torch.Tensor], residual: Optional[torch.Tensor], act: str,
              recompute: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] -> (y [M, N], h, pre) with h, pre [M, H] saved for the backward (empty when
     recompute)."""
     M, H = x.shape[0], w1.shape[0]
     if backend_for(x) == "reference":
         pre = torch.nn.functional.linear(x.float(), w1.float(), None if b1 is None else b1.float())
-        h = reference.apply_activation(pre, _code(act)).to(x.dtype)
+        h = reference.apply_activation(pre, act).to(x.dtype)
         y = torch.nn.functional.linear(h.float(), w2.float(), None if b2 is None else b2.float())
         if residual is not None:
             y = y + residual.float()
@@ -59,9 +57,9 @@ def _ffn_fwd(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: 
         K = _kernels()
         h = x.new_empty(M, H)
         pre = None if recompute else x.new_empty(M, H)
-        K.gemm(x, w1.t(), h, epi=K.EPI_BIAS_ACT, act=act, bias=b1, pre=pre)
+        K.gemm(x, w1.t(), h, epi=K.EPI_BIAS_ACT, act=K.ACTIVATIONS[act], bias=b1, pre=pre)
         y = x.new_empty(M, w2.shape[0])
-        K.gemm(h, w2.t(), y, epi=K.EPI_BIAS_ACT, act=0, bias=b2, residual=residual)
+        K.gemm(h, w2.t(), y, epi=K.EPI_BIAS_ACT, act=K.ACT_NONE, bias=b2, residual=residual)
     if recompute:
         return y, _empty(x), _empty(x)
     return y, h, pre
@@ -76,25 +74,25 @@ def _(x, w1, b1, w2, b2, residual, act, recompute):
 
 @torch.library.custom_op("tritformer::ffn_bwd", mutates_args=())
 def _ffn_bwd(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
-             w2: torch.Tensor, h: torch.Tensor, pre: torch.Tensor, act: int,
+             w2: torch.Tensor, h: torch.Tensor, pre: torch.Tensor, act: str,
              recompute: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw1, db1, dw2, db2); db1/db2 as fp32 column sums cast to the weights' dtype."""
     M, H = x.shape[0], w1.shape[0]
     if backend_for(x) == "reference":
         pre32 = torch.nn.functional.linear(x.float(), w1.float(), None if b1 is None else b1.float())
-        h32 = reference.apply_activation(pre32, _code(act))
+        h32 = reference.apply_activation(pre32, act)
         if not recompute:  # use the saved tensors, as the kernels do
             pre32, h32 = pre.float(), h.float()
         dy32 = dy.float()
-        dpre = (dy32 @ w2.float()) * reference.activation_grad(pre32, _code(act))
+        dpre = (dy32 @ w2.float()) * reference.activation_grad(pre32, act)
         res = (dpre @ w1.float(), dpre.t() @ x.float(), dpre.sum(0), dy32.t() @ h32, dy32.sum(0))
         return tuple(r.to(x.dtype) for r in res)
     K = _kernels()
     if recompute:
         h, pre = x.new_empty(M, H), x.new_empty(M, H)
-        K.gemm(x, w1.t(), h, epi=K.EPI_BIAS_ACT, act=act, bias=b1, pre=pre)
+        K.gemm(x, w1.t(), h, epi=K.EPI_BIAS_ACT, act=K.ACTIVATIONS[act], bias=b1, pre=pre)
     dpre = x.new_empty(M, H)
-    K.gemm(dy, w2, dpre, epi=K.EPI_DACT, act=act, aux=pre)
+    K.gemm(dy, w2, dpre, epi=K.EPI_DACT, act=K.ACTIVATIONS[act], aux=pre)
     dw2 = torch.empty_like(w2)
     K.gemm(dy.t(), h, dw2)
     dw1 = torch.empty_like(w1)
@@ -125,8 +123,11 @@ def _ffn_backward(ctx, dy, _dh, _dpre):
     dx, dw1, db1, dw2, db2 = torch.ops.tritformer.ffn_bwd(dy, x, w1, b1, w2, h, pre, ctx.act,
                                                           ctx.recompute)
     has_b1, has_b2, has_res = ctx.has
+    # the residual's gradient is dy itself: returned as a copy, since a returned dy (or a view of
+    # it) becomes residual.grad sharing the caller's grad_output storage, which zero_grad() or
+    # clip_grad_norm_ on the residual would then rewrite. No backward returns an input.
     return (dx, dw1, db1 if has_b1 else None, dw2, db2 if has_b2 else None,
-            dy if has_res else None, None, None)
+            dy.clone() if has_res else None, None, None)
 
 
 _ffn_fwd.register_autograd(_ffn_backward, setup_context=_ffn_setup)
@@ -151,10 +152,11 @@ def ffn(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch
     """
     check_ffn_inputs(x, w1, b1, w2, b2, activation, residual, recompute)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    r2 = None if residual is None else residual.reshape(-1, residual.shape[-1])
+    M = math.prod(lead)  # (reshape(-1, 0) is ambiguous: in_features or out_features may be 0)
+    x2 = x.reshape(M, x.shape[-1])
+    r2 = None if residual is None else residual.reshape(M, residual.shape[-1])
     y, _, _ = torch.ops.tritformer.ffn_fwd(x2, w1, b1, w2, b2, r2,
-                                           ACT_NAMES.index(activation) + 1, bool(recompute))
+                                           activation, bool(recompute))
     return y.reshape(*lead, w2.shape[0])
 
 
@@ -170,19 +172,20 @@ def _gate_up(K, x, wg, wu, bg, bu, act, h, g, u):
     if bg is not None or bu is not None:
         bg = bg if bg is not None else x.new_zeros(wg.shape[0])
         bu = bu if bu is not None else x.new_zeros(wu.shape[0])
-    K.gemm(x, wg.t(), h, epi=K.EPI_GATED, act=act, b2=wu.t(), bias=bg, bias2=bu, pre=g, pre2=u)
+    K.gemm(x, wg.t(), h, epi=K.EPI_GATED, act=K.ACTIVATIONS[act], b2=wu.t(), bias=bg, bias2=bu,
+           pre=g, pre2=u)
 
 
 @torch.library.custom_op("tritformer::gated_ffn_fwd", mutates_args=())
 def _gated_fwd(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
                bg: Optional[torch.Tensor], bu: Optional[torch.Tensor], bd: Optional[torch.Tensor],
-               act: int, recompute: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               act: str, recompute: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] -> (y, h, g, u); h, g, u [M, I] saved for the backward (empty when recompute)."""
     M, I = x.shape[0], wg.shape[0]
     if backend_for(x) == "reference":
         g = torch.nn.functional.linear(x.float(), wg.float(), _f(bg))
         u = torch.nn.functional.linear(x.float(), wu.float(), _f(bu))
-        h = (reference.apply_activation(g, _code(act)) * u).to(x.dtype)
+        h = (reference.apply_activation(g, act) * u).to(x.dtype)
         y = torch.nn.functional.linear(h.float(), wd.float(), _f(bd)).to(x.dtype)
         g, u = g.to(x.dtype), u.to(x.dtype)
     else:
@@ -208,7 +211,7 @@ def _(x, wg, wu, wd, bg, bu, bd, act, recompute):
 @torch.library.custom_op("tritformer::gated_ffn_bwd", mutates_args=())
 def _gated_bwd(dy: torch.Tensor, x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor,
                wd: torch.Tensor, bg: Optional[torch.Tensor], bu: Optional[torch.Tensor],
-               h: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: int, recompute: bool
+               h: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: str, recompute: bool
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                           torch.Tensor, torch.Tensor]:
     """(dx, dwg, dwu, dwd, dbg, dbu, dbd); bias grads are fp32 column sums."""
@@ -216,14 +219,14 @@ def _gated_bwd(dy: torch.Tensor, x: torch.Tensor, wg: torch.Tensor, wu: torch.Te
     if backend_for(x) == "reference":
         g32 = torch.nn.functional.linear(x.float(), wg.float(), _f(bg))
         u32 = torch.nn.functional.linear(x.float(), wu.float(), _f(bu))
-        a32 = reference.apply_activation(g32, _code(act))
+        a32 = reference.apply_activation(g32, act)
         h32 = a32 * u32
         if not recompute:
             g32, u32, h32 = g.float(), u.float(), h.float()
-            a32 = reference.apply_activation(g32, _code(act))
+            a32 = reference.apply_activation(g32, act)
         dy32 = dy.float()
         dh = dy32 @ wd.float()
-        dg = dh * u32 * reference.activation_grad(g32, _code(act))
+        dg = dh * u32 * reference.activation_grad(g32, act)
         du = dh * a32
         res = (dg @ wg.float() + du @ wu.float(), dg.t() @ x.float(), du.t() @ x.float(),
                dy32.t() @ h32, dg.sum(0), du.sum(0), dy32.sum(0))
@@ -233,7 +236,7 @@ def _gated_bwd(dy: torch.Tensor, x: torch.Tensor, wg: torch.Tensor, wu: torch.Te
         h, g, u = (x.new_empty(M, I) for _ in range(3))
         _gate_up(K, x, wg, wu, bg, bu, act, h, g, u)
     dg, du = x.new_empty(M, I), x.new_empty(M, I)
-    K.gemm(dy, wd, dg, epi=K.EPI_DGATED, act=act, aux=g, aux2=u, c2=du)
+    K.gemm(dy, wd, dg, epi=K.EPI_DGATED, act=K.ACTIVATIONS[act], aux=g, aux2=u, c2=du)
     dwd = torch.empty_like(wd)
     K.gemm(dy.t(), h, dwd)
     dwg, dwu = torch.empty_like(wg), torch.empty_like(wu)
@@ -288,7 +291,7 @@ def gated_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     """
     check_gated_ffn_inputs(x, w_gate, w_up, w_down, activation, recompute, b_gate, b_up, b_down)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(lead), x.shape[-1])
     y, _, _, _ = torch.ops.tritformer.gated_ffn_fwd(x2, w_gate, w_up, w_down, b_gate, b_up, b_down,
-                                                    ACT_NAMES.index(activation) + 1, bool(recompute))
+                                                    activation, bool(recompute))
     return y.reshape(*lead, w_down.shape[0])
