@@ -40,6 +40,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="kernels to compile (D/C column: head dim, softmax row length, or FFN model "
                         "dim); masked: every mask/bias/dropout switch on, varlen: packed sequences, "
                         "decode: flash-decoding (split-KV) over a KV cache")
+    i.add_argument("--jobs", type=int, default=0,
+                   help="parallel compile processes (default: the CPUs this process may use)")
+    i.add_argument("--perf", action="store_true",
+                   help="also disassemble each cubin, count the hot loop's instructions and print "
+                        "the throughput model's ESTIMATES per kernel (tritformer.perf)")
+    i.add_argument("--json", metavar="FILE", help="with --perf: write every row (resources, counts, "
+                                                  "model) as JSON")
+    i.add_argument("--gate", metavar="FILE", help="implies --perf: fail when a config's serialized "
+                                                  "estimate falls, or its replication or non-MMA "
+                                                  "instructions per MMA rise, against this baseline")
+    i.add_argument("--record", metavar="FILE", help="implies --perf: write the gate baseline")
+    i.add_argument("--note", help="with --record: a note stored in the baseline (e.g. the commit)")
 
     t = sub.add_parser("train", help="train a byte-level GPT on the fused kernels (one process, or "
                                      "many under torchrun: DDP); checkpoints, log.csv, loss.png")

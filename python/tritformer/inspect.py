@@ -1,25 +1,38 @@
 """Ahead-of-time compilation of the shipped kernel configs for NVIDIA targets, with no GPU.
 
 For each kernel, architecture and shipped config this builds the launch plan the real launcher
-would build (from meta tensors), compiles it with Triton's bundled toolchain and reads back:
-registers per thread and spill bytes (bundled `ptxas -v`), shared memory bytes (Triton's
-metadata), and tensor-core instruction counts (`wgmma.mma_async` + `mma.sync`, counted in the
-PTX). Needs Triton's compiler, so it must run without TRITON_INTERPRET; the CLI
-re-runs itself in a clean subprocess when the interpreter is on.
+would build (from meta tensors), compiles it with Triton's bundled toolchain and reads back, from
+the cubin Triton itself built: registers per thread, spill bytes and every ptxas warning (the log
+of Triton's own ptxas run, captured with its exact command line: `-lineinfo -v
+--regAllocOptLevel=2 ...`), the stack frame (cross-checked against `cuobjdump -res-usage` of the
+cubin), shared memory bytes (Triton's metadata) and tensor-core instruction counts (PTX). A config
+fails on any spill, on ptxas C7515 (wgmma serialized: the warpgroup MMAs lose their pipelining),
+on shared memory over the limit, or on a compile error. Attention plans are compiled for MHA and
+for GQA 4:1 (GROUP == 1 is specialised away by the JIT, so they are different kernels).
+
+Compiles run in parallel worker processes (`jobs`), each in a fresh Triton cache so that ptxas
+always runs and its log is Triton's; rows are streamed as they finish, in plan order. With
+`perf=True` each cubin is also disassembled and its hot loop modelled (tritformer.perf).
+Needs Triton's compiler, so it must run without TRITON_INTERPRET; the CLI re-runs itself in a
+clean subprocess when the interpreter is on.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
 ARCHES = {"sm_80": 80, "sm_90": 90}
 DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+FAILING_WARNINGS = ("C7515",)  # wgmma serialized: fails a config like a spill
 
 
 @dataclasses.dataclass
@@ -31,16 +44,46 @@ class Row:
     causal: bool
     config: str
     registers: int
-    spill_bytes: int
+    spill_bytes: int            # spill stores + spill loads (ptxas)
     shared_bytes: int
     mma: int
     error: str = ""
+    heads: str = "mha"          # mha or gqa4 (attention); "-" where heads do not apply
+    spill_stores: int = 0
+    spill_loads: int = 0
+    stack_bytes: int = 0        # ptxas stack frame (= cuobjdump STACK)
+    warnings: list = dataclasses.field(default_factory=list)  # [{"code", "text"}], every one
+    ptxas_cmd: list = dataclasses.field(default_factory=list)  # flags only (no temp paths)
+    perf: dict = None           # tritformer.perf.analyze_sass (inspect --perf)
+    occupancy: dict = None
+
+    @property
+    def failing_warnings(self) -> list:
+        return [w for w in self.warnings if w.get("code") in FAILING_WARNINGS]
 
     @property
     def ok(self) -> bool:
         from tritformer.kernels._launch import SHARED_MEMORY_LIMIT
-        return (not self.error and self.spill_bytes == 0
+        return (not self.error and self.spill_bytes == 0 and not self.failing_warnings
                 and self.shared_bytes <= SHARED_MEMORY_LIMIT[ARCHES[self.arch]])
+
+    @property
+    def status(self) -> str:
+        if self.ok:
+            return "ok"
+        if self.error:
+            return "FAIL " + self.error
+        why = []
+        if self.spill_bytes:
+            why.append("spill")
+        why += sorted({w["code"] for w in self.failing_warnings})
+        from tritformer.kernels._launch import SHARED_MEMORY_LIMIT
+        if self.shared_bytes > SHARED_MEMORY_LIMIT[ARCHES[self.arch]]:
+            why.append("smem")
+        return "FAIL " + ",".join(why)
+
+    def as_dict(self) -> dict:
+        return dict(dataclasses.asdict(self), ok=self.ok, status=self.status)
 
 
 def _signature(launch, cfg):
@@ -65,22 +108,108 @@ def _signature(launch, cfg):
     return signature, constexprs, attrs
 
 
-def _ptxas_usage(ptx: str, capability: int) -> tuple[int, int]:
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        res = subprocess.run([get_ptxas(capability).path, "-v", f"--gpu-name={sm_arch_from_capability(capability)}",
-                              path, "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
-    log = res.stdout + res.stderr
+# ---------------------------------------------------------------------------------------------
+# ptxas: Triton's own run, observed
+# ---------------------------------------------------------------------------------------------
+class _PtxasSpy:
+    """Stands in for the `subprocess` module inside Triton's NVIDIA backend: forwards every call,
+    and records each ptxas command line and the log ptxas wrote (Triton sends ptxas's stderr to a
+    temporary file it deletes, and keeps nothing of it on success)."""
+
+    def __init__(self, real):
+        self._real = real
+        self.calls = []  # [(argv, log)]
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def run(self, cmd, *args, **kwargs):
+        try:
+            return self._real.run(cmd, *args, **kwargs)
+        finally:
+            err = kwargs.get("stderr")
+            if isinstance(cmd, (list, tuple)) and "ptxas" in os.path.basename(str(cmd[0])):
+                log = ""
+                if hasattr(err, "name") and os.path.exists(err.name):
+                    with open(err.name) as f:
+                        log = f.read()
+                self.calls.append((list(cmd), log))
+
+
+@contextlib.contextmanager
+def _observed_ptxas():
+    """Fresh Triton cache (so ptxas runs) and the spy on Triton's backend for the duration."""
+    from triton import knobs
+    import triton.backends.nvidia.compiler as nv
+    spy, real, old_dir = _PtxasSpy(nv.subprocess), nv.subprocess, knobs.cache.dir
+    with tempfile.TemporaryDirectory() as cache:
+        knobs.cache.dir = cache
+        nv.subprocess = spy
+        try:
+            yield spy
+        finally:
+            nv.subprocess = real
+            knobs.cache.dir = old_dir
+
+
+_WARNING = re.compile(r"\bwarning\b", re.IGNORECASE)
+_CODE = re.compile(r"\b(C\d{4})\b")
+_SERIALIZED = "wgmma.mma_async instructions are serialized"  # the text of C7515
+
+
+def parse_ptxas_log(log: str) -> dict:
+    """registers, spill stores/loads, stack frame and every warning of a `ptxas -v` log."""
     regs = re.search(r"Used (\d+) registers", log)
-    spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
-    return (int(regs.group(1)) if regs else -1), sum(spills)
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+                        log)
+    warnings = []
+    for line in log.splitlines():
+        if _WARNING.search(line):
+            code = _CODE.search(line)
+            code = code.group(1) if code else ("C7515" if _SERIALIZED in line else "")
+            text = re.sub(r"\S+\.ptx\b", "<ptx>", line.strip())  # temp paths vary per run
+            warnings.append({"code": code, "text": text})
+    return {"registers": int(regs.group(1)) if regs else -1,
+            "stack": sum(int(a) for a, _, _ in frames),
+            "spill_stores": sum(int(b) for _, b, _ in frames),
+            "spill_loads": sum(int(c) for _, _, c in frames), "warnings": warnings}
 
 
-def compile_launch(launch, cfg, arch: str) -> tuple[int, int, int, int]:
-    """(registers, spill bytes, shared bytes, MMA instruction count) of one launch and config."""
+def cubin_resources(cubin: bytes) -> dict:
+    """REG / STACK / SHARED of the cubin's kernel, from Triton's bundled `cuobjdump -res-usage`."""
+    from triton import knobs
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", path], capture_output=True,
+                             text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", out)
+    return {"registers": int(m.group(1)), "stack": int(m.group(2)), "shared": int(m.group(3))}
+
+
+@dataclasses.dataclass
+class Compiled:
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack: int
+    shared: int
+    mma: int
+    warnings: list
+    ptxas_cmd: list       # Triton's ptxas argv (paths included)
+    ptxas_log: str
+    ptx: str
+    cubin: bytes
+
+    @property
+    def spill_bytes(self) -> int:
+        return self.spill_stores + self.spill_loads
+
+
+def compile_launch(launch, cfg, arch: str) -> Compiled:
+    """Compile one launch and config as the JIT would, and read the resources of the cubin
+    Triton built (its own ptxas log; registers and stack cross-checked with cuobjdump)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -88,23 +217,53 @@ def compile_launch(launch, cfg, arch: str) -> tuple[int, int, int, int]:
     capability = ARCHES[arch]
     signature, constexprs, attrs = _signature(launch, cfg)
     src = ASTSource(fn=launch.fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    ck = triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    with _observed_ptxas() as spy:
+        ck = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    runs = [(cmd, log) for cmd, log in spy.calls if any(a.startswith("--gpu-name") for a in cmd)]
+    if len(runs) != 1:
+        raise RuntimeError(f"expected one ptxas run by Triton, saw {len(runs)}")
+    cmd, log = runs[0]
+    usage = parse_ptxas_log(log)
+    res = cubin_resources(ck.asm["cubin"])
+    if (res["registers"], res["stack"]) != (usage["registers"], usage["stack"]):
+        raise RuntimeError(f"ptxas log {usage} disagrees with the cubin {res}")
     ptx = ck.asm["ptx"]
-    regs, spills = _ptxas_usage(ptx, capability)
     # tensor-core instructions: wgmma (Hopper warpgroup MMA) and mma.sync (Ampere-style; also
     # what sm_90 uses for tiles too small for a warpgroup)
     mma = len(re.findall(r"wgmma\.mma_async|mma\.sync", ptx))
-    return regs, spills, ck.metadata.shared, mma
+    return Compiled(usage["registers"], usage["spill_stores"], usage["spill_loads"], usage["stack"],
+                    ck.metadata.shared, mma, usage["warnings"], cmd, log, ptx, ck.asm["cubin"])
 
 
-def _attention_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool):
+def ptxas_flags(cmd: list) -> list:
+    """Triton's ptxas argv without the binary and the temporary input/output paths."""
+    flags, skip = [], False
+    for a in cmd[1:]:
+        if skip:
+            skip = False
+            continue
+        if a == "-o":
+            skip = True
+            continue
+        if a.endswith(".ptx"):
+            continue
+        flags.append(a)
+    return flags
+
+
+GROUPS = {"mha": 1, "gqa4": 4}  # query heads per K/V head in the attention plans
+
+
+def _attention_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool, heads: str = "mha"):
     from tritformer.kernels import attention as K
     meta = dict(device="meta", dtype=dtype)
-    # contiguous [B, H, N, D]: strides and lengths divisible by 16. GQA 4:1: the dK/dV program's
-    # loop over the group's query heads (an MHA plan passes GROUP=1, which the JIT specialises
-    # away) costs registers: fp16 D=64 32x128/8 warps measured 216 regs MHA, 254 GQA on sm_80
-    B, H, H_KV, N = 2, 8, 2, 1024
+    # contiguous [B, H, N, D]: strides and lengths divisible by 16. MHA and GQA 4:1 compile to
+    # different kernels: an MHA plan passes GROUP=1, which the JIT specialises away (the dK/dV
+    # program's loop over the group's query heads disappears); GQA's loop costs registers: fp16
+    # D=64 32x128/8 warps measured 216 regs MHA, 254 GQA on sm_80
+    B, H, N = 2, 8, 1024
+    H_KV = H // GROUPS[heads]
     q, o, do = (torch.empty(B, H, N, head_dim, **meta) for _ in range(3))
     k, v = (torch.empty(B, H_KV, N, head_dim, **meta) for _ in range(2))
     lse = torch.empty(B, H, N, device="meta", dtype=torch.float32)
@@ -117,7 +276,7 @@ def _attention_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool)
                               opts, cap))
 
 
-def _masked_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool):
+def _masked_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool, heads: str = "mha"):
     """The heaviest masked variant: every switch on (float mask whose gradient the dQ kernel
     writes, key padding, ALiBi, softcap, dropout, sliding window; right edge 0 when causal)."""
     from tritformer.kernels import attention as K
@@ -137,13 +296,13 @@ def _masked_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool):
                               k.clone(), v.clone(), opts, cap, dmask)[1:])
 
 
-def _varlen_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool):
-    """Packed sequences ([1, H, total, D] views of [total, H, D], cu_seqlens), GQA 4:1."""
+def _varlen_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool, heads: str = "gqa4"):
+    """Packed sequences ([1, H, total, D] views of [total, H, D], cu_seqlens), MHA or GQA 4:1."""
     from tritformer.kernels import attention as K
     meta = dict(device="meta", dtype=dtype)
     T, H = 8192, 8
     view = lambda h: torch.empty(T, h, head_dim, **meta).transpose(0, 1)[None]  # noqa: E731
-    q, k, v, o, do = view(H), view(2), view(2), view(H), view(H)
+    q, k, v, o, do = view(H), view(H // GROUPS[heads]), view(H // GROUPS[heads]), view(H), view(H)
     lse = torch.empty(1, H, T, device="meta", dtype=torch.float32)
     cu = torch.empty(9, device="meta", dtype=torch.int32)
     opts = K.Options(scale=head_dim ** -0.5, right=0 if causal else None, cu_seqlens_q=cu,
@@ -157,7 +316,7 @@ def _varlen_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool):
 SOFTMAX_ROWS = (1024, 16384, 65536)  # one 4-warp tile, the largest single tile, multi-tile
 
 
-def _softmax_plans(arch: str, dtype: torch.dtype, n_cols: int, causal: bool):
+def _softmax_plans(arch: str, dtype: torch.dtype, n_cols: int, causal: bool, _heads: str = "-"):
     """Forward with a broadcast bool mask (the heaviest variant) and backward, [4, 8, 128, C]."""
     from tritformer.kernels import softmax as K
     x = torch.empty(4, 8, 128, n_cols, device="meta", dtype=dtype)
@@ -166,7 +325,7 @@ def _softmax_plans(arch: str, dtype: torch.dtype, n_cols: int, causal: bool):
             + K.plan_backward(x, torch.empty_like(x), torch.empty_like(x), 0.125))
 
 
-def _ffn_plans(arch: str, dtype: torch.dtype, hidden: int, _causal: bool):
+def _ffn_plans(arch: str, dtype: torch.dtype, hidden: int, _causal: bool, _heads: str = "-"):
     """Every GEMM variant the FFN ops launch: M = 4096 tokens, hidden 1024 -> 4096 -> 1024."""
     from tritformer.kernels import ffn as K
     cap = ARCHES[arch]
@@ -183,7 +342,7 @@ def _ffn_plans(arch: str, dtype: torch.dtype, hidden: int, _causal: bool):
             + K.plan_gemm(y, w2, hm, epi=K.EPI_DGATED, act=4, aux=pre, aux2=e(M, H), c2=e(M, H), arch=cap))
 
 
-def _decode_plans(arch: str, dtype: torch.dtype, head_dim: int, _causal: bool):
+def _decode_plans(arch: str, dtype: torch.dtype, head_dim: int, _causal: bool, _heads: str = "-"):
     """Flash-decoding, GQA 8:1: the split kernel for every query tile the config table ships
     (Nq = 1, 4, 8 new tokens: 8, 32, 64 rows -> 16, 32, 64-row tiles, up to the bucket's cap),
     each with a workspace (num_splits > 1) and with the single-split store; and the combine."""
@@ -211,42 +370,115 @@ def _decode_plans(arch: str, dtype: torch.dtype, head_dim: int, _causal: bool):
     return plans
 
 
+PLANS = {"attention": _attention_plans, "masked": _masked_plans, "varlen": _varlen_plans,
+         "softmax": _softmax_plans, "ffn": _ffn_plans, "decode": _decode_plans}
+TAGS = {"masked": "+masked", "varlen": "+varlen"}
+ALL_OPS = tuple(PLANS)
+
+
+def cases(archs, head_dims, dtypes, causal, ops) -> list[tuple]:
+    """(op, arch, dtype, D/C, causal, heads) plan cases, in report order."""
+    out = []
+    for op in ops:
+        for a in archs:
+            for dt in dtypes:
+                if op == "ffn":
+                    out.append((op, a, dt, 1024, False, "-"))
+                elif op == "decode":  # causal by construction (Nq > 1: the last Nq positions)
+                    out += [(op, a, dt, d, True, "gqa8") for d in head_dims]
+                elif op == "softmax":
+                    out += [(op, a, dt, n, c, "-") for n in SOFTMAX_ROWS for c in causal]
+                else:
+                    heads = ("mha",) if op == "masked" else ("mha", "gqa4")
+                    out += [(op, a, dt, d, c, h) for d in head_dims for c in causal for h in heads]
+    return out
+
+
+def _describe(cfg) -> str:
+    desc = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+    return f"{desc} warps={cfg.num_warps} stages={cfg.num_stages}".strip()
+
+
+def jobs_for(case_list) -> list[tuple]:
+    """One job per distinct compile: (case, launch index, config index). Launches that compile
+    to the same kernel (the backward preprocess of MHA and GQA plans, ...) are compiled once."""
+    jobs, seen = [], set()
+    for case in case_list:
+        op, arch, dt, d, c, heads = case
+        for li, launch in enumerate(PLANS[op](arch, DTYPE_NAMES[dt], d, c, heads)):
+            for ci, cfg in enumerate(launch.configs):
+                sig, consts, _ = _signature(launch, cfg)
+                key = (arch, launch.fn.__name__ if hasattr(launch.fn, "__name__") else launch.name,
+                       launch.name, tuple(sig.items()), tuple((k, repr(v)) for k, v in consts.items()),
+                       cfg.num_warps, cfg.num_stages)
+                if key in seen:
+                    continue
+                seen.add(key)
+                jobs.append((case, li, ci))
+    return jobs
+
+
+def run_job(job, perf: bool = False) -> Row:
+    """Compile one job (in a worker process) and return its row."""
+    (op, arch, dt, d, c, heads), li, ci = job
+    launch = PLANS[op](arch, DTYPE_NAMES[dt], d, c, heads)[li]
+    cfg = launch.configs[ci]
+    row = Row(launch.name + TAGS.get(op, ""), arch, dt, d, c, _describe(cfg), -1, -1, -1, -1,
+              heads=heads)
+    try:
+        ck = compile_launch(launch, cfg, arch)
+    except Exception as e:  # an unshippable config is a failing row, not a crash
+        row.error = f"{type(e).__name__}: {e}"[:200].replace("\n", " ")
+        return row
+    row.registers, row.spill_bytes, row.shared_bytes, row.mma = (ck.registers, ck.spill_bytes,
+                                                                 ck.shared, ck.mma)
+    row.spill_stores, row.spill_loads, row.stack_bytes = ck.spill_stores, ck.spill_loads, ck.stack
+    row.warnings, row.ptxas_cmd = ck.warnings, ptxas_flags(ck.ptxas_cmd)
+    if perf:
+        from tritformer import perf as P
+        useful = P.useful_flops(launch.name, cfg.kwargs, launch.constexprs)
+        try:
+            row.perf = P.analyze_sass(P.disassemble(ck.cubin), arch, cfg.num_warps, useful)
+        except Exception as e:
+            row.error = f"SASS analysis: {type(e).__name__}: {e}"[:200]
+        row.occupancy = P.occupancy(P.MACHINES[arch], ck.registers, ck.shared, cfg.num_warps)
+    return row
+
+
+def _run_job_perf(job):
+    return run_job(job, True)
+
+
+def default_jobs() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def inspect(archs=("sm_80", "sm_90"), head_dims=(64, 128, 256), dtypes=("fp16", "fp32"),
-            causal=(False, True), progress=None,
-            ops=("attention", "masked", "varlen", "softmax", "ffn", "decode")) -> list[Row]:
-    cases = []
-    if "attention" in ops:
-        cases += [(_attention_plans, a, dt, d, c) for a in archs for dt in dtypes
-                  for d in head_dims for c in causal]
-    if "masked" in ops:
-        cases += [(_masked_plans, a, dt, d, c) for a in archs for dt in dtypes
-                  for d in head_dims for c in causal]
-    if "varlen" in ops:
-        cases += [(_varlen_plans, a, dt, d, c) for a in archs for dt in dtypes
-                  for d in head_dims for c in causal]
-    if "softmax" in ops:
-        cases += [(_softmax_plans, a, dt, n, c) for a in archs for dt in dtypes
-                  for n in SOFTMAX_ROWS for c in causal]
-    if "ffn" in ops:
-        cases += [(_ffn_plans, a, dt, 1024, False) for a in archs for dt in dtypes]
-    if "decode" in ops:  # decoding is causal by construction (Nq > 1: the last Nq positions)
-        cases += [(_decode_plans, a, dt, d, True) for a in archs for dt in dtypes
-                  for d in head_dims]
+            causal=(False, True), progress=None, ops=ALL_OPS, jobs: int = 1,
+            perf: bool = False) -> list[Row]:
+    """Compile every shipped config of `ops` (in `jobs` worker processes); `progress(row)` is
+    called for each row as it is ready, in plan order."""
+    work = jobs_for(cases(archs, head_dims, dtypes, causal, ops))
+    fn = _run_job_perf if perf else run_job
     rows = []
-    for plans, arch, dt, d, c in cases:
-        for launch in plans(arch, DTYPE_NAMES[dt], d, c):
-            for cfg in launch.configs:
-                desc = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items())
-                desc = f"{desc} warps={cfg.num_warps} stages={cfg.num_stages}".strip()
-                try:
-                    regs, spills, smem, mma = compile_launch(launch, cfg, arch)
-                    err = ""
-                except Exception as e:  # an unshippable config is a failing row, not a crash
-                    regs, spills, smem, mma, err = -1, -1, -1, -1, f"{type(e).__name__}: {e}"[:200]
-                tag = {_masked_plans: "+masked", _varlen_plans: "+varlen"}.get(plans, "")
-                rows.append(Row(launch.name + tag, arch, dt, d, c, desc, regs, spills, smem, mma, err))
-                if progress:
-                    progress(rows[-1])
+    if jobs <= 1 or len(work) <= 1:
+        results = map(fn, work)
+        pool = None
+    else:  # fork: the workers inherit the imported kernels (spawn would re-import torch + triton)
+        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
+        results = pool.map(fn, work)
+    try:
+        for row in results:
+            rows.append(row)
+            if progress:
+                progress(row)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return rows
 
 
@@ -257,14 +489,45 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+HEAD = ("kernel", "arch", "dtype", "D/C", "causal", "heads", "config", "regs", "spill B", "smem B",
+        "mma", "ok")
+WIDTHS = (28, 5, 5, 5, 6, 5, 46, 4, 7, 6, 4, 0)  # streamed rows: fixed widths
+
+
+def _cols(r: Row) -> tuple:
+    return (r.kernel, r.arch, r.dtype, str(r.head_dim), "y" if r.causal else "n", r.heads, r.config,
+            str(r.registers), str(r.spill_bytes), str(r.shared_bytes), str(r.mma), r.status)
+
+
+def format_row(r: Row) -> str:
+    return "  ".join(c.ljust(w) for c, w in zip(_cols(r), WIDTHS)).rstrip()
+
+
 def format_table(rows: list[Row]) -> str:
-    head = ("kernel", "arch", "dtype", "D/C", "causal", "config", "regs", "spill B", "smem B", "mma", "ok")
-    body = [(r.kernel, r.arch, r.dtype, str(r.head_dim), "y" if r.causal else "n", r.config,
-             str(r.registers), str(r.spill_bytes), str(r.shared_bytes), str(r.mma),
-             "ok" if r.ok else ("FAIL " + r.error if r.error else "FAIL")) for r in rows]
-    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    line = lambda cols: "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
+    body = [_cols(r) for r in rows]
+    widths = [max(len(x[i]) for x in [HEAD, *body]) for i in range(len(HEAD))]
+    line = lambda cols: "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(HEAD), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def format_warnings(rows: list[Row]) -> str:
+    """Every ptxas warning, once per distinct text, with the configs it came from."""
+    seen: dict[str, list] = {}
+    for r in rows:
+        for w in r.warnings:
+            seen.setdefault(w["text"], []).append(f"{r.kernel} {r.arch} {r.dtype} D={r.head_dim} "
+                                                   f"{'causal' if r.causal else 'full'} {r.heads} "
+                                                   f"[{r.config}]")
+    out = []
+    for text, where in seen.items():
+        out.append(f"ptxas: {text}")
+        out += [f"    {w}" for w in where]
+    return "\n".join(out)
+
+
+def _triton_version() -> str:
+    import triton
+    return triton.__version__
 
 
 def main(args, argv: list[str]) -> int:
@@ -272,12 +535,46 @@ def main(args, argv: list[str]) -> int:
         # kernels decorated under the interpreter cannot be compiled: start a clean process
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.run([sys.executable, "-m", "tritformer", *argv], env=env).returncode
+    perf = bool(args.perf or args.gate or args.record)
+    jobs = args.jobs or default_jobs()
+    print("  ".join(h.ljust(w) for h, w in zip(HEAD, WIDTHS)).rstrip(), flush=True)
+    print("  ".join("-" * max(w, 2) for w in WIDTHS[:-1]) + "  --", flush=True)
     rows = inspect(args.arch, args.head_dim, args.dtype, (False, True),
-                   progress=lambda r: print(".", end="", flush=True, file=sys.stderr),
-                   ops=args.op)
-    print(file=sys.stderr)
-    print(format_table(rows))
+                   progress=lambda r: print(format_row(r), flush=True), ops=args.op, jobs=jobs,
+                   perf=perf)
     bad = [r for r in rows if not r.ok]
+    warnings = format_warnings(rows)
+    if warnings:
+        print("\n" + warnings)
     print(f"\n{len(rows)} kernel configs compiled, {len(bad)} failing "
-          f"(spills, shared memory over the limit, or compile errors)")
-    return 1 if bad else 0
+          f"(spills, ptxas {'/'.join(FAILING_WARNINGS)}, shared memory over the limit, or compile "
+          f"errors); registers, spills and warnings from Triton's own ptxas run "
+          f"({' '.join(rows[0].ptxas_cmd) if rows and rows[0].ptxas_cmd else '-'})")
+    status = 1 if bad else 0
+    if not perf:
+        return status
+    from tritformer import perf as P
+    dicts = [r.as_dict() for r in rows]
+    print("\n" + P.format_perf_tables(dicts))
+    print("All model figures are ESTIMATES (upper bounds from instruction counts; see "
+          "`tritformer.perf` and the README), not GPU measurements.")
+    if args.json:
+        P.write_json(args.json, {"triton": _triton_version(), "rows": dicts})
+        print(f"wrote {args.json}")
+    if args.record:
+        P.write_json(args.record, P.baseline(dicts, _triton_version(), args.note or ""))
+        print(f"recorded the baseline in {args.record}")
+    if args.gate:
+        import json
+        with open(args.gate) as f:
+            base = json.load(f)
+        failures, notes = P.gate(dicts, base, _triton_version())
+        for n in notes:
+            print(f"gate: {n}")
+        for fl in failures:
+            print(f"gate FAIL: {fl}")
+        print(f"gate: {len(failures)} regressions against {args.gate} "
+              f"(tolerance {base.get('tolerance', P.GATE_TOLERANCE):.0%} relative)")
+        if failures:
+            status = 1
+    return status
