@@ -1,7 +1,7 @@
 """Input validation shared by the public ops: raise before any kernel launches."""
 from __future__ import annotations
 
-import math
+import numbers
 
 import torch
 
@@ -11,6 +11,54 @@ MAX_HEAD_DIM = 256
 
 def _dtype_name(d: torch.dtype) -> str:
     return str(d).replace("torch.", "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalar arguments: one rule for every op.
+#   real:    Python or NumPy ints and floats (numbers.Real), as torch accepts them; bool refused.
+#   integer: Python or NumPy ints (numbers.Integral); bool refused.
+#   flag:    a Python bool only (torch's bool arguments refuse ints and NumPy bools too).
+# While torch.compile traces with dynamic shapes a float may be a SymFloat and an int a SymInt
+# (dynamo presents them as float / int). The value checks therefore use plain arithmetic and
+# comparisons, which on a symbolic value become guards, never math.* (a graph break); float() /
+# int() only turn a concrete NumPy value into the Python one.
+# ---------------------------------------------------------------------------------------------
+def _type_name(x) -> str:
+    return type(x).__name__
+
+
+def check_real(name: str, value, *, allow_none: bool = False, lo=None, lo_open: bool = False,
+               hi=None, hi_open: bool = False) -> None:
+    """A finite real scalar (or None when allow_none), optionally within [lo, hi] (open ends
+    with lo_open / hi_open)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)):
+        raise TypeError(f"{name} must be a float{' or None' if allow_none else ''}, got {_type_name(value)}")
+    if not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
+        value = float(value)  # NumPy scalars: compared as the Python float the op will use
+    if not value - value == 0:  # inf - inf and nan - nan are nan (math.isfinite does not trace)
+        raise ValueError(f"{name} must be finite, got {value}")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
+    if hi is not None and (value >= hi if hi_open else value > hi):
+        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {value}")
+
+
+def check_integer(name: str, value, *, allow_none: bool = False, lo=None) -> None:
+    """An int (Python or NumPy; or None when allow_none), optionally >= lo."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"{name} must be an int{' or None' if allow_none else ''}, got {_type_name(value)}")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+
+
+def check_flag(name: str, value) -> None:
+    """A bool argument: True or False, nothing else (as torch's is_causal, not 1 or "yes")."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {_type_name(value)}")
 
 
 def check_tensor(name: str, x, ndim: int, layout: str) -> None:
@@ -23,11 +71,7 @@ def check_tensor(name: str, x, ndim: int, layout: str) -> None:
 
 
 def check_scale(scale) -> None:
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
+    check_real("scale", scale, allow_none=True)
 
 
 def check_attention_inputs(q, k, v, scale, names=("k", "v"), kv_layout="[B, Hkv, Nk, D]") -> None:
@@ -53,7 +97,11 @@ def check_attention_inputs(q, k, v, scale, names=("k", "v"), kv_layout="[B, Hkv,
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"head dim D of q must be in 1..{MAX_HEAD_DIM}, got {D}")
     Hkv = k.shape[1]
-    if Hkv == 0 or Hq % Hkv != 0:
+    if Hkv == 0:  # Hq = Hkv = 0 is accepted: an empty output, as torch's SDPA on zero heads
+        if Hq != 0:
+            raise ValueError(f"{kn}/{vn} have no heads (Hkv = 0) but q has {Hq}: each query head "
+                             f"needs a key/value head (Hq must be a multiple of Hkv >= 1)")
+    elif Hq % Hkv != 0:
         raise ValueError(f"q's head count ({Hq}) must be a multiple of {kn}/{vn}'s head count ({Hkv})")
     check_scale(scale)
 
@@ -83,15 +131,14 @@ def check_softmax_inputs(x, dim, scale, mask, causal) -> int:
         raise TypeError(f"x must be float16, bfloat16 or float32, got {_dtype_name(x.dtype)}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension, got a 0-d tensor")
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    check_integer("dim", dim)
     if not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim must be in [{-x.dim()}, {x.dim() - 1}] for x of shape {tuple(x.shape)}, got {dim}")
-    dim %= x.dim()
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    dim = dim % x.dim()
+    if not isinstance(dim, torch.SymInt):
+        dim = int(dim)  # a NumPy int as a Python int
+    check_real("scale", scale)
+    check_flag("causal", causal)
     if mask is not None:
         _check_mask("mask", mask, "keep", x, "x", tuple(x.shape), f"x's shape {tuple(x.shape)}")
     if causal:
@@ -158,8 +205,7 @@ def check_ffn_inputs(x, w1, b1, w2, b2, activation, residual, recompute) -> None
         want = (*x.shape[:-1], w2.shape[0])
         if tuple(residual.shape) != want:
             raise ValueError(f"residual must have the output's shape {want}, got {tuple(residual.shape)}")
-    if not isinstance(recompute, bool):
-        raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
+    check_flag("recompute", recompute)
 
 
 def check_gated_ffn_inputs(x, w_gate, w_up, w_down, activation, recompute, b_gate=None,
@@ -175,26 +221,12 @@ def check_gated_ffn_inputs(x, w_gate, w_up, w_down, activation, recompute, b_gat
     _check_bias("b_up", b_up, w_up.shape[0], x)
     _check_bias("b_down", b_down, w_down.shape[0], x)
     _check_activation(activation, ACTIVATIONS)
-    if not isinstance(recompute, bool):
-        raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
-
-
-def _check_float(name, value, lo=None, lo_open=False, hi=None, hi_open=False, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float{' or None' if allow_none else ''}, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
-    if hi is not None and (value >= hi if hi_open else value > hi):
-        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {value}")
+    check_flag("recompute", recompute)
 
 
 def check_attention_options(q, k, *, attn_mask=None, key_padding_mask=None, dropout_p=0.0,
                             window=None, alibi_slopes=None, softcap=None, batch=None,
-                            heads=None) -> None:
+                            heads=None, causal=False, return_lse=False) -> None:
     """The optional arguments of attention / varlen_attention (q, k already checked).
 
     batch/heads: for varlen (q [T, Hq, D]): the number of sequences and Hq."""
@@ -212,12 +244,15 @@ def check_attention_options(q, k, *, attn_mask=None, key_padding_mask=None, drop
             raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {key_padding_mask.device}")
         if tuple(key_padding_mask.shape) != (batch, n_k):
             raise ValueError(f"key_padding_mask must have shape [B, Nk] = [{batch}, {n_k}], got {tuple(key_padding_mask.shape)}")
-    _check_float("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_open=True)
+    check_flag("causal", causal)
+    check_flag("return_lse", return_lse)
+    check_real("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_open=True)
     if window is not None:
         if (not isinstance(window, (tuple, list)) or len(window) != 2
-                or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+                or not all(isinstance(w, (numbers.Integral, torch.SymInt)) and not isinstance(w, bool)
+                           for w in window)):
             raise TypeError(f"window must be a (left, right) pair of ints (-1 = unbounded) or None, got {window!r}")
-        if min(window) < -1:
+        if window[0] < -1 or window[1] < -1:
             raise ValueError(f"window values must be >= -1 (-1 = unbounded), got {tuple(window)}")
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor):
@@ -228,7 +263,7 @@ def check_attention_options(q, k, *, attn_mask=None, key_padding_mask=None, drop
             raise ValueError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
         if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
             raise ValueError(f"alibi_slopes must have shape [Hq] = [{heads}] or [B, Hq] = [{batch}, {heads}], got {tuple(alibi_slopes.shape)}")
-    _check_float("softcap", softcap, lo=0.0, allow_none=True)
+    check_real("softcap", softcap, lo=0.0, allow_none=True)
 
 
 def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale) -> None:
@@ -257,11 +292,8 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
             raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (num_seqs + 1), got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
-    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(m, bool) or not isinstance(m, int):
-            raise TypeError(f"{name} must be an int, got {type(m).__name__}")
-        if m < 0:
-            raise ValueError(f"{name} must be >= 0, got {m}")
+    check_integer("max_seqlen_q", max_seqlen_q, lo=0)
+    check_integer("max_seqlen_k", max_seqlen_k, lo=0)
     if torch.compiler.is_compiling():
         return
     for (name, cu), m_name, m in ((("cu_seqlens_q", cu_seqlens_q), "max_seqlen_q", max_seqlen_q),

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .._checks import _dtype_name, check_attention_inputs
+from .._checks import _dtype_name, check_attention_inputs, check_flag, check_integer
 from ..backend import backend_for
 
 
@@ -28,9 +28,11 @@ def _kernels():
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("tritformer::decode_attention", mutates_args=())
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      cache_seqlens: Optional[torch.Tensor], scale: float,
+                      cache_seqlens: Optional[torch.Tensor], scale: Optional[float],
                       num_splits: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """out [B, Hq, Nq, D] (q's layout), lse [B, Hq, Nq] float32; num_splits None = heuristic."""
+    """out [B, Hq, Nq, D] (q's layout), lse [B, Hq, Nq] float32; num_splits None = heuristic;
+    scale None = 1/sqrt(D), computed here: a SymFloat argument would specialise a dynamic graph."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return _kernels().decode_forward(q, k_cache, v_cache, cache_seqlens, scale, num_splits)
 
 
@@ -47,13 +49,8 @@ def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, scale, num_splits, 
     cache_seqlens are checked too (one device sync), except while torch.compile traces."""
     check_attention_inputs(q, k_cache, v_cache, scale, ("k_cache", "v_cache"), "[B, Hkv, Nmax, D]")
     B, n_max = q.shape[0], k_cache.shape[2]
-    if num_splits is not None:
-        if isinstance(num_splits, bool) or not isinstance(num_splits, int):
-            raise TypeError(f"num_splits must be an int or None, got {type(num_splits).__name__}")
-        if num_splits < 1:
-            raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    check_integer("num_splits", num_splits, allow_none=True, lo=1)
+    check_flag("return_lse", return_lse)
     if cache_seqlens is None:
         return
     if not isinstance(cache_seqlens, torch.Tensor):
@@ -127,7 +124,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """
     _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, scale, num_splits, return_lse)
     _check_inference(q, k_cache, v_cache)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = None if scale is None else float(scale)
     if backend_for(q) == "reference":
         out, lse = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(),
                                               cache_seqlens, scale=scale, return_lse=True)
