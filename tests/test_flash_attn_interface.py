@@ -55,12 +55,13 @@ OPTIONS = [
     ({"causal": True}, {"causal": True}),
     ({"window_size": (5, 2)}, {"window": (5, 2)}),
     ({"causal": True, "window_size": (6, 3)}, {"causal": True, "window": (6, -1)}),  # causal: right = 0
+    ({"window_size": torch.tensor([5, 2])}, {"window": (5, 2)}),  # as FA's tests pass it
     ({"softcap": 4.0, "softmax_scale": 0.3}, {"softcap": 4.0, "scale": 0.3}),
     ({"softcap": -1.0}, {}),                                   # softcap <= 0 is off, as FA
     ({"alibi_slopes": "b"}, {"alibi_slopes": "b"}),
     ({"dropout_p": 0.2}, {"dropout_p": 0.2}),                  # same seed, same in-kernel bits
 ]
-IDS = ["plain", "causal", "window", "causal-window", "softcap", "softcap-off", "alibi", "dropout"]
+IDS = ["plain", "causal", "window", "causal-window", "window-tensor", "softcap", "softcap-off", "alibi", "dropout"]
 
 
 def _slopes(fa, nat, B, H):

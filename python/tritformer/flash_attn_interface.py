@@ -164,7 +164,9 @@ def _int(name, w):
 
 def _window(window_size, causal, seqlen_q, seqlen_k, alibi_slopes):
     """FlashAttention's window handling -> (causal, window for tritformer or None)."""
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+    pair = isinstance(window_size, (tuple, list)) or (
+        isinstance(window_size, torch.Tensor) and window_size.dim() == 1)  # FA's tests: randint(.., (2,))
+    if not pair or len(window_size) != 2:
         raise FlashAttnTypeError(f"window_size must be a (left, right) pair, -1 = unbounded; got {window_size!r}")
     check_flag("causal", causal)
     left, right = (_int("window_size", w) for w in window_size)
