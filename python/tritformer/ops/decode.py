@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .. import reference
+from .._autocast import autocast
 from .._checks import _dtype_name, check_attention_inputs, check_flag, check_integer
 from ..backend import backend_for
 
@@ -80,6 +81,7 @@ def _check_inference(q, k_cache, v_cache) -> None:
 # ---------------------------------------------------------------------------------------------
 # Public function
 # ---------------------------------------------------------------------------------------------
+@autocast("q", "k_cache", "v_cache")  # as SDPA: torch's lower-precision list
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      cache_seqlens: Optional[torch.Tensor] = None, *,
                      scale: float | None = None, num_splits: int | None = None,

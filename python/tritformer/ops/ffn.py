@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from .. import reference
+from .._autocast import autocast
 from .._checks import check_ffn_inputs, check_gated_ffn_inputs
 from ..backend import backend_for
 
@@ -133,6 +134,7 @@ def _ffn_backward(ctx, dy, _dh, _dpre):
 _ffn_fwd.register_autograd(_ffn_backward, setup_context=_ffn_setup)
 
 
+@autocast("x", "w1", "b1", "w2", "b2", added="residual")  # as F.linear (+ residual)
 def ffn(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
         b2: Optional[torch.Tensor], *, activation: str = "gelu",
         residual: Optional[torch.Tensor] = None, recompute: bool = False) -> torch.Tensor:
@@ -275,6 +277,7 @@ def _gated_backward(ctx, dy, *_):
 _gated_fwd.register_autograd(_gated_backward, setup_context=_gated_setup)
 
 
+@autocast("x", "w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")  # as F.linear
 def gated_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *,
               activation: str = "silu", recompute: bool = False,
               b_gate: Optional[torch.Tensor] = None, b_up: Optional[torch.Tensor] = None,

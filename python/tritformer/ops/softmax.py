@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from .. import reference
+from .._autocast import autocast
 from .._checks import check_softmax_inputs
 from ..backend import backend_for
 
@@ -82,6 +83,7 @@ def _backward(ctx, dy):
 _softmax_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@autocast("x", policy="softmax")  # as torch.softmax on x's device type (CUDA: fp32)
 def softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0,
             mask: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
     """Fused softmax(scale · x + mask) along `dim` (Megatron-LM's fused scaled masked softmax).
