@@ -65,7 +65,7 @@ def autocast(*cast: str, policy: str = "lower", added: str | None = None):
 
         @functools.wraps(fn)
         def op(*args, **kwargs):
-            device_type = _device_type(args)
+            device_type = _device_type((*args, *kwargs.values()))
             if device_type is None or not torch.is_autocast_enabled(device_type):
                 return fn(*args, **kwargs)
             args = list(args)
