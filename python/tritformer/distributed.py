@@ -1,0 +1,489 @@
+"""Context parallelism: attention over a sequence sharded across the ranks of a process group.
+
+Two schemes, both on plain ``torch.distributed`` (NCCL on GPUs, Gloo on CPU):
+
+- `ring_attention`: each rank keeps its query shard; the key/value shards travel around the
+  ring (``batch_isend_irecv`` to the next rank, overlapped with the local kernel call) and the
+  partial outputs are merged with their log-sum-exps in float32. The backward runs the ring
+  again; each key/value shard's dK/dV accumulator travels with it and arrives home after
+  ``world`` hops. Per block the fused backward is called with the *global* output and lse
+  (ring-flash-attention's formulation): P = exp(S - lse) is then the block's slice of the global
+  softmax, so the block's dQ/dK/dV are its exact share of the gradient.
+- `ulysses_attention`: two all-to-alls turn sequence-sharded q/k/v into head-sharded
+  full-sequence tensors, one ordinary `tritformer.attention` call runs on them, and one
+  all-to-all shards the output by sequence again. Needs the head count divisible by the world
+  size; communication volume does not grow with the ring's ``world`` steps.
+
+Layouts (`shard_sequence` / `unshard_sequence`): "contiguous" gives rank r the r-th of
+``world`` equal pieces; "zigzag" cuts the sequence into ``2 * world`` chunks and gives rank r
+chunks r and 2*world-1-r, so that under a causal mask every rank does the same work.
+
+Positions: global query i sees global key j under causal iff j <= i, under window=(l, r) iff
+i - l <= j <= i + r (self-attention, so bottom-right and top-left alignment coincide).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import reference
+from ._checks import check_attention_inputs, check_attention_options
+from .backend import backend_for
+from .ops import attention as _attention_ops  # noqa: F401  (registers torch.ops.tritformer.*)
+
+LAYOUTS = ("zigzag", "contiguous")
+_KV_TAG, _DKV_TAG = 0, 1  # Gloo matches point-to-point messages by tag: keep the two rings apart
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks (all before any communication or kernel launch)
+# ---------------------------------------------------------------------------------------------
+def _group_info(group):
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("tritformer.distributed needs an initialised default process group: "
+                           "call torch.distributed.init_process_group first (torchrun sets the "
+                           "environment for it)")
+    group = dist.group.WORLD if group is None else group
+    return group, dist.get_rank(group), dist.get_world_size(group)
+
+
+def _check_layout(layout):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def _check_flag(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def _check_unsupported(fn, dropout_p, attn_mask, key_padding_mask, alibi_slopes=None):
+    if attn_mask is not None:
+        raise NotImplementedError(f"{fn}: attn_mask is not supported (an arbitrary [Nq, Nk] mask "
+                                  "does not shard with the sequence); use causal / window")
+    if key_padding_mask is not None:
+        raise NotImplementedError(f"{fn}: key_padding_mask is not supported; pack sequences "
+                                  "without padding instead")
+    if not isinstance(dropout_p, numbers.Real) or dropout_p != 0.0:
+        raise NotImplementedError(f"{fn}: dropout_p must be 0 (attention dropout is not "
+                                  f"supported across ranks), got {dropout_p!r}")
+    if alibi_slopes is not None:
+        raise NotImplementedError(f"{fn}: alibi_slopes is not supported (the kernel's ALiBi "
+                                  "distance has no global position offset); use "
+                                  "ulysses_attention, which sees the whole sequence")
+
+
+def _check_qkv(fn, q, k, v, scale, window, softcap, causal, return_lse, layout):
+    check_attention_inputs(q, k, v, scale)
+    check_attention_options(q, k, window=window, softcap=softcap)
+    _check_flag("causal", causal)
+    _check_flag("return_lse", return_lse)
+    _check_layout(layout)
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"{fn}: k and v must hold the same sequence shard as q (local length "
+                         f"{q.shape[2]}), got k of shape {tuple(k.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding helpers
+# ---------------------------------------------------------------------------------------------
+def _shard_ranges(rank, world, n, layout):
+    """[(local start, global start, length)] of rank's pieces; n = local length."""
+    if layout == "contiguous":
+        return [(0, rank * n, n)]
+    c = n // 2
+    return [(0, rank * c, c), (c, (2 * world - 1 - rank) * c, c)]
+
+
+def _shard(x, dim, rank, world, layout):
+    total = x.shape[dim]
+    n = total // world
+    return torch.cat([x.narrow(dim, g, length) for _, g, length in
+                      _shard_ranges(rank, world, n, layout)], dim)
+
+
+def _check_shardable(name, x, dim, world, layout):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(dim, numbers.Integral) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim must be an int in [-{x.dim()}, {x.dim()}), got {dim!r}")
+    parts = world * (2 if layout == "zigzag" else 1)
+    if x.shape[dim] % parts:
+        raise ValueError(f"{name}: the sequence length {x.shape[dim]} (dim {dim}) must be "
+                         f"divisible by {parts} for layout={layout!r} on {world} rank(s)")
+
+
+def shard_sequence(x: torch.Tensor, dim: int = 2, group=None, layout: str = "zigzag") -> torch.Tensor:
+    """This rank's shard of the full-sequence tensor `x` (the same on every rank) along `dim`.
+
+    layout "contiguous": piece r of world equal pieces; "zigzag": chunks r and 2*world-1-r of
+    2*world equal chunks, concatenated. Differentiable (a slice of x)."""
+    _check_layout(layout)
+    group, rank, world = _group_info(group)
+    _check_shardable("x", x, dim, world, layout)
+    return _shard(x, dim % x.dim(), rank, world, layout)
+
+
+class _Unshard(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group, rank, world, layout):
+        ctx.args = dim, group, rank, world, layout
+        parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        n = x.shape[dim]
+        pieces = []  # (global start, tensor)
+        for r, p in enumerate(parts):
+            pieces += [(g, p.narrow(dim, lo, length)) for lo, g, length in
+                       _shard_ranges(r, world, n, layout)]
+        return torch.cat([t for _, t in sorted(pieces, key=lambda gp: gp[0])], dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        # every rank's gradient of the full tensor, restricted to this rank's shard, summed
+        # (all_gather's adjoint is a reduce-scatter; all_to_all + sum works on Gloo too)
+        dim, group, rank, world, layout = ctx.args
+        send = torch.stack([_shard(g, dim, r, world, layout) for r in range(world)]).contiguous()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=group)
+        return recv.sum(0), None, None, None, None, None
+
+
+def unshard_sequence(x: torch.Tensor, dim: int = 2, group=None, layout: str = "zigzag") -> torch.Tensor:
+    """The full sequence from every rank's shard `x` (all-gather), in global order.
+
+    Differentiable: the backward sums the gradients every rank computes for this rank's shard
+    (all_gather's adjoint), as torch.distributed.nn.functional.all_gather does."""
+    _check_layout(layout)
+    group, rank, world = _group_info(group)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(dim, numbers.Integral) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim must be an int in [-{x.dim()}, {x.dim()}), got {dim!r}")
+    if layout == "zigzag" and x.shape[dim] % 2:
+        raise ValueError(f"x: a zigzag shard holds two equal chunks, its length along dim {dim} "
+                         f"must be even, got {x.shape[dim]}")
+    return _Unshard.apply(x, dim % x.dim(), group, rank, world, layout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ring attention
+# ---------------------------------------------------------------------------------------------
+def _pair(qp, kp, left, right):
+    """The kernel call for query piece qp against key piece kp (global window (left, right),
+    None = unbounded): (q slice, k slice, left_b, right_b) in the kernel's bottom-right-aligned
+    local offsets, or None when no query of qp sees any key of kp. A side that masks nothing in
+    this block becomes None (no masked tiles)."""
+    lq0, gq0, n_q = qp
+    lk0, gk0, n_k = kp
+    if n_q == 0 or n_k == 0:
+        return None
+    d = gq0 - gk0  # local query i sees local key j iff i + d - left <= j <= i + d + right
+    lo = 0 if right is None else max(0, -d - right)            # first row with a key
+    hi = n_q - 1 if left is None else min(n_q - 1, n_k - 1 - d + left)  # last row with a key
+    if lo > hi:
+        return None
+    off = d - (n_k - n_q)  # the kernel's diagonal is at j = i + n_k - n_q
+    left_b = None if left is None or n_q - 1 + d - left <= 0 else left - off
+    right_b = None if right is None or n_k - 1 <= d + right else right + off
+    return slice(lq0, lq0 + n_q), slice(lk0, lk0 + n_k), left_b, right_b
+
+
+def _plan(rank, src, world, n, layout, left, right):
+    """Kernel calls of `rank`'s queries against the key/value shard of rank `src`."""
+    qps = _shard_ranges(rank, world, n, layout)
+    kps = _shard_ranges(src, world, n, layout)
+    grid = [[_pair(a, b, left, right) for b in kps] for a in qps]
+    calls = [p for row in grid for p in row if p is not None]
+    if len(calls) <= 1:
+        return calls
+    everything = slice(0, n)
+    full = lambda p: p is not None and p[2] is None and p[3] is None  # noqa: E731
+    if all(full(p) for row in grid for p in row):
+        return [(everything, everything, None, None)]
+    if src == rank and left is None and right == 0:
+        # the diagonal shard under plain causal: local order is global order, so one causal
+        # call over the whole shard (zigzag's second chunk sees all of the first)
+        return [(everything, everything, None, 0)]
+    for a in range(2):  # one query chunk sees both key chunks fully, the other sees nothing
+        if all(full(p) for p in grid[a]) and all(p is None for p in grid[1 - a]):
+            return [(grid[a][0][0], everything, None, None)]
+    for b in range(2):  # one key chunk seen fully by both query chunks, the other by none
+        if all(full(row[b]) for row in grid) and all(row[1 - b] is None for row in grid):
+            return [(everything, grid[0][b][1], None, None)]
+    return calls
+
+
+class _Ring:
+    def __init__(self, group, rank, world):
+        self.group, self.world = group, world
+        self.next = dist.get_global_rank(group, (rank + 1) % world)
+        self.prev = dist.get_global_rank(group, (rank - 1) % world)
+
+    def shift(self, tensors, tag):
+        """Start sending `tensors` to the next rank and receiving the previous rank's into new
+        buffers; returns (buffers, requests)."""
+        recv = [torch.empty_like(t) for t in tensors]
+        ops = []
+        for t, r in zip(tensors, recv):
+            ops.append(dist.P2POp(dist.isend, t, self.next, self.group, tag))
+            ops.append(dist.P2POp(dist.irecv, r, self.prev, self.group, tag))
+        return recv, dist.batch_isend_irecv(ops)
+
+
+def _wait(reqs):
+    for r in reqs:
+        r.wait()
+
+
+def _merge(acc_out, acc_lse, out_b, lse_b):
+    """acc <- the softmax-weighted combination of acc and a block result, in place (float32).
+    Rows with lse = -inf on both sides (no visible key yet) stay 0 / -inf, without NaN."""
+    new = torch.logaddexp(acc_lse, lse_b)
+    safe = torch.where(torch.isneginf(new), torch.zeros_like(new), new)
+    w_acc = torch.exp(acc_lse - safe).unsqueeze(-1)
+    w_b = torch.exp(lse_b - safe).unsqueeze(-1)
+    acc_out.mul_(w_acc).add_(out_b.float() * w_b)
+    acc_lse.copy_(new)
+
+
+def _block_fwd(q, k, v, scale, left, right, softcap, ref):
+    if ref:  # CPU without Triton's interpreter: the fp32 reference (as tritformer.attention)
+        return reference._attention(q.float(), k.float(), v.float(), scale, left, right, True,
+                                    softcap=softcap)
+    return torch.ops.tritformer.attention_fwd(q, k, v, None, None, None, None, None, None, scale,
+                                              left, right, softcap, 0.0, 0, 0)
+
+
+def _block_bwd(do, q, k, v, out, lse, dlse, scale, left, right, softcap, ref):
+    """This block's share of dq, dk, dv given the global out / lse (and dlse, may be None)."""
+    if not ref:
+        dq, dk, dv, _ = torch.ops.tritformer.attention_bwd(
+            do, q, k, v, out, lse, dlse, None, None, None, None, None, None, scale, left, right,
+            softcap, 0.0, 0, 0, False)
+        return dq, dk, dv
+    # reference backend: differentiate the block's (out_b, lse_b) with the merge's chain rule:
+    # out = sum_b w_b out_b, w_b = exp(lse_b - lse), so dL/dout_b = w_b dout and
+    # dL/dlse_b = w_b (rowsum(dout * (out_b - out)) + dlse)
+    with torch.enable_grad():
+        qb, kb, vb = (t.detach().float().requires_grad_() for t in (q, k, v))
+        ob, lb = reference._attention(qb, kb, vb, scale, left, right, True, softcap=softcap)
+        finite = torch.isfinite(lse)
+        w = torch.where(finite, torch.exp(lb.detach() - torch.where(finite, lse, 0.0)), 0.0)
+        dof = do.float()
+        g_lse = (dof * (ob.detach() - out.float())).sum(-1)
+        if dlse is not None:
+            g_lse = g_lse + dlse.float()
+        g_lse = torch.where(w > 0, w * g_lse, 0.0)
+        return torch.autograd.grad((ob, lb), (qb, kb, vb), (w.unsqueeze(-1) * dof, g_lse))
+
+
+def _seq(t, s):
+    return t[:, :, s]
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, rank, world, layout, scale, left, right, softcap):
+        ref = backend_for(q) == "reference"
+        ring = _Ring(group, rank, world)
+        n = q.shape[2]
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        kv = [k.contiguous(), v.contiguous()]
+        for step in range(world):
+            if step + 1 < world:  # the next shard is in flight while this one is computed
+                nxt, reqs = ring.shift(kv, _KV_TAG)
+            src = (rank - step) % world
+            for qs, ks, lb, rb in _plan(rank, src, world, n, layout, left, right):
+                o_b, l_b = _block_fwd(_seq(q, qs), _seq(kv[0], ks), _seq(kv[1], ks),
+                                      scale, lb, rb, softcap, ref)
+                _merge(_seq(out, qs), lse[:, :, qs], o_b, l_b)
+            if step + 1 < world:
+                _wait(reqs)
+                kv = nxt
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = group, rank, world, layout, scale, left, right, softcap, ref
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, rank, world, layout, scale, left, right, softcap, ref = ctx.args
+        if dout is None:
+            dout = torch.zeros_like(out)
+        ring = _Ring(group, rank, world)
+        n = q.shape[2]
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        kv = [k.contiguous(), v.contiguous()]
+        acc = None  # (dk, dv) float32 accumulators of the shard held, received from prev rank
+        for step in range(world):
+            if step + 1 < world:
+                nxt, reqs = ring.shift(kv, _KV_TAG)
+            src = (rank - step) % world
+            dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+            dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+            for qs, ks, lb, rb in _plan(rank, src, world, n, layout, left, right):
+                dq_b, dk_b, dv_b = _block_bwd(
+                    _seq(dout, qs), _seq(q, qs), _seq(kv[0], ks), _seq(kv[1], ks),
+                    _seq(out, qs), lse[:, :, qs], None if dlse is None else dlse[:, :, qs],
+                    scale, lb, rb, softcap, ref)
+                _seq(dq, qs).add_(dq_b.float())
+                _seq(dk, ks).add_(dk_b.float())
+                _seq(dv, ks).add_(dv_b.float())
+            if acc is not None:  # the accumulated dK/dV of this shard from the ranks before
+                _wait(acc_reqs)
+                dk.add_(acc[0])
+                dv.add_(acc[1])
+            if world > 1:  # pass them on; after `world` hops they are home
+                acc, acc_reqs = ring.shift([dk, dv], _DKV_TAG)
+            else:
+                acc, acc_reqs = [dk, dv], []
+            if step + 1 < world:
+                _wait(reqs)
+                kv = nxt
+        _wait(acc_reqs)
+        return (dq.to(q.dtype), acc[0].to(k.dtype), acc[1].to(v.dtype)) + (None,) * 8
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
+                   causal: bool = False, scale: Optional[float] = None,
+                   window: Optional[tuple[int, int]] = None, softcap: Optional[float] = None,
+                   alibi_slopes: Optional[torch.Tensor] = None, return_lse: bool = False,
+                   layout: str = "zigzag", dropout_p: float = 0.0, attn_mask=None,
+                   key_padding_mask=None):
+    """Attention over a sequence sharded across `group`'s ranks, keys/values passed round a ring.
+
+    Args:
+        q: [B, Hq, n, D], this rank's shard of the queries (`shard_sequence` with the same
+            `layout`); every rank holds the same B, Hq, n, D.
+        k, v: [B, Hkv, n, D], this rank's shard of the keys and values (Hq % Hkv == 0: GQA/MQA).
+        group: the process group (default: the world).
+        causal, scale, window, softcap: as `tritformer.attention`, in global positions (the
+            whole sequence is both queries and keys, so causal is j <= i).
+        return_lse: also return this rank's rows of the global lse [B, Hq, n] float32.
+        layout: "zigzag" (default; balances causal work) or "contiguous".
+
+    Returns out [B, Hq, n, D] in q's dtype (and lse). Gradients flow to q, k, v and through lse.
+
+    Not supported (raise NotImplementedError): alibi_slopes, dropout_p, attn_mask,
+    key_padding_mask. Every rank must call this with the same shapes and arguments.
+    """
+    _check_unsupported("ring_attention", dropout_p, attn_mask, key_padding_mask, alibi_slopes)
+    _check_qkv("ring_attention", q, k, v, scale, window, softcap, causal, return_lse, layout)
+    group, rank, world = _group_info(group)
+    if layout == "zigzag" and q.shape[2] % 2:
+        raise ValueError(f"ring_attention: with layout='zigzag' each rank holds two equal chunks, "
+                         f"so q's local length must be even, got {q.shape[2]} (q shape "
+                         f"{tuple(q.shape)})")
+    left, right = reference.window_bounds(causal, window)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, lse = _RingAttention.apply(q, k, v, group, rank, world, layout, scale, left, right,
+                                    float(softcap) if softcap else 0.0)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Ulysses (all-to-all) attention
+# ---------------------------------------------------------------------------------------------
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with equal splits along dim 0; its adjoint is the same exchange."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        dist.all_to_all_single(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        out = torch.empty_like(g, memory_format=torch.contiguous_format)
+        dist.all_to_all_single(out, g.contiguous(), group=ctx.group)
+        return out, None
+
+
+def _rank_major_to_global(world, layout):
+    """Chunk permutation: the rank-major sequence (rank 0's shard, rank 1's, ...) cut into
+    chunks, indexed to give global order; None when they coincide (contiguous)."""
+    if layout == "contiguous":
+        return None
+    order = [c for r in range(world) for c in (r, 2 * world - 1 - r)]  # chunk id at each slot
+    return torch.tensor(sorted(range(2 * world), key=lambda s: order[s]))
+
+
+def _seq_to_heads(x, group, world, perm):
+    """[B, H, n, D] sequence shard -> [B, H/world, N, D] head shard, global order."""
+    B, H, n, D = x.shape
+    send = x.reshape(B, world, H // world, n, D).transpose(0, 1)  # [W, B, H/W, n, D]
+    recv = _AllToAll.apply(send, group)  # [W (source rank), B, H/W, n, D]
+    y = recv.permute(1, 2, 0, 3, 4).reshape(B, H // world, world * n, D)
+    if perm is not None:
+        chunks = y.reshape(B, H // world, 2 * world, n // 2, D)
+        y = chunks[:, :, perm.to(y.device)].reshape(B, H // world, world * n, D)
+    return y
+
+
+def _heads_to_seq(y, group, world, perm):
+    """Inverse of `_seq_to_heads`: [B, h, N, D] (global order) -> [B, h * world, N/world, D]."""
+    B, h, N, D = y.shape
+    n = N // world
+    if perm is not None:
+        inv = torch.argsort(perm).to(y.device)
+        y = y.reshape(B, h, 2 * world, n // 2, D)[:, :, inv].reshape(B, h, N, D)
+    send = y.reshape(B, h, world, n, D).permute(2, 0, 1, 3, 4)  # [W (dest rank), B, h, n, D]
+    recv = _AllToAll.apply(send, group)  # [W (source = head group), B, h, n, D]
+    return recv.transpose(0, 1).reshape(B, h * world, n, D)
+
+
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
+                      causal: bool = False, scale: Optional[float] = None,
+                      window: Optional[tuple[int, int]] = None, softcap: Optional[float] = None,
+                      alibi_slopes: Optional[torch.Tensor] = None, return_lse: bool = False,
+                      layout: str = "zigzag", dropout_p: float = 0.0, attn_mask=None,
+                      key_padding_mask=None):
+    """DeepSpeed-Ulysses attention: sequence-sharded in and out, head-sharded in between.
+
+    Arguments as `ring_attention` (q [B, Hq, n, D] and k/v [B, Hkv, n, D] this rank's shards in
+    `layout`), plus alibi_slopes ([Hq] or [B, Hq], the global heads) as `tritformer.attention`.
+    Hq must be divisible by the world size. When Hkv is not, k/v heads are repeated up to
+    lcm(Hkv, world) (a GQA group never straddles two ranks) before the exchange.
+
+    Not supported (raise NotImplementedError): dropout_p, attn_mask, key_padding_mask.
+    """
+    _check_unsupported("ulysses_attention", dropout_p, attn_mask, key_padding_mask)
+    _check_qkv("ulysses_attention", q, k, v, scale, window, softcap, causal, return_lse, layout)
+    check_attention_options(q, k, alibi_slopes=alibi_slopes)
+    group, rank, world = _group_info(group)
+    Hq, Hkv, n = q.shape[1], k.shape[1], q.shape[2]
+    if Hq % world:
+        raise ValueError(f"ulysses_attention: q's head count {Hq} must be divisible by the world "
+                         f"size {world} (use ring_attention otherwise)")
+    if layout == "zigzag" and n % 2:
+        raise ValueError(f"ulysses_attention: with layout='zigzag' each rank holds two equal "
+                         f"chunks, so q's local length must be even, got {n}")
+    if Hkv % world:
+        rep = math.lcm(Hkv, world) // Hkv
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    perm = _rank_major_to_global(world, layout)
+    qh, kh, vh = (_seq_to_heads(t, group, world, perm) for t in (q, k, v))
+    slopes = None
+    if alibi_slopes is not None:
+        h = Hq // world
+        slopes = alibi_slopes[..., rank * h:(rank + 1) * h]
+    from .ops.attention import attention
+    res = attention(qh, kh, vh, causal=causal, scale=scale, window=window, softcap=softcap,
+                    alibi_slopes=slopes, return_lse=return_lse)
+    if not return_lse:
+        return _heads_to_seq(res, group, world, perm)
+    out, lse = res
+    return (_heads_to_seq(out, group, world, perm),
+            _heads_to_seq(lse.unsqueeze(-1), group, world, perm).squeeze(-1))
+
+
+__all__ = ["ring_attention", "ulysses_attention", "shard_sequence", "unshard_sequence"]
