@@ -530,6 +530,19 @@ def _triton_version() -> str:
     return triton.__version__
 
 
+def _kernel_sources() -> dict:
+    """sha256 of each kernel module the baseline was recorded from (the kernels change under
+    concurrent work; the baseline names the exact sources)."""
+    import hashlib
+    import importlib
+    out = {}
+    for mod in ("attention", "decode", "ffn", "softmax", "_launch"):
+        path = importlib.import_module(f"tritformer.kernels.{mod}").__file__
+        with open(path, "rb") as f:
+            out[f"kernels/{mod}.py"] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
 def main(args, argv: list[str]) -> int:
     if _interpreting():
         # kernels decorated under the interpreter cannot be compiled: start a clean process
@@ -549,7 +562,7 @@ def main(args, argv: list[str]) -> int:
     print(f"\n{len(rows)} kernel configs compiled, {len(bad)} failing "
           f"(spills, ptxas {'/'.join(FAILING_WARNINGS)}, shared memory over the limit, or compile "
           f"errors); registers, spills and warnings from Triton's own ptxas run "
-          f"({' '.join(rows[0].ptxas_cmd) if rows and rows[0].ptxas_cmd else '-'})")
+          f"(e.g. {' '.join(rows[0].ptxas_cmd) if rows and rows[0].ptxas_cmd else '-'})")
     status = 1 if bad else 0
     if not perf:
         return status
@@ -562,7 +575,9 @@ def main(args, argv: list[str]) -> int:
         P.write_json(args.json, {"triton": _triton_version(), "rows": dicts})
         print(f"wrote {args.json}")
     if args.record:
-        P.write_json(args.record, P.baseline(dicts, _triton_version(), args.note or ""))
+        base = P.baseline(dicts, _triton_version(), args.note or "")
+        base["kernel_sources"] = _kernel_sources()
+        P.write_json(args.record, base)
         print(f"recorded the baseline in {args.record}")
     if args.gate:
         import json

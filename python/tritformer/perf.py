@@ -41,6 +41,11 @@ boundary (masked) loop copies, tail waves and load imbalance across SMs, clock t
 cross-CTA overlap when 2 CTAs fit on an SM (occupancy is reported, not modelled). Measured
 against a GPU it has been optimistic (FlashAttention-3's paper measured Triton's tutorial forward
 at about 0.40 of H100 peak where this model gives about 0.6).
+
+The gate (`inspect --perf --gate FILE`, baseline written by `--record FILE`): a config fails when
+its serialized estimate falls, or its replication factor or non-MMA instructions per MMA rise, by
+more than GATE_TOLERANCE (2% relative) against the baseline; the baseline is per Triton version
+(another version compiles other SASS: the gate is skipped there, with a message).
 """
 from __future__ import annotations
 
@@ -420,7 +425,7 @@ def _shapes(shapes: dict) -> str:
 PERF_HEAD = ("arch", "dtype", "D", "causal", "heads", "config", "regs", "spill", "smem",
              "CTA/SM", "instr/iter", "MMA/iter", "repl", "EX2", "FP32", "LDS/STS", "LDG*",
              "sync", "int", "nonMMA/MMA", "T_mma", "T_ex2", "T_fp32", "T_issue",
-             "serial est", "overlap est", "binding", "warnings")
+             "serial est", "overlap est", "useful est", "binding", "warnings")
 
 
 def perf_line(r: dict) -> tuple:
@@ -441,7 +446,7 @@ def perf_line(r: dict) -> tuple:
         f"{c['smem_load']}/{c['smem_store']}", str(c["gmem_load"]), str(c["sync"]), str(c["int"]),
         _f(h["non_mma_per_mma"]), f"{m['T_mma']:.0f}", f"{m['T_ex2']:.0f}", f"{m['T_fp32']:.0f}",
         f"{m['T_issue']:.0f}", _pct(m["serialized"]), _pct(m["overlapped"]),
-        m["binding_serialized"] if m["serialized"] is not None else "-", warn)
+        _pct(h["useful_serialized"]), m["binding_serialized"] if m["serialized"] is not None else "-", warn)
 
 
 def format_perf_tables(rows: list[dict]) -> str:
