@@ -1,7 +1,8 @@
 """Fused scaled, masked softmax (Megatron-LM's fused softmax semantics): Triton kernels + launchers.
 
 y = softmax(scale * x + mask) over the last dim of a [D0, D1, D2, C] view (any strides, so a
-broadcast mask is read through stride-0 dims, never materialised). One program per row:
+broadcast mask is read through stride-0 dims, never materialised). One program per row (when
+the rows outnumber CUDA's grid, at most MAX_PROGRAMS programs loop over them, grid-stride):
 - single tile (C <= the row block): the row is read once into registers and written once;
 - multi tile (longer rows, no length limit): a first pass keeps a per-lane running max and sum
   (online softmax) over the row's tiles, a second pass writes exp(s - m) / l: two reads and one
@@ -12,6 +13,9 @@ in the same single/multi tile structure.
 Masking: bool mask True = keep, or an additive float mask; causal masks key j for row i of the
 second-to-last dim when j > i + (C - D2) (bottom-right, as tritformer.attention). A row with
 nothing left gives zeros (and zero gradient), not NaN.
+Layout: inputs are read through their strides as [D0, D1, D2, C] views (a rank > 4 input whose
+leading dims cannot be merged by a view is copied contiguous once); outputs are written in
+place, through a view of exactly the tensor the caller returns, never through a reshape copy.
 This module knows nothing of autograd.
 """
 from __future__ import annotations
@@ -57,14 +61,13 @@ def _logits(x_row, m_row, cols, C, i2, D2, stride_xc, stride_mc, scale,
 
 
 @triton.jit
-def _softmax_fwd(X, Mask, Y, D1, D2, C,
-                 stride_x0, stride_x1, stride_x2, stride_xc,
-                 stride_m0, stride_m1, stride_m2, stride_mc,
-                 stride_y0, stride_y1, stride_y2, stride_yc,
-                 scale,
-                 HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
-                 BLOCK: tl.constexpr, SINGLE_TILE: tl.constexpr):
-    row = tl.program_id(0)
+def _softmax_fwd_row(row, X, Mask, Y, D1, D2, C,
+                     stride_x0, stride_x1, stride_x2, stride_xc,
+                     stride_m0, stride_m1, stride_m2, stride_mc,
+                     stride_y0, stride_y1, stride_y2, stride_yc,
+                     scale,
+                     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
+                     BLOCK: tl.constexpr, SINGLE_TILE: tl.constexpr):
     x_off, i2 = _row_bases(row, D1, D2, stride_x0, stride_x1, stride_x2)
     y_off, _ = _row_bases(row, D1, D2, stride_y0, stride_y1, stride_y2)
     x_row = X + x_off
@@ -109,17 +112,42 @@ def _softmax_fwd(X, Mask, Y, D1, D2, C,
 
 
 @triton.jit
-def _softmax_bwd(Y, DY, DZ, D1, D2, C,
+def _softmax_fwd(X, Mask, Y, n_rows, D1, D2, C,
+                 stride_x0, stride_x1, stride_x2, stride_xc,
+                 stride_m0, stride_m1, stride_m2, stride_mc,
                  stride_y0, stride_y1, stride_y2, stride_yc,
-                 stride_d0, stride_d1, stride_d2, stride_dc,
-                 stride_z0, stride_z1, stride_z2, stride_zc,
-                 grad_scale,
-                 BLOCK: tl.constexpr, SINGLE_TILE: tl.constexpr):
+                 scale,
+                 HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
+                 BLOCK: tl.constexpr, SINGLE_TILE: tl.constexpr,
+                 ROW_LOOP: tl.constexpr):
+    if ROW_LOOP:  # more rows than programs (CUDA's grid limit): grid-stride, int64 row index
+        for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
+            _softmax_fwd_row(row, X, Mask, Y, D1, D2, C,
+                             stride_x0, stride_x1, stride_x2, stride_xc,
+                             stride_m0, stride_m1, stride_m2, stride_mc,
+                             stride_y0, stride_y1, stride_y2, stride_yc,
+                             scale,
+                             HAS_MASK, MASK_BOOL, CAUSAL, BLOCK, SINGLE_TILE)
+    else:  # one row per program, as many programs as rows
+        _softmax_fwd_row(tl.program_id(0), X, Mask, Y, D1, D2, C,
+                         stride_x0, stride_x1, stride_x2, stride_xc,
+                         stride_m0, stride_m1, stride_m2, stride_mc,
+                         stride_y0, stride_y1, stride_y2, stride_yc,
+                         scale,
+                         HAS_MASK, MASK_BOOL, CAUSAL, BLOCK, SINGLE_TILE)
+
+
+@triton.jit
+def _softmax_bwd_row(row, Y, DY, DZ, D1, D2, C,
+                     stride_y0, stride_y1, stride_y2, stride_yc,
+                     stride_d0, stride_d1, stride_d2, stride_dc,
+                     stride_z0, stride_z1, stride_z2, stride_zc,
+                     grad_scale,
+                     BLOCK: tl.constexpr, SINGLE_TILE: tl.constexpr):
     # dz = y * (dy - rowsum(dy * y)) * grad_scale; masked entries have y = 0, so dz = 0 there.
     # A row whose y is all 0 (nothing kept: sum(y) == 0, as y >= 0 and a kept row sums to 1)
     # gets dz = 0 whatever dy holds, NaN or inf included, as the reference (a NaN y row sums
     # to NaN and propagates)
-    row = tl.program_id(0)
     y_off, _ = _row_bases(row, D1, D2, stride_y0, stride_y1, stride_y2)
     d_off, _ = _row_bases(row, D1, D2, stride_d0, stride_d1, stride_d2)
     z_off, _ = _row_bases(row, D1, D2, stride_z0, stride_z1, stride_z2)
@@ -134,16 +162,16 @@ def _softmax_bwd(Y, DY, DZ, D1, D2, C,
         tl.store(DZ + z_off + cols.to(tl.int64) * stride_zc, dz.to(DZ.dtype.element_ty), mask=inb)
     else:
         acc = tl.zeros([BLOCK], tl.float32)
-        y_acc = tl.zeros([BLOCK], tl.float32)
+        y_sum = 0.0  # summed per tile: a [BLOCK] accumulator cost 16-22 registers, this 4-10
         for start in range(0, C, BLOCK):
             c = start + cols
             inb = c < C
             y = tl.load(Y + y_off + c.to(tl.int64) * stride_yc, mask=inb, other=0.0).to(tl.float32)
             dy = tl.load(DY + d_off + c.to(tl.int64) * stride_dc, mask=inb, other=0.0).to(tl.float32)
             acc += y * dy
-            y_acc += y
+            y_sum += tl.sum(y, axis=0)
         delta = tl.sum(acc, axis=0)
-        empty = tl.sum(y_acc, axis=0) == 0.0  # row with nothing kept: 0 even for NaN dy
+        empty = y_sum == 0.0  # row with nothing kept: 0 even for NaN dy
         for start in range(0, C, BLOCK):
             c = start + cols
             inb = c < C
@@ -153,12 +181,45 @@ def _softmax_bwd(Y, DY, DZ, D1, D2, C,
             tl.store(DZ + z_off + c.to(tl.int64) * stride_zc, dz.to(DZ.dtype.element_ty), mask=inb)
 
 
+@triton.jit
+def _softmax_bwd(Y, DY, DZ, n_rows, D1, D2, C,
+                 stride_y0, stride_y1, stride_y2, stride_yc,
+                 stride_d0, stride_d1, stride_d2, stride_dc,
+                 stride_z0, stride_z1, stride_z2, stride_zc,
+                 grad_scale,
+                 BLOCK: tl.constexpr, SINGLE_TILE: tl.constexpr,
+                 ROW_LOOP: tl.constexpr):
+    if ROW_LOOP:  # more rows than programs (CUDA's grid limit): grid-stride, int64 row index
+        for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
+            _softmax_bwd_row(row, Y, DY, DZ, D1, D2, C,
+                             stride_y0, stride_y1, stride_y2, stride_yc,
+                             stride_d0, stride_d1, stride_d2, stride_dc,
+                             stride_z0, stride_z1, stride_z2, stride_zc,
+                             grad_scale, BLOCK, SINGLE_TILE)
+    else:  # one row per program, as many programs as rows
+        _softmax_bwd_row(tl.program_id(0), Y, DY, DZ, D1, D2, C,
+                         stride_y0, stride_y1, stride_y2, stride_yc,
+                         stride_d0, stride_d1, stride_d2, stride_dc,
+                         stride_z0, stride_z1, stride_z2, stride_zc,
+                         grad_scale, BLOCK, SINGLE_TILE)
+
+
 # ---------------------------------------------------------------------------------------------
 # Configs: one row per program; a row up to MAX_SINGLE_TILE elements is held in registers
 # (16K fp32 over 16 warps = 32 values per thread), longer rows stream MULTI_TILE-element tiles.
 # ---------------------------------------------------------------------------------------------
 MAX_SINGLE_TILE = 16384
 MULTI_TILE = 4096
+# CUDA's grid: axis 0 takes at most 2^31 - 1 programs. More rows than that are looped over
+# inside the programs (grid-stride, int64 row index: a separate specialisation, ROW_LOOP, so
+# that the one-row-per-program kernel keeps its registers). Read at each launch: tests shrink it.
+MAX_PROGRAMS = 2 ** 31 - 1
+
+
+def _rows_grid(n_rows: int) -> tuple[dict, tuple]:
+    """The ROW_LOOP constexpr and the 1-D grid for n_rows rows (within CUDA's grid limits)."""
+    programs = min(n_rows, MAX_PROGRAMS)
+    return {"ROW_LOOP": n_rows > programs}, (programs,)
 
 
 def _tile(n_cols: int) -> tuple[int, bool]:
@@ -211,25 +272,29 @@ def plan_forward(x4, mask4, y4, scale: float, causal: bool) -> list[Launch]:
     D0, D1, D2, C = x4.shape
     block, single = _tile(C)
     has_mask = mask4 is not None
-    args = {"X": x4, "Mask": mask4 if has_mask else x4, "Y": y4, "D1": D1, "D2": D2, "C": C,
+    row_loop, grid = _rows_grid(D0 * D1 * D2)
+    args = {"X": x4, "Mask": mask4 if has_mask else x4, "Y": y4, "n_rows": D0 * D1 * D2,
+            "D1": D1, "D2": D2, "C": C,
             **_strides4(x4, "x"), **_strides4(mask4 if has_mask else x4, "m"), **_strides4(y4, "y"),
             "scale": scale}
     constexprs = {"HAS_MASK": has_mask, "MASK_BOOL": has_mask and mask4.dtype == torch.bool,
-                  "CAUSAL": causal, "BLOCK": block, "SINGLE_TILE": single}
+                  "CAUSAL": causal, "BLOCK": block, "SINGLE_TILE": single, **row_loop}
     cfg = triton.Config({}, num_warps=_num_warps(block), num_stages=1)
     return [Launch("softmax_fwd", _softmax_fwd, args, constexprs,
-                   lambda meta: (D0 * D1 * D2,), [cfg], ["C"])]
+                   lambda meta: grid, [cfg], ["C"])]
 
 
 def plan_backward(y4, dy4, dz4, grad_scale: float) -> list[Launch]:
     D0, D1, D2, C = y4.shape
     block, single = _tile(C)
-    args = {"Y": y4, "DY": dy4, "DZ": dz4, "D1": D1, "D2": D2, "C": C,
+    row_loop, grid = _rows_grid(D0 * D1 * D2)
+    args = {"Y": y4, "DY": dy4, "DZ": dz4, "n_rows": D0 * D1 * D2, "D1": D1, "D2": D2, "C": C,
             **_strides4(y4, "y"), **_strides4(dy4, "d"), **_strides4(dz4, "z"),
             "grad_scale": grad_scale}
     cfg = triton.Config({}, num_warps=_num_warps(block), num_stages=1)
-    return [Launch("softmax_bwd", _softmax_bwd, args, {"BLOCK": block, "SINGLE_TILE": single},
-                   lambda meta: (D0 * D1 * D2,), [cfg], ["C"])]
+    return [Launch("softmax_bwd", _softmax_bwd, args,
+                   {"BLOCK": block, "SINGLE_TILE": single, **row_loop},
+                   lambda meta: grid, [cfg], ["C"])]
 
 
 def softmax_forward(x: torch.Tensor, mask: torch.Tensor | None, y: torch.Tensor, scale: float,

@@ -5,7 +5,10 @@ The project's criterion (tritformer.numerics): error vs torch's SDPA in float64 
 (the fused `_attention` or the fallback to torch's builtin op), so a case cannot silently test the
 fallback against itself. Shapes stay inside one or two interpreter tiles (BLOCK_M=64, BLOCK_N=32).
 """
+import contextlib
 import inspect
+
+import warnings
 
 import pytest
 import torch
@@ -134,15 +137,26 @@ def test_is_causal_with_mask(mask_kind, paths):
     assert paths == {"fused": 1, "torch": 0}
 
 
-def test_is_causal_with_mask_equals_merged_mask():
-    # the combination is defined as: mask AND top-left causal (also where torch's math path,
-    # e.g. for 3-D inputs, refuses the combination)
-    q, k, v = rnd(3, 9, 16, dtype=torch.float32), rnd(3, 12, 16, dtype=torch.float32), rnd(3, 12, 16, dtype=torch.float32)
-    mask = torch.rand(3, 9, 12) > 0.3
-    merged = mask & torch.ones(9, 12, dtype=torch.bool).tril()
-    want = TORCH_SDPA(q.double(), k.double(), v.double(), merged)
-    base = TORCH_SDPA(q, k, v, merged)
-    numerics.assert_close("out", sdpa(q, k, v, mask, is_causal=True), want, base)
+# is_causal with attn_mask: torch 2.13 accepts the pair on its fused CPU path (4-D inputs, no
+# dropout, no mask grad) and raises on its math path (3-D inputs, dropout, sdpa_kernel(MATH), ...).
+# The drop-in raises exactly where torch does, with torch's message and a RuntimeError.
+@pytest.mark.parametrize("case", ["3-D", "4-D dropout", "4-D mask grad", "4-D sdpa_kernel(MATH)",
+                                  "4-D float64 sdpa_kernel(MATH)"])
+def test_is_causal_with_mask_raises_where_torch_does(case, paths):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    shape = (3, 9, 16) if case == "3-D" else (2, 3, 9, 16)
+    dt = torch.float64 if "float64" in case else torch.float32
+    q, k, v = (torch.randn(shape, dtype=dt) for _ in range(3))
+    mask = torch.randn(9, 9, dtype=dt, requires_grad=case == "4-D mask grad")
+    p = 0.2 if "dropout" in case else 0.0
+    ctx = sdpa_kernel([SDPBackend.MATH]) if "MATH" in case else contextlib.nullcontext()
+    msg = "Explicit attn_mask should not be set when is_causal=True"
+    with ctx:
+        with pytest.raises(RuntimeError, match=msg):  # torch's own behaviour for these inputs
+            TORCH_SDPA(q, k, v, mask, p, True)
+        with pytest.raises(RuntimeError, match=msg):
+            sdpa(q, k, v, mask, p, True)
+    assert paths == {"fused": 0, "torch": 0}  # before any kernel
 
 
 @pytest.mark.parametrize("Hq, Hkv, gqa", [
@@ -310,3 +324,131 @@ def test_bad_input(args, kwargs, exc, match, paths):
     with pytest.raises(exc, match=match):
         sdpa(*args, **kwargs)
     assert paths == {"fused": 0, "torch": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.nn.attention.bias.CausalBias (torch's way to ask for bottom-right causal), dispatch
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant, L, S", [
+    ("upper_left", 13, 29), ("upper_left", 29, 13),
+    ("lower_right", 13, 29), ("lower_right", 29, 13),  # L > S: rows 0..L-S-1 see no key -> 0
+])
+def test_causal_bias(variant, L, S, paths):
+    # the bias has no storage: it must be served as its causal mode, not read as a tensor; equal
+    # to torch's SDPA with the materialized bool mask, outputs and gradients, on the fused path
+    from torch.nn.attention import bias as attn_bias
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lower-right L > S warns (NaN rows on CUDA kernels)
+        b = getattr(attn_bias, f"causal_{variant}")(L, S)
+    want_mask = b._materialize()
+    ins = [rnd(1, 2, n, 16, dtype=torch.float32).requires_grad_() for n in (L, S, S)]
+    ref = [x.detach().double().requires_grad_() for x in ins]
+    base = [x.detach().clone().requires_grad_() for x in ins]
+    out = sdpa(*ins, b)
+    assert paths == {"fused": 1, "torch": 0}
+    want, got_base = TORCH_SDPA(*ref, want_mask), TORCH_SDPA(*base, want_mask)
+    numerics.assert_close("out", out, want, got_base)
+    do = torch.randn_like(out)
+    for t, d in ((out, do), (want, do.double()), (got_base, do)):
+        t.backward(d)
+    for name, a, r, bb in zip("qkv", ins, ref, base):
+        numerics.assert_close(f"d{name}", a.grad, r.grad, bb.grad, numerics.GRAD_FACTOR)
+
+
+def test_causal_bias_lower_right_is_bottom_right_exactly():
+    # one-hot values read the weights off (q = k = 0): L=3, S=5, query i sees keys 0..i+2
+    from torch.nn.attention.bias import causal_lower_right
+    q, k, v = torch.zeros(1, 1, 3, 8), torch.zeros(1, 1, 5, 8), torch.eye(5, 8).reshape(1, 1, 5, 8)
+    out = sdpa(q, k, v, causal_lower_right(3, 5))[0, 0, :, :5]
+    want = torch.tensor([[1 / 3, 1 / 3, 1 / 3, 0, 0], [.25, .25, .25, .25, 0], [.2, .2, .2, .2, .2]])
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=0)
+
+
+def test_causal_bias_fallback_and_errors(paths):
+    from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+    q, k = torch.randn(1, 2, 5, 8, dtype=torch.float64), torch.randn(1, 2, 9, 8, dtype=torch.float64)
+    b = causal_lower_right(5, 9)
+    # float64: torch's op with the materialized mask, bit for bit
+    assert torch.equal(sdpa(q, k, k, b), TORCH_SDPA(q, k, k, b._materialize()))
+    assert paths == {"fused": 0, "torch": 1}
+    # torch's error, and its type, for a CausalBias with is_causal=True
+    for bias in (b, causal_upper_left(5, 9)):
+        with pytest.raises(ValueError, match="CausalBias should not be used with causal=True"):
+            sdpa(q.float(), k.float(), k.float(), bias, is_causal=True)
+    # sizes that are not [L, S]: materialized, as torch does, so the mask shape check names it
+    with pytest.raises(RuntimeError, match="attn_mask of shape"):
+        sdpa(q.float(), k.float(), k.float(), causal_lower_right(4, 9))
+
+
+def test_causal_bias_through_assigned_F(monkeypatch, paths):
+    # assigned to F, torch code that passes a CausalBias reaches the kernel's bottom-right mode
+    from torch.nn.attention.bias import causal_lower_right
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    q, k = rnd(1, 2, 6, 16, dtype=torch.float32), rnd(1, 2, 11, 16, dtype=torch.float32)
+    b = causal_lower_right(6, 11)
+    out = F.scaled_dot_product_attention(q, k, k, attn_mask=b)
+    assert paths == {"fused": 1, "torch": 0}
+    numerics.assert_close("out", out, TORCH_SDPA(q.double(), k.double(), k.double(), b._materialize()),
+                          TORCH_SDPA(q, k, k, b._materialize()))
+
+
+def test_torch_function_dispatch(paths):
+    # as torch's builtin, a TorchFunctionMode (and a tensor subclass) sees the call, with this
+    # function as `func`
+    from torch.overrides import TorchFunctionMode
+    seen = []
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is sdpa:
+                seen.append((len(args), sorted(kwargs or {})))
+                return "intercepted"
+            return func(*args, **(kwargs or {}))
+
+    q = rnd(1, 1, 4, 8, dtype=torch.float32)
+    with Spy():
+        assert sdpa(q, q, q, None, 0.0, True, scale=0.5) == "intercepted"
+    assert seen == [(6, ["enable_gqa", "scale"])]
+    assert paths == {"fused": 0, "torch": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors catchable as torch's (RuntimeError), naming the argument
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, match", [
+    ((_t(1, 4, 8, 16), _t(1, 4, 8, 16).half(), _t(1, 4, 8, 16).half()), "key must have query's dtype"),
+    ((_t(4).half(), _t(1, 4).half(), _t(1, 4).half()), "query must have at least 2 dimensions"),
+    ((_t(1, 4, 3, 8).long(), K, V), "query must be a floating-point"),
+    ((Q, _t(1, 4, 5, 6), V), "key's last dim"),
+    ((Q, _t(1, 2, 5, 8), _t(1, 2, 5, 8)), "head counts"),
+    ((Q, K, V, torch.zeros(3, 5, dtype=torch.long)), "attn_mask must be bool"),
+    ((Q, K, V, torch.zeros(3, 4, dtype=torch.bool)), "attn_mask of shape"),
+])
+def test_errors_are_runtime_errors_where_torch_raises_runtime_error(args, match, paths):
+    with pytest.raises(RuntimeError):  # torch's type for these inputs
+        TORCH_SDPA(*args)
+    with pytest.raises(RuntimeError, match=match):
+        sdpa(*args)
+    assert paths == {"fused": 0, "torch": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# TorchScript after the README's assignment
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("module", ["MultiheadAttention", "TransformerEncoderLayer"])
+def test_torchscript_after_assignment(module, monkeypatch):
+    # F.multi_head_attention_forward calls whatever F.scaled_dot_product_attention holds; scripted
+    # code cannot run this function and calls torch's aten op in its place
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    if module == "MultiheadAttention":
+        m = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
+        x = torch.randn(2, 5, 16)
+        run = lambda mod: mod(x, x, x, need_weights=False)[0]  # noqa: E731
+    else:
+        m = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
+        x = torch.randn(2, 5, 16)
+        run = lambda mod: mod(x)  # noqa: E731
+    scripted = torch.jit.script(m)
+    got = run(scripted)  # grad enabled: the slow path, through scaled_dot_product_attention
+    monkeypatch.undo()
+    assert torch.equal(got, run(m))  # torch's own op: bit for bit

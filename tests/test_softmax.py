@@ -291,3 +291,51 @@ def test_nan_and_inf_inputs_propagate_as_pytorch(path, monkeypatch):
     x[2, 99] = float("inf")
     assert_checks(check_softmax(x))
     assert torch.isnan(tritformer.softmax(x)[:3]).all()
+
+
+CUDA_GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
+
+
+@pytest.mark.parametrize("shape", [
+    (2 ** 16, 2 ** 12, 2 ** 4, 2),     # 2^32 rows of 2: more rows than CUDA's grid axis 0 takes
+    (2 ** 20, 2 ** 12, 1024, 8),       # a huge batch x heads x queries
+    (3, 65537, 65537, 16),             # both inner dims past 65,535
+    (1, 1, 2 ** 31 - 1, 4),            # exactly the axis-0 limit
+])
+@pytest.mark.parametrize("n_cols", [None, 70_000])  # the shape's last dim (one tile); multi-tile
+def test_planned_grids_within_cuda_limits(shape, n_cols):
+    # plans built from meta tensors, as `python -m tritformer inspect` does: nothing allocated
+    if n_cols is not None:
+        shape = shape[:3] + (n_cols,)
+    x = torch.empty(1, device="meta", dtype=torch.float16).expand(shape)  # stride 0: any size
+    mask = torch.empty(1, device="meta", dtype=torch.bool).expand(shape)
+    plans = (K.plan_forward(x, mask, x, 0.5, True) + K.plan_forward(x, None, x, 1.0, False)
+             + K.plan_backward(x, x, x, 1.0))
+    for launch in plans:
+        for cfg in launch.configs:
+            grid = launch.grid(cfg.kwargs)
+            assert 1 <= len(grid) <= 3, grid
+            assert all(1 <= g <= lim for g, lim in zip(grid, CUDA_GRID_LIMITS)), (launch.name, grid)
+            # every row has a program, or the programs loop over the rows
+            assert launch.constexprs["ROW_LOOP"] == (launch.args["n_rows"] > grid[0])
+
+
+def test_large_plan_keeps_the_row_count():
+    x = torch.empty(1, device="meta").expand(2 ** 16, 2 ** 12, 2 ** 4, 2)
+    (launch,) = K.plan_forward(x, None, x, 1.0, False)
+    assert launch.args["n_rows"] == 2 ** 32 and launch.grid({}) == (2 ** 31 - 1,)
+
+
+@pytest.mark.parametrize("path", ["single", "multi"])
+@pytest.mark.parametrize("programs", [
+    1,   # one program loops over every row
+    7,   # 30 rows over 7 programs: a ragged last round
+])
+def test_rows_loop_when_grid_is_capped(programs, path, monkeypatch):
+    # the cap on programs (CUDA's axis-0 limit) shrunk so that each program loops over several
+    # rows (the ROW_LOOP grid-stride kernels), forward and backward
+    _small_tiles(monkeypatch, path)
+    monkeypatch.setattr(K, "MAX_PROGRAMS", programs)
+    x = torch.randn(2, 3, 5, 100)
+    mask = torch.rand(3, 1, 100) > 0.2
+    assert_checks(check_softmax(x, scale=0.5, mask=mask, causal=True))
