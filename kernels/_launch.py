@@ -69,6 +69,24 @@ def int32_tiles(t: torch.Tensor, dims: tuple = (-2, -1)) -> torch.Tensor:
     return t.contiguous()
 
 
+# CUDA's grid limits: 2^31 - 1 blocks on axis x, 65,535 on y and z. Every launcher puts all its
+# programs on axis x (flat_grid) and decodes (tile, head, batch) in the kernel, so batch and head
+# counts of any size the checks accept launch.
+MAX_GRID = (2 ** 31 - 1, 65535, 65535)
+
+
+def flat_grid(*sizes: int) -> tuple:
+    """A one-axis grid of prod(sizes) programs (the kernel decodes the index, first size
+    fastest); ValueError past CUDA's 2^31 - 1."""
+    n = 1
+    for size in sizes:
+        n *= int(size)
+    if n > MAX_GRID[0]:
+        raise ValueError(f"the launch needs {n} programs ({' x '.join(map(str, sizes))}), more than "
+                         f"CUDA's grid limit of {MAX_GRID[0]}: split the batch")
+    return (n,)
+
+
 _TUNERS: dict[tuple, Any] = {}
 
 # Triton's interpreter swaps `triton.language`'s functions for interpreted ones for the duration

@@ -1,8 +1,12 @@
 """Fused softmax attention (FlashAttention-2 algorithm): Triton kernels and host launchers.
 
 Layout: q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] with any strides; Hq = GROUP * Hkv (MHA, GQA, MQA).
-Packed variable-length batches (VARLEN) use the same kernels on [1, H, total, D] views: program
-axis 1 is then the sequence, whose token range comes from cu_seqlens.
+Packed variable-length batches (VARLEN) use the same kernels on [1, H, total, D] views: the
+program's "batch" index is then the sequence, whose token range comes from cu_seqlens.
+
+Grids are one axis (CUDA takes 2^31 - 1 programs on x, 65,535 on y and z): each kernel is a thin
+wrapper that decodes (tile, head, batch) from the program id and calls its `_tile` function; for
+packed sequences the wrapper loops over the tiles of a sequence longer than the grid assumed.
 
 Scores, in this order (all optional except the first, each a constexpr switch):
     s = scale * q kᵀ                                 (natural units; exp2((s - max) * log2 e))
@@ -29,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, arch_family, device_arch, int32_tiles, is_interpreted, run
+from ._launch import (Launch, arch_family, device_arch, flat_grid, int32_tiles,
+                      is_interpreted, run)
 from ._math import tanh as _tanh
 
 
@@ -45,7 +50,8 @@ def _dropout_keep(seed, row, col, DROP_COLS, dropout_p):
 
 @triton.jit
 def _seq_info(CuQ, CuK, off_z, N_Q, N_KV, VARLEN: tl.constexpr):
-    """(batch index for strides, first query row, first key row, n_q, n_kv) of program axis 1."""
+    """(batch index for strides, first query row, first key row, n_q, n_kv) of batch/sequence
+    index off_z."""
     if VARLEN:
         q_start = tl.load(CuQ + off_z)
         k_start = tl.load(CuK + off_z)
@@ -188,23 +194,23 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
-              stride_qz, stride_qh, stride_qm, stride_qd,
-              stride_kz, stride_kh, stride_kn, stride_kd,
-              stride_vz, stride_vh, stride_vn, stride_vd,
-              stride_oz, stride_oh, stride_om, stride_od,
-              stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
-              H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
-              dropout_p, seed, DROP_COLS,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
-              HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
-              DROPOUT: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    start_m = tl.program_id(0)
-    off_h = tl.program_id(2)
+def _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
+                   stride_qz, stride_qh, stride_qm, stride_qd,
+                   stride_kz, stride_kh, stride_kn, stride_kd,
+                   stride_vz, stride_vh, stride_vn, stride_vd,
+                   stride_oz, stride_oh, stride_om, stride_od,
+                   stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
+                   H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
+                   dropout_p, seed, DROP_COLS,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+                   HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+                   DROPOUT: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    start_m = tile
+    off_h = head
     off_hkv = off_h // GROUP
-    z, q_start, k_start, n_q, n_kv = _seq_info(CuQ, CuK, tl.program_id(1), N_Q, N_KV, VARLEN)
+    z, q_start, k_start, n_q, n_kv = _seq_info(CuQ, CuK, seq, N_Q, N_KV, VARLEN)
     diag = n_kv - n_q  # bottom-right alignment of causal / window / ALiBi
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -228,7 +234,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
     row0 = (z * H + off_h).to(tl.int64) * N_Q + q_start  # lse row of query 0 of this sequence
     slope = 0.0
     if HAS_ALIBI:
-        slope = tl.load(Alibi + tl.program_id(1) * H + off_h)
+        slope = tl.load(Alibi + seq * H + off_h)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -237,7 +243,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
     q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
 
     lo, full_lo, full_hi, hi = _key_range(start_m * BLOCK_M, n_q, n_kv, diag, win_left, win_right,
-                                          KvRange, tl.program_id(1), BLOCK_M, BLOCK_N,
+                                          KvRange, seq, BLOCK_M, BLOCK_N,
                                           WIN_LEFT, WIN_RIGHT, HAS_KPM)
     if WIN_LEFT:  # tiles crossing the window's left edge
         acc, l_i, m_i = _attn_fwd_inner(
@@ -276,6 +282,50 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
+@triton.jit
+def _attn_fwd(Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
+              stride_qz, stride_qh, stride_qm, stride_qd,
+              stride_kz, stride_kh, stride_kn, stride_kd,
+              stride_vz, stride_vh, stride_vn, stride_vd,
+              stride_oz, stride_oh, stride_om, stride_od,
+              stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
+              H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
+              dropout_p, seed, DROP_COLS, MAX_SEQLEN,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+              HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+              DROPOUT: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # program -> (query tile, head, sequence) on grid axis 0 (CUDA takes 2^31 - 1 programs
+    # there, 65,535 on axes 1 and 2), tiles fastest: the tiles of one head run together.
+    # MAX_SEQLEN is the length the grid was sized for (varlen: max_seqlen_*).
+    n_tiles = tl.cdiv(MAX_SEQLEN, BLOCK_M)
+    pid = tl.program_id(0)
+    tile = pid % n_tiles
+    head = (pid // n_tiles) % H
+    seq = pid // n_tiles // H
+    if VARLEN:
+        # a sequence longer than max_seqlen (not checked on the host under torch.compile) is
+        # covered by looping over its tiles: never an unwritten row, never a read past it
+        n_real = tl.load(CuQ + seq + 1) - tl.load(CuQ + seq)
+        for t in range(tile, tl.cdiv(n_real, BLOCK_M), n_tiles):
+            _attn_fwd_tile(t, seq, head, Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
+                stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn,
+                stride_kd, stride_vz, stride_vh, stride_vn, stride_vd, stride_oz, stride_oh,
+                stride_om, stride_od, stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz, H,
+                GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right, dropout_p, seed,
+                DROP_COLS, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, WIN_LEFT, WIN_RIGHT, MASK_KIND,
+                HAS_KPM, HAS_ALIBI, SOFTCAP, DROPOUT, VARLEN, DOT_PRECISION)
+    else:
+        _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
+            stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn,
+            stride_kd, stride_vz, stride_vh, stride_vn, stride_vd, stride_oz, stride_oh,
+            stride_om, stride_od, stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz, H,
+            GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right, dropout_p, seed,
+            DROP_COLS, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, WIN_LEFT, WIN_RIGHT, MASK_KIND,
+            HAS_KPM, HAS_ALIBI, SOFTCAP, DROPOUT, VARLEN, DOT_PRECISION)
+
+
 # ---------------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------------
@@ -287,10 +337,12 @@ def _attn_bwd_preprocess(Out, DO, DLse, Delta,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                          HAS_DLSE: tl.constexpr):
     # delta = rowsum(dO * O) - dLse   (dLse: gradient flowing into the returned lse, if any)
-    start_m = tl.program_id(0)
-    off_z = tl.program_id(1)
-    off_h = tl.program_id(2)
-    off_hz = off_z * H + off_h
+    # program -> (row tile, head, batch) on grid axis 0 (see _attn_fwd)
+    n_tiles = tl.cdiv(N_Q, BLOCK_M)
+    start_m = tl.program_id(0) % n_tiles
+    off_hz = tl.program_id(0) // n_tiles
+    off_z = off_hz // H
+    off_h = off_hz % H
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM)
@@ -367,26 +419,26 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, De
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
-                   stride_qz, stride_qh, stride_qm, stride_qd,
-                   stride_kz, stride_kh, stride_kn, stride_kd,
-                   stride_vz, stride_vh, stride_vn, stride_vd,
-                   stride_doz, stride_doh, stride_dom, stride_dod,
-                   stride_dkz, stride_dkh, stride_dkn, stride_dkd,
-                   stride_dvz, stride_dvh, stride_dvn, stride_dvd,
-                   stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
-                   H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
-                   dropout_p, seed, DROP_COLS,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
-                   HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
-                   DROPOUT: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
+                        stride_qz, stride_qh, stride_qm, stride_qd,
+                        stride_kz, stride_kh, stride_kn, stride_kd,
+                        stride_vz, stride_vh, stride_vn, stride_vd,
+                        stride_doz, stride_doh, stride_dom, stride_dod,
+                        stride_dkz, stride_dkh, stride_dkn, stride_dkd,
+                        stride_dvz, stride_dvh, stride_dvn, stride_dvd,
+                        stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
+                        H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
+                        dropout_p, seed, DROP_COLS,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+                        HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+                        DROPOUT: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # One program owns one K/V tile of one kv head and loops over the query heads of its group
     # and over their query tiles: dK/dV are complete in registers, no atomics (deterministic).
-    start_n = tl.program_id(0)
-    off_hkv = tl.program_id(2)  # kv head
-    z, q_start, k_start, n_q, n_kv = _seq_info(CuQ, CuK, tl.program_id(1), N_Q, N_KV, VARLEN)
+    start_n = tile
+    off_hkv = head  # kv head
+    z, q_start, k_start, n_q, n_kv = _seq_info(CuQ, CuK, seq, N_Q, N_KV, VARLEN)
     diag = n_kv - n_q
 
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -442,7 +494,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
         m_base = Mask + z64 * stride_mz + off_h.to(tl.int64) * stride_mh
         slope = 0.0
         if HAS_ALIBI:
-            slope = tl.load(Alibi + tl.program_id(1) * H + off_h)
+            slope = tl.load(Alibi + seq * H + off_h)
         if WIN_RIGHT:  # query tiles crossing the right edge (causal diagonal)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, Delta, stride_qm,
@@ -469,6 +521,55 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
              + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=mask_nd)
     tl.store(DV + z64 * stride_dvz + off_hkv.to(tl.int64) * stride_dvh + rows_n * stride_dvn
              + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=mask_nd)
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
+                   stride_qz, stride_qh, stride_qm, stride_qd,
+                   stride_kz, stride_kh, stride_kn, stride_kd,
+                   stride_vz, stride_vh, stride_vn, stride_vd,
+                   stride_doz, stride_doh, stride_dom, stride_dod,
+                   stride_dkz, stride_dkh, stride_dkn, stride_dkd,
+                   stride_dvz, stride_dvh, stride_dvn, stride_dvd,
+                   stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
+                   H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
+                   dropout_p, seed, DROP_COLS, MAX_SEQLEN,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+                   HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+                   DROPOUT: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # program -> (key tile, head, sequence) on grid axis 0 (CUDA takes 2^31 - 1 programs
+    # there, 65,535 on axes 1 and 2), tiles fastest: the tiles of one head run together.
+    # MAX_SEQLEN is the length the grid was sized for (varlen: max_seqlen_*).
+    n_tiles = tl.cdiv(MAX_SEQLEN, BLOCK_N)
+    pid = tl.program_id(0)
+    tile = pid % n_tiles
+    head = (pid // n_tiles) % (H // GROUP)
+    seq = pid // n_tiles // (H // GROUP)
+    if VARLEN:
+        # a sequence longer than max_seqlen (not checked on the host under torch.compile) is
+        # covered by looping over its tiles: never an unwritten row, never a read past it
+        n_real = tl.load(CuK + seq + 1) - tl.load(CuK + seq)
+        for t in range(tile, tl.cdiv(n_real, BLOCK_N), n_tiles):
+            _attn_bwd_dkdv_tile(t, seq, head, Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi,
+                CuQ, CuK, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh,
+                stride_kn, stride_kd, stride_vz, stride_vh, stride_vn, stride_vd, stride_doz,
+                stride_doh, stride_dom, stride_dod, stride_dkz, stride_dkh, stride_dkn,
+                stride_dkd, stride_dvz, stride_dvh, stride_dvn, stride_dvd, stride_mz, stride_mh,
+                stride_mm, stride_mn, stride_kpz, H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out,
+                win_left, win_right, dropout_p, seed, DROP_COLS, HEAD_DIM, BLOCK_D, BLOCK_M,
+                BLOCK_N, WIN_LEFT, WIN_RIGHT, MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP, DROPOUT,
+                VARLEN, DOT_PRECISION)
+    else:
+        _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi,
+            CuQ, CuK, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn,
+            stride_kd, stride_vz, stride_vh, stride_vn, stride_vd, stride_doz, stride_doh,
+            stride_dom, stride_dod, stride_dkz, stride_dkh, stride_dkn, stride_dkd, stride_dvz,
+            stride_dvh, stride_dvn, stride_dvd, stride_mz, stride_mh, stride_mm, stride_mn,
+            stride_kpz, H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
+            dropout_p, seed, DROP_COLS, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, WIN_LEFT, WIN_RIGHT,
+            MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP, DROPOUT, VARLEN, DOT_PRECISION)
 
 
 @triton.jit
@@ -513,25 +614,25 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, CuK, DMask,
-                 stride_qz, stride_qh, stride_qm, stride_qd,
-                 stride_kz, stride_kh, stride_kn, stride_kd,
-                 stride_vz, stride_vh, stride_vn, stride_vd,
-                 stride_doz, stride_doh, stride_dom, stride_dod,
-                 stride_dqz, stride_dqh, stride_dqm, stride_dqd,
-                 stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
-                 H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
-                 dropout_p, seed, DROP_COLS,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
-                 HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
-                 DROPOUT: tl.constexpr, VARLEN: tl.constexpr, MASK_GRAD: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    start_m = tl.program_id(0)
-    off_h = tl.program_id(2)
+def _attn_bwd_dq_tile(tile, seq, head, Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, CuK, DMask,
+                      stride_qz, stride_qh, stride_qm, stride_qd,
+                      stride_kz, stride_kh, stride_kn, stride_kd,
+                      stride_vz, stride_vh, stride_vn, stride_vd,
+                      stride_doz, stride_doh, stride_dom, stride_dod,
+                      stride_dqz, stride_dqh, stride_dqm, stride_dqd,
+                      stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
+                      H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
+                      dropout_p, seed, DROP_COLS,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+                      HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+                      DROPOUT: tl.constexpr, VARLEN: tl.constexpr, MASK_GRAD: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    start_m = tile
+    off_h = head
     off_hkv = off_h // GROUP
-    z, q_start, k_start, n_q, n_kv = _seq_info(CuQ, CuK, tl.program_id(1), N_Q, N_KV, VARLEN)
+    z, q_start, k_start, n_q, n_kv = _seq_info(CuQ, CuK, seq, N_Q, N_KV, VARLEN)
     diag = n_kv - n_q
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -560,11 +661,11 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, Cu
     dm_base = DMask + (z * H + off_h).to(tl.int64) * N_Q * N_KV  # dense [B, Hq, Nq, Nk] fp32
     slope = 0.0
     if HAS_ALIBI:
-        slope = tl.load(Alibi + tl.program_id(1) * H + off_h)
+        slope = tl.load(Alibi + seq * H + off_h)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     lo, full_lo, full_hi, hi = _key_range(start_m * BLOCK_M, n_q, n_kv, diag, win_left, win_right,
-                                          KvRange, tl.program_id(1), BLOCK_M, BLOCK_N,
+                                          KvRange, seq, BLOCK_M, BLOCK_N,
                                           WIN_LEFT, WIN_RIGHT, HAS_KPM)
     if WIN_LEFT:
         dq = _attn_bwd_dq_inner(
@@ -593,11 +694,60 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, Cu
 
 
 @triton.jit
+def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, CuK, DMask,
+                 stride_qz, stride_qh, stride_qm, stride_qd,
+                 stride_kz, stride_kh, stride_kn, stride_kd,
+                 stride_vz, stride_vh, stride_vn, stride_vd,
+                 stride_doz, stride_doh, stride_dom, stride_dod,
+                 stride_dqz, stride_dqh, stride_dqm, stride_dqd,
+                 stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
+                 H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
+                 dropout_p, seed, DROP_COLS, MAX_SEQLEN,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+                 HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+                 DROPOUT: tl.constexpr, VARLEN: tl.constexpr, MASK_GRAD: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    # program -> (query tile, head, sequence) on grid axis 0 (CUDA takes 2^31 - 1 programs
+    # there, 65,535 on axes 1 and 2), tiles fastest: the tiles of one head run together.
+    # MAX_SEQLEN is the length the grid was sized for (varlen: max_seqlen_*).
+    n_tiles = tl.cdiv(MAX_SEQLEN, BLOCK_M)
+    pid = tl.program_id(0)
+    tile = pid % n_tiles
+    head = (pid // n_tiles) % H
+    seq = pid // n_tiles // H
+    if VARLEN:
+        # a sequence longer than max_seqlen (not checked on the host under torch.compile) is
+        # covered by looping over its tiles: never an unwritten row, never a read past it
+        n_real = tl.load(CuQ + seq + 1) - tl.load(CuQ + seq)
+        for t in range(tile, tl.cdiv(n_real, BLOCK_M), n_tiles):
+            _attn_bwd_dq_tile(t, seq, head, Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange,
+                Alibi, CuQ, CuK, DMask, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz,
+                stride_kh, stride_kn, stride_kd, stride_vz, stride_vh, stride_vn, stride_vd,
+                stride_doz, stride_doh, stride_dom, stride_dod, stride_dqz, stride_dqh,
+                stride_dqm, stride_dqd, stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz, H,
+                GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right, dropout_p, seed,
+                DROP_COLS, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, WIN_LEFT, WIN_RIGHT, MASK_KIND,
+                HAS_KPM, HAS_ALIBI, SOFTCAP, DROPOUT, VARLEN, MASK_GRAD, DOT_PRECISION)
+    else:
+        _attn_bwd_dq_tile(tile, seq, head, Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi,
+            CuQ, CuK, DMask, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh,
+            stride_kn, stride_kd, stride_vz, stride_vh, stride_vn, stride_vd, stride_doz,
+            stride_doh, stride_dom, stride_dod, stride_dqz, stride_dqh, stride_dqm, stride_dqd,
+            stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz, H, GROUP, N_Q, N_KV, sm_scale,
+            cap_in, cap_out, win_left, win_right, dropout_p, seed, DROP_COLS, HEAD_DIM, BLOCK_D,
+            BLOCK_M, BLOCK_N, WIN_LEFT, WIN_RIGHT, MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP,
+            DROPOUT, VARLEN, MASK_GRAD, DOT_PRECISION)
+
+
+@triton.jit
 def _dropout_mask_kernel(Out, n_rows, n_cols, dropout_p, seed,
                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Out[r, c] = the attention kernels' dropout keep bit of lse row r, key c (DROP_COLS = n_cols)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    n_col_tiles = tl.cdiv(n_cols, BLOCK_C)  # program -> (row tile, column tile) on axis 0
+    rows = (tl.program_id(0) // n_col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    cols = (tl.program_id(0) % n_col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     keep = _dropout_keep(seed, rows, cols, n_cols, dropout_p)
     tl.store(Out + rows.to(tl.int64) * n_cols + cols, keep, mask=(rows < n_rows) & (cols < n_cols))
 
@@ -867,7 +1017,7 @@ def _dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _features(q, k, opts: Options, dummy: torch.Tensor):
-    """(runtime args, constexprs, grid axis-1 size, config variant) shared by the kernels."""
+    """(runtime args, constexprs, batch count of the grid, config variant) shared by the kernels."""
     B, H, N_Q, _ = q.shape
     N_KV = k.shape[2]
     mask, kpm, slopes = opts.attn_mask, opts.key_padding_mask, opts.alibi_slopes
@@ -916,18 +1066,26 @@ def _tune_key(constexprs: dict) -> list:
     return ["N_Q", "N_KV", "HEAD_DIM", *[c for c in constexprs if c.isupper() and c != "HEAD_DIM"]]
 
 
+def _grid_len(max_seqlen: int) -> int:
+    """Varlen: the per-sequence length a grid is sized for. At least 1, so that every sequence
+    gets a program: one longer than max_seqlen (possible under torch.compile, where the contents
+    of cu_seqlens are not checked) is covered by the kernels' loop over its tiles."""
+    return max(int(max_seqlen), 1)
+
+
 def plan_forward(q, k, v, out, lse, opts: Options, arch: int | None) -> list[Launch]:
     H, D = q.shape[1], q.shape[3]
     block_d = _block_d(D)
     feats, flags, n_z, variant = _features(q, k, opts, lse)
-    n_q = opts.max_seqlen_q if opts.varlen else q.shape[2]
+    n_q = _grid_len(opts.max_seqlen_q) if opts.varlen else q.shape[2]
     args = _pick(_attn_fwd, {"Q": q, "K": k, "V": v, "Out": out, "Lse": lse, **feats,
+                             "MAX_SEQLEN": n_q,
                              **_strides(q, "q"), **_strides(k, "k"), **_strides(v, "v"),
                              **_strides(out, "o")})
     constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, **flags,
                   "DOT_PRECISION": _dot_precision(q.dtype, block_d)}
     return [Launch("attn_fwd", _attn_fwd, args, constexprs,
-                   lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), n_z, H),
+                   lambda meta: flat_grid(triton.cdiv(n_q, meta["BLOCK_M"]), n_z, H),
                    configs_for("fwd", arch, block_d, q.element_size(), variant),
                    _tune_key(constexprs))]
 
@@ -937,8 +1095,8 @@ def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
     B, H, N_Q, D = q.shape
     block_d = _block_d(D)
     feats, flags, n_z, variant = _features(q, k, opts, lse)
-    n_q = opts.max_seqlen_q if opts.varlen else N_Q
-    n_k = opts.max_seqlen_k if opts.varlen else k.shape[2]
+    n_q = _grid_len(opts.max_seqlen_q) if opts.varlen else N_Q
+    n_k = _grid_len(opts.max_seqlen_k) if opts.varlen else k.shape[2]
     constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, **flags,
                   "DOT_PRECISION": _dot_precision(q.dtype, block_d)}
     tune_key = _tune_key(constexprs)
@@ -948,20 +1106,21 @@ def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
         {"Out": out, "DO": do, "DLse": dlse if dlse is not None else delta,  # read iff HAS_DLSE
          "Delta": delta, **_strides(out, "o"), **_strides(do, "do"), "H": H, "N_Q": N_Q},
         {"HEAD_DIM": D, "BLOCK_D": block_d, "BLOCK_M": pre_m, "HAS_DLSE": dlse is not None},
-        lambda meta: (triton.cdiv(N_Q, pre_m), B, H),
+        lambda meta: flat_grid(triton.cdiv(N_Q, pre_m), B, H),
         [triton.Config({}, num_warps=4, num_stages=1)], [])
     values = {"Q": q, "K": k, "V": v, "DO": do, "Lse": lse, "Delta": delta, "DK": dk, "DV": dv,
               "DQ": dq, "DMask": lse if dmask is None else dmask, **feats,
               **_strides(q, "q"), **_strides(k, "k"), **_strides(v, "v"), **_strides(do, "do"),
               **_strides(dk, "dk"), **_strides(dv, "dv"), **_strides(dq, "dq")}
     dkdv = Launch(
-        "attn_bwd_dkdv", _attn_bwd_dkdv, _pick(_attn_bwd_dkdv, values), constexprs,
-        lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), n_z, k.shape[1]),
+        "attn_bwd_dkdv", _attn_bwd_dkdv, _pick(_attn_bwd_dkdv, {**values, "MAX_SEQLEN": n_k}),
+        constexprs,
+        lambda meta: flat_grid(triton.cdiv(n_k, meta["BLOCK_N"]), n_z, k.shape[1]),
         configs_for("bwd_dkdv", arch, block_d, q.element_size(), variant), tune_key)
     dq_launch = Launch(
-        "attn_bwd_dq", _attn_bwd_dq, _pick(_attn_bwd_dq, values),
+        "attn_bwd_dq", _attn_bwd_dq, _pick(_attn_bwd_dq, {**values, "MAX_SEQLEN": n_q}),
         {**constexprs, "MASK_GRAD": dmask is not None},
-        lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), n_z, H),
+        lambda meta: flat_grid(triton.cdiv(n_q, meta["BLOCK_M"]), n_z, H),
         configs_for("bwd_dq", arch, block_d, q.element_size(), variant), tune_key + ["MASK_GRAD"])
     return [preprocess, dkdv, dq_launch]
 
@@ -1014,6 +1173,6 @@ def dropout_keep_mask(seed: int, dropout_p: float, n_rows: int, n_cols: int, dev
         run(Launch("dropout_mask", _dropout_mask_kernel,
                    {"Out": out, "n_rows": n_rows, "n_cols": n_cols, "dropout_p": float(dropout_p),
                     "seed": int(seed)}, {"BLOCK_R": 32, "BLOCK_C": 64},
-                   lambda meta: (triton.cdiv(n_rows, 32), triton.cdiv(n_cols, 64)),
+                   lambda meta: flat_grid(triton.cdiv(n_rows, 32), triton.cdiv(n_cols, 64)),
                    [triton.Config({}, num_warps=4, num_stages=1)], []))
     return out

@@ -7,8 +7,9 @@ positions of the sequence and attend causally: query i sees key j iff j <= len_b
 Nq = 1: every valid key). A query row that sees no key outputs 0 with lse = -inf.
 
 Two kernels, as FlashAttention's split-KV decode:
-  1. _decode_split, grid (num_splits, B * Hkv, row blocks). A program takes one KV head and one
-     contiguous chunk of its batch's valid keys (ceil(len_b / num_splits) rounded up to BLOCK_N,
+  1. _decode_split, num_splits x row blocks x B * Hkv programs on one grid axis (CUDA limits
+     axes y and z to 65,535; B * Hkv passes that in large-batch serving). A program takes one KV
+     head and one contiguous chunk of its batch's valid keys (ceil(len_b / num_splits) rounded up to BLOCK_N,
      so programs past the end of a short sequence find an empty range), and packs the GROUP * Nq
      query rows of that KV head's group into the rows of one tile (row r = query head r // Nq of
      the group, query r % Nq), so every K/V tile is loaded once per group, not once per query
@@ -33,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, arch_family, device_arch, int32_tiles, is_interpreted, run
+from ._launch import Launch, arch_family, device_arch, flat_grid, int32_tiles, is_interpreted, run
 from .attention import _block_d, _dot_precision
 
 _LOG2E = 1.4426950408889634            # exp(x) = exp2(x * log2(e)): folded into the score scale
@@ -100,9 +101,15 @@ def _decode_split(Q, K, V, SeqLens, Out, Lse, OPart, LsePart,
     # rounding the product moves p by up to |s - m| ulp. attention.py keeps natural units for
     # its backward, which recomputes P from a stored lse; nothing is recomputed here. The
     # workspace lse stays in log2 units for the combine; the returned lse is a natural log.
-    split = tl.program_id(0)
-    b = tl.program_id(1) // HKV
-    off_hkv = tl.program_id(1) % HKV
+    # program -> (split, row block, kv head, batch) on grid axis 0 (CUDA's axes 1 and 2 stop at
+    # 65,535: B * Hkv passes that in large-batch serving), splits fastest
+    n_row_blocks = tl.cdiv(GROUP * N_Q, BLOCK_M)
+    pid = tl.program_id(0)
+    split = pid % NUM_SPLITS
+    row_block = (pid // NUM_SPLITS) % n_row_blocks
+    bh = pid // NUM_SPLITS // n_row_blocks
+    b = bh // HKV
+    off_hkv = bh % HKV
 
     # -- this program's key range: split `split` of batch b's valid keys ----
     if HAS_SEQLENS:
@@ -119,7 +126,7 @@ def _decode_split(Q, K, V, SeqLens, Out, Lse, OPart, LsePart,
     mid = tl.minimum(tl.maximum(full_hi, lo), hi)
 
     # -- rows: the GROUP query heads of this KV head times the Nq queries ----
-    offs_r = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # row in the group tile
+    offs_r = row_block * BLOCK_M + tl.arange(0, BLOCK_M)  # row in the group tile
     g = offs_r // N_Q              # query head within the group
     i = (offs_r % N_Q)[:, None]    # query index, [BLOCK_M, 1]
     mask_r = offs_r < GROUP * N_Q
@@ -403,7 +410,7 @@ def plan_decode(q, k_cache, v_cache, cache_seqlens, out, lse, o_part, lse_part, 
         {"HEAD_DIM": D, "BLOCK_D": block_d, "BLOCK_M": block_m,
          "HAS_SEQLENS": cache_seqlens is not None, "SINGLE_SPLIT": single,
          "DOT_PRECISION": _dot_precision(q.dtype, block_d)},
-        lambda meta: (num_splits, B * Hkv, triton.cdiv(group * Nq, block_m)),
+        lambda meta: flat_grid(num_splits, triton.cdiv(group * Nq, block_m), B * Hkv),
         configs_for("split", arch, block_d, nbytes, block_m),
         ["HQ", "HKV", "N_Q", "N_MAX", "NUM_SPLITS", "HEAD_DIM", "HAS_SEQLENS", "SINGLE_SPLIT"])
     if single:
@@ -413,7 +420,7 @@ def plan_decode(q, k_cache, v_cache, cache_seqlens, out, lse, o_part, lse_part, 
         {"OPart": o_part, "LsePart": lse_part, "Out": out, "Lse": lse,
          **_strides(out, "o", "zhmd"), "HQ": Hq, "N_Q": Nq, "NUM_SPLITS": num_splits},
         {"HEAD_DIM": D, "BLOCK_D": block_d},
-        lambda meta: (B * Hq * Nq,),
+        lambda meta: flat_grid(B * Hq * Nq),
         configs_for("combine", arch, block_d, nbytes),
         ["NUM_SPLITS", "HEAD_DIM"])
     return [split, combine]

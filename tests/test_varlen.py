@@ -138,3 +138,25 @@ def test_bad_options(kw, exc, match, monkeypatch):
     monkeypatch.setattr(K, "attention_forward", lambda *a: pytest.fail("kernel launched"))
     with pytest.raises(exc, match=match):
         tritformer.varlen_attention(**_bad(), **kw)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_too_small_max_seqlen_under_compile_still_covers_every_row(causal):
+    # Under torch.compile the host cannot read cu_seqlens, so a max_seqlen below the longest
+    # sequence is not caught; the kernels then loop over the tiles the grid does not cover
+    # (interpreter tiles: 64 query rows, 64 keys in dK/dV: 70 rows need two, the grid has one).
+    q, k, v, cu_q, cu_k = packed(*SELF, dtype=torch.float32)
+    want = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    got = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    dout = torch.randn_like(q)
+    ref = tritformer.varlen_attention(*want, cu_q, cu_k, 70, 70, causal=causal)
+    ref.backward(dout)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, k, v: tritformer.varlen_attention(q, k, v, cu_q, cu_k, 8, 8,
+                                                                   causal=causal),
+                       fullgraph=True, backend="aot_eager")
+    out = fn(*got)
+    out.backward(dout)
+    assert torch.equal(out, ref)
+    for a, b in zip(got, want):
+        assert torch.equal(a.grad, b.grad)
