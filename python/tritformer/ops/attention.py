@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from .. import reference
+from .._autocast import autocast
 from .._checks import check_attention_inputs, check_attention_options, check_varlen_inputs
 from ..backend import backend_for
 
@@ -38,6 +39,12 @@ def _options(scale, left, right, attn_mask, key_padding_mask, alibi_slopes, cu_s
         max_seqlen_k=max_seqlen_k)
 
 
+def _default_scale(q, scale):
+    """scale None = 1/sqrt(D), computed inside the ops: under torch.compile(dynamic=True) D is a
+    SymInt and a SymFloat passed as a float argument would specialise the graph on D."""
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+
+
 # ---------------------------------------------------------------------------------------------
 # Custom ops
 # ---------------------------------------------------------------------------------------------
@@ -46,13 +53,14 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                    alibi_slopes: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
                    cu_seqlens_k: Optional[torch.Tensor], seed: Optional[torch.Tensor],
-                   scale: float, left: Optional[int], right: Optional[int], softcap: float,
+                   scale: Optional[float], left: Optional[int], right: Optional[int], softcap: float,
                    dropout_p: float, max_seqlen_q: int, max_seqlen_k: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (varlen: B = 1, N = total tokens, cu_seqlens set);
     attn_mask expanded to [B, Hq, Nq, Nk] (a stride-0 view where broadcast)."""
-    opts = _options(scale, left, right, attn_mask, key_padding_mask, alibi_slopes, cu_seqlens_q,
-                    cu_seqlens_k, seed, softcap, dropout_p, max_seqlen_q, max_seqlen_k)
+    opts = _options(_default_scale(q, scale), left, right, attn_mask, key_padding_mask,
+                    alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, softcap, dropout_p,
+                    max_seqlen_q, max_seqlen_k)
     return _kernels().attention_forward(q, k, v, opts)
 
 
@@ -68,12 +76,13 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                    attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                    alibi_slopes: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
                    cu_seqlens_k: Optional[torch.Tensor], seed: Optional[torch.Tensor],
-                   scale: float, left: Optional[int], right: Optional[int], softcap: float,
+                   scale: Optional[float], left: Optional[int], right: Optional[int], softcap: float,
                    dropout_p: float, max_seqlen_q: int, max_seqlen_k: int, mask_grad: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv, and d(attn_mask) [B, Hq, Nq, Nk] float32 when mask_grad (else empty)."""
-    opts = _options(scale, left, right, attn_mask, key_padding_mask, alibi_slopes, cu_seqlens_q,
-                    cu_seqlens_k, seed, softcap, dropout_p, max_seqlen_q, max_seqlen_k)
+    opts = _options(_default_scale(q, scale), left, right, attn_mask, key_padding_mask,
+                    alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, softcap, dropout_p,
+                    max_seqlen_q, max_seqlen_k)
     return _kernels().attention_backward(do, q, k, v, out, lse, opts, dlse, mask_grad)
 
 
@@ -130,9 +139,10 @@ def _reference_dropout_mask(seed, dropout_p, shape, device):
 
 
 def _scalars(q, scale, softcap, dropout_p):
-    """(scale, softcap, dropout_p, seed) as the custom ops take them: default scale
-    1/sqrt(D), softcap 0 = off, a fresh dropout seed when dropout_p > 0."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    """(scale, softcap, dropout_p, seed) as the custom ops take them: scale None = 1/sqrt(D)
+    (computed in the ops, see _default_scale), softcap 0 = off, a fresh dropout seed when
+    dropout_p > 0."""
+    scale = None if scale is None else float(scale)
     return scale, float(softcap) if softcap else 0.0, float(dropout_p), _dropout_seed(dropout_p)
 
 
@@ -162,13 +172,20 @@ def _attention(q, k, v, scale, left, right, return_lse=False, attn_mask=None,
 # ---------------------------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------------------------
+@autocast("q", "k", "v", "attn_mask")  # as SDPA: torch's lower-precision list
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               scale: float | None = None, return_lse: bool = False,
               attn_mask: Optional[torch.Tensor] = None,
               key_padding_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
               window: Optional[tuple[int, int]] = None,
-              alibi_slopes: Optional[torch.Tensor] = None, softcap: Optional[float] = None):
+              alibi_slopes: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
+              layout: str = "bhnd"):
     """Fused softmax attention, FlashAttention-2 style: softmax(score + bias, masked) v.
+
+    Shapes below are for ``layout="bhnd"`` (the default). With ``layout="bnhd"`` q, k, v are
+    [B, N, H, D] (FlashAttention's layout), read through transposed views (no copy), and out is
+    returned as [B, Nq, Hq, D]; lse stays [B, Hq, Nq], masks keep their shapes. Shapes that fit
+    only the other layout raise ValueError naming the layout to pass.
 
     Args:
         q: [B, Hq, Nq, D] queries. float16, bfloat16 or float32; any strides (a [B, N, H, D]
@@ -210,6 +227,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         alibi_slopes: [Hq] or [B, Hq]; adds -slope * |i + Nk - Nq - j| to the scores.
         softcap: scores become softcap * tanh(scores / softcap) before bias and mask (Gemma-2);
             None or 0 = off.
+        layout: "bhnd" ([B, H, N, D]) or "bnhd" ([B, N, H, D]) for q, k, v and out.
 
     Returns:
         out [B, Hq, Nq, D] in q's dtype (and q's memory layout); with ``return_lse`` also
@@ -219,15 +237,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     D may be 1..256 (any value; tiles are padded to a power of two on chip), Nq and Nk any
     length including 0 and 1. Where this runs: see ``tritformer.backend_for``.
     """
+    from .._layout import from_bhnd, to_bhnd
+    q, k, v = to_bhnd(q, k, v, layout)  # checks layout; "bnhd": transpose(1, 2) views
+    if layout == "bnhd":
+        return from_bhnd(attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse,
+                                   attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                                   dropout_p=dropout_p, window=window, alibi_slopes=alibi_slopes,
+                                   softcap=softcap), layout, return_lse)
     check_attention_inputs(q, k, v, scale)
     check_attention_options(q, k, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                             dropout_p=dropout_p, window=window, alibi_slopes=alibi_slopes,
-                            softcap=softcap)
+                            softcap=softcap, causal=causal, return_lse=return_lse)
     left, right = reference.window_bounds(bool(causal), window)
     return _attention(q, k, v, scale, left, right, return_lse, attn_mask, key_padding_mask,
                       dropout_p, alibi_slopes, softcap)
 
 
+@autocast("q", "k", "v")  # as SDPA
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
@@ -249,7 +275,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
     n_seq = cu_seqlens_q.shape[0] - 1
     check_attention_options(q, k, dropout_p=dropout_p, window=window, alibi_slopes=alibi_slopes,
-                            softcap=softcap, batch=n_seq, heads=q.shape[1])
+                            softcap=softcap, batch=n_seq, heads=q.shape[1], causal=causal,
+                            return_lse=return_lse)
     left, right = reference.window_bounds(bool(causal), window)
     scale, softcap, dropout_p, seed = _scalars(q, scale, softcap, dropout_p)
     if backend_for(q) == "reference":

@@ -8,14 +8,14 @@ be, and by torch's own implementation otherwise. `_dense` is the shared core tha
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional
 
 import torch
 from torch.nn.attention import SDPBackend
 from torch.overrides import handle_torch_function, has_torch_function
 
-from .._checks import MAX_HEAD_DIM, SUPPORTED_DTYPES, _dtype_name
+from .._autocast import autocast
+from .._checks import MAX_HEAD_DIM, SUPPORTED_DTYPES, _dtype_name, check_flag, check_real
 from .attention import _attention
 
 try:  # torch.nn.attention.bias: torch >= 2.3
@@ -136,19 +136,10 @@ def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
         raise SDPAError(f"key's last dim must equal query's embedding dim E={query.shape[-1]}, got key shape {tuple(key.shape)}")
     if value.shape[-2] != key.shape[-2]:
         raise SDPAError(f"value must have key's sequence length S={key.shape[-2]} (dim -2), got value shape {tuple(value.shape)}")
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    if not isinstance(enable_gqa, bool):
-        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
+    check_flag("is_causal", is_causal)
+    check_flag("enable_gqa", enable_gqa)
+    check_real("dropout_p", dropout_p, lo=0.0, hi=1.0)
+    check_real("scale", scale, allow_none=True)
 
     lead = {"query": tuple(query.shape[:-2]), "key": tuple(key.shape[:-2]), "value": tuple(value.shape[:-2])}
     if enable_gqa:
@@ -157,7 +148,10 @@ def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
                              f"[..., H, seq, E] (3+ dims), got {query.dim()}-D, {key.dim()}-D and {value.dim()}-D")
         hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
         for name, h in (("key", hk), ("value", hv)):
-            if h == 0 or hq % h != 0:
+            if h == 0 and hq != 0:  # (both 0: an empty output, as torch)
+                raise SDPAError(f"enable_gqa=True: {name} has no heads but query has {hq}: each "
+                                f"query head needs a {name} head")
+            if h != 0 and hq % h != 0:
                 raise SDPAError(f"enable_gqa=True: query's head count ({hq}) must be a multiple of "
                                 f"{name}'s head count ({h})")
         batch = _broadcast([(n, s[:-1]) for n, s in lead.items()], "batch dims (before the head dim)")
@@ -330,6 +324,7 @@ def _torch_takes_math_path(query, key, value, attn_mask, dropout_p, is_causal, s
         return True
 
 
+@autocast("query", "key", "value", "attn_mask")  # torch's SDPA: lower-precision list
 def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, bottom_right=False):
     """The drop-in on plain tensors. bottom_right (with is_causal, attn_mask None): the causal
     mask aligned bottom-right (CausalVariant.LOWER_RIGHT)."""
