@@ -452,3 +452,11 @@ def test_torchscript_after_assignment(module, monkeypatch):
     got = run(scripted)  # grad enabled: the slow path, through scaled_dot_product_attention
     monkeypatch.undo()
     assert torch.equal(got, run(m))  # torch's own op: bit for bit
+
+
+def test_dropout_p_out_of_range_is_a_runtime_error_as_torch():
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(RuntimeError):  # torch's own error type
+        torch._C._nn.scaled_dot_product_attention(q, q, q, dropout_p=1.5)
+    with pytest.raises(RuntimeError, match="dropout_p"):
+        sdpa(q, q, q, dropout_p=1.5)

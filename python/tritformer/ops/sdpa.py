@@ -138,7 +138,10 @@ def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
         raise SDPAError(f"value must have key's sequence length S={key.shape[-2]} (dim -2), got value shape {tuple(value.shape)}")
     check_flag("is_causal", is_causal)
     check_flag("enable_gqa", enable_gqa)
-    check_real("dropout_p", dropout_p, lo=0.0, hi=1.0)
+    try:  # torch raises RuntimeError for a dropout_p outside [0, 1]
+        check_real("dropout_p", dropout_p, lo=0.0, hi=1.0)
+    except ValueError as e:
+        raise SDPAError(str(e)) from None
     check_real("scale", scale, allow_none=True)
 
     lead = {"query": tuple(query.shape[:-2]), "key": tuple(key.shape[:-2]), "value": tuple(value.shape[:-2])}
