@@ -399,8 +399,11 @@ def test_gpt2(calls):
     model = randomize(transformers.GPT2Model(cfg))
     ours, base, ref, report = three(model, torch.float32, train=True)
     assert list(ours.state_dict()) == list(base.state_dict())
+    # attention too: attn_implementation="tritformer" (tests/test_hf_families.py has the rest)
     assert [tuple(s[:3]) for s in report] == [
+        ("", "attn_implementation='eager'", "attn_implementation='tritformer'")] + [
         (f"h.{i}.mlp", "GPT2MLP", "tritformer.patching.FusedConv1DMLP[gelu_tanh]") for i in range(2)]
+    assert ours.config._attn_implementation == "tritformer"
     ids = torch.randint(0, 50, (B, L))
 
     def run(m, dt):
@@ -418,6 +421,7 @@ def test_llama(calls):
     model = randomize(transformers.LlamaModel(cfg)).eval()
     ours, base, ref, report = three(model, torch.float32)
     assert [tuple(s[:3]) for s in report] == [
+        ("", "attn_implementation='eager'", "attn_implementation='tritformer'")] + [
         (f"layers.{i}.mlp", "LlamaMLP", "tritformer.patching.FusedLlamaMLP[silu]") for i in range(2)]
     assert ours.layers[0].mlp.config is ours.config  # public attributes carried over
     ids = torch.randint(0, 50, (B, L))
@@ -434,5 +438,5 @@ def test_llama(calls):
     assert len(r) == 0 and r.skipped[0].reason.startswith("the model itself")
     base.layers[1].mlp.register_forward_hook(lambda *a: None)
     r = tritformer.patch(base)
-    assert [s.name for s in r] == ["layers.0.mlp"]
+    assert [s.name for s in r] == ["", "layers.0.mlp"]  # attention, and the MLP without hook
     assert r.skipped[0][:2] == ("layers.1.mlp", "LlamaMLP") and "_forward_hooks" in r.skipped[0].reason

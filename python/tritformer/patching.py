@@ -1,8 +1,14 @@
 """`tritformer.patch(model)`: put a model's attention and MLPs on the fused ops, in place.
 
-What is swapped, and how (every swap keeps the module's Parameter objects, so an optimizer built
-before the patch keeps updating the weights the patched model uses, and every state_dict key):
+What is swapped, and how (every module swap keeps the module's Parameter objects, so an
+optimizer built before the patch keeps updating the weights the patched model uses, and every
+state_dict key):
 
+- A transformers ``PreTrainedModel`` (the model, or the outermost ones it holds): its attention
+  is switched to ``attn_implementation="tritformer"`` (`tritformer.integrations.hf`: register,
+  then ``set_attn_implementation``; sub-models follow). Skipped, with the reason, when its
+  attention layers do not dispatch through ``AttentionInterface``, a head dim exceeds the
+  kernel's limit or the layers have attention sinks. Imported only for such a model.
 - ``torch.nn.MultiheadAttention`` (exact type) -> ``tritformer.nn.MultiheadAttention``, by an
   in-place class change (as ``torch.nn.utils.parametrize`` does). Ours is a subclass that adds
   no state (no ``__init__``; ``test_patch`` checks the attribute sets agree), so this equals
@@ -260,18 +266,38 @@ class _Rehoused(nn.Module):
         self.training = old.training
 
 
+def _conv1d_mlp(m: nn.Module, x: Tensor) -> Optional[Tensor]:
+    """GPT2MLP's ``c_proj(act(c_fc(x)))`` (before its dropout) through `tritformer.ffn`, None
+    if it cannot run. Conv1D weights are [in, out]: passed as transposed views of nn.Linear's."""
+    name = _activation_name(m.act)
+    if name is None:
+        return None
+    fc, proj = m.c_fc, m.c_proj
+    return _ffn(x, name, fc.weight.t(), fc.bias, proj.weight.t(), proj.bias)
+
+
+def _gated_mlp(m: nn.Module, x: Tensor) -> Optional[Tensor]:
+    """LlamaMLP's ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` through
+    `tritformer.gated_ffn`, None if it cannot run."""
+    name = _activation_name(m.act_fn)
+    if name is None:
+        return None
+    g, u, d = m.gate_proj, m.up_proj, m.down_proj
+    args = _inputs(x, g.weight, u.weight, d.weight, g.bias, u.bias, d.bias)
+    if args is None:
+        return None
+    x_, wg, wu, wd, bg, bu, bd = args
+    return _ffn_ops.gated_ffn(x_, wg, wu, wd, activation=name, b_gate=bg, b_up=bu, b_down=bd)
+
+
 class FusedConv1DMLP(_Rehoused):
     """transformers' GPT2MLP (``c_fc``, ``c_proj``: Conv1D, weight [in, out]; ``act``;
     ``dropout`` after c_proj) through `tritformer.ffn`; made by `patch` from a GPT2MLP."""
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        fc, proj = self.c_fc, self.c_proj
-        name = _activation_name(self.act)
-        y = None
-        if name is not None:  # Conv1D [in, out] -> nn.Linear's [out, in]: transposed views
-            y = _ffn(hidden_states, name, fc.weight.t(), fc.bias, proj.weight.t(), proj.bias)
+        y = _conv1d_mlp(self, hidden_states)
         if y is None:
-            y = proj(self.act(fc(hidden_states)))
+            y = self.c_proj(self.act(self.c_fc(hidden_states)))
         return self.dropout(y)
 
     def extra_repr(self) -> str:
@@ -283,15 +309,10 @@ class FusedLlamaMLP(_Rehoused):
     `tritformer.gated_ffn`; made by `patch` from a LlamaMLP (or a verbatim copy of one)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        g, u, d = self.gate_proj, self.up_proj, self.down_proj
-        name = _activation_name(self.act_fn)
-        if name is not None:
-            args = _inputs(x, g.weight, u.weight, d.weight, g.bias, u.bias, d.bias)
-            if args is not None:
-                x_, wg, wu, wd, bg, bu, bd = args
-                return _ffn_ops.gated_ffn(x_, wg, wu, wd, activation=name, b_gate=bg, b_up=bu,
-                                          b_down=bd)
-        return d(self.act_fn(g(x)) * u(x))
+        y = _gated_mlp(self, x)
+        if y is None:
+            y = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return y
 
     def extra_repr(self) -> str:
         return f"activation={_activation_name(self.act_fn)!r}"
@@ -319,13 +340,15 @@ def _match_hf_mlp(m: nn.Module):
     """For a GPT2MLP / LlamaMLP (or a verbatim copy): (replacement class, description, "") if
     its children have the expected types and activation, else (None, description, reason).
     None for anything else."""
+    if _class_fused(type(m)):
+        return None  # its class runs the fused forward already (hf.apply_to_<family>)
     for module, cls_name, repl, children, act_key in _hf_mlps():
         cls = _hf(module, cls_name)
         if cls is None:
             continue
         if type(m) is cls:
             what = cls_name
-        elif _same_code(type(m).forward, cls.forward):
+        elif _same_code(type(m).forward, _original_forward(cls)):
             what = f"{type(m).__name__} (same forward as {cls_name})"
         else:
             continue
@@ -339,6 +362,49 @@ def _match_hf_mlp(m: nn.Module):
             return None, what, _unsupported(m._modules[act_key])
         return repl, what, ""
     return None
+
+
+def _original_forward(cls: type):
+    """cls.forward as transformers defined it (before `class_mlp_forward` replaced it)."""
+    return getattr(cls.forward, "_tritformer_original", cls.forward)
+
+
+def _class_fused(cls: type) -> bool:
+    return hasattr(getattr(cls, "forward", None), "_tritformer_original")
+
+
+def _children_ok(m: nn.Module, children: dict) -> bool:
+    mods = m._modules
+    return all(type(mods.get(key)) is t for key, t in children.items())
+
+
+def class_mlp_forward(cls: type, kind: str):
+    """A ``forward`` for transformers' MLP class `cls` (kind "gated": LlamaMLP's forward, or a
+    verbatim copy; "conv1d": GPT2MLP's) that runs `tritformer.gated_ffn` / `tritformer.ffn`,
+    and `cls`'s own forward whenever the fused op cannot take the call: children of other types
+    (e.g. quantized linears), an activation tritformer.ffn lacks, or the inputs `_inputs`
+    refuses. Set on the class by ``tritformer.integrations.hf.apply_to_<family>()``; the
+    original is kept as ``forward._tritformer_original`` (`hf.revert` restores it)."""
+    original = _original_forward(cls)
+    if kind == "gated":
+        children = {"gate_proj": nn.Linear, "up_proj": nn.Linear, "down_proj": nn.Linear}
+
+        def forward(self, x):
+            y = _gated_mlp(self, x) if _children_ok(self, children) else None
+            return original(self, x) if y is None else y
+    elif kind == "conv1d":
+        conv1d = _hf("pytorch_utils", "Conv1D")
+        children = {"c_fc": conv1d, "c_proj": conv1d, "dropout": nn.Dropout}
+
+        def forward(self, hidden_states):
+            y = _conv1d_mlp(self, hidden_states) if _children_ok(self, children) else None
+            return original(self, hidden_states) if y is None else self.dropout(y)
+    else:
+        raise ValueError(f"kind must be 'gated' or 'conv1d', got {kind!r}")
+    forward._tritformer_original = original
+    forward.__qualname__ = f"{cls.__qualname__}.forward"
+    forward.__doc__ = f"{cls.__name__}.forward through tritformer (tritformer.patching.class_mlp_forward)."
+    return forward
 
 
 def _hooks(m: nn.Module) -> list[str]:
@@ -394,10 +460,44 @@ def _fast_path_off(module: nn.Module, args) -> None:
 # ---------------------------------------------------------------------------------------------
 # patch
 # ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# transformers' attention: attn_implementation="tritformer"
+# ---------------------------------------------------------------------------------------------
+def _hf_attention(model: nn.Module, report: PatchReport) -> None:
+    """Switch every outermost transformers ``PreTrainedModel`` in `model` (the model itself,
+    or ones held by a plain module) to attn_implementation="tritformer"; its sub-models follow
+    (``set_attn_implementation`` recurses). Recorded as swapped, or skipped with the reason."""
+    pretrained = _hf("modeling_utils", "PreTrainedModel")
+    if pretrained is None:
+        return
+    handled: set[int] = set()
+    for name, m in model.named_modules():
+        if not isinstance(m, pretrained) or id(m) in handled:
+            continue
+        handled.update(id(sub) for sub in m.modules() if isinstance(sub, pretrained))
+        what = f"{type(m).__name__} attention"
+        try:
+            from .integrations import hf
+        except ImportError as e:  # transformers too old for the integration
+            report.skipped.append(Skip(name, what, str(e).split(":")[0]))
+            continue
+        old, reason = hf.use_tritformer_attention(m)
+        if reason is not None:
+            report.skipped.append(Skip(name, what, reason))
+        elif old != hf.NAME:
+            report.swapped.append(Swap(name, f"attn_implementation={old!r}",
+                                       f"attn_implementation={hf.NAME!r}",
+                                       "attention layers call tritformer.integrations.hf."
+                                       "attention_forward through AttentionInterface"))
+
+
 def patch(model: nn.Module, *, attention: bool = True, mlp: bool = True) -> PatchReport:
     """Swap `model`'s attention and MLP modules for tritformer's fused ones, in place.
 
-    attention: every ``torch.nn.MultiheadAttention`` (exact type; so also inside
+    attention: a transformers ``PreTrainedModel`` (`model`, or the outermost ones it holds)
+        is switched to ``attn_implementation="tritformer"`` (registered first; reported as
+        swapped, or skipped with the reason); and every ``torch.nn.MultiheadAttention``
+        (exact type; so also inside
         ``nn.TransformerEncoderLayer`` / ``DecoderLayer`` / ``nn.Transformer``) becomes a
         ``tritformer.nn.MultiheadAttention`` (in-place class change: same object, Parameters,
         hooks, training mode). Its fused forward needs ``need_weights=False`` (as the
@@ -409,7 +509,9 @@ def patch(model: nn.Module, *, attention: bool = True, mlp: bool = True) -> Patc
 
     The module docstring of ``tritformer.patching`` gives the details: dropout between the
     linears (fused while inactive), the fallbacks, and torch's encoder fast path (turned off on
-    patched layers so the fused modules run). Idempotent: a second call swaps nothing.
+    patched layers so the fused modules run). Idempotent: a second call swaps nothing (and
+    does not register again). MLPs whose class ``hf.apply_to_<family>()`` already fused are
+    left as they are.
 
     Returns a `PatchReport`: what was swapped (qualified name, old type, new type, note), what
     was recognised but skipped and why, and the fast paths turned off; ``print(report)``.
@@ -417,6 +519,8 @@ def patch(model: nn.Module, *, attention: bool = True, mlp: bool = True) -> Patc
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     report = PatchReport()
+    if attention:
+        _hf_attention(model, report)
     replace: dict[int, nn.Module] = {}  # id(old module) -> its replacement
     for name, m in list(model.named_modules()):  # each module once (first path if shared)
         t = type(m)

@@ -10,6 +10,11 @@ Usage::
     # or, on a model already built:  model.set_attn_implementation("tritformer")
     # or, from a config:             GPT2LMHeadModel(GPT2Config(..., attn_implementation="tritformer"))
 
+    # or one call, attention and MLPs (Liger-style):
+    hf.apply_to_llama()              # before loading: Llama models default to "tritformer"
+    hf.apply_to_llama(model=model)   # on a built model: tritformer.patch(model)
+    tritformer.patch(model)          # any model: register + set_attn_implementation + MLPs
+
 `register` adds two entries named "tritformer": `attention_forward` to transformers'
 ``AttentionInterface`` (the function every attention layer calls) and `mask` to its
 ``AttentionMaskInterface`` (the function ``create_causal_mask`` & co. call to build the mask that
@@ -17,8 +22,8 @@ the layer then receives). Both are needed: a name without a mask function gets n
 (transformers then assumes a backend that needs none, and padding would be ignored).
 
 What runs on the fused kernel (`tritformer.attention`): the attention of models whose layers
-dispatch through ``ALL_ATTENTION_FUNCTIONS.get_interface`` (tested: GPT-2 and Llama; the same
-contract as transformers' SDPA function serves Mistral, Qwen, Gemma & co.), in float16 /
+dispatch through ``ALL_ATTENTION_FUNCTIONS.get_interface`` (tested: GPT-2, Llama, Mistral,
+Qwen2, Gemma, Gemma-2; the same contract as transformers' SDPA function), in float16 /
 bfloat16 / float32 with one head dim <= 256 for q, k and v: multi-head, grouped-query and
 multi-query attention natively (k/v are not repeated), causal or not, padding / packed-sequence
 / custom masks, KV caches (dynamic and static), ``sliding_window``, ``softcap`` (Gemma-2) and
@@ -50,6 +55,7 @@ Mask convention (what `mask` returns and `attention_forward` expects):
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 from typing import Optional
 
@@ -264,13 +270,212 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return out.transpose(1, 2).contiguous(), None  # [B, Nq, Hq, D]
 
 
+def _registered(interface, fn) -> bool:
+    return interface().get(NAME) is fn  # a fresh instance reads the global mapping only
+
+
 def register() -> str:
     """Register "tritformer" with transformers' ``AttentionInterface`` (`attention_forward`)
-    and ``AttentionMaskInterface`` (`mask`). Idempotent; returns the name to pass as
-    ``attn_implementation``."""
-    AttentionInterface.register(NAME, attention_forward)
-    AttentionMaskInterface.register(NAME, mask)
+    and ``AttentionMaskInterface`` (`mask`). Idempotent (registers only what is not registered
+    yet); returns the name to pass as ``attn_implementation``."""
+    if not _registered(AttentionInterface, attention_forward):
+        AttentionInterface.register(NAME, attention_forward)
+    if not _registered(AttentionMaskInterface, mask):
+        AttentionMaskInterface.register(NAME, mask)
     return NAME
 
 
-__all__ = ["NAME", "register", "attention_forward", "mask"]
+# ---------------------------------------------------------------------------------------------
+# Switching a model (tritformer.patch) and per-family entry points (apply_to_<family>)
+# ---------------------------------------------------------------------------------------------
+def _unservable(model: torch.nn.Module) -> Optional[str]:
+    """Why the kernel could serve none of `model`'s attention calls (None = it can serve them):
+    read from the attention layers' ``head_dim`` and ``sinks`` attributes."""
+    for name, m in model.named_modules():
+        if "sinks" in m._parameters:
+            return (f"{name or type(m).__name__} has attention sinks (s_aux), which the kernel "
+                    "does not compute (attention_forward would raise)")
+        d = getattr(m, "head_dim", None)
+        if type(d) is int and d > MAX_HEAD_DIM and "Attention" in type(m).__name__:
+            return (f"head dim {d} of {name or type(m).__name__} > {MAX_HEAD_DIM}, the kernel's "
+                    "limit (every call would fall back to SDPA)")
+    return None
+
+
+def use_tritformer_attention(model) -> tuple[Optional[str], Optional[str]]:
+    """Register "tritformer" and switch the ``PreTrainedModel`` `model` (and its sub-models) to
+    it with ``model.set_attn_implementation``. Returns (previous attn_implementation, None), or
+    (previous, reason) when the model was left as is. What `tritformer.patch` calls."""
+    old = model.config._attn_implementation
+    if old == NAME:
+        return old, None
+    can_set = getattr(type(model), "_can_set_attn_implementation", None)
+    if can_set is not None and not can_set():
+        return old, (f"{type(model).__name__}'s attention layers do not dispatch through "
+                     "transformers' AttentionInterface (set_attn_implementation cannot switch them)")
+    reason = _unservable(model)
+    if reason is not None:
+        return old, reason
+    register()
+    try:
+        model.set_attn_implementation(NAME)
+    except (ValueError, ImportError) as e:
+        return old, f"set_attn_implementation({NAME!r}) failed: {e}"
+    if model.config._attn_implementation != NAME:
+        return old, (f"set_attn_implementation({NAME!r}) left attn_implementation="
+                     f"{model.config._attn_implementation!r}")
+    return old, None
+
+
+# family -> (modeling module, its PreTrainedModel base class, its MLP class, MLP kind)
+FAMILIES = {
+    "llama": ("llama", "LlamaPreTrainedModel", "LlamaMLP", "gated"),
+    "mistral": ("mistral", "MistralPreTrainedModel", "MistralMLP", "gated"),
+    "qwen2": ("qwen2", "Qwen2PreTrainedModel", "Qwen2MLP", "gated"),
+    "gemma": ("gemma", "GemmaPreTrainedModel", "GemmaMLP", "gated"),
+    "gemma2": ("gemma2", "Gemma2PreTrainedModel", "Gemma2MLP", "gated"),
+    "gpt2": ("gpt2", "GPT2PreTrainedModel", "GPT2MLP", "conv1d"),
+}
+
+_MISSING = object()
+# (class, attribute) -> (family, the class's own value before, or _MISSING)
+_class_patches: dict[tuple[type, str], tuple[str, object]] = {}
+
+
+def _set_class_attr(family: str, cls: type, attr: str, value) -> None:
+    _class_patches.setdefault((cls, attr), (family, cls.__dict__.get(attr, _MISSING)))
+    setattr(cls, attr, value)
+
+
+def revert(family: Optional[str] = None) -> None:
+    """Undo the class-level patches of ``apply_to_<family>()`` (all families by default):
+    models created afterwards default to transformers' attention again and the MLP classes
+    get their own forward back (also in models already created, whose MLPs use the class's
+    forward). A model switched to "tritformer" keeps it: ``set_attn_implementation("sdpa")``."""
+    if family is not None:
+        _family(family)  # validates the name
+    for (cls, attr), (fam, before) in list(_class_patches.items()):
+        if family is not None and fam != family:
+            continue
+        if before is _MISSING:
+            delattr(cls, attr)
+        else:
+            setattr(cls, attr, before)
+        del _class_patches[(cls, attr)]
+
+
+def _family(family: str) -> tuple[type, type, str]:
+    """(PreTrainedModel class, MLP class, MLP kind) of `family` in the installed transformers."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
+    mod, base, mlp, kind = FAMILIES[family]
+    try:
+        module = importlib.import_module(f"transformers.models.{mod}.modeling_{mod}")
+    except ImportError as e:
+        raise ImportError(f"this transformers has no {family} models "
+                          f"(transformers.models.{mod}): {e}") from e
+    missing = [n for n in (base, mlp) if not hasattr(module, n)]
+    if missing:
+        raise ImportError(f"transformers.models.{mod}.modeling_{mod} has no {', '.join(missing)}")
+    return getattr(module, base), getattr(module, mlp), kind
+
+
+def _default_to_tritformer(original):
+    def get_correct_attn_implementation(self, requested_attention, *args, **kwargs):
+        if requested_attention is None:  # no attn_implementation given: ours, not "sdpa"
+            requested_attention = NAME
+        return original(self, requested_attention, *args, **kwargs)
+    get_correct_attn_implementation._tritformer_original = original
+    return get_correct_attn_implementation
+
+
+def apply_to(family: str, model=None, attention: bool = True, mlp: bool = True):
+    """Put a transformers model family on tritformer, Liger-style (``apply_to_llama`` & co.
+    call this).
+
+    With ``model=None``, patches classes, so that models created afterwards (``from_pretrained``
+    included) use tritformer; call it before loading. attention: registers "tritformer" and
+    makes it the family's default attn_implementation (the family's PreTrainedModel class gets
+    a ``get_correct_attn_implementation`` that maps "no choice" to "tritformer" instead of
+    "sdpa"; an explicit ``attn_implementation=...`` is still honoured). mlp: the family's MLP
+    class gets a fused forward (`tritformer.patching.class_mlp_forward`: LlamaMLP-style gated
+    MLPs on `tritformer.gated_ffn`, GPT2MLP on `tritformer.ffn`), which runs the class's own
+    forward where the fused op cannot take the call; this also covers MLPs of models already
+    created. Both are undone by `revert`. Idempotent.
+
+    With a model (an instance of the family's PreTrainedModel): ``tritformer.patch(model,
+    attention=attention, mlp=mlp)``, in place; classes are left alone.
+
+    Returns a `tritformer.patching.PatchReport` of what was patched (class-level entries are
+    named by the class)."""
+    from tritformer.patching import PatchReport, Skip, Swap, class_mlp_forward, patch
+    base, mlp_cls, kind = _family(family)
+    if model is not None:
+        if not isinstance(model, base):
+            raise TypeError(f"model must be a {family} model (an instance of {base.__name__}), "
+                            f"got {type(model).__name__}")
+        return patch(model, attention=attention, mlp=mlp)
+    report = PatchReport()
+    if attention:
+        register()
+        current = base.__dict__.get("get_correct_attn_implementation")
+        if not hasattr(current, "_tritformer_original"):
+            original = getattr(base, "get_correct_attn_implementation", None)
+            if original is None:
+                report.skipped.append(Skip(base.__qualname__, "default attn_implementation",
+                                           "this transformers has no get_correct_attn_implementation"))
+            else:
+                _set_class_attr(family, base, "get_correct_attn_implementation",
+                                _default_to_tritformer(original))
+                report.swapped.append(Swap(f"{base.__module__}.{base.__qualname__}",
+                                           "default attn_implementation 'sdpa'",
+                                           f"default attn_implementation {NAME!r}",
+                                           "models created from now on; explicit choices honoured"))
+    if mlp and not hasattr(mlp_cls.forward, "_tritformer_original"):
+        op = "tritformer.gated_ffn" if kind == "gated" else "tritformer.ffn"
+        if kind == "gated":
+            from tritformer.patching import _original_forward, _same_code
+            if not _same_code(mlp_cls.forward, _original_forward(_family("llama")[1])):
+                report.skipped.append(Skip(f"{mlp_cls.__module__}.{mlp_cls.__qualname__}.forward",
+                                           mlp_cls.__name__, "its forward is not LlamaMLP's gated MLP"))
+                return report
+        _set_class_attr(family, mlp_cls, "forward", class_mlp_forward(mlp_cls, kind))
+        report.swapped.append(Swap(f"{mlp_cls.__module__}.{mlp_cls.__qualname__}.forward",
+                                   f"{mlp_cls.__name__}.forward", op,
+                                   "fused where the op takes the call, else the original forward"))
+    return report
+
+
+def apply_to_llama(model=None, attention: bool = True, mlp: bool = True):
+    """`apply_to` for Llama (LlamaPreTrainedModel, LlamaMLP)."""
+    return apply_to("llama", model, attention, mlp)
+
+
+def apply_to_mistral(model=None, attention: bool = True, mlp: bool = True):
+    """`apply_to` for Mistral (MistralPreTrainedModel, MistralMLP)."""
+    return apply_to("mistral", model, attention, mlp)
+
+
+def apply_to_qwen2(model=None, attention: bool = True, mlp: bool = True):
+    """`apply_to` for Qwen2 (Qwen2PreTrainedModel, Qwen2MLP)."""
+    return apply_to("qwen2", model, attention, mlp)
+
+
+def apply_to_gemma(model=None, attention: bool = True, mlp: bool = True):
+    """`apply_to` for Gemma (GemmaPreTrainedModel, GemmaMLP)."""
+    return apply_to("gemma", model, attention, mlp)
+
+
+def apply_to_gemma2(model=None, attention: bool = True, mlp: bool = True):
+    """`apply_to` for Gemma-2 (Gemma2PreTrainedModel, Gemma2MLP)."""
+    return apply_to("gemma2", model, attention, mlp)
+
+
+def apply_to_gpt2(model=None, attention: bool = True, mlp: bool = True):
+    """`apply_to` for GPT-2 (GPT2PreTrainedModel, GPT2MLP)."""
+    return apply_to("gpt2", model, attention, mlp)
+
+
+__all__ = ["NAME", "register", "attention_forward", "mask", "use_tritformer_attention",
+           "FAMILIES", "apply_to", "apply_to_llama", "apply_to_mistral", "apply_to_qwen2",
+           "apply_to_gemma", "apply_to_gemma2", "apply_to_gpt2", "revert"]
