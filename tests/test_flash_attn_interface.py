@@ -440,6 +440,9 @@ def _kv_args():
     (lambda a: a.update(rotary_cos=torch.ones(15, 4), rotary_sin=torch.ones(15, 4)), r"^rotary_cos has 15 positions"),
     (lambda a: a.update(cache_seqlens=torch.tensor([3, 16], dtype=torch.int32)),
      r"^cache_seqlens: cache_seqlens\[1\] \+ Nnew = 16 \+ 1 must be in \[0, 16\]"),
+    (lambda a: a.update(block_table=torch.zeros(2, 1, dtype=torch.int32), k_cache=cache(1, 8, 2, 16)[0],
+                        v_cache=cache(1, 8, 2, 16)[1], cache_seqlens=torch.tensor([3, 8], dtype=torch.int32)),
+     r"^cache_seqlens: cache_seqlens\[1\] \+ Nnew = 8 \+ 1 must be in \[0, 8\] \(the paged capacity: block_table has 1 blocks"),
     (lambda a: a.update(cache_seqlens=torch.tensor([3, 15])), r"^cache_seqlens must have dtype int32"),
     (lambda a: a.update(cache_leftpad=torch.tensor([5, 0], dtype=torch.int32)), r"^cache_leftpad\[0\] = 5 must be in \[0, 4\]"),
     (lambda a: a.update(cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32)),
@@ -450,12 +453,12 @@ def _kv_args():
     (lambda a: a.update(k=a["k"].float()), r"^k: FlashAttention only support|^k: Key must have the same dtype"),
     (lambda a: a.update(num_splits=-1), r"^num_splits must be >= 0"),
 ], ids=["v-missing", "seqlens-missing", "rotary-without-k", "sin-missing", "rotary-dim", "rotary-short",
-        "overflow", "seqlens-dtype", "leftpad", "batch-idx", "paged-batch-idx", "block-table-dtype",
+        "overflow", "paged-overflow", "seqlens-dtype", "leftpad", "batch-idx", "paged-batch-idx", "block-table-dtype",
         "k-dtype", "num-splits"])
 def test_kvcache_errors_leave_the_cache_untouched(no_launch, change, match):
     a = _kv_args()
-    before = a["k_cache"].clone(), a["v_cache"].clone()
     change(a)
+    before = a["k_cache"].clone(), a["v_cache"].clone()
     with pytest.raises((ValueError, TypeError), match=match):
         flash_attn_with_kvcache(**a)
     assert torch.equal(a["k_cache"], before[0]) and torch.equal(a["v_cache"], before[1])

@@ -541,7 +541,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     for b, s in enumerate(seqlens):
         if s < 0 or s + n_new > n_max:
             what = f"cache_seqlens[{b}] + Nnew = {s} + {n_new}" if n_new else f"cache_seqlens[{b}] = {s}"
-            raise FlashAttnError(f"cache_seqlens: {what} must be in [0, {n_max}] (the cache length)")
+            cap = (f"the paged capacity: block_table has {block_table.shape[1]} blocks of {page} "
+                   f"keys per row" if paged else "the cache length")
+            raise FlashAttnError(f"cache_seqlens: {what} must be in [0, {n_max}] ({cap})")
     totals = [s + n_new for s in seqlens]
     lefts = cache_leftpad.tolist() if cache_leftpad is not None else [0] * B
     for b, (lp, t) in enumerate(zip(lefts, totals)):
