@@ -295,7 +295,8 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
               HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
-              DROPOUT: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQ_LOOP: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
     # program -> (query tile, head, sequence) on grid axis 0 (CUDA takes 2^31 - 1 programs
     # there, 65,535 on axes 1 and 2), tiles fastest: the tiles of one head run together.
     # MAX_SEQLEN is the length the grid was sized for (varlen: max_seqlen_*).
@@ -304,9 +305,9 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
     tile = pid % n_tiles
     head = (pid // n_tiles) % H
     seq = pid // n_tiles // H
-    if VARLEN:
-        # a sequence longer than max_seqlen (not checked on the host under torch.compile) is
-        # covered by looping over its tiles: never an unwritten row, never a read past it
+    if SEQ_LOOP:
+        # varlen under torch.compile (max_seqlen not checked against cu_seqlens): a sequence
+        # longer than max_seqlen is covered by looping over its tiles, never an unwritten row
         n_real = tl.load(CuQ + seq + 1) - tl.load(CuQ + seq)
         for t in range(tile, tl.cdiv(n_real, BLOCK_M), n_tiles):
             _attn_fwd_tile(t, seq, head, Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
@@ -538,7 +539,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
                    HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
-                   DROPOUT: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQ_LOOP: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
     # program -> (key tile, head, sequence) on grid axis 0 (CUDA takes 2^31 - 1 programs
     # there, 65,535 on axes 1 and 2), tiles fastest: the tiles of one head run together.
     # MAX_SEQLEN is the length the grid was sized for (varlen: max_seqlen_*).
@@ -547,9 +549,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
     tile = pid % n_tiles
     head = (pid // n_tiles) % (H // GROUP)
     seq = pid // n_tiles // (H // GROUP)
-    if VARLEN:
-        # a sequence longer than max_seqlen (not checked on the host under torch.compile) is
-        # covered by looping over its tiles: never an unwritten row, never a read past it
+    if SEQ_LOOP:
+        # varlen under torch.compile (max_seqlen not checked against cu_seqlens): a sequence
+        # longer than max_seqlen is covered by looping over its tiles, never an unwritten row
         n_real = tl.load(CuK + seq + 1) - tl.load(CuK + seq)
         for t in range(tile, tl.cdiv(n_real, BLOCK_N), n_tiles):
             _attn_bwd_dkdv_tile(t, seq, head, Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi,
@@ -707,8 +709,8 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, Cu
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
                  HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
-                 DROPOUT: tl.constexpr, VARLEN: tl.constexpr, MASK_GRAD: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQ_LOOP: tl.constexpr,
+                 MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # program -> (query tile, head, sequence) on grid axis 0 (CUDA takes 2^31 - 1 programs
     # there, 65,535 on axes 1 and 2), tiles fastest: the tiles of one head run together.
     # MAX_SEQLEN is the length the grid was sized for (varlen: max_seqlen_*).
@@ -717,9 +719,9 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, Cu
     tile = pid % n_tiles
     head = (pid // n_tiles) % H
     seq = pid // n_tiles // H
-    if VARLEN:
-        # a sequence longer than max_seqlen (not checked on the host under torch.compile) is
-        # covered by looping over its tiles: never an unwritten row, never a read past it
+    if SEQ_LOOP:
+        # varlen under torch.compile (max_seqlen not checked against cu_seqlens): a sequence
+        # longer than max_seqlen is covered by looping over its tiles, never an unwritten row
         n_real = tl.load(CuQ + seq + 1) - tl.load(CuQ + seq)
         for t in range(tile, tl.cdiv(n_real, BLOCK_M), n_tiles):
             _attn_bwd_dq_tile(t, seq, head, Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange,
@@ -783,7 +785,9 @@ GPU_CONFIGS = {
              (64, 4, [_cfg(64, 32, 4, 2)]),
              (128, 4, [_cfg(32, 32, 8, 1), _cfg(32, 16, 8, 1)]),
              (256, 4, [_cfg(32, 16, 8, 1), _cfg(16, 32, 8, 1)])],
-        80: [(64, 2, [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3)]),
+        # 128x128/8/3 spilled 16 B (causal, 255 regs) in Triton's own ptxas run, 3.7.1 and 3.9;
+        # 64x64/4/3: 255 regs, 0 B on both
+        80: [(64, 2, [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)]),
              # 128x64/8 warps/3 stages spilled 48 B once the kernel took masks/varlen (causal);
              # 128x32/8/3: 189 regs, 0 spill
              (128, 2, [_cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3)]),
@@ -794,9 +798,11 @@ GPU_CONFIGS = {
              (256, 4, [_cfg(32, 16, 8, 1), _cfg(16, 32, 8, 1)])],
     },
     "bwd_dkdv": {  # BLOCK_M: streamed query tile, BLOCK_N: resident key tile
-        90: [(64, 2, [_cfg(32, 128, 8, 2), _cfg(64, 128, 8, 2)]),
-             # GQA 4:1 (the group loop): 32x128/8 and 64x64/8 spilled; 16x128/8: 255 regs, 0 B
-             (128, 2, [_cfg(16, 128, 8, 2), _cfg(32, 64, 8, 2)]),
+        # Read from the cubins Triton builds (inspect since 821e9fd: Triton's own ptxas flags),
+        # GQA 4:1 causal: 64x128/8 spilled 80 B at D=64 (64x64/8: 241 regs, 0 B) and 32x64/8
+        # 24 B at D=128 (16x64/8: 222 regs, 0 B; 16x128/8: 251 regs, 0 B)
+        90: [(64, 2, [_cfg(32, 128, 8, 2), _cfg(64, 64, 8, 2)]),
+             (128, 2, [_cfg(16, 128, 8, 2), _cfg(16, 64, 8, 2)]),
              (256, 2, [_cfg(16, 32, 4, 1)]),
              (64, 4, [_cfg(16, 32, 4, 1)]),
              (128, 4, [_cfg(32, 32, 8, 1), _cfg(16, 32, 8, 1)]),
@@ -854,7 +860,8 @@ VARIANT_CONFIGS = {
         "bwd_dkdv": {
             # Triton 3.7.1: sm_90 D=128 32x16/8 spilled 24 B (80 regs), sm_80 D=128 16x128/8
             # spilled 136 B (causal); 32x32/8 and 16x64/8 are spill-free on 3.7.1 and 3.9
-            90: [(64, 2, [_cfg(32, 128, 8, 2), _cfg(32, 32, 8, 1)]),
+            # 32x32/8/1 GQA 4:1 causal D=64: 128 regs, 32 B spilled (3.7.1 and 3.9); 16x64/8/1: 138
+            90: [(64, 2, [_cfg(32, 128, 8, 2), _cfg(16, 64, 8, 1)]),
                  (128, 2, [_cfg(32, 32, 8, 1), _cfg(16, 64, 8, 1)]),
                  (256, 2, [_cfg(16, 32, 4, 1), _cfg(32, 32, 8, 1)]),
                  (64, 4, [_cfg(32, 32, 8, 1), _cfg(32, 16, 8, 1)]),
@@ -971,6 +978,7 @@ class Options:
     cu_seqlens_k: Optional[torch.Tensor] = None
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
+    seqlens_checked: bool = False  # varlen: max_seqlen_* known to bound every sequence
 
     @property
     def varlen(self) -> bool:
@@ -1049,6 +1057,10 @@ def _features(q, k, opts: Options, dummy: torch.Tensor):
         "MASK_KIND": 0 if mask is None else (1 if mask.dtype == torch.bool else 2),
         "HAS_KPM": kpm is not None, "HAS_ALIBI": slopes is not None,
         "SOFTCAP": bool(opts.softcap), "DROPOUT": opts.dropout_p > 0, "VARLEN": opts.varlen,
+        # varlen whose max_seqlen was not checked against cu_seqlens (torch.compile): the
+        # programs loop over the tiles past it. Only then: the loop around the tile body cost
+        # registers (sm_90 fp16 D=128 varlen forward 224 -> 255 regs + 32-96 B spilled)
+        "SEQ_LOOP": opts.varlen and not opts.seqlens_checked,
     }
     n_z = opts.cu_seqlens_q.shape[0] - 1 if opts.varlen else B
     heavy = (constexprs["MASK_KIND"] or kpm is not None or slopes is not None or opts.softcap

@@ -265,7 +265,9 @@ INTERPRETER_MAX_BLOCK_M = 64
 # FMA (attention's _dot_precision), which holds at most 32 rows at D=128 and 16 at D=256.
 # Comments: registers / shared memory per entry, worst over the plans it serves and both versions.
 SPLIT_CONFIGS = {
-    90: [(64, 2, 32, [_cfg(128, 4, 3)]),   # 168 regs, 76 KB
+    # 128/4/3 read from Triton's own ptxas run (inspect since 821e9fd): 16-row single-split
+    # capped at 128 regs, 8 B spilled (3.9); 128/8/3 is 162 regs x 256 threads (1/SM)
+    90: [(64, 2, 32, [_cfg(64, 4, 3)]),    # 126 regs, 40 KB
          (64, 2, 64, [_cfg(64, 4, 3)]),    # 167 regs, 56 KB
          (128, 2, 16, [_cfg(128, 4, 2)]),  # 186 regs, 72 KB
          (128, 2, 64, [_cfg(32, 4, 3)]),   # 187 regs, 64 KB
@@ -276,7 +278,8 @@ SPLIT_CONFIGS = {
          (128, 4, 16, [_cfg(64, 4, 2)]),   # FMA dots: 146 regs, 76 KB
          (128, 4, 32, [_cfg(16, 8, 2)]),   # 80 regs, 34 KB
          (256, 4, 16, [_cfg(32, 8, 2)])],  # 115 regs, 82 KB
-    80: [(64, 2, 32, [_cfg(128, 4, 3)]),   # 168 regs, 76 KB
+    # 128/4/3: 32-row single-split spilled 16 B on Triton 3.7.1 (its own ptxas run)
+    80: [(64, 2, 32, [_cfg(64, 4, 3)]),    # 128 regs, 40 KB
          (64, 2, 64, [_cfg(32, 4, 3)]),    # 143 regs, 24 KB
          (128, 2, 16, [_cfg(128, 4, 2)]),  # 186 regs, 72 KB
          (128, 2, 32, [_cfg(64, 4, 3)]),   # 191 regs, 76 KB

@@ -30,13 +30,14 @@ def _kernels():
 
 
 def _options(scale, left, right, attn_mask, key_padding_mask, alibi_slopes, cu_seqlens_q,
-             cu_seqlens_k, seed, softcap, dropout_p, max_seqlen_q, max_seqlen_k):
+             cu_seqlens_k, seed, softcap, dropout_p, max_seqlen_q, max_seqlen_k,
+             seqlens_checked=False):
     return _kernels().Options(
         scale=scale, left=left, right=right, attn_mask=attn_mask,
         key_padding_mask=key_padding_mask, alibi_slopes=alibi_slopes, softcap=softcap,
         dropout_p=dropout_p, seed=0 if seed is None else int(seed.item()),
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k)
+        max_seqlen_k=max_seqlen_k, seqlens_checked=seqlens_checked)
 
 
 def _default_scale(q, scale):
@@ -54,19 +55,21 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    alibi_slopes: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
                    cu_seqlens_k: Optional[torch.Tensor], seed: Optional[torch.Tensor],
                    scale: Optional[float], left: Optional[int], right: Optional[int], softcap: float,
-                   dropout_p: float, max_seqlen_q: int, max_seqlen_k: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   dropout_p: float, max_seqlen_q: int, max_seqlen_k: int,
+                   seqlens_checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (varlen: B = 1, N = total tokens, cu_seqlens set);
-    attn_mask expanded to [B, Hq, Nq, Nk] (a stride-0 view where broadcast)."""
+    attn_mask expanded to [B, Hq, Nq, Nk] (a stride-0 view where broadcast). seqlens_checked:
+    (varlen) max_seqlen_* are known to bound every sequence (checked on the host); when not
+    (under torch.compile) the kernels loop over tiles past them."""
     opts = _options(_default_scale(q, scale), left, right, attn_mask, key_padding_mask,
                     alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, softcap, dropout_p,
-                    max_seqlen_q, max_seqlen_k)
+                    max_seqlen_q, max_seqlen_k, seqlens_checked)
     return _kernels().attention_forward(q, k, v, opts)
 
 
 @_attention_fwd.register_fake
 def _(q, k, v, attn_mask, key_padding_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed,
-      scale, left, right, softcap, dropout_p, max_seqlen_q, max_seqlen_k):
+      scale, left, right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, seqlens_checked=False):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -77,19 +80,20 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                    alibi_slopes: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
                    cu_seqlens_k: Optional[torch.Tensor], seed: Optional[torch.Tensor],
                    scale: Optional[float], left: Optional[int], right: Optional[int], softcap: float,
-                   dropout_p: float, max_seqlen_q: int, max_seqlen_k: int, mask_grad: bool
+                   dropout_p: float, max_seqlen_q: int, max_seqlen_k: int, mask_grad: bool,
+                   seqlens_checked: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv, and d(attn_mask) [B, Hq, Nq, Nk] float32 when mask_grad (else empty)."""
     opts = _options(_default_scale(q, scale), left, right, attn_mask, key_padding_mask,
                     alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, softcap, dropout_p,
-                    max_seqlen_q, max_seqlen_k)
+                    max_seqlen_q, max_seqlen_k, seqlens_checked)
     return _kernels().attention_backward(do, q, k, v, out, lse, opts, dlse, mask_grad)
 
 
 @_attention_bwd.register_fake
 def _(do, q, k, v, out, lse, dlse, attn_mask, key_padding_mask, alibi_slopes, cu_seqlens_q,
       cu_seqlens_k, seed, scale, left, right, softcap, dropout_p, max_seqlen_q, max_seqlen_k,
-      mask_grad):
+      mask_grad, seqlens_checked=False):
     dmask = (q.new_empty((*q.shape[:3], k.shape[2]), dtype=torch.float32) if mask_grad
              else q.new_empty(0, dtype=torch.float32))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
@@ -108,11 +112,12 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse, attn_mask, kpm, alibi, cu_q, cu_k, seed = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
+    *scalars, seqlens_checked = ctx.scalars
     dq, dk, dv, dmask = torch.ops.tritformer.attention_bwd(
-        dout, q, k, v, out, lse, dlse, attn_mask, kpm, alibi, cu_q, cu_k, seed, *ctx.scalars,
-        ctx.mask_grad)
+        dout, q, k, v, out, lse, dlse, attn_mask, kpm, alibi, cu_q, cu_k, seed, *scalars,
+        ctx.mask_grad, seqlens_checked)
     dmask = dmask.to(attn_mask.dtype) if ctx.mask_grad else None
-    return (dq, dk, dv, dmask) + (None,) * 12
+    return (dq, dk, dv, dmask) + (None,) * 13
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -297,6 +302,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     view = lambda t: t.transpose(0, 1).unsqueeze(0)  # noqa: E731
     out, lse = torch.ops.tritformer.attention_fwd(
         view(q), view(k), view(v), None, None, slopes, cu_seqlens_q, cu_seqlens_k, seed, scale,
-        left, right, softcap, dropout_p, int(max_seqlen_q), int(max_seqlen_k))
+        left, right, softcap, dropout_p, int(max_seqlen_q), int(max_seqlen_k),
+        not torch.compiler.is_compiling())  # checked by check_varlen_inputs unless compiling
     out = out[0].transpose(0, 1)
     return (out, lse[0]) if return_lse else out
