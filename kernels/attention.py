@@ -300,7 +300,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
     # program -> (query tile, head, sequence) on grid axis 0 (CUDA takes 2^31 - 1 programs
     # there, 65,535 on axes 1 and 2), tiles fastest: the tiles of one head run together.
     # MAX_SEQLEN is the length the grid was sized for (varlen: max_seqlen_*).
-    n_tiles = tl.cdiv(MAX_SEQLEN, BLOCK_M)
+    n_tiles = (MAX_SEQLEN + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
     tile = pid % n_tiles
     head = (pid // n_tiles) % H
@@ -309,7 +309,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
         # varlen under torch.compile (max_seqlen not checked against cu_seqlens): a sequence
         # longer than max_seqlen is covered by looping over its tiles, never an unwritten row
         n_real = tl.load(CuQ + seq + 1) - tl.load(CuQ + seq)
-        for t in range(tile, tl.cdiv(n_real, BLOCK_M), n_tiles):
+        for t in range(tile, (n_real + BLOCK_M - 1) // BLOCK_M, n_tiles):
             _attn_fwd_tile(t, seq, head, Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
                 stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn,
                 stride_kd, stride_vz, stride_vh, stride_vn, stride_vd, stride_oz, stride_oh,
@@ -339,7 +339,7 @@ def _attn_bwd_preprocess(Out, DO, DLse, Delta,
                          HAS_DLSE: tl.constexpr):
     # delta = rowsum(dO * O) - dLse   (dLse: gradient flowing into the returned lse, if any)
     # program -> (row tile, head, batch) on grid axis 0 (see _attn_fwd)
-    n_tiles = tl.cdiv(N_Q, BLOCK_M)
+    n_tiles = (N_Q + BLOCK_M - 1) // BLOCK_M
     start_m = tl.program_id(0) % n_tiles
     off_hz = tl.program_id(0) // n_tiles
     off_z = off_hz // H
@@ -544,7 +544,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
     # program -> (key tile, head, sequence) on grid axis 0 (CUDA takes 2^31 - 1 programs
     # there, 65,535 on axes 1 and 2), tiles fastest: the tiles of one head run together.
     # MAX_SEQLEN is the length the grid was sized for (varlen: max_seqlen_*).
-    n_tiles = tl.cdiv(MAX_SEQLEN, BLOCK_N)
+    n_tiles = (MAX_SEQLEN + BLOCK_N - 1) // BLOCK_N
     pid = tl.program_id(0)
     tile = pid % n_tiles
     head = (pid // n_tiles) % (H // GROUP)
@@ -553,7 +553,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
         # varlen under torch.compile (max_seqlen not checked against cu_seqlens): a sequence
         # longer than max_seqlen is covered by looping over its tiles, never an unwritten row
         n_real = tl.load(CuK + seq + 1) - tl.load(CuK + seq)
-        for t in range(tile, tl.cdiv(n_real, BLOCK_N), n_tiles):
+        for t in range(tile, (n_real + BLOCK_N - 1) // BLOCK_N, n_tiles):
             _attn_bwd_dkdv_tile(t, seq, head, Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi,
                 CuQ, CuK, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh,
                 stride_kn, stride_kd, stride_vz, stride_vh, stride_vn, stride_vd, stride_doz,
@@ -714,7 +714,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, Cu
     # program -> (query tile, head, sequence) on grid axis 0 (CUDA takes 2^31 - 1 programs
     # there, 65,535 on axes 1 and 2), tiles fastest: the tiles of one head run together.
     # MAX_SEQLEN is the length the grid was sized for (varlen: max_seqlen_*).
-    n_tiles = tl.cdiv(MAX_SEQLEN, BLOCK_M)
+    n_tiles = (MAX_SEQLEN + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
     tile = pid % n_tiles
     head = (pid // n_tiles) % H
@@ -723,7 +723,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, Cu
         # varlen under torch.compile (max_seqlen not checked against cu_seqlens): a sequence
         # longer than max_seqlen is covered by looping over its tiles, never an unwritten row
         n_real = tl.load(CuQ + seq + 1) - tl.load(CuQ + seq)
-        for t in range(tile, tl.cdiv(n_real, BLOCK_M), n_tiles):
+        for t in range(tile, (n_real + BLOCK_M - 1) // BLOCK_M, n_tiles):
             _attn_bwd_dq_tile(t, seq, head, Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange,
                 Alibi, CuQ, CuK, DMask, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz,
                 stride_kh, stride_kn, stride_kd, stride_vz, stride_vh, stride_vn, stride_vd,
@@ -747,7 +747,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, Cu
 def _dropout_mask_kernel(Out, n_rows, n_cols, dropout_p, seed,
                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Out[r, c] = the attention kernels' dropout keep bit of lse row r, key c (DROP_COLS = n_cols)."""
-    n_col_tiles = tl.cdiv(n_cols, BLOCK_C)  # program -> (row tile, column tile) on axis 0
+    n_col_tiles = (n_cols + BLOCK_C - 1) // BLOCK_C  # program -> (row tile, column tile), axis 0
     rows = (tl.program_id(0) // n_col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
     cols = (tl.program_id(0) % n_col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     keep = _dropout_keep(seed, rows, cols, n_cols, dropout_p)

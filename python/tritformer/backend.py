@@ -3,7 +3,9 @@
 - "triton": CUDA tensors, compiled Triton kernels.
 - "triton-interpreter": the same kernels in Triton's interpreter, on CPU tensors. Chosen when
   TRITON_INTERPRET=1 was set before the kernels were first used (the variable is read when the
-  kernel module is imported, i.e. at the first attention call, not at `import tritformer`).
+  kernel module is imported, i.e. at the first attention call). Set it before triton itself is
+  imported (before `import tritformer`): Triton's library functions (tl.zeros ...) decorated
+  without it fail when a kernel helper calls them.
 - "reference": CPU tensors otherwise (or no usable Triton): the pure-PyTorch reference in fp32.
 """
 from __future__ import annotations

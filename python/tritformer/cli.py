@@ -64,9 +64,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interpreter_rerun(command: str, argv) -> int | None:
+    """validate and bench run the kernels in Triton's interpreter when there is no GPU. The
+    interpreter only takes over @triton.jit functions created after TRITON_INTERPRET=1 was set,
+    Triton's own library (tl.zeros, tl.cdiv ...) included, and `import tritformer` has already
+    imported triton (through torch._dynamo): a kernel helper calling tl.zeros then fails with
+    "Cannot call @triton.jit'd outside of the scope of a kernel". So such a command re-runs
+    itself in a process that has the variable from the start (None: no re-run needed)."""
+    import subprocess
+
+    import torch
+    if (command not in ("validate", "bench") or torch.cuda.is_available()
+            or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
+        return None
+    argv = sys.argv[1:] if argv is None else list(argv)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, "-m", "tritformer", *argv], env=env).returncode
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset
     args = _parser().parse_args(argv)
+    rerun = _interpreter_rerun(args.command, argv)
+    if rerun is not None:
+        return rerun
     if args.command == "bench":
         from . import bench
         return bench.main(args)
