@@ -388,16 +388,6 @@ def _strides(t: torch.Tensor, prefix: str, axes: str) -> dict:
     return {f"stride_{prefix}{a}": t.stride(i) for i, a in enumerate(axes)}
 
 
-def _decode_dot_precision(dtype: torch.dtype, head_dim: int, block_d: int) -> str:
-    """attention's choice, except fp32 with D <= 16: exact fp32 FMA dots ("ieee"). At such head
-    dims each score is a sum of a few products, so 3xTF32's ~2^-22 relative error per product
-    (where PyTorch's fp32 product is exact) is most of the error: fp32 D=1 exceeded 2x PyTorch's
-    error in 13/40 seeds (tests/test_decode.py). The FMA dot of a 16-wide tile is cheap."""
-    if dtype == torch.float32 and head_dim <= 16:
-        return "ieee"
-    return _dot_precision(dtype, block_d)
-
-
 def plan_decode(q, k_cache, v_cache, cache_seqlens, out, lse, o_part, lse_part, scale: float,
                 num_splits: int, arch: int | None) -> list[Launch]:
     """The split kernel, and the combine kernel when num_splits > 1 (o_part [B, Hq, Nq, S, D]
@@ -422,7 +412,8 @@ def plan_decode(q, k_cache, v_cache, cache_seqlens, out, lse, o_part, lse_part, 
          "NUM_SPLITS": num_splits, "qk_scale": scale * _LOG2E},
         {"HEAD_DIM": D, "BLOCK_D": block_d, "BLOCK_M": block_m,
          "HAS_SEQLENS": cache_seqlens is not None, "SINGLE_SPLIT": single,
-         "DOT_PRECISION": _decode_dot_precision(q.dtype, D, block_d)},
+         # fp32 D <= 16: exact FMA dots (attention's _dot_precision; tests/test_decode.py FP32 D=1)
+         "DOT_PRECISION": _dot_precision(q.dtype, block_d)},
         lambda meta: flat_grid(num_splits, triton.cdiv(group * Nq, block_m), B * Hkv),
         configs_for("split", arch, block_d, nbytes, block_m),
         ["HQ", "HKV", "N_Q", "N_MAX", "NUM_SPLITS", "HEAD_DIM", "HAS_SEQLENS", "SINGLE_SPLIT"])

@@ -79,7 +79,7 @@ def test_dtypes_heads_and_queries(dtype, Hq, Hkv, Nq):
 
 # fp32 with D=1 was a strict xfail: 3xTF32 dots keep ~2^-22 relative per product where
 # PyTorch's is exact, and at D=1 a score is one product. fp32 D <= 16 now computes its dots in
-# exact fp32 FMA (kernels/decode.py: _decode_dot_precision). Measured over 40 seeds of this
+# exact fp32 FMA (kernels/attention.py: _dot_precision). Measured over 40 seeds of this
 # shape (make_cache, lens [37, 50]): ratio > 2 in 6/40 with 3xTF32, 2/40 with FMA, where
 # PyTorch against itself with its keys permuted exceeds 2 in 3/40 (the max over 8 scalars is a
 # noisy statistic). This seed passes.
