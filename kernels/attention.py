@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._constants import LN2, LOG2E
 from ._launch import (Launch, arch_family, device_arch, flat_grid, int32_tiles,
                       is_interpreted, run)
 from ._math import tanh as _tanh
@@ -175,8 +176,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
         # path, the fast one included) keeps m = -inf; subtract 0 instead (exp2(-inf) = 0),
         # not -inf (-inf - -inf = NaN). One select per row per tile.
         m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-        p = tl.math.exp2((s - m_sub[:, None]) * 1.4426950408889634)
-        alpha = tl.math.exp2((m_i - m_sub) * 1.4426950408889634)
+        p = tl.math.exp2((s - m_sub[:, None]) * LOG2E)
+        alpha = tl.math.exp2((m_i - m_sub) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, drop_row + i, j, DROP_COLS, dropout_p), p, 0.0)
@@ -274,7 +275,7 @@ def _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi
     if DROPOUT:
         inv_l = inv_l * (1.0 / (1.0 - dropout_p))
     acc = acc * inv_l[:, None]
-    lse = m_i + tl.math.log2(l_safe) * 0.6931471805599453  # m + ln(l)
+    lse = m_i + tl.math.log2(l_safe) * LN2  # m + ln(l)
     lse = tl.where(empty, float("-inf"), lse)
     tl.store(Lse + row0 + offs_m, lse, mask=mask_m)
     o_ptrs = (Out + z64 * stride_oz + off_h.to(tl.int64) * stride_oh
@@ -394,7 +395,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, De
         # masked to -inf before exp2: a masked score above the row's lse must not make inf.
         # Rows past n_q (zero-filled q) are zeroed explicitly: with a key of -inf their score is
         # 0 * -inf = NaN, which would reach dK/dV through the dots (tests/test_empty_rows.py).
-        pT = tl.math.exp2((sT - lse[None, :]) * 1.4426950408889634)
+        pT = tl.math.exp2((sT - lse[None, :]) * LOG2E)
         pT = tl.where(mask_m[None, :], pT, 0.0)
         do = tl.load(do_base + do_offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         # dV before dP^T is formed: fewer live tiles (dP^T first spilled fp32 D=128 on sm_80)
@@ -598,7 +599,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
         s, t = _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope,
                        sm_scale, cap_in, cap_out, win_left, win_right, BOUNDARY, WIN_LEFT,
                        WIN_RIGHT, MASK_KIND, HAS_KPM, HAS_ALIBI, SOFTCAP)
-        p = tl.math.exp2((s - lse[:, None]) * 1.4426950408889634)
+        p = tl.math.exp2((s - lse[:, None]) * LOG2E)
         # -- dS = P * (dP - delta), dQ += dS K ----
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         if DROPOUT:

@@ -35,10 +35,9 @@ import triton
 import triton.language as tl
 
 from ._launch import Launch, arch_family, device_arch, flat_grid, int32_tiles, is_interpreted, run
+from ._constants import LN2, LOG2E
 from .attention import _block_d, _dot_precision
 
-_LOG2E = 1.4426950408889634            # exp(x) = exp2(x * log2(e)): folded into the score scale
-LN2 = tl.constexpr(0.6931471805599453)  # ln(x) = log2(x) * ln(2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,7 +408,7 @@ def plan_decode(q, k_cache, v_cache, cache_seqlens, out, lse, o_part, lse_part, 
          **_strides(q, "q", "zhmd"), **_strides(k_cache, "k", "zhnd"),
          **_strides(v_cache, "v", "zhnd"), **_strides(out, "o", "zhmd"),
          "HQ": Hq, "HKV": Hkv, "GROUP": group, "N_Q": Nq, "N_MAX": n_max,
-         "NUM_SPLITS": num_splits, "qk_scale": scale * _LOG2E},
+         "NUM_SPLITS": num_splits, "qk_scale": scale * LOG2E.value},
         {"HEAD_DIM": D, "BLOCK_D": block_d, "BLOCK_M": block_m,
          "HAS_SEQLENS": cache_seqlens is not None, "SINGLE_SPLIT": single,
          # fp32 D <= 16: exact FMA dots (attention's _dot_precision; tests/test_decode.py FP32 D=1)

@@ -20,17 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
+# Kernel switches (tl.constexpr globals, kernels/_constants.py): the kernel branches on these
+# names and the host passes the same objects (plan_gemm unwraps them to ints). Re-exported: the
+# ops pass them by these names (kernels.ffn.EPI_GATED, kernels.ffn.ACTIVATIONS[name]).
+from ._constants import (ACT_GELU, ACT_GELU_TANH, ACT_NONE, ACT_RELU, ACT_SILU,  # noqa: F401
+                         ACTIVATIONS, EPI_BIAS_ACT, EPI_DACT, EPI_DGATED, EPI_GATED, EPI_NAMES)
 from ._launch import Launch, arch_family, device_arch, int32_tiles, is_interpreted, run
 from ._math import tanh as _tanh
-
-# Kernel switches as tl.constexpr globals: the kernel branches on these names and the host passes
-# the same objects (plan_gemm unwraps them to ints), so no code depends on a number or an order.
-ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_RELU, ACT_SILU = (tl.constexpr(i) for i in range(5))
-ACTIVATIONS = {"none": ACT_NONE, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH, "relu": ACT_RELU,
-               "silu": ACT_SILU}
-EPI_BIAS_ACT, EPI_DACT, EPI_GATED, EPI_DGATED = (tl.constexpr(i) for i in range(4))
-EPI_NAMES = {EPI_BIAS_ACT.value: "bias_act", EPI_DACT.value: "dact", EPI_GATED.value: "gated",
-             EPI_DGATED.value: "dgated"}
 
 
 @triton.jit

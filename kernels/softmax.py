@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._constants import LOG2E
 from ._launch import Launch, device_arch, is_interpreted, run
 
 
@@ -82,7 +83,7 @@ def _softmax_fwd_row(row, X, Mask, Y, D1, D2, C,
                      HAS_MASK, MASK_BOOL, CAUSAL)
         m = tl.max(s, axis=0)
         m = tl.where(m == float("-inf"), 0.0, m)  # fully masked row: every p is 0
-        p = tl.math.exp2((s - m) * 1.4426950408889634)
+        p = tl.math.exp2((s - m) * LOG2E)
         l = tl.sum(p, axis=0)
         y = p * (1.0 / tl.where(l == 0.0, 1.0, l))
         tl.store(y_row + cols.to(tl.int64) * stride_yc, y.to(Y.dtype.element_ty), mask=cols < C)
@@ -95,18 +96,18 @@ def _softmax_fwd_row(row, X, Mask, Y, D1, D2, C,
                          HAS_MASK, MASK_BOOL, CAUSAL)
             m_new = tl.maximum(m_i, s)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = (l_i * tl.math.exp2((m_i - m_safe) * 1.4426950408889634)
-                   + tl.math.exp2((s - m_safe) * 1.4426950408889634))
+            l_i = (l_i * tl.math.exp2((m_i - m_safe) * LOG2E)
+                   + tl.math.exp2((s - m_safe) * LOG2E))
             m_i = m_new
         m = tl.max(m_i, axis=0)
         m = tl.where(m == float("-inf"), 0.0, m)
-        l = tl.sum(l_i * tl.math.exp2((m_i - m) * 1.4426950408889634), axis=0)
+        l = tl.sum(l_i * tl.math.exp2((m_i - m) * LOG2E), axis=0)
         inv_l = 1.0 / tl.where(l == 0.0, 1.0, l)
         # pass 2: normalise and write
         for start in range(0, C, BLOCK):
             s = _logits(x_row, m_row, start + cols, C, i2, D2, stride_xc, stride_mc, scale,
                          HAS_MASK, MASK_BOOL, CAUSAL)
-            y = tl.math.exp2((s - m) * 1.4426950408889634) * inv_l
+            y = tl.math.exp2((s - m) * LOG2E) * inv_l
             tl.store(y_row + (start + cols).to(tl.int64) * stride_yc, y.to(Y.dtype.element_ty),
                      mask=start + cols < C)
 
