@@ -8,8 +8,7 @@ import torch
 
 import tritformer
 from tritformer.kernels import attention as K
-from tritformer.numerics import assert_checks
-from tritformer.validate import check_attention
+from tritformer.testing import assert_checks, check_attention
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tritformer
-from tritformer.validate import check_attention
+from tritformer.testing import check_attention
 
 
 def _op_args(q, k, v, *, attn_mask=None, kpm=None, alibi=None, cu_q=None, cu_k=None, seed=None,

@@ -36,7 +36,7 @@ def test_validate_quick():
 def test_cpu_without_interpreter_uses_reference_path():
     code = (
         "import torch, tritformer\n"
-        "from tritformer.validate import check_attention\n"
+        "from tritformer.testing import check_attention\n"
         "q, k, v = (torch.randn(1, 2, 20, 16, dtype=torch.float16) for _ in range(3))\n"
         "assert tritformer.backend_for(q) == 'reference', tritformer.backend_for(q)\n"
         "bad = [str(c) for c in check_attention(q, k, v, causal=True) if not c.ok]\n"
@@ -51,7 +51,7 @@ def test_cpu_without_interpreter_softmax_and_ffn_use_reference_path():
     # every op must run (fwd and bwd, within the criterion) on CPU without the interpreter
     code = (
         "import torch, tritformer\n"
-        "from tritformer.validate import check_softmax, check_ffn, check_gated_ffn\n"
+        "from tritformer.testing import check_softmax, check_ffn, check_gated_ffn\n"
         "x = torch.randn(2, 5, 30, dtype=torch.float16)\n"
         "assert tritformer.backend_for(x) == 'reference'\n"
         "bad = [str(c) for c in check_softmax(x, scale=0.5, causal=True,\n"

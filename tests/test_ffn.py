@@ -9,7 +9,7 @@ import torch
 import tritformer
 
 from tritformer.numerics import assert_checks
-from tritformer.validate import check_ffn, check_gated_ffn
+from tritformer.testing import check_ffn, check_gated_ffn
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 ACTS = ["gelu", "gelu_tanh", "relu", "silu"]

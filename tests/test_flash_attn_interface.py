@@ -30,7 +30,7 @@ from tritformer.flash_attn import (
 )
 from tritformer.kernels import attention as KA
 from tritformer.kernels import decode as KD
-from tritformer.validate import _attention_grad_checks
+from tritformer.testing import _attention_grad_checks
 
 F16 = torch.float16
 

@@ -17,10 +17,9 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from tritformer.numerics import assert_checks  # noqa: E402
-from tritformer.validate import (check_attention, check_decode_attention, check_ffn,  # noqa: E402
-                                 check_gated_ffn, check_sdpa, check_softmax,
-                                 check_varlen_attention)
+from tritformer.testing import (assert_checks, check_attention, check_decode_attention,  # noqa: E402
+                                check_ffn, check_gated_ffn, check_sdpa, check_softmax,
+                                check_varlen_attention)
 
 DEEP = int(os.environ.get("TRITFORMER_FUZZ_EXAMPLES", "0"))
 

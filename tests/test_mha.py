@@ -14,7 +14,7 @@ import torch
 import tritformer.ops.sdpa as sdpa_mod
 from tritformer import numerics
 from tritformer.nn import MultiheadAttention
-from tritformer.validate import _backprop
+from tritformer.testing import _backprop
 
 E, H = 16, 2
 

@@ -18,7 +18,7 @@ import tritformer.ops.ffn as ffn_mod
 import tritformer.ops.sdpa as sdpa_mod
 from tritformer import numerics
 from tritformer.patching import FusedSequentialMLP, PatchReport
-from tritformer.validate import _backprop
+from tritformer.testing import _backprop
 
 pytestmark = pytest.mark.integration  # newest Triton only in CI (pyproject.toml)
 

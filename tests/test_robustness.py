@@ -4,8 +4,7 @@ import torch
 
 import tritformer
 from tritformer import reference
-from tritformer.numerics import assert_checks
-from tritformer.validate import check_attention, check_softmax
+from tritformer.testing import assert_checks, check_attention, check_softmax
 
 
 def test_attention_huge_logits_fp32():

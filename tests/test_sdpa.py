@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import tritformer.ops.sdpa as sdpa_mod
 from tritformer import numerics
 from tritformer.ops.sdpa import scaled_dot_product_attention as sdpa
-from tritformer.validate import check_sdpa
+from tritformer.testing import check_sdpa
 
 TORCH_SDPA = torch._C._nn.scaled_dot_product_attention  # torch's op, whatever F holds
 
@@ -46,7 +46,7 @@ def rnd(*shape, dtype=torch.float16):
 
 
 def check_against_torch(q, k, v, attn_mask=None, grads=True, **kw):
-    """tritformer sdpa vs torch's SDPA (tritformer.validate.check_sdpa), asserted."""
+    """tritformer sdpa vs torch's SDPA (tritformer.testing.check_sdpa), asserted."""
     bad = [str(c) for c in check_sdpa(q, k, v, attn_mask, grads=grads, **kw) if not c.ok]
     assert not bad, "\n".join(bad)
 

@@ -9,8 +9,7 @@ import torch
 
 import tritformer
 from tritformer.kernels import softmax as K
-from tritformer.numerics import assert_checks
-from tritformer.validate import check_softmax
+from tritformer.testing import assert_checks, check_softmax
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 

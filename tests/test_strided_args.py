@@ -10,11 +10,9 @@ import pytest
 import torch
 
 import tritformer
-from tritformer.numerics import assert_checks
-from tritformer.testing import layout_variants, offset, strided
-from tritformer.validate import (check_attention, check_decode_attention, check_ffn,
-                                 check_gated_ffn, check_sdpa, check_softmax,
-                                 check_varlen_attention)
+from tritformer.testing import (assert_checks, check_attention, check_decode_attention,
+                                check_ffn, check_gated_ffn, check_sdpa, check_softmax,
+                                check_varlen_attention, layout_variants, offset, strided)
 
 
 def _g(seed=0):

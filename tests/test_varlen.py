@@ -9,7 +9,7 @@ import torch
 
 import tritformer
 from tritformer.kernels import attention as K
-from tritformer.validate import check_varlen_attention
+from tritformer.testing import check_varlen_attention
 
 
 def packed(lens_q, lens_k, Hq=4, Hkv=2, D=32, dtype=torch.float16):
@@ -22,7 +22,7 @@ def packed(lens_q, lens_k, Hq=4, Hkv=2, D=32, dtype=torch.float16):
 
 def check_varlen(q, k, v, cu_q, cu_k, **kw):
     """Kernel vs float64 reference, bounded by the reference in q's dtype: out, lse and grads
-    (tritformer.validate.check_varlen_attention), asserted."""
+    (tritformer.testing.check_varlen_attention), asserted."""
     lens = lambda cu: int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0  # noqa: E731
     checks = check_varlen_attention(q, k, v, cu_q, cu_k, lens(cu_q), lens(cu_k),
                                     return_lse=True, **kw)

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from . import registry
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tritformer", description=__doc__)
@@ -14,8 +16,8 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmark the fused kernels against naive attention, SDPA and "
                                      "peers; CSV/JSON/PNG results (on CPU: memory, errors, "
                                      "interpreter times)")
-    from .bench import OPS, PROVIDERS
-    b.add_argument("--op", nargs="+", choices=("all",) + OPS, default=["all"])
+    from .bench import PROVIDERS
+    b.add_argument("--op", nargs="+", choices=("all",) + registry.names("bench"), default=["all"])
     b.add_argument("--quick", action="store_true", help="small sweep (a few minutes on a 2-core CPU)")
     b.add_argument("--out", default="bench-results", help="directory for results.csv/json and plots")
     b.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
@@ -34,9 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--head-dim", nargs="+", type=int, choices=[64, 128, 256], default=[64, 128, 256],
                    help="head-dim buckets to compile (64 covers D<=64, 128 D<=128, 256 D<=256)")
     i.add_argument("--dtype", nargs="+", choices=["fp16", "bf16", "fp32"], default=["fp16", "fp32"])
-    i.add_argument("--op", nargs="+",
-                   choices=["attention", "masked", "varlen", "softmax", "ffn", "decode"],
-                   default=["attention", "masked", "varlen", "softmax", "ffn", "decode"],
+    i.add_argument("--op", nargs="+", choices=list(registry.names("inspect")),
+                   default=list(registry.names("inspect")),
                    help="kernels to compile (D/C column: head dim, softmax row length, or FFN model "
                         "dim); masked: every mask/bias/dropout switch on, varlen: packed sequences, "
                         "decode: flash-decoding (split-KV) over a KV cache")

@@ -26,9 +26,12 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
+
+from . import registry
 
 ARCHES = {"sm_80": 80, "sm_90": 90}
 DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -316,9 +319,6 @@ def _varlen_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool, he
                               k.clone(), v.clone(), opts, cap)[1:])
 
 
-SOFTMAX_ROWS = (1024, 16384, 65536)  # one 4-warp tile, the largest single tile, multi-tile
-
-
 def _softmax_plans(arch: str, dtype: torch.dtype, n_cols: int, causal: bool, _heads: str = "-"):
     """Forward with a broadcast bool mask (the heaviest variant) and backward, [4, 8, 128, C]."""
     from tritformer.kernels import softmax as K
@@ -373,28 +373,37 @@ def _decode_plans(arch: str, dtype: torch.dtype, head_dim: int, _causal: bool, _
     return plans
 
 
-PLANS = {"attention": _attention_plans, "masked": _masked_plans, "varlen": _varlen_plans,
-         "softmax": _softmax_plans, "ffn": _ffn_plans, "decode": _decode_plans}
-TAGS = {"masked": "+masked", "varlen": "+varlen"}
-ALL_OPS = tuple(PLANS)
+class _Plans(Mapping):
+    """{op: plan builder} of the ops with an `inspect` declaration in tritformer.registry (the
+    builders above), resolved on lookup."""
+
+    def __getitem__(self, op):
+        spec = registry.get(op).inspect
+        if spec is None:
+            raise KeyError(op)
+        return registry.resolve(spec.plans)
+
+    def __iter__(self):
+        return iter(registry.names("inspect"))
+
+    def __len__(self):
+        return len(registry.names("inspect"))
+
+
+PLANS = _Plans()
+ALL_OPS = registry.names("inspect")
+SOFTMAX_ROWS = registry.SOFTMAX_ROWS  # one 4-warp tile, the largest single tile, multi-tile
+
+
+def _tag(op: str) -> str:
+    return registry.get(op).inspect.tag
 
 
 def cases(archs, head_dims, dtypes, causal, ops) -> list[tuple]:
-    """(op, arch, dtype, D/C, causal, heads) plan cases, in report order."""
-    out = []
-    for op in ops:
-        for a in archs:
-            for dt in dtypes:
-                if op == "ffn":
-                    out.append((op, a, dt, 1024, False, "-"))
-                elif op == "decode":  # causal by construction (Nq > 1: the last Nq positions)
-                    out += [(op, a, dt, d, True, "gqa8") for d in head_dims]
-                elif op == "softmax":
-                    out += [(op, a, dt, n, c, "-") for n in SOFTMAX_ROWS for c in causal]
-                else:
-                    heads = ("mha",) if op == "masked" else ("mha", "gqa4")
-                    out += [(op, a, dt, d, c, h) for d in head_dims for c in causal for h in heads]
-    return out
+    """(op, arch, dtype, D/C, causal, heads) plan cases, in report order (each op's sizes,
+    causal and heads from its registry declaration)."""
+    return [c for op in ops for a in archs for dt in dtypes
+            for c in registry.get(op).inspect.cases(op, a, dt, head_dims, causal)]
 
 
 def _describe(cfg) -> str:
@@ -426,7 +435,7 @@ def run_job(job, perf: bool = False) -> Row:
     (op, arch, dt, d, c, heads), li, ci = job
     launch = PLANS[op](arch, DTYPE_NAMES[dt], d, c, heads)[li]
     cfg = launch.configs[ci]
-    row = Row(launch.name + TAGS.get(op, ""), arch, dt, d, c, _describe(cfg), -1, -1, -1, -1,
+    row = Row(launch.name + _tag(op), arch, dt, d, c, _describe(cfg), -1, -1, -1, -1,
               heads=heads)
     try:
         ck = compile_launch(launch, cfg, arch)
