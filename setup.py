@@ -12,7 +12,8 @@ setup(
     # kernels/ is installed as tritformer.kernels; the rest of the package lives in python/
     package_dir={"tritformer": "python/tritformer", "tritformer.kernels": "kernels"},
     packages=["tritformer", "tritformer.ops", "tritformer.nn", "tritformer.models",
-              "tritformer.integrations", "tritformer.testing", "tritformer.kernels"],
+              "tritformer.integrations", "tritformer.bench", "tritformer.testing",
+              "tritformer.kernels"],
     # Install torch first (see README): a bare `torch` requirement on a machine without torch
     # pulls a multi-GB CUDA build. Triton 3.7.1 is what torch 2.13's CUDA build pins.
     install_requires=["torch>=2.6", "triton>=3.7.1,<3.10", "numpy"],

@@ -45,7 +45,7 @@ def test_fused_forward_memory_is_linear_naive_quadratic():
     # chip), naive attention the N x N scores; doubling N doubles one and quadruples the other
     def peaks(n):
         q = torch.randn(1, 1, n, 64)
-        with torch.no_grad(), bench._large_interpreter_tiles():
+        with torch.no_grad(), bench.interpreter_tiles():
             fused = bench.peak_bytes(lambda: tritformer.attention(q, q, q, causal=True), "cpu")
         naive = bench.peak_bytes(lambda: reference.attention(q, q, q, causal=True), "cpu")
         return fused, naive
@@ -199,8 +199,8 @@ def test_masked_and_varlen_rows(monkeypatch):
     # against float64 small, memory sweep rows at B = H = 1, no TFLOP/s on CPU
     tiny = lambda *a, **kw: bench.AttentionSweep((32,), 64, (16,), 16, "fp32", causal=(True,),  # noqa: E731
                                                  memory_seqlens=(64, 128), reps=1)
-    monkeypatch.setattr(bench, "masked_sweep", tiny)
-    monkeypatch.setattr(bench, "varlen_sweep", lambda *a, **kw: bench.AttentionSweep(
+    monkeypatch.setattr(bench.masked, "masked_sweep", tiny)
+    monkeypatch.setattr(bench.varlen, "varlen_sweep", lambda *a, **kw: bench.AttentionSweep(
         (32,), 80, (16,), 32, "fp32", reps=1))
     rows, skipped = bench.run(ops=("masked", "varlen"), quick=True, out_dir=None,
                               providers=bench.PROVIDERS)
@@ -263,13 +263,13 @@ def test_peak_fraction_rows_only_for_known_devices(monkeypatch):
     assert bench.device_peak("NVIDIA H100 80GB HBM3", "bf16") == (989.4, 3350.0)
     assert bench.device_peak("NVIDIA GeForce RTX 4090", "bf16") is None
     assert bench.device_peak("cpu (x86_64, 2 cores)", "fp32") is None
-    monkeypatch.setattr(bench, "machine_info", lambda device: {"device": "NVIDIA A100-SXM4-80GB"})
+    monkeypatch.setattr(bench.core, "machine_info", lambda device: {"device": "NVIDIA A100-SXM4-80GB"})
 
     def fake_ffn(device, quick, providers, emit, progress, skipped, gated):
         emit(dict(op="ffn", provider="tritformer", backend="triton", mode="fwd", metric="tflops",
                   unit="TFLOP/s", x_name="tokens", x_value=64, value=156.0, p20=150.0, p80=160.0,
                   dtype="bf16"))
-    monkeypatch.setattr(bench, "bench_ffn", fake_ffn)
+    monkeypatch.setattr(bench.ffn, "bench_ffn", fake_ffn)  # run looks it up there (registry)
     rows, _ = bench.run(ops=("ffn",), out_dir=None)
     frac = [r for r in rows if r["metric"] == "tflops_peak_fraction"]
     assert len(frac) == 1 and frac[0]["value"] == pytest.approx(0.5) and frac[0]["unit"] == "fraction"

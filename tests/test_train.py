@@ -19,10 +19,13 @@ TINY = ["--block-size", "16", "--n-layer", "2", "--n-head", "2", "--n-embd", "32
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """~60 KB of this package's own source: a real text, present in the checkout."""
-    src = os.path.join(os.path.dirname(train.__file__), "bench.py")
+    bench = os.path.join(os.path.dirname(train.__file__), "bench")
+    text = b""
+    for name in ("core.py", "attention.py", "masked.py", "varlen.py", "ffn.py", "gpt.py"):
+        with open(os.path.join(bench, name), "rb") as f:
+            text += f.read()
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    with open(src, "rb") as f:
-        path.write_bytes(f.read()[:60_000])
+    path.write_bytes(text[:60_000])
     return str(path)
 
 
