@@ -191,13 +191,12 @@ def _check_x(x):
 
 
 def check_ffn_inputs(x, w1, b1, w2, b2, activation, residual, recompute) -> None:
-    from .reference import ACTIVATIONS
     _check_x(x)
     _check_weight("w1", w1, "hidden", x.shape[-1], "in_features", x)
     _check_bias("b1", b1, w1.shape[0], x)
     _check_weight("w2", w2, "out_features", w1.shape[0], "hidden", x)
     _check_bias("b2", b2, w2.shape[0], x)
-    _check_activation(activation, ACTIVATIONS)
+    check_activation(activation)
     if residual is not None:
         if not isinstance(residual, torch.Tensor):
             raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
@@ -210,7 +209,6 @@ def check_ffn_inputs(x, w1, b1, w2, b2, activation, residual, recompute) -> None
 
 def check_gated_ffn_inputs(x, w_gate, w_up, w_down, activation, recompute, b_gate=None,
                            b_up=None, b_down=None) -> None:
-    from .reference import ACTIVATIONS
     _check_x(x)
     _check_weight("w_gate", w_gate, "intermediate", x.shape[-1], "hidden", x)
     _check_weight("w_up", w_up, "intermediate", x.shape[-1], "hidden", x)
@@ -220,7 +218,7 @@ def check_gated_ffn_inputs(x, w_gate, w_up, w_down, activation, recompute, b_gat
     _check_bias("b_gate", b_gate, w_gate.shape[0], x)
     _check_bias("b_up", b_up, w_up.shape[0], x)
     _check_bias("b_down", b_down, w_down.shape[0], x)
-    _check_activation(activation, ACTIVATIONS)
+    check_activation(activation)
     check_flag("recompute", recompute)
 
 
@@ -308,3 +306,215 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
             raise ValueError(f"{name} must end at the total length {totals[name]}, got {c[-1]}")
         if lengths and max(lengths) > m:
             raise ValueError(f"{m_name}={m} is smaller than the longest sequence ({max(lengths)}) in {name}")
+
+
+def check_activation(activation) -> None:
+    """One of tritformer.ffn's activations (reference.ACTIVATIONS): ffn, gated_ffn and the
+    FusedMLP / FusedGatedMLP constructors."""
+    from .reference import ACTIVATIONS
+    _check_activation(activation, ACTIVATIONS)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode_attention
+# ---------------------------------------------------------------------------------------------
+def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, scale, num_splits, return_lse) -> None:
+    """decode_attention's arguments, before any launch; errors name the argument. The contents
+    of cache_seqlens are checked too (one device sync), except while torch.compile traces."""
+    check_attention_inputs(q, k_cache, v_cache, scale, ("k_cache", "v_cache"), "[B, Hkv, Nmax, D]")
+    B, n_max = q.shape[0], k_cache.shape[2]
+    check_integer("num_splits", num_splits, allow_none=True, lo=1)
+    check_flag("return_lse", return_lse)
+    if cache_seqlens is None:
+        return
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"cache_seqlens must be a torch.Tensor or None, got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens must be int32 (FlashAttention's convention), got {_dtype_name(cache_seqlens.dtype)}")
+    if tuple(cache_seqlens.shape) != (B,):
+        raise ValueError(f"cache_seqlens must have shape [B] = [{B}], got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens must be on q's device {q.device}, got {cache_seqlens.device}")
+    if torch.compiler.is_compiling() or B == 0:
+        return
+    lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
+    if lo < 0 or hi > n_max:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"cache_seqlens values must be in [0, Nmax={n_max}] (k_cache.shape[2]), got {bad}")
+
+
+def check_inference_only(q, k_cache, v_cache) -> None:
+    """decode_attention has no backward: refuse inputs that require grad while grad mode is on."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_cache, v_cache)):
+        raise RuntimeError(
+            "decode_attention is inference-only (no backward): an input requires grad while grad "
+            "mode is on. Use tritformer.attention for training, or run generation under "
+            "torch.no_grad() / torch.inference_mode().")
+
+
+# ---------------------------------------------------------------------------------------------
+# scaled_dot_product_attention: torch's error types (RuntimeError where torch raises it)
+# ---------------------------------------------------------------------------------------------
+class SDPAError(RuntimeError, ValueError):
+    """Bad argument to `scaled_dot_product_attention` where torch raises RuntimeError: caught by
+    ``except RuntimeError`` (as torch's) and by ``except ValueError`` (as before)."""
+
+
+class SDPATypeError(RuntimeError, TypeError):
+    """Bad dtype where torch raises RuntimeError: caught by ``except RuntimeError`` and by
+    ``except TypeError``."""
+
+
+SDPAError.__module__ = SDPATypeError.__module__ = "tritformer.ops.sdpa"  # where users import them
+
+
+def _sdpa_broadcast(names_shapes, what: str) -> tuple:
+    try:
+        return tuple(torch.broadcast_shapes(*(s for _, s in names_shapes)))
+    except RuntimeError:
+        desc = ", ".join(f"{n} {list(s)}" for n, s in names_shapes)
+        raise SDPAError(f"the {what} of query, key and value must broadcast, got {desc}") from None
+
+
+def _check_sdpa_tensors(query, key, value) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise SDPATypeError(f"{name} must be a floating-point tensor, got {_dtype_name(t.dtype)}")
+        if t.dim() < 2:
+            raise SDPAError(f"{name} must have at least 2 dimensions [..., seq, features], got shape {tuple(t.shape)}")
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype:
+            raise SDPATypeError(f"{name} must have query's dtype {_dtype_name(query.dtype)}, got {_dtype_name(t.dtype)}")
+        if t.device != query.device:
+            raise SDPAError(f"{name} must be on query's device {query.device}, got {t.device}")
+    if key.shape[-1] != query.shape[-1]:
+        raise SDPAError(f"key's last dim must equal query's embedding dim E={query.shape[-1]}, got key shape {tuple(key.shape)}")
+    if value.shape[-2] != key.shape[-2]:
+        raise SDPAError(f"value must have key's sequence length S={key.shape[-2]} (dim -2), got value shape {tuple(value.shape)}")
+
+
+def _sdpa_out_lead(query, key, value, enable_gqa) -> tuple:
+    """The output's leading dims (head dim included) as torch broadcasts them."""
+    lead = {"query": tuple(query.shape[:-2]), "key": tuple(key.shape[:-2]), "value": tuple(value.shape[:-2])}
+    if enable_gqa:
+        if min(query.dim(), key.dim(), value.dim()) < 3:
+            raise SDPAError("enable_gqa=True needs query, key and value with a head dimension "
+                            f"[..., H, seq, E] (3+ dims), got {query.dim()}-D, {key.dim()}-D and {value.dim()}-D")
+        hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
+        for name, h in (("key", hk), ("value", hv)):
+            if h == 0 and hq != 0:  # (both 0: an empty output, as torch)
+                raise SDPAError(f"enable_gqa=True: {name} has no heads but query has {hq}: each "
+                                f"query head needs a {name} head")
+            if h != 0 and hq % h != 0:
+                raise SDPAError(f"enable_gqa=True: query's head count ({hq}) must be a multiple of "
+                                f"{name}'s head count ({h})")
+        batch = _sdpa_broadcast([(n, s[:-1]) for n, s in lead.items()], "batch dims (before the head dim)")
+        return batch + (hq,)
+    heads = {n: t.shape[-3] for n, t in (("query", query), ("key", key), ("value", value))
+             if t.dim() >= 3}
+    for name, h in heads.items():
+        if name != "query" and "query" in heads and 1 != h != heads["query"] != 1:
+            raise SDPAError(f"query has {heads['query']} heads and {name} {h}: head counts "
+                            "must match (or be 1) unless enable_gqa=True")
+    return _sdpa_broadcast(list(lead.items()), "batch and head dims")
+
+
+def _check_sdpa_mask(attn_mask, query, key, out_lead) -> None:
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and attn_mask.dtype not in (torch.float32, query.dtype):
+        raise SDPATypeError("attn_mask must be bool (True = attend) or a float additive mask in float32 "
+                            f"or query's dtype {_dtype_name(query.dtype)}, got {_dtype_name(attn_mask.dtype)}")
+    if attn_mask.device != query.device:
+        raise SDPAError(f"attn_mask must be on query's device {query.device}, got {attn_mask.device}")
+    want = out_lead + (query.shape[-2], key.shape[-2])
+    try:
+        ok = attn_mask.dim() >= 2 and tuple(torch.broadcast_shapes(attn_mask.shape, want)) == want
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise SDPAError(f"attn_mask of shape {tuple(attn_mask.shape)} must broadcast to [..., L, S] = {list(want)}")
+
+
+def check_sdpa_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> tuple:
+    """scaled_dot_product_attention's arguments: raise naming the argument (SDPAError /
+    SDPATypeError where torch raises RuntimeError, TypeError where torch's argument parser
+    does); returns the output's leading dims (batch dims and head dim, as torch broadcasts
+    them) for the fused mapping."""
+    _check_sdpa_tensors(query, key, value)
+    check_flag("is_causal", is_causal)
+    check_flag("enable_gqa", enable_gqa)
+    try:  # torch raises RuntimeError for a dropout_p outside [0, 1]
+        check_real("dropout_p", dropout_p, lo=0.0, hi=1.0)
+    except ValueError as e:
+        raise SDPAError(str(e)) from None
+    check_real("scale", scale, allow_none=True)
+    out_lead = _sdpa_out_lead(query, key, value, enable_gqa)
+    if attn_mask is not None:
+        _check_sdpa_mask(attn_mask, query, key, out_lead)
+    return out_lead
+
+
+# ---------------------------------------------------------------------------------------------
+# nn.MultiheadAttention (torch's _mha_shape_check, as ValueError / TypeError naming the argument)
+# ---------------------------------------------------------------------------------------------
+def check_mha_inputs(query, key, value, key_padding_mask, attn_mask) -> bool:
+    """Types, ranks, mask dtypes and devices of MultiheadAttention.forward's arguments (in the
+    caller's layout); returns whether the inputs are batched (3-D)."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if query.dim() not in (2, 3):
+        raise ValueError(f"query must be 2-D (unbatched [L, E]) or 3-D (batched), got {query.dim()}-D")
+    batched = query.dim() == 3
+    for name, t in (("key", key), ("value", value)):
+        if t.dim() != query.dim():
+            raise ValueError(f"{name} must be {query.dim()}-D like query, got {t.dim()}-D")
+    for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+        if m is None:
+            continue
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(m).__name__}")
+        if m.dtype != torch.bool and not m.dtype.is_floating_point:
+            raise TypeError(f"{name} must be bool or floating point, got {m.dtype}")
+        if m.device != query.device:
+            raise ValueError(f"{name} must be on query's device {query.device}, got {m.device}")
+    if key_padding_mask is not None and key_padding_mask.dim() != (2 if batched else 1):
+        raise ValueError(f"key_padding_mask must be {'2-D [B, S]' if batched else '1-D [S]'} for "
+                         f"{query.dim()}-D query, got shape {tuple(key_padding_mask.shape)}")
+    if attn_mask is not None and attn_mask.dim() not in (2, 3):
+        raise ValueError(f"attn_mask must be 2-D [L, S] or 3-D [B * num_heads, L, S], got shape {tuple(attn_mask.shape)}")
+    return batched
+
+
+def check_mha_shapes(mha, query, key, value, key_padding_mask, attn_mask, is_causal) -> None:
+    """The sizes of MultiheadAttention.forward's arguments in torch's layout (query [L, B, E],
+    key/value [S, B, kdim/vdim], key_padding_mask [B, S]) against the module `mha`, and
+    is_causal's need for an attn_mask. attn_mask's shape is checked only where it is used (the
+    is_causal hint without a key_padding_mask replaces it by the causal mask, as torch)."""
+    L, B, E = query.shape
+    S = key.shape[0]
+    if E != mha.embed_dim:
+        raise ValueError(f"query's embedding dim must be embed_dim={mha.embed_dim}, got {E}")
+    if mha._qkv_same_embed_dim:
+        if key.shape != value.shape:
+            raise ValueError(f"key shape {tuple(key.shape)} does not match value shape {tuple(value.shape)}")
+    elif key.shape[:2] != value.shape[:2]:
+        raise ValueError(f"key's sequence and batch dims {tuple(key.shape[:2])} do not match value's {tuple(value.shape[:2])}")
+    if key.shape[1] != B:
+        raise ValueError(f"key's batch size must be query's ({B}), got {key.shape[1]}")
+    for name, t, dim in (("key", key, mha.kdim), ("value", value, mha.vdim)):
+        if t.shape[-1] != dim:
+            raise ValueError(f"{name}'s embedding dim must be {'kdim' if name == 'key' else 'vdim'}={dim}, got {t.shape[-1]}")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, S):
+        raise ValueError(f"key_padding_mask must have shape [B, S] = [{B}, {S}], got {tuple(key_padding_mask.shape)}")
+    if is_causal and attn_mask is None:  # torch's error, type and text
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the "
+                           "Transformer module method `generate_square_subsequent_mask` to "
+                           "create this mask.")
+    if attn_mask is not None and not (is_causal and key_padding_mask is None):
+        want = (L, S) if attn_mask.dim() == 2 else (B * mha.num_heads, L, S)
+        if tuple(attn_mask.shape) != want:
+            raise ValueError(f"the {attn_mask.dim()}-D attn_mask must have shape {list(want)}, got {tuple(attn_mask.shape)}")

@@ -60,7 +60,8 @@ from typing import Optional, Union
 
 import torch
 
-from ._checks import _dtype_name, check_flag, check_integer, check_real
+from ._checks import (MAX_HEAD_DIM, SUPPORTED_DTYPES, _dtype_name, check_flag, check_integer,
+                      check_real)
 from .ops.attention import attention, varlen_attention
 from .ops.decode import decode_attention
 
@@ -70,9 +71,6 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache", "FlashAttnError",
     "FlashAttnTypeError",
 ]
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_HEAD_DIM = 256
 
 
 class FlashAttnError(RuntimeError, ValueError):
@@ -92,7 +90,7 @@ def _tensor(name, x, ndim, layout):
         raise FlashAttnTypeError(f"{name} must be a torch.Tensor {layout}, got {type(x).__name__}")
     if x.dim() != ndim:
         raise FlashAttnError(f"{name} must have {ndim} dimensions {layout}, got shape {tuple(x.shape)}")
-    if x.dtype not in _DTYPES:
+    if x.dtype not in SUPPORTED_DTYPES:
         raise FlashAttnTypeError(
             f"{name}: FlashAttention only support fp16 and bf16 data type (tritformer also "
             f"accepts float32), got {_dtype_name(x.dtype)}")
@@ -108,9 +106,9 @@ def _same(name, x, q, what):
 
 def _head_dim(q, d_dim):
     D = q.shape[d_dim]
-    if D > _MAX_HEAD_DIM:
+    if D > MAX_HEAD_DIM:
         raise FlashAttnError(f"q: FlashAttention forward only supports head dimension at most "
-                             f"{_MAX_HEAD_DIM}, got {D}")
+                             f"{MAX_HEAD_DIM}, got {D}")
     if D < 1:
         raise FlashAttnError(f"q: head dimension must be at least 1, got {D}")
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_mha_inputs, check_mha_shapes
 from ..ops.sdpa import _dense
 
 
@@ -52,39 +53,32 @@ class MultiheadAttention(nn.MultiheadAttention):
         return self._fused_forward(query, key, value, key_padding_mask, attn_mask, is_causal)
 
     # -----------------------------------------------------------------------------------------
-    def _check(self, query, key, value, key_padding_mask, attn_mask):
-        """torch's _mha_shape_check as ValueError/TypeError naming the argument; returns is_batched."""
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if query.dim() not in (2, 3):
-            raise ValueError(f"query must be 2-D (unbatched [L, E]) or 3-D (batched), got {query.dim()}-D")
-        batched = query.dim() == 3
-        for name, t in (("key", key), ("value", value)):
-            if t.dim() != query.dim():
-                raise ValueError(f"{name} must be {query.dim()}-D like query, got {t.dim()}-D")
-        for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
-            if m is None:
-                continue
-            if not isinstance(m, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor or None, got {type(m).__name__}")
-            if m.dtype != torch.bool and not m.dtype.is_floating_point:
-                raise TypeError(f"{name} must be bool or floating point, got {m.dtype}")
-            if m.device != query.device:
-                raise ValueError(f"{name} must be on query's device {query.device}, got {m.device}")
-        if key_padding_mask is not None and key_padding_mask.dim() != (2 if batched else 1):
-            raise ValueError(f"key_padding_mask must be {'2-D [B, S]' if batched else '1-D [S]'} for "
-                             f"{query.dim()}-D query, got shape {tuple(key_padding_mask.shape)}")
-        if attn_mask is not None and attn_mask.dim() not in (2, 3):
-            raise ValueError(f"attn_mask must be 2-D [L, S] or 3-D [B * num_heads, L, S], got shape {tuple(attn_mask.shape)}")
-        return batched
-
     def _fused_forward(self, query, key, value, key_padding_mask, attn_mask, is_causal):
-        batched = self._check(query, key, value, key_padding_mask, attn_mask)
+        """forward with need_weights=False: input handling, then the fused attention core."""
+        batched, (query, key, value, key_padding_mask, attn_mask, is_causal) = self._inputs(
+            query, key, value, key_padding_mask, attn_mask, is_causal)
+        L, B, E = query.shape
+        q, k, v, mask, kpm = self._heads(query, key, value, key_padding_mask, attn_mask)
+        dropout_p = self.dropout if self.training else 0.0
+        out = _dense(q, k, v, attn_mask=mask, key_padding_mask=kpm, causal=is_causal,
+                     dropout_p=dropout_p)  # [B, H, L, D]
+        out = out.permute(2, 0, 1, 3).reshape(L * B, E)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias).view(L, B, E)
+        if not batched:
+            return out.squeeze(1), None
+        if self.batch_first:
+            return out.transpose(0, 1), None
+        return out, None
+
+    def _inputs(self, query, key, value, key_padding_mask, attn_mask, is_causal):
+        """Checked arguments in torch's layout: (batched, (query [L, B, E], key [S, B, kdim],
+        value [S, B, vdim], key_padding_mask [B, S] or None, attn_mask or None, is_causal)),
+        the is_causal hint resolved as torch does."""
+        batched = check_mha_inputs(query, key, value, key_padding_mask, attn_mask)
         if (key_padding_mask is not None and attn_mask is not None
                 and key_padding_mask.dtype != attn_mask.dtype):
             warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. "
-                          "Use same type for both instead.", stacklevel=3)
+                          "Use same type for both instead.", stacklevel=4)
         # torch's layout: [L, B, E] (the module transposes batch_first inputs; it keeps the
         # q is k is v identities, which select the packed self-attention projection)
         if batched and self.batch_first:
@@ -100,37 +94,20 @@ class MultiheadAttention(nn.MultiheadAttention):
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
-
-        L, B, E = query.shape
-        S = key.shape[0]
-        H, D = self.num_heads, self.head_dim
-        if E != self.embed_dim:
-            raise ValueError(f"query's embedding dim must be embed_dim={self.embed_dim}, got {E}")
-        if self._qkv_same_embed_dim:
-            if key.shape != value.shape:
-                raise ValueError(f"key shape {tuple(key.shape)} does not match value shape {tuple(value.shape)}")
-        elif key.shape[:2] != value.shape[:2]:
-            raise ValueError(f"key's sequence and batch dims {tuple(key.shape[:2])} do not match value's {tuple(value.shape[:2])}")
-        if key.shape[1] != B:
-            raise ValueError(f"key's batch size must be query's ({B}), got {key.shape[1]}")
-        for name, t, dim in (("key", key, self.kdim), ("value", value, self.vdim)):
-            if t.shape[-1] != dim:
-                raise ValueError(f"{name}'s embedding dim must be {'kdim' if name == 'key' else 'vdim'}={dim}, got {t.shape[-1]}")
-        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, S):
-            raise ValueError(f"key_padding_mask must have shape [B, S] = [{B}, {S}], got {tuple(key_padding_mask.shape)}")
-        if is_causal and attn_mask is None:  # torch's error, type and text
-            raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the "
-                               "Transformer module method `generate_square_subsequent_mask` to "
-                               "create this mask.")
+        check_mha_shapes(self, query, key, value, key_padding_mask, attn_mask, is_causal)
         if is_causal and key_padding_mask is None:
             attn_mask = None  # the hint: SDPA's is_causal instead of the given mask (as torch)
         else:
             is_causal = False  # a key padding mask merged into attn_mask: no longer causal
-        if attn_mask is not None:
-            want = (L, S) if attn_mask.dim() == 2 else (B * H, L, S)
-            if tuple(attn_mask.shape) != want:
-                raise ValueError(f"the {attn_mask.dim()}-D attn_mask must have shape {list(want)}, got {tuple(attn_mask.shape)}")
+        return batched, (query, key, value, key_padding_mask, attn_mask, is_causal)
 
+    def _heads(self, query, key, value, key_padding_mask, attn_mask):
+        """The projected q, k, v as [B, H, N, D] views (bias_k / bias_v and add_zero_attn
+        appended as keys) and the masks in `_dense`'s meaning: (q, k, v, attn_mask (bool True =
+        attend, or float additive; a float key_padding_mask folded in), key_padding_mask (bool
+        True = padding) or None)."""
+        L, B, E = query.shape
+        H, D = self.num_heads, self.head_dim
         q, k, v = self._in_projection(query, key, value)  # [L, B, E], [S, B, E] x2
 
         def pad_masks(attn_mask, key_padding_mask):
@@ -152,35 +129,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         q = q.view(L, B, H, D).permute(1, 2, 0, 3)
         k = k.view(S, B, H, D).permute(1, 2, 0, 3)
         v = v.view(S, B, H, D).permute(1, 2, 0, 3)
-
-        mask = None
-        if attn_mask is not None:
-            mask = attn_mask.view(1, 1, L, S) if attn_mask.dim() == 2 else attn_mask.view(B, H, L, S)
-            if mask.dtype == torch.bool:
-                mask = ~mask  # MHA: True = not allowed; SDPA / _attention: True = attend
-        kpm = None
-        if key_padding_mask is not None:
-            if key_padding_mask.dtype == torch.bool:
-                kpm = key_padding_mask
-            else:  # float: additive over the keys, folded into the attention mask
-                add = key_padding_mask.view(B, 1, 1, S)
-                if mask is None:
-                    mask = add
-                elif mask.dtype == torch.bool:
-                    mask = torch.zeros_like(mask, dtype=add.dtype).masked_fill(~mask, float("-inf")) + add
-                else:
-                    mask = mask + add
-
-        dropout_p = self.dropout if self.training else 0.0
-        out = _dense(q, k, v, attn_mask=mask, key_padding_mask=kpm, causal=is_causal,
-                     dropout_p=dropout_p)  # [B, H, L, D]
-        out = out.permute(2, 0, 1, 3).reshape(L * B, E)
-        out = F.linear(out, self.out_proj.weight, self.out_proj.bias).view(L, B, E)
-        if not batched:
-            return out.squeeze(1), None
-        if self.batch_first:
-            return out.transpose(0, 1), None
-        return out, None
+        return (q, k, v, *_sdpa_masks(attn_mask, key_padding_mask, B, H, L, S))
 
     def _in_projection(self, query, key, value):
         """torch's _in_projection_packed / _in_projection: [N, B, E_in] -> [N, B, E]."""
@@ -202,3 +151,23 @@ class MultiheadAttention(nn.MultiheadAttention):
         w_q, w_k, w_v = w.chunk(3)
         b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
         return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+
+def _sdpa_masks(attn_mask, key_padding_mask, B, H, L, S):
+    """MultiheadAttention's masks (bool True = NOT allowed, or float additive; attn_mask [L, S]
+    or [B * H, L, S], key_padding_mask [B, S]) -> (attn_mask broadcastable to [B, H, L, S] in
+    SDPA's meaning (bool True = attend, or float additive; a float key_padding_mask is added
+    in), bool key_padding_mask (True = padding) or None)."""
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask.view(1, 1, L, S) if attn_mask.dim() == 2 else attn_mask.view(B, H, L, S)
+        if mask.dtype == torch.bool:
+            mask = ~mask  # MHA: True = not allowed; SDPA / _attention: True = attend
+    if key_padding_mask is None or key_padding_mask.dtype == torch.bool:
+        return mask, key_padding_mask
+    add = key_padding_mask.view(B, 1, 1, S)  # float: additive over the keys, folded into the mask
+    if mask is None:
+        return add, None
+    if mask.dtype == torch.bool:
+        return torch.zeros_like(mask, dtype=add.dtype).masked_fill(~mask, float("-inf")) + add, None
+    return mask + add, None

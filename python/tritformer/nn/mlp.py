@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._checks import check_activation
 from ..ops.ffn import ffn, gated_ffn
 
 
@@ -20,9 +21,7 @@ class FusedMLP(nn.Module):
                  activation: str = "gelu", bias: bool = True, recompute: bool = False,
                  device=None, dtype=None):
         super().__init__()
-        from ..reference import ACTIVATIONS
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
+        check_activation(activation)
         out_features = out_features or in_features
         kw = dict(device=device, dtype=dtype)
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, **kw)
@@ -47,9 +46,7 @@ class FusedGatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "silu",
                  bias: bool = False, recompute: bool = False, device=None, dtype=None):
         super().__init__()
-        from ..reference import ACTIVATIONS
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
+        check_activation(activation)
         kw = dict(device=device, dtype=dtype)
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, **kw)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, **kw)

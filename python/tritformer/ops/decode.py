@@ -15,7 +15,7 @@ import torch
 
 from .. import reference
 from .._autocast import autocast
-from .._checks import _dtype_name, check_attention_inputs, check_flag, check_integer
+from .._checks import check_decode_inputs, check_inference_only
 from ..backend import backend_for
 
 
@@ -40,42 +40,6 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 @_decode_attention.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, scale, num_splits):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# Argument checks
-# ---------------------------------------------------------------------------------------------
-def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, scale, num_splits, return_lse) -> None:
-    """Every argument, before any launch; errors name the argument. The contents of
-    cache_seqlens are checked too (one device sync), except while torch.compile traces."""
-    check_attention_inputs(q, k_cache, v_cache, scale, ("k_cache", "v_cache"), "[B, Hkv, Nmax, D]")
-    B, n_max = q.shape[0], k_cache.shape[2]
-    check_integer("num_splits", num_splits, allow_none=True, lo=1)
-    check_flag("return_lse", return_lse)
-    if cache_seqlens is None:
-        return
-    if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(f"cache_seqlens must be a torch.Tensor or None, got {type(cache_seqlens).__name__}")
-    if cache_seqlens.dtype != torch.int32:
-        raise TypeError(f"cache_seqlens must be int32 (FlashAttention's convention), got {_dtype_name(cache_seqlens.dtype)}")
-    if tuple(cache_seqlens.shape) != (B,):
-        raise ValueError(f"cache_seqlens must have shape [B] = [{B}], got {tuple(cache_seqlens.shape)}")
-    if cache_seqlens.device != q.device:
-        raise ValueError(f"cache_seqlens must be on q's device {q.device}, got {cache_seqlens.device}")
-    if torch.compiler.is_compiling() or B == 0:
-        return
-    lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
-    if lo < 0 or hi > n_max:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"cache_seqlens values must be in [0, Nmax={n_max}] (k_cache.shape[2]), got {bad}")
-
-
-def _check_inference(q, k_cache, v_cache) -> None:
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_cache, v_cache)):
-        raise RuntimeError(
-            "decode_attention is inference-only (no backward): an input requires grad while grad "
-            "mode is on. Use tritformer.attention for training, or run generation under "
-            "torch.no_grad() / torch.inference_mode().")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,8 +88,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     `tritformer.attention` for training). D may be 1..256. Where this runs: see
     ``tritformer.backend_for``.
     """
-    _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, scale, num_splits, return_lse)
-    _check_inference(q, k_cache, v_cache)
+    check_decode_inputs(q, k_cache, v_cache, cache_seqlens, scale, num_splits, return_lse)
+    check_inference_only(q, k_cache, v_cache)
     scale = None if scale is None else float(scale)
     if backend_for(q) == "reference":
         out, lse = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(),

@@ -15,7 +15,8 @@ from torch.nn.attention import SDPBackend
 from torch.overrides import handle_torch_function, has_torch_function
 
 from .._autocast import autocast
-from .._checks import MAX_HEAD_DIM, SUPPORTED_DTYPES, _dtype_name, check_flag, check_real
+from .._checks import (MAX_HEAD_DIM, SUPPORTED_DTYPES, SDPAError, SDPATypeError,  # noqa: F401 (public here)
+                       check_sdpa_inputs)
 from .attention import _attention
 
 try:  # torch.nn.attention.bias: torch >= 2.3
@@ -27,16 +28,6 @@ except ImportError:  # pragma: no cover
 # the builtin (not through F) so that the fallback still reaches torch's own implementation when
 # a user has assigned this module's function to F.scaled_dot_product_attention.
 _torch_sdpa = torch._C._nn.scaled_dot_product_attention
-
-
-class SDPAError(RuntimeError, ValueError):
-    """Bad argument to `scaled_dot_product_attention` where torch raises RuntimeError: caught by
-    ``except RuntimeError`` (as torch's) and by ``except ValueError`` (as before)."""
-
-
-class SDPATypeError(RuntimeError, TypeError):
-    """Bad dtype where torch raises RuntimeError: caught by ``except RuntimeError`` and by
-    ``except TypeError``."""
 
 
 # torch's own message (and a RuntimeError, as torch's) when its math path gets both
@@ -102,87 +93,6 @@ def _dense(q, k, v, *, scale=None, attn_mask=None, key_padding_mask=None, causal
     mask = _merge_masks(attn_mask, key_padding_mask, causal, L, S, q.device, bottom_right)
     return _torch_sdpa(q, k, v, mask, dropout_p, False, scale=scale,
                        enable_gqa=q.shape[-3] != k.shape[-3])
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------------------------
-def _broadcast(names_shapes, what: str) -> tuple:
-    try:
-        return tuple(torch.broadcast_shapes(*(s for _, s in names_shapes)))
-    except RuntimeError:
-        desc = ", ".join(f"{n} {list(s)}" for n, s in names_shapes)
-        raise SDPAError(f"the {what} of query, key and value must broadcast, got {desc}") from None
-
-
-def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    """Raise naming the argument (SDPAError / SDPATypeError where torch raises RuntimeError,
-    TypeError where torch's argument parser does); returns (batch, heads_q, heads_kv) for the
-    fused mapping: batch = the broadcast leading dims, heads = the head dim (-3) of q and of k/v
-    (heads_* are None for 2-D inputs without a head dim), as torch broadcasts them."""
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.dtype.is_floating_point:
-            raise SDPATypeError(f"{name} must be a floating-point tensor, got {_dtype_name(t.dtype)}")
-        if t.dim() < 2:
-            raise SDPAError(f"{name} must have at least 2 dimensions [..., seq, features], got shape {tuple(t.shape)}")
-    for name, t in (("key", key), ("value", value)):
-        if t.dtype != query.dtype:
-            raise SDPATypeError(f"{name} must have query's dtype {_dtype_name(query.dtype)}, got {_dtype_name(t.dtype)}")
-        if t.device != query.device:
-            raise SDPAError(f"{name} must be on query's device {query.device}, got {t.device}")
-    if key.shape[-1] != query.shape[-1]:
-        raise SDPAError(f"key's last dim must equal query's embedding dim E={query.shape[-1]}, got key shape {tuple(key.shape)}")
-    if value.shape[-2] != key.shape[-2]:
-        raise SDPAError(f"value must have key's sequence length S={key.shape[-2]} (dim -2), got value shape {tuple(value.shape)}")
-    check_flag("is_causal", is_causal)
-    check_flag("enable_gqa", enable_gqa)
-    try:  # torch raises RuntimeError for a dropout_p outside [0, 1]
-        check_real("dropout_p", dropout_p, lo=0.0, hi=1.0)
-    except ValueError as e:
-        raise SDPAError(str(e)) from None
-    check_real("scale", scale, allow_none=True)
-
-    lead = {"query": tuple(query.shape[:-2]), "key": tuple(key.shape[:-2]), "value": tuple(value.shape[:-2])}
-    if enable_gqa:
-        if min(query.dim(), key.dim(), value.dim()) < 3:
-            raise SDPAError("enable_gqa=True needs query, key and value with a head dimension "
-                             f"[..., H, seq, E] (3+ dims), got {query.dim()}-D, {key.dim()}-D and {value.dim()}-D")
-        hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
-        for name, h in (("key", hk), ("value", hv)):
-            if h == 0 and hq != 0:  # (both 0: an empty output, as torch)
-                raise SDPAError(f"enable_gqa=True: {name} has no heads but query has {hq}: each "
-                                f"query head needs a {name} head")
-            if h != 0 and hq % h != 0:
-                raise SDPAError(f"enable_gqa=True: query's head count ({hq}) must be a multiple of "
-                                f"{name}'s head count ({h})")
-        batch = _broadcast([(n, s[:-1]) for n, s in lead.items()], "batch dims (before the head dim)")
-        out_lead = batch + (hq,)
-    else:
-        heads = {n: t.shape[-3] for n, t in (("query", query), ("key", key), ("value", value))
-                 if t.dim() >= 3}
-        for name, h in heads.items():
-            if name != "query" and "query" in heads and 1 != h != heads["query"] != 1:
-                raise SDPAError(f"query has {heads['query']} heads and {name} {h}: head counts "
-                                 "must match (or be 1) unless enable_gqa=True")
-        out_lead = _broadcast(list(lead.items()), "batch and head dims")
-    if attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor):
-            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool and attn_mask.dtype not in (torch.float32, query.dtype):
-            raise SDPATypeError("attn_mask must be bool (True = attend) or a float additive mask in float32 "
-                            f"or query's dtype {_dtype_name(query.dtype)}, got {_dtype_name(attn_mask.dtype)}")
-        if attn_mask.device != query.device:
-            raise SDPAError(f"attn_mask must be on query's device {query.device}, got {attn_mask.device}")
-        want = out_lead + (query.shape[-2], key.shape[-2])
-        try:
-            ok = attn_mask.dim() >= 2 and tuple(torch.broadcast_shapes(attn_mask.shape, want)) == want
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise SDPAError(f"attn_mask of shape {tuple(attn_mask.shape)} must broadcast to [..., L, S] = {list(want)}")
-    return out_lead
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +245,7 @@ def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
         dropout_p = float(dropout_p)
     if isinstance(scale, torch.Tensor) and scale.numel() == 1:
         scale = float(scale)
-    out_lead = _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    out_lead = check_sdpa_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     dropout_p = float(dropout_p)
     scale = None if scale is None else float(scale)
     if is_causal and attn_mask is not None and _torch_takes_math_path(
