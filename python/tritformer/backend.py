@@ -7,6 +7,21 @@
   imported (before `import tritformer`): Triton's library functions (tl.zeros ...) decorated
   without it fail when a kernel helper calls them.
 - "reference": CPU tensors otherwise (or no usable Triton): the pure-PyTorch reference in fp32.
+
+Where the choice is made: once per call, by `backend_for` on the first tensor argument, in the
+host layer of every op (tritformer/ops/*.py), after the argument checks (tritformer._checks)
+and before any custom op: `attention` and `scaled_dot_product_attention` (through their shared
+driver `ops.attention._attention`), `varlen_attention`, `decode_attention`, `softmax`, `ffn`,
+`gated_ffn`. The torch.library custom ops never call it. What the "reference" choice then runs:
+
+- attention / varlen / decode: `tritformer.reference` in float32 under plain autograd, instead
+  of the custom ops (their reference is the test oracle itself).
+- softmax / ffn / gated_ffn: the same custom ops with ``reference_backend=True`` (their last
+  argument): float32 PyTorch inside the op, with the hand-written backward that mirrors the
+  kernels' (gradients from the saved, rounded activations; `reference.ffn_backward`). Kept
+  inside the ops so that torch.compile traces the same opaque op on every backend (compiled
+  and eager results stay bitwise equal, as before); plain autograd through the reference would
+  hand the math to inductor, which fuses it differently (other rounding than eager).
 """
 from __future__ import annotations
 

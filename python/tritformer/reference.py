@@ -217,6 +217,39 @@ def gated_ffn(x, w_gate, w_up, w_down, *, activation: str = "silu", recompute: b
                     * F.linear(x, w_up, b_up), w_down, b_down)
 
 
+def ffn_backward(dy, x, w_gate, b_gate, w_down, h, pre, activation: str, recompute: bool,
+                 w_up=None, b_up=None, up=None):
+    """The backward of `ffn` (w_up None) and of `gated_ffn` (w_up given), written out in
+    float32 as the kernels compute it: from the saved activations h and pre (gated: the gate
+    product, with up = the up product), rounded to x's dtype as the kernels save them, or,
+    with recompute, from the first matmul(s) redone in float32. dy, x [M, *] 2-D.
+
+    Returns, in x's dtype: ffn (dx, dw1, db1, dw2, db2); gated_ffn (dx, dw_gate, dw_up,
+    dw_down, db_gate, db_up, db_down). The bias gradients are column sums (returned whether or
+    not the biases exist)."""
+    gated = w_up is not None
+    f = lambda t: None if t is None else t.float()  # noqa: E731
+    if recompute:
+        pre32 = torch.nn.functional.linear(x.float(), w_gate.float(), f(b_gate))
+        up32 = torch.nn.functional.linear(x.float(), w_up.float(), f(b_up)) if gated else None
+        act32 = apply_activation(pre32, activation)
+        h32 = act32 * up32 if gated else act32
+    else:  # the saved tensors, as the kernels use them
+        pre32, h32, up32 = pre.float(), h.float(), f(up)
+        act32 = apply_activation(pre32, activation) if gated else None
+    dy32 = dy.float()
+    dh = dy32 @ w_down.float()
+    dpre = (dh * up32 if gated else dh) * activation_grad(pre32, activation)
+    if gated:
+        dup = dh * act32
+        res = (dpre @ w_gate.float() + dup @ w_up.float(), dpre.t() @ x.float(),
+               dup.t() @ x.float(), dy32.t() @ h32, dpre.sum(0), dup.sum(0), dy32.sum(0))
+    else:
+        res = (dpre @ w_gate.float(), dpre.t() @ x.float(), dpre.sum(0), dy32.t() @ h32,
+               dy32.sum(0))
+    return tuple(r.to(x.dtype) for r in res)
+
+
 # --------------------------------------------------------------------------------------------
 # Decoding with a KV cache
 # --------------------------------------------------------------------------------------------

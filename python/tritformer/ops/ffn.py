@@ -37,37 +37,46 @@ def _empty(x):
     return x.new_empty(0)
 
 
+def _f(t):
+    return None if t is None else t.float()
+
+
 # ---------------------------------------------------------------------------------------------
 # ffn
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("tritformer::ffn_fwd", mutates_args=())
 def _ffn_fwd(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
              b2: Optional[torch.Tensor], residual: Optional[torch.Tensor], act: str,
-             recompute: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             recompute: bool, reference_backend: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] -> (y [M, N], h, pre) with h, pre [M, H] saved for the backward (empty when
-    recompute)."""
+    recompute). reference_backend: the "reference" backend (chosen by `ffn`): float32 PyTorch."""
+    if reference_backend:
+        return _ffn_fwd_reference(x, w1, b1, w2, b2, residual, act, recompute)
     M, H = x.shape[0], w1.shape[0]
-    if backend_for(x) == "reference":
-        pre = torch.nn.functional.linear(x.float(), w1.float(), None if b1 is None else b1.float())
-        h = reference.apply_activation(pre, act).to(x.dtype)
-        y = torch.nn.functional.linear(h.float(), w2.float(), None if b2 is None else b2.float())
-        if residual is not None:
-            y = y + residual.float()
-        return y.to(x.dtype), *((_empty(x), _empty(x)) if recompute else (h, pre.to(x.dtype)))
-    else:
-        K = _kernels()
-        h = x.new_empty(M, H)
-        pre = None if recompute else x.new_empty(M, H)
-        K.gemm(x, w1.t(), h, epi=K.EPI_BIAS_ACT, act=K.ACTIVATIONS[act], bias=b1, pre=pre)
-        y = x.new_empty(M, w2.shape[0])
-        K.gemm(h, w2.t(), y, epi=K.EPI_BIAS_ACT, act=K.ACT_NONE, bias=b2, residual=residual)
+    K = _kernels()
+    h = x.new_empty(M, H)
+    pre = None if recompute else x.new_empty(M, H)
+    K.gemm(x, w1.t(), h, epi=K.EPI_BIAS_ACT, act=K.ACTIVATIONS[act], bias=b1, pre=pre)
+    y = x.new_empty(M, w2.shape[0])
+    K.gemm(h, w2.t(), y, epi=K.EPI_BIAS_ACT, act=K.ACT_NONE, bias=b2, residual=residual)
     if recompute:
         return y, _empty(x), _empty(x)
     return y, h, pre
 
 
+def _ffn_fwd_reference(x, w1, b1, w2, b2, residual, act, recompute):
+    """`_ffn_fwd` in float32 PyTorch; h and pre rounded to x's dtype, as the kernels save them."""
+    pre = torch.nn.functional.linear(x.float(), w1.float(), _f(b1))
+    h = reference.apply_activation(pre, act).to(x.dtype)
+    y = torch.nn.functional.linear(h.float(), w2.float(), _f(b2))
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(x.dtype), *((_empty(x), _empty(x)) if recompute else (h, pre.to(x.dtype)))
+
+
 @_ffn_fwd.register_fake
-def _(x, w1, b1, w2, b2, residual, act, recompute):
+def _(x, w1, b1, w2, b2, residual, act, recompute, reference_backend=False):
     M, H = x.shape[0], w1.shape[0]
     hid = (lambda: x.new_empty(0)) if recompute else (lambda: x.new_empty(M, H))
     return x.new_empty(M, w2.shape[0]), hid(), hid()
@@ -76,18 +85,12 @@ def _(x, w1, b1, w2, b2, residual, act, recompute):
 @torch.library.custom_op("tritformer::ffn_bwd", mutates_args=())
 def _ffn_bwd(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
              w2: torch.Tensor, h: torch.Tensor, pre: torch.Tensor, act: str,
-             recompute: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+             recompute: bool, reference_backend: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw1, db1, dw2, db2); db1/db2 as fp32 column sums cast to the weights' dtype."""
+    if reference_backend:
+        return reference.ffn_backward(dy, x, w1, b1, w2, h, pre, act, recompute)
     M, H = x.shape[0], w1.shape[0]
-    if backend_for(x) == "reference":
-        pre32 = torch.nn.functional.linear(x.float(), w1.float(), None if b1 is None else b1.float())
-        h32 = reference.apply_activation(pre32, act)
-        if not recompute:  # use the saved tensors, as the kernels do
-            pre32, h32 = pre.float(), h.float()
-        dy32 = dy.float()
-        dpre = (dy32 @ w2.float()) * reference.activation_grad(pre32, act)
-        res = (dpre @ w1.float(), dpre.t() @ x.float(), dpre.sum(0), dy32.t() @ h32, dy32.sum(0))
-        return tuple(r.to(x.dtype) for r in res)
     K = _kernels()
     if recompute:
         h, pre = x.new_empty(M, H), x.new_empty(M, H)
@@ -106,29 +109,29 @@ def _ffn_bwd(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[t
 
 
 @_ffn_bwd.register_fake
-def _(dy, x, w1, b1, w2, h, pre, act, recompute):
+def _(dy, x, w1, b1, w2, h, pre, act, recompute, reference_backend=False):
     return (torch.empty_like(x), torch.empty_like(w1), x.new_empty(w1.shape[0]),
             torch.empty_like(w2), x.new_empty(w2.shape[0]))
 
 
 def _ffn_setup(ctx, inputs, output):
-    x, w1, b1, w2, b2, residual, act, recompute = inputs
+    x, w1, b1, w2, b2, residual, act, recompute, reference_backend = inputs
     _, h, pre = output
     ctx.save_for_backward(x, w1, b1, w2, h, pre)
-    ctx.act, ctx.recompute = act, recompute
+    ctx.act, ctx.recompute, ctx.reference_backend = act, recompute, reference_backend
     ctx.has = (b1 is not None, b2 is not None, residual is not None)
 
 
 def _ffn_backward(ctx, dy, _dh, _dpre):
     x, w1, b1, w2, h, pre = ctx.saved_tensors
     dx, dw1, db1, dw2, db2 = torch.ops.tritformer.ffn_bwd(dy, x, w1, b1, w2, h, pre, ctx.act,
-                                                          ctx.recompute)
+                                                          ctx.recompute, ctx.reference_backend)
     has_b1, has_b2, has_res = ctx.has
     # the residual's gradient is dy itself: returned as a copy, since a returned dy (or a view of
     # it) becomes residual.grad sharing the caller's grad_output storage, which zero_grad() or
     # clip_grad_norm_ on the residual would then rewrite. No backward returns an input.
     return (dx, dw1, db1 if has_b1 else None, dw2, db2 if has_b2 else None,
-            dy.clone() if has_res else None, None, None)
+            dy.clone() if has_res else None, None, None, None)
 
 
 _ffn_fwd.register_autograd(_ffn_backward, setup_context=_ffn_setup)
@@ -157,18 +160,14 @@ def ffn(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch
     M = math.prod(lead)  # (reshape(-1, 0) is ambiguous: in_features or out_features may be 0)
     x2 = x.reshape(M, x.shape[-1])
     r2 = None if residual is None else residual.reshape(M, residual.shape[-1])
-    y, _, _ = torch.ops.tritformer.ffn_fwd(x2, w1, b1, w2, b2, r2,
-                                           activation, bool(recompute))
+    y, _, _ = torch.ops.tritformer.ffn_fwd(x2, w1, b1, w2, b2, r2, activation, bool(recompute),
+                                           backend_for(x) == "reference")
     return y.reshape(*lead, w2.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------
 # gated_ffn
 # ---------------------------------------------------------------------------------------------
-def _f(t):
-    return None if t is None else t.float()
-
-
 def _gate_up(K, x, wg, wu, bg, bu, act, h, g, u):
     """The dual-accumulator kernel; a missing one of the two biases is passed as zeros."""
     if bg is not None or bu is not None:
@@ -181,30 +180,38 @@ def _gate_up(K, x, wg, wu, bg, bu, act, h, g, u):
 @torch.library.custom_op("tritformer::gated_ffn_fwd", mutates_args=())
 def _gated_fwd(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
                bg: Optional[torch.Tensor], bu: Optional[torch.Tensor], bd: Optional[torch.Tensor],
-               act: str, recompute: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (y, h, g, u); h, g, u [M, I] saved for the backward (empty when recompute)."""
+               act: str, recompute: bool, reference_backend: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (y, h, g, u); h, g, u [M, I] saved for the backward (empty when recompute).
+    reference_backend: the "reference" backend (chosen by `gated_ffn`): float32 PyTorch."""
+    if reference_backend:
+        return _gated_fwd_reference(x, wg, wu, wd, bg, bu, bd, act, recompute)
     M, I = x.shape[0], wg.shape[0]
-    if backend_for(x) == "reference":
-        g = torch.nn.functional.linear(x.float(), wg.float(), _f(bg))
-        u = torch.nn.functional.linear(x.float(), wu.float(), _f(bu))
-        h = (reference.apply_activation(g, act) * u).to(x.dtype)
-        y = torch.nn.functional.linear(h.float(), wd.float(), _f(bd)).to(x.dtype)
-        g, u = g.to(x.dtype), u.to(x.dtype)
-    else:
-        K = _kernels()
-        h = x.new_empty(M, I)
-        g = None if recompute else x.new_empty(M, I)
-        u = None if recompute else x.new_empty(M, I)
-        _gate_up(K, x, wg, wu, bg, bu, act, h, g, u)
-        y = x.new_empty(M, wd.shape[0])
-        K.gemm(h, wd.t(), y, bias=bd)
+    K = _kernels()
+    h = x.new_empty(M, I)
+    g = None if recompute else x.new_empty(M, I)
+    u = None if recompute else x.new_empty(M, I)
+    _gate_up(K, x, wg, wu, bg, bu, act, h, g, u)
+    y = x.new_empty(M, wd.shape[0])
+    K.gemm(h, wd.t(), y, bias=bd)
     if recompute:
         return y, _empty(x), _empty(x), _empty(x)
     return y, h, g, u
 
 
+def _gated_fwd_reference(x, wg, wu, wd, bg, bu, bd, act, recompute):
+    """`_gated_fwd` in float32 PyTorch; h, g, u rounded to x's dtype, as the kernels save them."""
+    g = torch.nn.functional.linear(x.float(), wg.float(), _f(bg))
+    u = torch.nn.functional.linear(x.float(), wu.float(), _f(bu))
+    h = (reference.apply_activation(g, act) * u).to(x.dtype)
+    y = torch.nn.functional.linear(h.float(), wd.float(), _f(bd)).to(x.dtype)
+    if recompute:
+        return y, _empty(x), _empty(x), _empty(x)
+    return y, h, g.to(x.dtype), u.to(x.dtype)
+
+
 @_gated_fwd.register_fake
-def _(x, wg, wu, wd, bg, bu, bd, act, recompute):
+def _(x, wg, wu, wd, bg, bu, bd, act, recompute, reference_backend=False):
     M, I = x.shape[0], wg.shape[0]
     hid = (lambda: x.new_empty(0)) if recompute else (lambda: x.new_empty(M, I))
     return x.new_empty(M, wd.shape[0]), hid(), hid(), hid()
@@ -213,26 +220,14 @@ def _(x, wg, wu, wd, bg, bu, bd, act, recompute):
 @torch.library.custom_op("tritformer::gated_ffn_bwd", mutates_args=())
 def _gated_bwd(dy: torch.Tensor, x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor,
                wd: torch.Tensor, bg: Optional[torch.Tensor], bu: Optional[torch.Tensor],
-               h: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: str, recompute: bool
+               h: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: str, recompute: bool,
+               reference_backend: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                           torch.Tensor, torch.Tensor]:
     """(dx, dwg, dwu, dwd, dbg, dbu, dbd); bias grads are fp32 column sums."""
+    if reference_backend:
+        return reference.ffn_backward(dy, x, wg, bg, wd, h, g, act, recompute, w_up=wu, b_up=bu, up=u)
     M, I = x.shape[0], wg.shape[0]
-    if backend_for(x) == "reference":
-        g32 = torch.nn.functional.linear(x.float(), wg.float(), _f(bg))
-        u32 = torch.nn.functional.linear(x.float(), wu.float(), _f(bu))
-        a32 = reference.apply_activation(g32, act)
-        h32 = a32 * u32
-        if not recompute:
-            g32, u32, h32 = g.float(), u.float(), h.float()
-            a32 = reference.apply_activation(g32, act)
-        dy32 = dy.float()
-        dh = dy32 @ wd.float()
-        dg = dh * u32 * reference.activation_grad(g32, act)
-        du = dh * a32
-        res = (dg @ wg.float() + du @ wu.float(), dg.t() @ x.float(), du.t() @ x.float(),
-               dy32.t() @ h32, dg.sum(0), du.sum(0), dy32.sum(0))
-        return tuple(r.to(x.dtype) for r in res)
     K = _kernels()
     if recompute:
         h, g, u = (x.new_empty(M, I) for _ in range(3))
@@ -253,25 +248,25 @@ def _gated_bwd(dy: torch.Tensor, x: torch.Tensor, wg: torch.Tensor, wu: torch.Te
 
 
 @_gated_bwd.register_fake
-def _(dy, x, wg, wu, wd, bg, bu, h, g, u, act, recompute):
+def _(dy, x, wg, wu, wd, bg, bu, h, g, u, act, recompute, reference_backend=False):
     return (torch.empty_like(x), torch.empty_like(wg), torch.empty_like(wu), torch.empty_like(wd),
             x.new_empty(wg.shape[0]), x.new_empty(wu.shape[0]), x.new_empty(wd.shape[0]))
 
 
 def _gated_setup(ctx, inputs, output):
-    x, wg, wu, wd, bg, bu, bd, act, recompute = inputs
+    x, wg, wu, wd, bg, bu, bd, act, recompute, reference_backend = inputs
     _, h, g, u = output
     ctx.save_for_backward(x, wg, wu, wd, bg, bu, h, g, u)
-    ctx.act, ctx.recompute = act, recompute
+    ctx.act, ctx.recompute, ctx.reference_backend = act, recompute, reference_backend
     ctx.has = (bg is not None, bu is not None, bd is not None)
 
 
 def _gated_backward(ctx, dy, *_):
     x, wg, wu, wd, bg, bu, h, g, u = ctx.saved_tensors
     dx, dwg, dwu, dwd, dbg, dbu, dbd = torch.ops.tritformer.gated_ffn_bwd(
-        dy, x, wg, wu, wd, bg, bu, h, g, u, ctx.act, ctx.recompute)
+        dy, x, wg, wu, wd, bg, bu, h, g, u, ctx.act, ctx.recompute, ctx.reference_backend)
     db = [d if has else None for d, has in zip((dbg, dbu, dbd), ctx.has)]
-    return (dx, dwg, dwu, dwd, *db, None, None)
+    return (dx, dwg, dwu, dwd, *db, None, None, None)
 
 
 _gated_fwd.register_autograd(_gated_backward, setup_context=_gated_setup)
@@ -296,5 +291,6 @@ def gated_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])
     y, _, _, _ = torch.ops.tritformer.gated_ffn_fwd(x2, w_gate, w_up, w_down, b_gate, b_up, b_down,
-                                                    activation, bool(recompute))
+                                                    activation, bool(recompute),
+                                                    backend_for(x) == "reference")
     return y.reshape(*lead, w_down.shape[0])

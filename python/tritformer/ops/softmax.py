@@ -33,25 +33,27 @@ def _out_like(x: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("tritformer::softmax_fwd", mutates_args=())
 def _softmax_fwd(x: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
-                 causal: bool) -> torch.Tensor:
-    # x: softmax over its last dim; mask: None or expanded to x's shape (a stride-0 view)
+                 causal: bool, reference_backend: bool = False) -> torch.Tensor:
+    """x: softmax over its last dim; mask: None or expanded to x's shape (a stride-0 view).
+    reference_backend: the "reference" backend (chosen by `softmax`): float32 PyTorch."""
     out = _out_like(x)
-    if backend_for(x) != "reference":
+    if not reference_backend:
         return _kernels().softmax_forward(x, mask, out, scale, causal)
     out.copy_(reference.softmax(x.float(), -1, scale=scale, mask=mask, causal=causal))
     return out
 
 
 @_softmax_fwd.register_fake
-def _(x, mask, scale, causal):
+def _(x, mask, scale, causal, reference_backend=False):
     return _out_like(x)
 
 
 @torch.library.custom_op("tritformer::softmax_bwd", mutates_args=())
-def _softmax_bwd(dy: torch.Tensor, y: torch.Tensor, grad_scale: float) -> torch.Tensor:
+def _softmax_bwd(dy: torch.Tensor, y: torch.Tensor, grad_scale: float,
+                 reference_backend: bool = False) -> torch.Tensor:
     """grad_scale * y * (dy - rowsum(dy * y)) over the last dim."""
     out = _out_like(y)
-    if backend_for(y) != "reference":
+    if not reference_backend:
         return _kernels().softmax_backward(dy, y, out, grad_scale)
     yf, dyf = y.float(), dy.float()
     dz = yf * (dyf - (yf * dyf).sum(-1, keepdim=True)) * grad_scale
@@ -60,24 +62,25 @@ def _softmax_bwd(dy: torch.Tensor, y: torch.Tensor, grad_scale: float) -> torch.
 
 
 @_softmax_bwd.register_fake
-def _(dy, y, grad_scale):
+def _(dy, y, grad_scale, reference_backend=False):
     return _out_like(y)
 
 
 def _setup_context(ctx, inputs, output):
-    x, mask, scale, causal = inputs
+    x, mask, scale, causal, reference_backend = inputs
     ctx.save_for_backward(output)
-    ctx.scale = scale
+    ctx.scale, ctx.reference_backend = scale, reference_backend
     ctx.mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[1]
 
 
 def _backward(ctx, dy):
     (y,) = ctx.saved_tensors
     if not ctx.mask_grad:
-        return torch.ops.tritformer.softmax_bwd(dy, y, ctx.scale), None, None, None
+        dx = torch.ops.tritformer.softmax_bwd(dy, y, ctx.scale, ctx.reference_backend)
+        return dx, None, None, None, None
     # an additive mask that requires grad: d(mask) = dz (the logits' gradient), dx = scale * dz
-    dz = torch.ops.tritformer.softmax_bwd(dy, y, 1.0)
-    return dz * ctx.scale, dz, None, None
+    dz = torch.ops.tritformer.softmax_bwd(dy, y, 1.0, ctx.reference_backend)
+    return dz * ctx.scale, dz, None, None, None
 
 
 _softmax_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -111,5 +114,6 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0,
     if mask is not None:
         mm = mask.expand(x.shape)
         mm = mm if dim == last else mm.movedim(dim, -1)
-    y = torch.ops.tritformer.softmax_fwd(xm, mm, float(scale), bool(causal))
+    y = torch.ops.tritformer.softmax_fwd(xm, mm, float(scale), bool(causal),
+                                         backend_for(x) == "reference")
     return y if dim == last else y.movedim(-1, dim)
