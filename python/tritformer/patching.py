@@ -68,8 +68,7 @@ from torch import Tensor, nn
 from ._checks import SUPPORTED_DTYPES
 from .nn.mha import MultiheadAttention
 from .ops import ffn as _ffn_ops  # called through the module, so tests can spy on the ops
-
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")  # tritformer.ffn's
+from .reference import ACTIVATIONS  # tritformer.ffn's
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,12 +457,9 @@ def _fast_path_off(module: nn.Module, args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# patch
-# ---------------------------------------------------------------------------------------------
-# ---------------------------------------------------------------------------------------------
 # transformers' attention: attn_implementation="tritformer"
 # ---------------------------------------------------------------------------------------------
-def _hf_attention(model: nn.Module, report: PatchReport) -> None:
+def _patch_hf_attention(model: nn.Module, report: PatchReport) -> None:
     """Switch every outermost transformers ``PreTrainedModel`` in `model` (the model itself,
     or ones held by a plain module) to attn_implementation="tritformer"; its sub-models follow
     (``set_attn_implementation`` recurses). Recorded as swapped, or skipped with the reason."""
@@ -491,6 +487,9 @@ def _hf_attention(model: nn.Module, report: PatchReport) -> None:
                                        "attention_forward through AttentionInterface"))
 
 
+# ---------------------------------------------------------------------------------------------
+# patch
+# ---------------------------------------------------------------------------------------------
 def patch(model: nn.Module, *, attention: bool = True, mlp: bool = True) -> PatchReport:
     """Swap `model`'s attention and MLP modules for tritformer's fused ones, in place.
 
@@ -520,84 +519,117 @@ def patch(model: nn.Module, *, attention: bool = True, mlp: bool = True) -> Patc
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     report = PatchReport()
     if attention:
-        _hf_attention(model, report)
+        _patch_hf_attention(model, report)
     replace: dict[int, nn.Module] = {}  # id(old module) -> its replacement
     for name, m in list(model.named_modules()):  # each module once (first path if shared)
-        t = type(m)
         if attention and isinstance(m, nn.MultiheadAttention) and not isinstance(m, MultiheadAttention):
-            what = _type_name(t)
-            if t is not nn.MultiheadAttention:
-                report.skipped.append(Skip(name, what, "a subclass of torch.nn.MultiheadAttention "
-                                                       "(its forward may differ)"))
-            elif "forward" in vars(m):
-                report.skipped.append(Skip(name, what, "forward is overridden on the instance"))
-            else:
-                m.__class__ = MultiheadAttention
-                report.swapped.append(Swap(name, what, _type_name(MultiheadAttention),
-                                           "fused when called with need_weights=False"))
-            continue
-        if not mlp:
-            continue
-        if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-            if _ff_block_patched(m):
-                continue
-            what = f"{t.__name__} feed-forward"
-            tail, reason = _layer_ffn(m)
-            if reason:
-                report.skipped.append(Skip(name, what, reason))
-                continue
-            m._ff_block = functools.partial(_fused_ff_block, m, tail)
-            act = _activation_name(m.activation)
-            report.swapped.append(Swap(f"{name}._ff_block" if name else "_ff_block",
-                                       f"{t.__name__}._ff_block", f"tritformer.ffn[{act}]",
-                                       _dropout_note(m.dropout)))
-        elif t is nn.Sequential:
-            parts = _sequential_mlp(m)
-            if parts is None:
-                continue
-            lin1, act, mid, lin2, _ = parts
-            what = "nn.Sequential MLP"
-            if type(lin1) is not nn.Linear or type(lin2) is not nn.Linear:
-                report.skipped.append(Skip(name, what, f"linears are {type(lin1).__name__}, "
-                                                       f"{type(lin2).__name__}, not nn.Linear"))
-            elif lin1.out_features != lin2.in_features:
-                report.skipped.append(Skip(name, what, f"linear shapes do not chain "
-                                                       f"({lin1.out_features} -> {lin2.in_features})"))
-            elif _activation_name(act) is None:
-                report.skipped.append(Skip(name, what, _unsupported(act)))
-            elif "forward" in vars(m):
-                report.skipped.append(Skip(name, what, "forward is overridden on the instance"))
-            else:
-                m.__class__ = FusedSequentialMLP  # in place: same object, children, hooks
-                report.swapped.append(Swap(name, "torch.nn.Sequential",
-                                           f"tritformer.patching.FusedSequentialMLP[{_activation_name(act)}]",
-                                           _dropout_note(mid)))
-        else:
-            found = _match_hf_mlp(m)
-            if found is None:
-                continue
-            repl, what, reason = found
-            if not reason and not name:
-                reason = "the model itself: patch replaces submodules; patch a module holding it"
-            elif not reason and _hooks(m):
-                reason = f"hooks registered on it ({', '.join(_hooks(m))}) would be lost"
-            elif not reason and "forward" in vars(m):
-                reason = "forward is overridden on the instance (e.g. accelerate's hooks)"
-            if reason:
-                report.skipped.append(Skip(name, what, reason))
-                continue
-            new = repl(m)
-            replace[id(m)] = new
-            act = _activation_name(new.act if repl is FusedConv1DMLP else new.act_fn)
-            report.swapped.append(Swap(name, what, f"{_type_name(repl)}[{act}]"))
+            _patch_mha(name, m, report)
+        elif mlp and isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            _patch_layer_ffn(name, m, report)
+        elif mlp and type(m) is nn.Sequential:
+            _patch_sequential_mlp(name, m, report)
+        elif mlp:
+            _patch_hf_mlp(name, m, report, replace)
+    _replace_children(model, replace)
+    _fast_paths_off(model, report)
+    return report
 
-    if replace:  # every parent edge (a module shared by several parents is replaced in all)
-        for parent in list(model.modules()):
-            for key, child in list(parent._modules.items()):
-                if child is not None and id(child) in replace:
-                    parent._modules[key] = replace[id(child)]
 
-    # torch's encoder fast path would bypass what was swapped in an encoder layer
+# ---------------------------------------------------------------------------------------------
+# patch, one function per target family
+# ---------------------------------------------------------------------------------------------
+def _patch_mha(name: str, m: nn.MultiheadAttention, report: PatchReport) -> None:
+    """torch.nn.MultiheadAttention (exact type) -> tritformer.nn.MultiheadAttention, in place."""
+    what = _type_name(type(m))
+    if type(m) is not nn.MultiheadAttention:
+        report.skipped.append(Skip(name, what, "a subclass of torch.nn.MultiheadAttention "
+                                               "(its forward may differ)"))
+    elif "forward" in vars(m):
+        report.skipped.append(Skip(name, what, "forward is overridden on the instance"))
+    else:
+        m.__class__ = MultiheadAttention
+        report.swapped.append(Swap(name, what, _type_name(MultiheadAttention),
+                                   "fused when called with need_weights=False"))
+
+
+def _patch_layer_ffn(name: str, m: nn.Module, report: PatchReport) -> None:
+    """The feed-forward of an nn.TransformerEncoderLayer / DecoderLayer: its ``_ff_block``
+    overridden on the instance by `_fused_ff_block`."""
+    if _ff_block_patched(m):
+        return
+    t = type(m)
+    tail, reason = _layer_ffn(m)
+    if reason:
+        report.skipped.append(Skip(name, f"{t.__name__} feed-forward", reason))
+        return
+    m._ff_block = functools.partial(_fused_ff_block, m, tail)
+    act = _activation_name(m.activation)
+    report.swapped.append(Swap(f"{name}._ff_block" if name else "_ff_block",
+                               f"{t.__name__}._ff_block", f"tritformer.ffn[{act}]",
+                               _dropout_note(m.dropout)))
+
+
+def _patch_sequential_mlp(name: str, m: nn.Sequential, report: PatchReport) -> None:
+    """nn.Sequential(Linear, act, [Dropout], Linear, [Dropout]) -> FusedSequentialMLP, in place."""
+    parts = _sequential_mlp(m)
+    if parts is None:
+        return
+    lin1, act, mid, lin2, _ = parts
+    what = "nn.Sequential MLP"
+    if type(lin1) is not nn.Linear or type(lin2) is not nn.Linear:
+        report.skipped.append(Skip(name, what, f"linears are {type(lin1).__name__}, "
+                                               f"{type(lin2).__name__}, not nn.Linear"))
+    elif lin1.out_features != lin2.in_features:
+        report.skipped.append(Skip(name, what, f"linear shapes do not chain "
+                                               f"({lin1.out_features} -> {lin2.in_features})"))
+    elif _activation_name(act) is None:
+        report.skipped.append(Skip(name, what, _unsupported(act)))
+    elif "forward" in vars(m):
+        report.skipped.append(Skip(name, what, "forward is overridden on the instance"))
+    else:
+        m.__class__ = FusedSequentialMLP  # in place: same object, children, hooks
+        report.swapped.append(Swap(name, "torch.nn.Sequential",
+                                   f"tritformer.patching.FusedSequentialMLP[{_activation_name(act)}]",
+                                   _dropout_note(mid)))
+
+
+def _patch_hf_mlp(name: str, m: nn.Module, report: PatchReport, replace: dict) -> None:
+    """transformers' GPT2MLP / LlamaMLP (or a verbatim copy): a FusedConv1DMLP / FusedLlamaMLP
+    holding its children, recorded in `replace` (id(m) -> new module) for
+    `_replace_children`."""
+    found = _match_hf_mlp(m)
+    if found is None:
+        return
+    repl, what, reason = found
+    if not reason and not name:
+        reason = "the model itself: patch replaces submodules; patch a module holding it"
+    elif not reason and _hooks(m):
+        reason = f"hooks registered on it ({', '.join(_hooks(m))}) would be lost"
+    elif not reason and "forward" in vars(m):
+        reason = "forward is overridden on the instance (e.g. accelerate's hooks)"
+    if reason:
+        report.skipped.append(Skip(name, what, reason))
+        return
+    new = repl(m)
+    replace[id(m)] = new
+    act = _activation_name(new.act if repl is FusedConv1DMLP else new.act_fn)
+    report.swapped.append(Swap(name, what, f"{_type_name(repl)}[{act}]"))
+
+
+def _replace_children(model: nn.Module, replace: dict) -> None:
+    """Every parent edge to a replaced module (one shared by several parents is replaced in
+    all)."""
+    if not replace:
+        return
+    for parent in list(model.modules()):
+        for key, child in list(parent._modules.items()):
+            if child is not None and id(child) in replace:
+                parent._modules[key] = replace[id(child)]
+
+
+def _fast_paths_off(model: nn.Module, report: PatchReport) -> None:
+    """torch's encoder fast path would bypass what was swapped in an encoder layer: a no-op
+    forward pre-hook on each such layer, and no nested-tensor conversion in their encoder."""
     touched = set()
     for name, m in model.named_modules():
         if isinstance(m, nn.TransformerEncoderLayer) and (
@@ -612,4 +644,3 @@ def patch(model: nn.Module, *, attention: bool = True, mlp: bool = True) -> Patc
                 and any(id(layer) in touched for layer in m.layers)):
             m.use_nested_tensor = False
             report.adjusted.append((name, "use_nested_tensor = False (nested-tensor fast path off)"))
-    return report
