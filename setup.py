@@ -13,7 +13,7 @@ setup(
     package_dir={"tritformer": "python/tritformer", "tritformer.kernels": "kernels"},
     packages=["tritformer", "tritformer.ops", "tritformer.nn", "tritformer.models",
               "tritformer.integrations", "tritformer.bench", "tritformer.testing",
-              "tritformer.kernels"],
+              "tritformer.kernels", "tritformer.kernels.attention"],
     # Install torch first (see README): a bare `torch` requirement on a machine without torch
     # pulls a multi-GB CUDA build. Triton 3.7.1 is what torch 2.13's CUDA build pins.
     install_requires=["torch>=2.6", "triton>=3.7.1,<3.10", "numpy"],

@@ -543,16 +543,15 @@ def _triton_version() -> str:
 
 
 def _kernel_sources() -> dict:
-    """sha256 of each kernel module the baseline was recorded from (the kernels change under
+    """sha256 of each kernel source file the baseline was recorded from (the kernels change under
     concurrent work; the baseline names the exact sources)."""
     import hashlib
-    import importlib
-    out = {}
-    for mod in ("attention", "decode", "ffn", "softmax", "_launch"):
-        path = importlib.import_module(f"tritformer.kernels.{mod}").__file__
-        with open(path, "rb") as f:
-            out[f"kernels/{mod}.py"] = hashlib.sha256(f.read()).hexdigest()
-    return out
+    import pathlib
+
+    import tritformer.kernels._launch as launch_mod
+    root = pathlib.Path(launch_mod.__file__).parent
+    return {f"kernels/{p.relative_to(root).as_posix()}": hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*.py"))}
 
 
 def main(args, argv: list[str]) -> int:

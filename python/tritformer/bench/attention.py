@@ -156,28 +156,17 @@ def interpreter_tiles(tiles: dict | None = None):
     bytes a call allocates (out and lse) do not depend on the tiles: tiles live in
     registers/shared memory on a GPU. A no-op when the kernels are compiled (GPU_CONFIGS).
 
-    Non-mutating: the attention kernels' configs_for reads the global INTERPRETER_CONFIGS of its
-    own module at each launch; the block binds that name to a new dict (the shipped table with
-    `tiles` over it) and binds the shipped dict back on exit (try/finally). The shipped dict is
-    never modified, so code holding it sees the test tiles throughout. Process-wide while the
-    block runs (a module global): kernels/ has no per-call or context-local hook for the
-    interpreter tiles yet."""
-    import triton
-
+    Non-mutating: kernels.attention.interpreter_configs binds the kernels' table name to a
+    merged copy for the block and binds the shipped dict back on exit. Process-wide while the
+    block runs."""
     from tritformer.kernels import attention as K
     from tritformer.kernels._launch import is_interpreted
     if not is_interpreted(K._attn_fwd):
         yield
         return
-    scope = K.configs_for.__globals__  # the namespace configs_for looks INTERPRETER_CONFIGS up in
-    shipped = scope["INTERPRETER_CONFIGS"]
-    scope["INTERPRETER_CONFIGS"] = {**shipped, **{
-        name: triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for name, (m, n, w, s) in (INTERPRETER_TILES if tiles is None else tiles).items()}}
-    try:
+    with K.interpreter_configs({name: K._cfg(*tile) for name, tile in
+                                (INTERPRETER_TILES if tiles is None else tiles).items()}):
         yield
-    finally:
-        scope["INTERPRETER_CONFIGS"] = shipped
 
 
 _large_interpreter_tiles = interpreter_tiles  # its former name

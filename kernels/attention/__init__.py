@@ -1,0 +1,45 @@
+"""Fused softmax attention (FlashAttention-2 algorithm): Triton kernels and host launchers.
+
+Layout: q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] with any strides; Hq = GROUP * Hkv (MHA, GQA, MQA).
+Packed variable-length batches (VARLEN) use the same kernels on [1, H, total, D] views: the
+program's "batch" index is then the sequence, whose token range comes from cu_seqlens.
+
+Grids are one axis (CUDA takes 2^31 - 1 programs on x, 65,535 on y and z): each kernel is a thin
+wrapper that decodes (tile, head, batch) from the program id and calls its `_tile` function; for
+packed sequences the wrapper loops over the tiles of a sequence longer than the grid assumed.
+
+Scores, in this order (all optional except the first, each a constexpr switch):
+    s = scale * q kᵀ                                 (natural units; exp2((s - max) * log2 e))
+    s = softcap * tanh(s / softcap)                  SOFTCAP (Gemma-2)
+    s += -slope_h * |i + Nk - Nq - j|                HAS_ALIBI
+    s += attn_mask[b, h, i, j]                       MASK_KIND 2 (additive float)
+    masked: attn_mask False (MASK_KIND 1), key_padding_mask True (HAS_KPM),
+            j > i + Nk - Nq + right (WIN_RIGHT; causal is right = 0),
+            j < i + Nk - Nq - left (WIN_LEFT)
+    P = softmax(s); dropout (DROPOUT) zeroes P with probability p (Philox, counter =
+    lse row * DROP_COLS + j) and the output is rescaled by 1 / (1 - p).
+Key tiles that the window leaves fully masked, and (with a key padding mask) tiles outside
+each sequence's first..last valid key, are never visited; tiles fully inside the window run
+without evaluating the window masks.
+
+Where things live (one room per concern):
+    _common.py   the score pipeline, key ranges, sequence bounds, dropout bits, program-id decode
+    forward.py   the forward kernel;  backward.py  the three backward kernels
+    configs.py   tile tables (interpreter and GPU, per variant), with their AOT provenance
+    options.py   `Options` (what a call asks for) -> the kernels' runtime args and switches
+    launch.py    launch plans (what `inspect` compiles) and the launchers the ops call
+A new switch: a constexpr in options._features, then the signatures and call sites of the
+kernel files (kernel -> tile body -> inner sweep; constexprs by keyword), and if it changes what
+a score is, `_scores` in _common.py.
+
+This package knows nothing of autograd: launchers take tensors and return tensors.
+"""
+from ._common import _dropout_keep, _dropout_mask_kernel, _key_range, _load_lse, _scores, _seq_info  # noqa: F401
+from .backward import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess  # noqa: F401
+from .configs import (GPU_CONFIGS, INTERPRETER_CONFIGS, PREPROCESS_BLOCK_M, VARIANT_CONFIGS,  # noqa: F401
+                      _block_d, _cfg, configs_for, interpreter_configs)
+from .forward import _attn_fwd  # noqa: F401
+from .launch import (attention_backward, attention_forward, dropout_keep_mask, plan_backward,  # noqa: F401
+                     plan_forward)
+from .options import Options, _dot_precision, _features  # noqa: F401
+from .._launch import is_interpreted  # noqa: F401

@@ -1,0 +1,136 @@
+"""Pieces every attention kernel shares: the score pipeline, key ranges, sequence bounds,
+dropout bits and the program-id decode. See the package docstring for what each switch means."""
+import triton
+import triton.language as tl
+
+from .._math import tanh as _tanh
+
+
+@triton.jit
+def _program_tile(MAX_SEQLEN, BLOCK: tl.constexpr, N_HEADS):
+    """(tile, head, sequence, tiles per sequence) of this program. Grids are one axis (CUDA
+    takes 2^31 - 1 programs on x, 65,535 on y and z), tiles fastest, so the tiles of one head
+    run together. MAX_SEQLEN: the length the grid was sized for (varlen: max_seqlen_*)."""
+    n_tiles = (MAX_SEQLEN + BLOCK - 1) // BLOCK
+    pid = tl.program_id(0)
+    return pid % n_tiles, (pid // n_tiles) % N_HEADS, pid // n_tiles // N_HEADS, n_tiles
+
+
+@triton.jit
+def _dropout_keep(seed, row, col, DROP_COLS, dropout_p):
+    """Philox keep mask of lse row `row` (broadcast with `col`): counter row * DROP_COLS + col."""
+    offs = row.to(tl.int64) * DROP_COLS + col
+    return tl.rand(seed, offs) >= dropout_p
+
+
+@triton.jit
+def _seq_info(CuQ, CuK, off_z, N_Q, N_KV, VARLEN: tl.constexpr):
+    """(batch index for strides, first query row, first key row, n_q, n_kv) of batch/sequence
+    index off_z."""
+    if VARLEN:
+        q_start = tl.load(CuQ + off_z)
+        k_start = tl.load(CuK + off_z)
+        n_q = tl.load(CuQ + off_z + 1) - q_start
+        n_kv = tl.load(CuK + off_z + 1) - k_start
+        z = off_z * 0  # one packed "batch": sequences are token ranges
+    else:
+        q_start = off_z * 0
+        k_start = off_z * 0
+        n_q = N_Q
+        n_kv = N_KV
+        z = off_z
+    return z, q_start, k_start, n_q, n_kv
+
+
+@triton.jit
+def _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope,
+            sm_scale, cap_in, cap_out, win_left, win_right,
+            BOUNDARY: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
+            MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr,
+            SOFTCAP: tl.constexpr):
+    """Scores of a tile (natural units), -inf where masked, and tanh(.) for the softcap gradient.
+
+    Natural units until the row max / lse is subtracted, then exp2((s - m) * log2(e)): scaling
+    s by log2(e) first rounds |s| in the exponent (fp32 at |s| ~ 16: dV 5.9x PyTorch's error
+    through the recomputed P, found by the fuzz tests); the difference is small and exact.
+
+    i, j: query and key positions within the sequence, shaped to broadcast to qk's tile
+    ([M, 1] and [1, N] in the forward and dQ kernels, [1, M] and [N, 1] in dK/dV). BOUNDARY:
+    evaluate the window and the key bound; off the window's edges both are known to hold."""
+    if SOFTCAP:
+        t = _tanh(qk * cap_in)    # cap_in = scale / softcap
+        s = t * cap_out           # cap_out = softcap
+    else:
+        t = qk
+        s = qk * sm_scale
+    if HAS_ALIBI:
+        s += slope * (-tl.abs(i + diag - j)).to(tl.float32)
+    if MASK_KIND != 0:
+        inb = (i < n_q) & (j < n_kv)
+        m_ptrs = m_base + i.to(tl.int64) * stride_mm + j.to(tl.int64) * stride_mn
+        if MASK_KIND == 1:
+            keep_m = tl.load(m_ptrs, mask=inb, other=0)
+            s = tl.where(keep_m != 0, s, float("-inf"))
+        else:
+            s += tl.load(m_ptrs, mask=inb, other=0.0).to(tl.float32)
+    if HAS_KPM:
+        pad = tl.load(kpm_base + j, mask=j < n_kv, other=1)
+        s = tl.where(pad != 0, float("-inf"), s)
+    if BOUNDARY:
+        keep = j < n_kv  # broadcast against the tile by tl.where
+        if WIN_RIGHT:
+            keep = keep & (j <= i + diag + win_right)
+        if WIN_LEFT:
+            keep = keep & (j >= i + diag - win_left)
+        s = tl.where(keep, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _key_range(m0, n_q, n_kv, diag, win_left, win_right, KvRange, z,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIN_LEFT: tl.constexpr,
+               WIN_RIGHT: tl.constexpr, HAS_KPM: tl.constexpr):
+    """Key tiles of the query tile starting at row m0: [lo, hi) holds every visible key, and
+    [full_lo, full_hi) (BLOCK_N-aligned, inside it) the tiles every row sees whole."""
+    m1 = m0 + BLOCK_M - 1  # last row of the tile
+    n_full = (n_kv // BLOCK_N) * BLOCK_N
+    if WIN_RIGHT:  # row i sees j <= i + diag + right
+        hi = tl.minimum(tl.maximum(m1 + diag + win_right + 1, 0), n_kv)
+        full_hi = tl.minimum((tl.maximum(m0 + diag + win_right + 1, 0) // BLOCK_N) * BLOCK_N, n_full)
+    else:
+        hi = n_kv
+        full_hi = n_full
+    if WIN_LEFT:  # row i sees j >= i + diag - left
+        lo = (tl.maximum(m0 + diag - win_left, 0) // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(m1 + diag - win_left, 0), BLOCK_N) * BLOCK_N
+    else:
+        lo = n_kv * 0
+        full_lo = n_kv * 0
+    if HAS_KPM:  # keys outside [first valid, last valid] of this sequence are never visited
+        lo = tl.maximum(lo, (tl.load(KvRange + 2 * z) // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(hi, tl.load(KvRange + 2 * z + 1))
+    hi = tl.where(m0 < n_q, hi, 0)  # varlen: a tile past this sequence's queries does nothing
+    lo = tl.minimum(lo, hi)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+
+@triton.jit
+def _load_lse(Lse, row, mask):
+    # rows past N_Q and rows with no visible key (lse = -inf) get +inf, so P = exp(s - lse) = 0
+    lse = tl.load(Lse + row, mask=mask, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse)
+
+
+@triton.jit
+def _dropout_mask_kernel(Out, n_rows, n_cols, dropout_p, seed,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Out[r, c] = the attention kernels' dropout keep bit of lse row r, key c (DROP_COLS = n_cols)."""
+    n_col_tiles = (n_cols + BLOCK_C - 1) // BLOCK_C  # program -> (row tile, column tile), axis 0
+    rows = (tl.program_id(0) // n_col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    cols = (tl.program_id(0) % n_col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    keep = _dropout_keep(seed, rows, cols, n_cols, dropout_p)
+    tl.store(Out + rows.to(tl.int64) * n_cols + cols, keep, mask=(rows < n_rows) & (cols < n_cols))
+

@@ -1,0 +1,436 @@
+"""Attention backward (FlashAttention-2): delta, then dK/dV and dQ in two kernels, no atomics.
+
+- `_attn_bwd_preprocess`: delta = rowsum(dO * O) - dLse per query row.
+- `_attn_bwd_dkdv`: one program per (key tile, kv head, sequence) owns its dK/dV tile and loops
+  over the query heads of its group and their query tiles (deterministic, no atomics).
+- `_attn_bwd_dq`: one program per (query tile, head, sequence) loops over the key tiles.
+Both recompute P from the saved lse with the forward's exact score pipeline (`_scores`). Each
+tile body sweeps its loop in three ranges (the window's two edges and the whole tiles between)
+through one keyword call site of its `_inner` sweep; the wrappers pass their runtime arguments
+to the tile bodies in signature order (tests/test_kernel_signatures.py) and constexprs by
+keyword.
+"""
+import triton
+import triton.language as tl
+
+from .._constants import LOG2E
+from ._common import _dropout_keep, _key_range, _load_lse, _program_tile, _scores, _seq_info
+
+
+@triton.jit
+def _attn_bwd_preprocess(Out, DO, DLse, Delta,
+                         stride_oz, stride_oh, stride_om, stride_od,
+                         stride_doz, stride_doh, stride_dom, stride_dod,
+                         H, N_Q,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         HAS_DLSE: tl.constexpr):
+    # delta = rowsum(dO * O) - dLse   (dLse: gradient flowing into the returned lse, if any)
+    # program -> (row tile, head, batch)
+    start_m, off_h, off_z, _ = _program_tile(N_Q, BLOCK_M, H)
+    off_hz = off_z * H + off_h
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
+                + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
+                 + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, axis=1)
+    row = off_hz.to(tl.int64) * N_Q + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLse + row, mask=offs_m < N_Q, other=0.0)
+    tl.store(Delta + row, delta, mask=offs_m < N_Q)
+
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, Delta,
+                         stride_qm, stride_dom, row0, lo, hi, offs_m, j, mask_d, n_q, n_kv, diag,
+                         m_base, stride_mm, stride_mn, kpm_base, slope, sm_scale, cap_in,
+                         cap_out, win_left, win_right, DROP_COLS, dropout_p, seed,
+                         BLOCK_M: tl.constexpr, BOUNDARY: tl.constexpr, WIN_LEFT: tl.constexpr,
+                         WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
+                         HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    # Query rows past n_q load as zero with lse = +inf, so they add nothing: no row bound on P.
+    # Keys past n_kv (ragged last key tile) produce rows of dK/dV that are never stored.
+    q_base += tl.cast(lo, tl.int64) * stride_qm
+    do_base += tl.cast(lo, tl.int64) * stride_dom
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_qm = start_m + offs_m
+        mask_m = offs_qm < n_q
+        i = offs_qm[None, :]
+        q = tl.load(q_base + q_offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        lse = _load_lse(Lse, row0 + offs_qm, mask_m)
+        # -- recompute P^T [BLOCK_N, BLOCK_M] from the saved lse ----
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        sT, tT = _scores(qkT, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base,
+                         slope, sm_scale, cap_in, cap_out, win_left, win_right,
+                         BOUNDARY=BOUNDARY, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
+                         MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI,
+                         SOFTCAP=SOFTCAP)
+        # masked to -inf before exp2: a masked score above the row's lse must not make inf.
+        # Rows past n_q (zero-filled q) are zeroed explicitly: with a key of -inf their score is
+        # 0 * -inf = NaN, which would reach dK/dV through the dots (tests/test_empty_rows.py).
+        pT = tl.math.exp2((sT - lse[None, :]) * LOG2E)
+        pT = tl.where(mask_m[None, :], pT, 0.0)
+        do = tl.load(do_base + do_offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        # dV before dP^T is formed: fewer live tiles (dP^T first spilled fp32 D=128 on sm_80)
+        if DROPOUT:  # dV += (P∘Z)^T dO / (1-p); dP = (dO V^T)∘Z / (1-p)
+            keepT = _dropout_keep(seed, row0 + i, j, DROP_COLS, dropout_p)
+            inv_keep = 1.0 / (1.0 - dropout_p)
+            dv = tl.dot(tl.where(keepT, pT * inv_keep, 0.0).to(do.dtype), do, dv,
+                        input_precision=DOT_PRECISION)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            dpT = tl.where(keepT, dpT * inv_keep, 0.0)
+        else:  # dV += P^T dO
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        # -- dS^T = P^T * (dP^T - delta), dK += dS^T Q ----
+        delta = tl.load(Delta + row0 + offs_qm, mask=mask_m, other=0.0)
+        dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:  # through softcap * tanh(s / softcap)
+            dsT = dsT * (1.0 - tT * tT)
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        q_base += BLOCK_M * stride_qm
+        do_base += BLOCK_M * stride_dom
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
+                        stride_qz, stride_qh, stride_qm, stride_qd,
+                        stride_kz, stride_kh, stride_kn, stride_kd,
+                        stride_vz, stride_vh, stride_vn, stride_vd,
+                        stride_doz, stride_doh, stride_dom, stride_dod,
+                        stride_dkz, stride_dkh, stride_dkn, stride_dkd,
+                        stride_dvz, stride_dvh, stride_dvn, stride_dvd,
+                        stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
+                        H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
+                        dropout_p, seed, DROP_COLS,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+                        HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+                        DROPOUT: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # One program owns one K/V tile of one kv head and loops over the query heads of its group
+    # and over their query tiles: dK/dV are complete in registers, no atomics (deterministic).
+    start_n = tile
+    off_hkv = head  # kv head
+    z, q_start, k_start, n_q, n_kv = _seq_info(CuQ, CuK, seq, N_Q, N_KV, VARLEN)
+    diag = n_kv - n_q
+
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    mask_nd = (offs_n[:, None] < n_kv) & mask_d[None, :]
+    j = offs_n[:, None]
+    z64 = z.to(tl.int64)
+    rows_n = (k_start + offs_n)[:, None].to(tl.int64)
+
+    k = tl.load(K + z64 * stride_kz + off_hkv.to(tl.int64) * stride_kh + rows_n * stride_kn
+                + offs_d[None, :] * stride_kd, mask=mask_nd, other=0.0)
+    v = tl.load(V + z64 * stride_vz + off_hkv.to(tl.int64) * stride_vh + rows_n * stride_vn
+                + offs_d[None, :] * stride_vd, mask=mask_nd, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # query tiles that see any key of this tile [m_lo, m_hi), and that see all of it
+    n0 = start_n * BLOCK_N
+    n1 = n0 + BLOCK_N - 1
+    m_end = tl.cdiv(n_q, BLOCK_M) * BLOCK_M
+    if WIN_RIGHT:  # row i sees key j iff i >= j - diag - right
+        m_lo = (tl.maximum(n0 - diag - win_right, 0) // BLOCK_M) * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum(n1 - diag - win_right, 0), BLOCK_M) * BLOCK_M
+    else:
+        m_lo = n_q * 0
+        full_lo = n_q * 0
+    if WIN_LEFT:  # row i sees key j iff i <= j - diag + left
+        m_hi = tl.minimum(tl.maximum(n1 - diag + win_left + 1, 0), n_q)
+        full_hi = (tl.maximum(n0 - diag + win_left + 1, 0) // BLOCK_M) * BLOCK_M
+    else:
+        m_hi = m_end
+        full_hi = m_end
+    kpm_base = Kpm + z64 * stride_kpz
+    if HAS_KPM:  # a key tile that is all padding has zero gradient: skip its query loop
+        pad = tl.load(kpm_base + offs_n, mask=offs_n < n_kv, other=1)
+        m_hi = tl.where(tl.sum((pad == 0).to(tl.int32), 0) > 0, m_hi, 0)
+    m_hi = tl.where(n0 < n_kv, m_hi, 0)  # varlen: a tile past this sequence's keys
+    m_lo = tl.minimum(m_lo, m_hi)
+    full_lo = tl.minimum(tl.maximum(full_lo, m_lo), m_hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), m_hi)
+
+    q_offs = offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd  # [BLOCK_M, BLOCK_D]
+    do_offs = offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    for g in range(GROUP):
+        off_h = off_hkv * GROUP + g
+        q_base = (Q + z64 * stride_qz + off_h.to(tl.int64) * stride_qh
+                  + q_start.to(tl.int64) * stride_qm)
+        do_base = (DO + z64 * stride_doz + off_h.to(tl.int64) * stride_doh
+                   + q_start.to(tl.int64) * stride_dom)
+        row0 = (z * H + off_h).to(tl.int64) * N_Q + q_start
+        m_base = Mask + z64 * stride_mz + off_h.to(tl.int64) * stride_mh
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(Alibi + seq * H + off_h)
+        # three query ranges, unrolled at compile time: [m_lo, full_lo) crosses the right
+        # edge (causal diagonal; only with WIN_RIGHT), [full_lo, full_hi) sees the whole key
+        # tile, [full_hi, m_hi) crosses the left edge (only with WIN_LEFT)
+        for part in tl.static_range(3):
+            if (part == 0 and WIN_RIGHT) or part == 1 or (part == 2 and WIN_LEFT):
+                if part == 0:
+                    part_lo = m_lo
+                    part_hi = full_lo
+                elif part == 1:
+                    part_lo = full_lo
+                    part_hi = full_hi
+                else:
+                    part_lo = full_hi
+                    part_hi = m_hi
+                dk, dv = _attn_bwd_dkdv_inner(
+                    dk, dv, k, v, q_base=q_base, do_base=do_base, q_offs=q_offs, do_offs=do_offs,
+                    Lse=Lse, Delta=Delta, stride_qm=stride_qm, stride_dom=stride_dom, row0=row0,
+                    lo=part_lo, hi=part_hi, offs_m=offs_m, j=j, mask_d=mask_d, n_q=n_q,
+                    n_kv=n_kv, diag=diag, m_base=m_base, stride_mm=stride_mm,
+                    stride_mn=stride_mn, kpm_base=kpm_base, slope=slope, sm_scale=sm_scale,
+                    cap_in=cap_in, cap_out=cap_out, win_left=win_left, win_right=win_right,
+                    DROP_COLS=DROP_COLS, dropout_p=dropout_p, seed=seed, BLOCK_M=BLOCK_M,
+                    BOUNDARY=part != 1, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
+                    MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
+                    DROPOUT=DROPOUT, DOT_PRECISION=DOT_PRECISION)
+
+    dk *= sm_scale
+    tl.store(DK + z64 * stride_dkz + off_hkv.to(tl.int64) * stride_dkh + rows_n * stride_dkn
+             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=mask_nd)
+    tl.store(DV + z64 * stride_dvz + off_hkv.to(tl.int64) * stride_dvh + rows_n * stride_dvn
+             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=mask_nd)
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
+                   stride_qz, stride_qh, stride_qm, stride_qd,
+                   stride_kz, stride_kh, stride_kn, stride_kd,
+                   stride_vz, stride_vh, stride_vn, stride_vd,
+                   stride_doz, stride_doh, stride_dom, stride_dod,
+                   stride_dkz, stride_dkh, stride_dkn, stride_dkd,
+                   stride_dvz, stride_dvh, stride_dvn, stride_dvd,
+                   stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
+                   H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
+                   dropout_p, seed, DROP_COLS, MAX_SEQLEN,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+                   HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+                   DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQ_LOOP: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    # program -> (key tile, kv head, sequence)
+    tile, head, seq, n_tiles = _program_tile(MAX_SEQLEN, BLOCK_N, H // GROUP)
+    if SEQ_LOOP:
+        # varlen under torch.compile (max_seqlen not checked against cu_seqlens): a sequence
+        # longer than max_seqlen is covered by looping over its tiles, never an unwritten row
+        n_real = tl.load(CuK + seq + 1) - tl.load(CuK + seq)
+        for t in range(tile, (n_real + BLOCK_N - 1) // BLOCK_N, n_tiles):
+            _attn_bwd_dkdv_tile(t, seq, head, Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi,
+                                CuQ, CuK, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz,
+                                stride_kh, stride_kn, stride_kd, stride_vz, stride_vh, stride_vn,
+                                stride_vd, stride_doz, stride_doh, stride_dom, stride_dod,
+                                stride_dkz, stride_dkh, stride_dkn, stride_dkd, stride_dvz,
+                                stride_dvh, stride_dvn, stride_dvd, stride_mz, stride_mh,
+                                stride_mm, stride_mn, stride_kpz, H, GROUP, N_Q, N_KV, sm_scale,
+                                cap_in, cap_out, win_left, win_right, dropout_p, seed, DROP_COLS,
+                                HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M,
+                                BLOCK_N=BLOCK_N, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
+                                MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI,
+                                SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, VARLEN=VARLEN,
+                                DOT_PRECISION=DOT_PRECISION)
+    else:
+        _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi,
+                            CuQ, CuK, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz,
+                            stride_kh, stride_kn, stride_kd, stride_vz, stride_vh, stride_vn,
+                            stride_vd, stride_doz, stride_doh, stride_dom, stride_dod, stride_dkz,
+                            stride_dkh, stride_dkn, stride_dkd, stride_dvz, stride_dvh, stride_dvn,
+                            stride_dvd, stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz, H,
+                            GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
+                            dropout_p, seed, DROP_COLS, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
+                            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, WIN_LEFT=WIN_LEFT,
+                            WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM,
+                            HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, VARLEN=VARLEN,
+                            DOT_PRECISION=DOT_PRECISION)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
+                       stride_kn, stride_vn, lo, hi, i, offs_n, mask_d, n_q, n_kv, diag,
+                       m_base, stride_mm, stride_mn, kpm_base, slope, sm_scale, cap_in, cap_out,
+                       win_left, win_right, row0, DROP_COLS, dropout_p, seed, dm_base, stride_dmm,
+                       BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, WIN_LEFT: tl.constexpr,
+                       WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
+                       HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+                       MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    k_base += tl.cast(lo, tl.int64) * stride_kn
+    v_base += tl.cast(lo, tl.int64) * stride_vn
+    for start_n in range(lo, hi, BLOCK_N):
+        j = (start_n + offs_n)[None, :]
+        if BOUNDARY:
+            kT = tl.load(k_base + k_offs, mask=mask_d[:, None] & (j < n_kv), other=0.0)
+            vT = tl.load(v_base + v_offs, mask=mask_d[:, None] & (j < n_kv), other=0.0)
+        else:
+            kT = tl.load(k_base + k_offs, mask=mask_d[:, None], other=0.0)
+            vT = tl.load(v_base + v_offs, mask=mask_d[:, None], other=0.0)
+        # -- recompute P [BLOCK_M, BLOCK_N]; masked to -inf before exp2 ----
+        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
+        s, t = _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope,
+                       sm_scale, cap_in, cap_out, win_left, win_right, BOUNDARY=BOUNDARY,
+                       WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
+                       HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP)
+        p = tl.math.exp2((s - lse[:, None]) * LOG2E)
+        # -- dS = P * (dP - delta), dQ += dS K ----
+        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, row0 + i, j, DROP_COLS, dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        if MASK_GRAD:  # d(additive mask) = dS, written [B, Hq, Nq, Nk] (reduced by the caller)
+            tl.store(dm_base + i.to(tl.int64) * stride_dmm + j, ds, mask=(i < n_q) & (j < n_kv))
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+        k_base += BLOCK_N * stride_kn
+        v_base += BLOCK_N * stride_vn
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_tile(tile, seq, head, Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, CuK, DMask,
+                      stride_qz, stride_qh, stride_qm, stride_qd,
+                      stride_kz, stride_kh, stride_kn, stride_kd,
+                      stride_vz, stride_vh, stride_vn, stride_vd,
+                      stride_doz, stride_doh, stride_dom, stride_dod,
+                      stride_dqz, stride_dqh, stride_dqm, stride_dqd,
+                      stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
+                      H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
+                      dropout_p, seed, DROP_COLS,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+                      HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+                      DROPOUT: tl.constexpr, VARLEN: tl.constexpr, MASK_GRAD: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    start_m = tile
+    off_h = head
+    off_hkv = off_h // GROUP
+    z, q_start, k_start, n_q, n_kv = _seq_info(CuQ, CuK, seq, N_Q, N_KV, VARLEN)
+    diag = n_kv - n_q
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    mask_m = offs_m < n_q
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    i = offs_m[:, None]
+    z64 = z.to(tl.int64)
+    rows_m = (q_start + offs_m)[:, None].to(tl.int64)
+
+    q = tl.load(Q + z64 * stride_qz + off_h.to(tl.int64) * stride_qh + rows_m * stride_qm
+                + offs_d[None, :] * stride_qd, mask=mask_md, other=0.0)
+    do = tl.load(DO + z64 * stride_doz + off_h.to(tl.int64) * stride_doh + rows_m * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=mask_md, other=0.0)
+    row0 = (z * H + off_h).to(tl.int64) * N_Q + q_start
+    lse = _load_lse(Lse, row0 + offs_m, mask_m)
+    delta = tl.load(Delta + row0 + offs_m, mask=mask_m, other=0.0)
+    k_base = K + z64 * stride_kz + off_hkv.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
+    v_base = V + z64 * stride_vz + off_hkv.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
+    k_offs = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # K^T tile [BLOCK_D, BLOCK_N]
+    v_offs = offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd  # V^T tile [BLOCK_D, BLOCK_N]
+    m_base = Mask + z64 * stride_mz + off_h.to(tl.int64) * stride_mh
+    kpm_base = Kpm + z64 * stride_kpz
+    dm_base = DMask + (z * H + off_h).to(tl.int64) * N_Q * N_KV  # dense [B, Hq, Nq, Nk] fp32
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + seq * H + off_h)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    lo, full_lo, full_hi, hi = _key_range(start_m * BLOCK_M, n_q, n_kv, diag, win_left, win_right,
+                                          KvRange, seq, BLOCK_M, BLOCK_N,
+                                          WIN_LEFT, WIN_RIGHT, HAS_KPM)
+    # the forward's three key ranges (see _attn_fwd_tile), unrolled at compile time
+    for part in tl.static_range(3):
+        if part != 0 or WIN_LEFT:
+            if part == 0:
+                part_lo = lo
+                part_hi = full_lo
+            elif part == 1:
+                part_lo = full_lo
+                part_hi = full_hi
+            else:
+                part_lo = full_hi
+                part_hi = hi
+            dq = _attn_bwd_dq_inner(
+                dq, q, do, lse, delta, k_base=k_base, v_base=v_base, k_offs=k_offs,
+                v_offs=v_offs, stride_kn=stride_kn, stride_vn=stride_vn, lo=part_lo, hi=part_hi,
+                i=i, offs_n=offs_n, mask_d=mask_d, n_q=n_q, n_kv=n_kv, diag=diag, m_base=m_base,
+                stride_mm=stride_mm, stride_mn=stride_mn, kpm_base=kpm_base, slope=slope,
+                sm_scale=sm_scale, cap_in=cap_in, cap_out=cap_out, win_left=win_left,
+                win_right=win_right, row0=row0, DROP_COLS=DROP_COLS, dropout_p=dropout_p,
+                seed=seed, dm_base=dm_base, stride_dmm=N_KV, BLOCK_N=BLOCK_N,
+                BOUNDARY=part != 1, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
+                HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT,
+                MASK_GRAD=MASK_GRAD, DOT_PRECISION=DOT_PRECISION)
+    # a row with no finite score has a constant output (0): zero gradient, even where a key of
+    # -inf met its zero dS in the dot (0 * -inf = NaN)
+    dq = tl.where((lse == float("inf"))[:, None], 0.0, dq * sm_scale)
+    tl.store(DQ + z64 * stride_dqz + off_h.to(tl.int64) * stride_dqh + rows_m * stride_dqm
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask_md)
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, CuK, DMask,
+                 stride_qz, stride_qh, stride_qm, stride_qd,
+                 stride_kz, stride_kh, stride_kn, stride_kd,
+                 stride_vz, stride_vh, stride_vn, stride_vd,
+                 stride_doz, stride_doh, stride_dom, stride_dod,
+                 stride_dqz, stride_dqh, stride_dqm, stride_dqd,
+                 stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
+                 H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
+                 dropout_p, seed, DROP_COLS, MAX_SEQLEN,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+                 HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+                 DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQ_LOOP: tl.constexpr,
+                 MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # program -> (query tile, head, sequence)
+    tile, head, seq, n_tiles = _program_tile(MAX_SEQLEN, BLOCK_M, H)
+    if SEQ_LOOP:
+        # varlen under torch.compile (max_seqlen not checked against cu_seqlens): a sequence
+        # longer than max_seqlen is covered by looping over its tiles, never an unwritten row
+        n_real = tl.load(CuQ + seq + 1) - tl.load(CuQ + seq)
+        for t in range(tile, (n_real + BLOCK_M - 1) // BLOCK_M, n_tiles):
+            _attn_bwd_dq_tile(t, seq, head, Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi,
+                              CuQ, CuK, DMask, stride_qz, stride_qh, stride_qm, stride_qd,
+                              stride_kz, stride_kh, stride_kn, stride_kd, stride_vz, stride_vh,
+                              stride_vn, stride_vd, stride_doz, stride_doh, stride_dom, stride_dod,
+                              stride_dqz, stride_dqh, stride_dqm, stride_dqd, stride_mz, stride_mh,
+                              stride_mm, stride_mn, stride_kpz, H, GROUP, N_Q, N_KV, sm_scale,
+                              cap_in, cap_out, win_left, win_right, dropout_p, seed, DROP_COLS,
+                              HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                              WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
+                              HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
+                              DROPOUT=DROPOUT, VARLEN=VARLEN, MASK_GRAD=MASK_GRAD,
+                              DOT_PRECISION=DOT_PRECISION)
+    else:
+        _attn_bwd_dq_tile(tile, seq, head, Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi,
+                          CuQ, CuK, DMask, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz,
+                          stride_kh, stride_kn, stride_kd, stride_vz, stride_vh, stride_vn,
+                          stride_vd, stride_doz, stride_doh, stride_dom, stride_dod, stride_dqz,
+                          stride_dqh, stride_dqm, stride_dqd, stride_mz, stride_mh, stride_mm,
+                          stride_mn, stride_kpz, H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out,
+                          win_left, win_right, dropout_p, seed, DROP_COLS, HEAD_DIM=HEAD_DIM,
+                          BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, WIN_LEFT=WIN_LEFT,
+                          WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM,
+                          HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, VARLEN=VARLEN,
+                          MASK_GRAD=MASK_GRAD, DOT_PRECISION=DOT_PRECISION)

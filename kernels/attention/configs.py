@@ -1,0 +1,170 @@
+"""Tile configs of the attention kernels: the interpreter's, and the GPU candidates per variant,
+kernel, architecture family, head-dim bucket and element size, written as compact tables.
+
+A cell `BMxBN/W/S` is a config: BLOCK_M x BLOCK_N tile, W warps, S pipeline stages; with two
+in a cell the autotuner picks on the device. For dK/dV, BLOCK_M is the streamed query tile and
+BLOCK_N the resident key tile; for dQ the reverse. Columns: the kernel's BLOCK_D bucket
+(next power of two of the head dim, at least 16). Rows: kernel, compute-capability family
+(kernels._launch.arch_family), element size (16b: fp16/bf16, fp32).
+
+Provenance: every GPU cell was chosen from an AOT sweep of the cubins Triton builds
+(`python -m tritformer inspect`, Triton 3.9, confirmed on 3.7.1 where noted; causal; MHA and GQA
+4:1 plans; the `varlen` and `masked` plans for their tables). All are spill-free and within
+shared memory; the notes next to a table say what was rejected and why.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import triton
+
+from .._launch import arch_family
+
+
+def _cfg(block_m, block_n, num_warps, num_stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n},
+                         num_warps=num_warps, num_stages=num_stages)
+
+
+# Interpreter tiles: BLOCK_M != BLOCK_N on purpose, so the tests exercise the general diagonal
+# logic; small enough that the test sequence lengths (17..257) span several tiles.
+INTERPRETER_CONFIGS = {
+    "fwd": _cfg(64, 32, 4, 1),
+    "bwd_dkdv": _cfg(32, 64, 4, 1),  # BLOCK_M: streamed query tile, BLOCK_N: resident key tile
+    "bwd_dq": _cfg(64, 32, 4, 1),    # BLOCK_M: resident query tile, BLOCK_N: streamed key tile
+}
+PREPROCESS_BLOCK_M = 64
+
+HEAD_DIM_BUCKETS = (64, 128, 256)
+
+# Dense attention, causal or not. E.g. fwd D=128 fp16 sm_90 128x64/8/3: 232 regs, 128 KB smem,
+# wgmma; 128x64/4 warps spilled 1240 B, so 4-warp 128-row tiles are not shipped at D >= 128.
+# fwd sm_90 D<=128 16b: 128x128/8/3 spilled 16 B (causal, 255 regs) on 3.7.1 and 3.9; 64x64/4/3:
+#   255 regs, 0 B on both.
+# fwd sm_80 D<=128 16b: 128x64/8/3 spilled 48 B once the kernel took masks/varlen (causal);
+#   128x32/8/3: 189 regs. D<=256: 64x32/4 spilled 136 B on 3.7.1 (causal); 8 warps: 222 regs.
+# bwd_dkdv sm_90, GQA 4:1 causal: 64x128/8 spilled 80 B at D=64 (64x64/8: 241 regs, 0 B) and
+#   32x64/8 24 B at D=128 (16x64/8: 222 regs; 16x128/8: 251 regs). sm_80, GQA 4:1: 32x64/4
+#   (D=64) and 64x64/8 (D=128) spilled.
+# bwd_dq sm_90 D<=256 16b: 64x16/4 spilled 16-40 B on 3.7.1; 64x32/8: 206 regs. sm_80 D<=128:
+#   128x32/8 spilled 12 B (255 regs) on 3.7.1, causal.
+# fp32 at D > 64 computes its dots in exact fp32 FMA (launch._dot_precision): 8-warp tiles,
+#   e.g. bwd_dkdv D=256 sm_80 32x16/8: 128 regs, 0 spill; 4 warps spilled 2.4 KB.
+_PLAIN = """
+# kernel  sm  elem | D <= 64                | D <= 128               | D <= 256
+fwd       90  16b  | 128x64/8/3 128x128/8/3 | 128x64/8/3 64x64/4/3   | 64x32/4/2 128x64/8/2
+fwd       90  fp32 | 64x32/4/2              | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+fwd       80  16b  | 128x64/8/3 64x64/4/3   | 128x32/8/3 64x64/4/3   | 64x32/8/2 32x32/4/2
+fwd       80  fp32 | 64x32/4/2              | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+bwd_dkdv  90  16b  | 32x128/8/2 64x64/8/2   | 16x128/8/2 16x64/8/2   | 16x32/4/1
+bwd_dkdv  90  fp32 | 16x32/4/1              | 32x32/8/1 16x32/8/1    | 16x32/8/1 16x16/8/1
+bwd_dkdv  80  16b  | 32x128/8/2 16x128/8/2  | 16x128/8/2 32x64/8/2   | 16x32/4/1
+bwd_dkdv  80  fp32 | 16x32/4/1              | 32x32/8/1 16x32/8/1    | 32x16/8/1 16x16/8/1
+bwd_dq    90  16b  | 128x32/8/2 128x64/8/2  | 128x32/8/2 64x64/8/2   | 128x32/8/2 64x32/8/2
+bwd_dq    90  fp32 | 64x16/4/2              | 16x16/8/1 16x16/4/1    | 32x32/8/1 16x32/8/1
+bwd_dq    80  16b  | 128x32/8/2 64x32/4/2   | 64x64/8/2 64x32/4/2    | 64x64/8/2 32x32/4/2
+bwd_dq    80  fp32 | 32x16/4/1              | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+"""
+
+# Packed sequences (the `inspect --op varlen` plans): for each cell, the first two spill-free
+# configs within shared memory, trying the plain GQA table's configs first, then 32x32/8,
+# 32x16/8, 16x32/8, 16x16/8. The plain tiles mostly survive; dK/dV at D=128 needs smaller ones
+# (sm_90 fp16 32x128/8 spilled 332 B). dK/dV on 3.7.1: sm_90 D=128 32x16/8 spilled 24 B (80
+# regs), sm_80 D=128 16x128/8 136 B (causal); 32x32/8 and 16x64/8 are spill-free on 3.7.1 and
+# 3.9; GQA 4:1 causal D=64 32x32/8/1: 128 regs + 32 B spilled on both (16x64/8/1: 138 regs).
+_VARLEN = """
+# kernel  sm  elem | D <= 64                | D <= 128               | D <= 256
+fwd       90  16b  | 128x64/8/3 128x128/8/3 | 128x64/8/3 64x64/4/3   | 64x32/4/2 64x32/8/2
+fwd       90  fp32 | 64x32/4/2 128x32/8/3   | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+fwd       80  16b  | 128x64/8/3 128x32/8/3  | 128x32/8/3 64x64/4/3   | 64x32/8/2 32x32/4/2
+fwd       80  fp32 | 64x32/4/2 128x32/8/3   | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+bwd_dkdv  90  16b  | 32x128/8/2 16x64/8/1   | 32x32/8/1 16x64/8/1    | 16x32/4/1 32x32/8/1
+bwd_dkdv  90  fp32 | 32x32/8/1 32x16/8/1    | 16x32/8/1 16x16/8/1    | 16x32/8/1 16x16/8/1
+bwd_dkdv  80  16b  | 16x128/8/2 32x32/8/1   | 32x32/8/1 16x64/8/1    | 16x32/4/1 32x32/8/1
+bwd_dkdv  80  fp32 | 32x16/8/1 16x32/8/1    | 16x32/8/1 16x16/8/1    | 16x32/8/1 16x16/8/1
+bwd_dq    90  16b  | 128x32/8/2 128x64/8/2  | 128x32/8/2 64x64/8/2   | 128x32/8/2 32x32/8/1
+bwd_dq    90  fp32 | 64x16/4/2 128x32/8/2   | 16x16/8/1              | 16x32/8/1 16x16/8/1
+bwd_dq    80  16b  | 128x32/8/2 64x32/4/2   | 64x64/8/2 64x32/4/2    | 64x64/8/2 32x32/4/2
+bwd_dq    80  fp32 | 32x16/4/1 64x16/4/2    | 16x32/8/1 16x16/8/1    | 16x32/8/1 32x32/8/1
+"""
+
+# Any masked switch (attn_mask, key padding, ALiBi, softcap, dropout, a left window edge; the
+# `inspect --op masked` plan has every one on, with the float mask's gradient): register-bound,
+# even 64x32/4 spilled at D=64 fp16 (sm_80, 255 regs + 48 B), so 32-row tiles with 8 warps
+# (e.g. sm_80 fp16 D=128 fwd 32x32/8: 244 regs, 0 B). A kernel with only some switches on uses
+# the same conservative table.
+_MASKED = """
+# kernel  sm  elem | D <= 64                | D <= 128               | D <= 256
+fwd       90  16b  | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1
+fwd       90  fp32 | 32x32/8/1 32x16/8/1    | 16x32/8/1 16x16/8/1    | 32x32/8/1 32x16/8/1
+fwd       80  16b  | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1
+fwd       80  fp32 | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+bwd_dkdv  90  16b  | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1
+bwd_dkdv  90  fp32 | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1    | 32x16/8/1 16x16/8/1
+bwd_dkdv  80  16b  | 32x32/8/1 16x32/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+bwd_dkdv  80  fp32 | 32x16/8/1 16x32/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+bwd_dq    90  16b  | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1
+bwd_dq    90  fp32 | 32x32/8/1 32x16/8/1    | 32x32/8/1 16x32/8/1    | 32x16/8/1 16x32/8/1
+bwd_dq    80  16b  | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1
+bwd_dq    80  fp32 | 32x16/8/1 16x32/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+"""
+
+
+def parse_table(text: str) -> dict:
+    """{kernel: {arch family: [(max BLOCK_D, element bytes, [triton.Config])]}} from a table
+    above (bucket order within an arch: 16-bit rows first, as the tables are written)."""
+    table: dict = {}
+    for line in text.strip().splitlines():
+        if line.startswith("#"):
+            continue
+        head, *cells = (part.strip() for part in line.split("|"))
+        kernel, arch, elem = head.split()
+        assert len(cells) == len(HEAD_DIM_BUCKETS), line
+        rows = table.setdefault(kernel, {}).setdefault(int(arch), [])
+        for max_d, cell in zip(HEAD_DIM_BUCKETS, cells):
+            cfgs = [_cfg(*(int(x) for x in c.replace("x", "/").split("/"))) for c in cell.split()]
+            rows.append((max_d, 4 if elem == "fp32" else 2, cfgs))
+    for by_arch in table.values():  # 16-bit buckets before fp32 ones, as configs_for expects
+        for arch, rows in by_arch.items():
+            by_arch[arch] = sorted(rows, key=lambda r: r[1])
+    return table
+
+
+GPU_CONFIGS = parse_table(_PLAIN)
+VARIANT_CONFIGS = {"varlen": parse_table(_VARLEN), "masked": parse_table(_MASKED)}
+
+
+def configs_for(kernel: str, arch: int | None, block_d: int, elem_bytes: int,
+                variant: str = "plain") -> list:
+    """Candidate configs of `kernel` for a compute capability (None: the interpreter).
+
+    variant: "plain" (dense, causal or not), "varlen" (packed sequences) or "masked" (any of
+    attn_mask, key padding, ALiBi, softcap, dropout, a left window edge): each has its own
+    spill-free table, the masked one with smaller tiles."""
+    if arch is None:
+        return [INTERPRETER_CONFIGS[kernel]]
+    table = GPU_CONFIGS if variant == "plain" else VARIANT_CONFIGS[variant]
+    for max_d, nbytes, cfgs in table[kernel][arch_family(arch)]:
+        if block_d <= max_d and elem_bytes == nbytes:
+            return cfgs
+    raise ValueError(f"no {kernel} config for head dim {block_d}, {elem_bytes}-byte elements")
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
+
+
+@contextlib.contextmanager
+def interpreter_configs(tiles: dict):
+    """Within the block, the interpreted kernels use `tiles` ({kernel: triton.Config}, e.g.
+    {"fwd": _cfg(128, 64, 4, 1)}) over INTERPRETER_CONFIGS (benchmarks: the interpreter's cost
+    is per program and per loop iteration, so larger tiles run faster on a CPU). The shipped
+    dict is never modified: the name is bound to a merged copy and bound back on exit.
+    Process-wide while the block runs. No effect on compiled kernels (GPU_CONFIGS)."""
+    global INTERPRETER_CONFIGS
+    shipped = INTERPRETER_CONFIGS
+    INTERPRETER_CONFIGS = {**shipped, **tiles}
+    try:
+        yield
+    finally:
+        INTERPRETER_CONFIGS = shipped

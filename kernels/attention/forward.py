@@ -1,0 +1,204 @@
+"""Attention forward: online softmax over key tiles (FlashAttention-2), out and lse.
+
+One program per (query tile, head, sequence). `_attn_fwd` decodes the program id and calls the
+tile body; the tile body sweeps the key tiles in three ranges (`_key_range`): the tiles crossing
+the window's left edge, the tiles every row sees whole (the fast path: no bound or window
+masks), the tiles crossing the right edge (causal diagonal) and the ragged tail. One call site
+of the sweep (`_attn_fwd_inner`), by keyword. The wrapper passes its runtime arguments to the
+tile body in signature order (the names are the same; tests/test_kernel_signatures.py checks
+it) and the constexprs by keyword.
+"""
+import triton
+import triton.language as tl
+
+from .._constants import LN2, LOG2E
+from ._common import _dropout_keep, _key_range, _program_tile, _scores, _seq_info
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
+                    lo, hi, i, offs_n, mask_d, n_q, n_kv, diag,
+                    m_base, stride_mm, stride_mn, kpm_base, slope, sm_scale, cap_in, cap_out,
+                    win_left, win_right, drop_row, DROP_COLS, dropout_p, seed,
+                    BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, WIN_LEFT: tl.constexpr,
+                    WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
+                    HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    # BOUNDARY=False: every key tile in [lo, hi) is full and inside every row's window, so
+    # neither the key bound nor the window is evaluated (the fast path).
+    k_base += tl.cast(lo, tl.int64) * stride_kn
+    v_base += tl.cast(lo, tl.int64) * stride_vn
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_kn = start_n + offs_n
+        j = offs_kn[None, :]
+        # -- load K^T tile [BLOCK_D, BLOCK_N], compute scores ----
+        if BOUNDARY:
+            k = tl.load(k_base + k_offs, mask=mask_d[:, None] & (j < n_kv), other=0.0)
+        else:
+            k = tl.load(k_base + k_offs, mask=mask_d[:, None], other=0.0)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        s, _ = _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope,
+                       sm_scale, cap_in, cap_out, win_left, win_right, BOUNDARY=BOUNDARY,
+                       WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
+                       HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP)
+        # -- online softmax update ----
+        m_ij = tl.maximum(m_i, tl.max(s, 1))
+        # a row with no finite score so far (masked, or -inf from the data itself: on every
+        # path, the fast one included) keeps m = -inf; subtract 0 instead (exp2(-inf) = 0),
+        # not -inf (-inf - -inf = NaN). One select per row per tile.
+        m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        p = tl.math.exp2((s - m_sub[:, None]) * LOG2E)
+        alpha = tl.math.exp2((m_i - m_sub) * LOG2E)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, drop_row + i, j, DROP_COLS, dropout_p), p, 0.0)
+        # -- accumulate p @ v ----
+        if BOUNDARY:
+            v = tl.load(v_base + v_offs, mask=(offs_kn[:, None] < n_kv) & mask_d[None, :], other=0.0)
+        else:
+            v = tl.load(v_base + v_offs, mask=mask_d[None, :], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_ij
+        k_base += BLOCK_N * stride_kn
+        v_base += BLOCK_N * stride_vn
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
+                   stride_qz, stride_qh, stride_qm, stride_qd,
+                   stride_kz, stride_kh, stride_kn, stride_kd,
+                   stride_vz, stride_vh, stride_vn, stride_vd,
+                   stride_oz, stride_oh, stride_om, stride_od,
+                   stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
+                   H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
+                   dropout_p, seed, DROP_COLS,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+                   HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+                   DROPOUT: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    start_m = tile
+    off_h = head
+    off_hkv = off_h // GROUP
+    z, q_start, k_start, n_q, n_kv = _seq_info(CuQ, CuK, seq, N_Q, N_KV, VARLEN)
+    diag = n_kv - n_q  # bottom-right alignment of causal / window / ALiBi
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM  # folds to all-true when HEAD_DIM == BLOCK_D
+    mask_m = offs_m < n_q
+    i = offs_m[:, None]
+
+    # int64 base offsets: B*H*N*D may pass 2^31; in-tile offsets stay int32
+    z64 = z.to(tl.int64)
+    q_ptrs = (Q + z64 * stride_qz + off_h.to(tl.int64) * stride_qh
+              + (q_start + start_m * BLOCK_M).to(tl.int64) * stride_qm
+              + tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    k_base = K + z64 * stride_kz + off_hkv.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
+    v_base = V + z64 * stride_vz + off_hkv.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
+    k_offs = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # K^T tile [BLOCK_D, BLOCK_N]
+    v_offs = offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # V tile [BLOCK_N, BLOCK_D]
+    m_base = Mask + z64 * stride_mz + off_h.to(tl.int64) * stride_mh
+    kpm_base = Kpm + z64 * stride_kpz
+    row0 = (z * H + off_h).to(tl.int64) * N_Q + q_start  # lse row of query 0 of this sequence
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + seq * H + off_h)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # the query tile stays on chip for the whole loop
+    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+
+    lo, full_lo, full_hi, hi = _key_range(start_m * BLOCK_M, n_q, n_kv, diag, win_left, win_right,
+                                          KvRange, seq, BLOCK_M, BLOCK_N,
+                                          WIN_LEFT, WIN_RIGHT, HAS_KPM)
+    # three key ranges, unrolled at compile time: [lo, full_lo) crosses the window's left edge
+    # (only with WIN_LEFT), [full_lo, full_hi) is seen whole by every row (no bound or window
+    # mask), [full_hi, hi) crosses the right edge (causal diagonal) and holds the ragged tail
+    for part in tl.static_range(3):
+        if part != 0 or WIN_LEFT:
+            if part == 0:
+                part_lo = lo
+                part_hi = full_lo
+            elif part == 1:
+                part_lo = full_lo
+                part_hi = full_hi
+            else:
+                part_lo = full_hi
+                part_hi = hi
+            acc, l_i, m_i = _attn_fwd_inner(
+                acc, l_i, m_i, q, k_base=k_base, v_base=v_base, k_offs=k_offs, v_offs=v_offs,
+                stride_kn=stride_kn, stride_vn=stride_vn, lo=part_lo, hi=part_hi, i=i,
+                offs_n=offs_n, mask_d=mask_d, n_q=n_q, n_kv=n_kv, diag=diag, m_base=m_base,
+                stride_mm=stride_mm, stride_mn=stride_mn, kpm_base=kpm_base, slope=slope,
+                sm_scale=sm_scale, cap_in=cap_in, cap_out=cap_out, win_left=win_left,
+                win_right=win_right, drop_row=row0, DROP_COLS=DROP_COLS, dropout_p=dropout_p,
+                seed=seed, BLOCK_N=BLOCK_N, BOUNDARY=part != 1, WIN_LEFT=WIN_LEFT,
+                WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI,
+                SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, DOT_PRECISION=DOT_PRECISION)
+
+    # -- epilogue: one normalisation; rows with no visible key give 0 and lse = -inf ----
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    inv_l = 1.0 / l_safe
+    if DROPOUT:
+        inv_l = inv_l * (1.0 / (1.0 - dropout_p))
+    acc = acc * inv_l[:, None]
+    lse = m_i + tl.math.log2(l_safe) * LN2  # m + ln(l)
+    lse = tl.where(empty, float("-inf"), lse)
+    tl.store(Lse + row0 + offs_m, lse, mask=mask_m)
+    o_ptrs = (Out + z64 * stride_oz + off_h.to(tl.int64) * stride_oh
+              + (q_start + offs_m)[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
+              stride_qz, stride_qh, stride_qm, stride_qd,
+              stride_kz, stride_kh, stride_kn, stride_kd,
+              stride_vz, stride_vh, stride_vn, stride_vd,
+              stride_oz, stride_oh, stride_om, stride_od,
+              stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
+              H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
+              dropout_p, seed, DROP_COLS, MAX_SEQLEN,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+              HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+              DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQ_LOOP: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    # program -> (query tile, head, sequence)
+    tile, head, seq, n_tiles = _program_tile(MAX_SEQLEN, BLOCK_M, H)
+    if SEQ_LOOP:
+        # varlen under torch.compile (max_seqlen not checked against cu_seqlens): a sequence
+        # longer than max_seqlen is covered by looping over its tiles, never an unwritten row.
+        # Only then: a loop around the tile body costs registers (sm_90 fp16 D=128: 224 -> 255
+        # regs + 32-96 B spilled), so the usual launch calls the body once, without a loop.
+        n_real = tl.load(CuQ + seq + 1) - tl.load(CuQ + seq)
+        for t in range(tile, (n_real + BLOCK_M - 1) // BLOCK_M, n_tiles):
+            _attn_fwd_tile(t, seq, head, Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
+                           stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh,
+                           stride_kn, stride_kd, stride_vz, stride_vh, stride_vn, stride_vd,
+                           stride_oz, stride_oh, stride_om, stride_od, stride_mz, stride_mh,
+                           stride_mm, stride_mn, stride_kpz, H, GROUP, N_Q, N_KV, sm_scale,
+                           cap_in, cap_out, win_left, win_right, dropout_p, seed, DROP_COLS,
+                           HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                           WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
+                           HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
+                           DROPOUT=DROPOUT, VARLEN=VARLEN, DOT_PRECISION=DOT_PRECISION)
+    else:
+        _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
+                       stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh,
+                       stride_kn, stride_kd, stride_vz, stride_vh, stride_vn, stride_vd,
+                       stride_oz, stride_oh, stride_om, stride_od, stride_mz, stride_mh,
+                       stride_mm, stride_mn, stride_kpz, H, GROUP, N_Q, N_KV, sm_scale, cap_in,
+                       cap_out, win_left, win_right, dropout_p, seed, DROP_COLS,
+                       HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                       WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
+                       HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT,
+                       VARLEN=VARLEN, DOT_PRECISION=DOT_PRECISION)

@@ -1,0 +1,135 @@
+"""Launch plans (`plan_forward`, `plan_backward`: the Launches `inspect` compiles and `run`
+executes) and the launchers the ops call. Knows nothing of autograd: tensors in, tensors out.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from .._launch import Launch, device_arch, flat_grid, int32_tiles, is_interpreted, run
+from ._common import _dropout_mask_kernel
+from .backward import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
+from .configs import PREPROCESS_BLOCK_M, _block_d, configs_for
+from .forward import _attn_fwd
+from .options import Options, _dot_precision, _features, _strides
+
+
+def _pick(fn, values: dict) -> dict:
+    """The entries of `values` that are parameters of kernel `fn`, in signature order."""
+    return {name: values[name] for name in fn.arg_names if name in values}
+
+
+def _tune_key(constexprs: dict) -> list:
+    return ["N_Q", "N_KV", "HEAD_DIM", *[c for c in constexprs if c.isupper() and c != "HEAD_DIM"]]
+
+
+def _grid_len(max_seqlen: int) -> int:
+    """Varlen: the per-sequence length a grid is sized for. At least 1, so that every sequence
+    gets a program: one longer than max_seqlen (possible under torch.compile, where the contents
+    of cu_seqlens are not checked) is covered by the kernels' loop over its tiles."""
+    return max(int(max_seqlen), 1)
+
+
+def plan_forward(q, k, v, out, lse, opts: Options, arch: int | None) -> list[Launch]:
+    H, D = q.shape[1], q.shape[3]
+    block_d = _block_d(D)
+    feats, flags, n_z, variant = _features(q, k, opts, lse)
+    n_q = _grid_len(opts.max_seqlen_q) if opts.varlen else q.shape[2]
+    args = _pick(_attn_fwd, {"Q": q, "K": k, "V": v, "Out": out, "Lse": lse, **feats,
+                             "MAX_SEQLEN": n_q,
+                             **_strides(q, "q"), **_strides(k, "k"), **_strides(v, "v"),
+                             **_strides(out, "o")})
+    constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, **flags,
+                  "DOT_PRECISION": _dot_precision(q.dtype, block_d)}
+    return [Launch("attn_fwd", _attn_fwd, args, constexprs,
+                   lambda meta: flat_grid(triton.cdiv(n_q, meta["BLOCK_M"]), n_z, H),
+                   configs_for("fwd", arch, block_d, q.element_size(), variant),
+                   _tune_key(constexprs))]
+
+
+def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
+                  arch: int | None, dmask: torch.Tensor | None = None) -> list[Launch]:
+    B, H, N_Q, D = q.shape
+    block_d = _block_d(D)
+    feats, flags, n_z, variant = _features(q, k, opts, lse)
+    n_q = _grid_len(opts.max_seqlen_q) if opts.varlen else N_Q
+    n_k = _grid_len(opts.max_seqlen_k) if opts.varlen else k.shape[2]
+    constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, **flags,
+                  "DOT_PRECISION": _dot_precision(q.dtype, block_d)}
+    tune_key = _tune_key(constexprs)
+    pre_m = PREPROCESS_BLOCK_M
+    preprocess = Launch(
+        "attn_bwd_preprocess", _attn_bwd_preprocess,
+        {"Out": out, "DO": do, "DLse": dlse if dlse is not None else delta,  # read iff HAS_DLSE
+         "Delta": delta, **_strides(out, "o"), **_strides(do, "do"), "H": H, "N_Q": N_Q},
+        {"HEAD_DIM": D, "BLOCK_D": block_d, "BLOCK_M": pre_m, "HAS_DLSE": dlse is not None},
+        lambda meta: flat_grid(triton.cdiv(N_Q, pre_m), B, H),
+        [triton.Config({}, num_warps=4, num_stages=1)], [])
+    values = {"Q": q, "K": k, "V": v, "DO": do, "Lse": lse, "Delta": delta, "DK": dk, "DV": dv,
+              "DQ": dq, "DMask": lse if dmask is None else dmask, **feats,
+              **_strides(q, "q"), **_strides(k, "k"), **_strides(v, "v"), **_strides(do, "do"),
+              **_strides(dk, "dk"), **_strides(dv, "dv"), **_strides(dq, "dq")}
+    dkdv = Launch(
+        "attn_bwd_dkdv", _attn_bwd_dkdv, _pick(_attn_bwd_dkdv, {**values, "MAX_SEQLEN": n_k}),
+        constexprs,
+        lambda meta: flat_grid(triton.cdiv(n_k, meta["BLOCK_N"]), n_z, k.shape[1]),
+        configs_for("bwd_dkdv", arch, block_d, q.element_size(), variant), tune_key)
+    dq_launch = Launch(
+        "attn_bwd_dq", _attn_bwd_dq, _pick(_attn_bwd_dq, {**values, "MAX_SEQLEN": n_q}),
+        {**constexprs, "MASK_GRAD": dmask is not None},
+        lambda meta: flat_grid(triton.cdiv(n_q, meta["BLOCK_M"]), n_z, H),
+        configs_for("bwd_dq", arch, block_d, q.element_size(), variant), tune_key + ["MASK_GRAD"])
+    return [preprocess, dkdv, dq_launch]
+
+
+def _arch_for(t: torch.Tensor) -> int | None:
+    return None if is_interpreted(_attn_fwd) else device_arch(t)
+
+
+def attention_forward(q, k, v, opts: Options):
+    """out [B, Hq, Nq, D] (q's dtype and layout), lse [B, Hq, Nq] float32 (natural log)."""
+    q, k, v = (int32_tiles(t) for t in (q, k, v))
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+    if out.numel():
+        for launch in plan_forward(q, k, v, out, lse, opts, _arch_for(q)):
+            run(launch)
+    else:
+        lse.fill_(float("-inf"))
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, opts: Options, dlse=None, mask_grad=False):
+    """dq, dk, dv (same shapes, dtypes and layouts as q, k, v) and, with mask_grad, the
+    gradient of the additive mask as dense [B, Hq, Nq, Nk] float32 (else an empty tensor).
+    Deterministic: no atomics."""
+    do, q, k, v, out = (int32_tiles(t) for t in (do, q, k, v, out))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dmask = (torch.zeros((*q.shape[:3], k.shape[2]), device=q.device, dtype=torch.float32)
+             if mask_grad else q.new_empty(0, dtype=torch.float32))
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), dmask
+    delta = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+    if dlse is not None:
+        # the kernel indexes dLse as a dense [B, H, N] float32 buffer; autograd may hand over any
+        # layout (an expanded zero has stride 0) or dtype. B*H*N floats: the copy is negligible.
+        dlse = dlse.to(torch.float32).contiguous()
+    lse = lse.contiguous()
+    for launch in plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts,
+                                _arch_for(q), dmask if mask_grad else None):
+        run(launch)
+    return dq, dk, dv, dmask
+
+
+def dropout_keep_mask(seed: int, dropout_p: float, n_rows: int, n_cols: int, device) -> torch.Tensor:
+    """bool [n_rows, n_cols]: the keep bits the attention kernels draw for lse row r and key c
+    (dense: rows are [B, Hq, Nq] flattened and n_cols = Nk; varlen: [Hq, total_q] and
+    n_cols = max_seqlen_k). For tests and the reference comparison."""
+    out = torch.empty(n_rows, n_cols, dtype=torch.bool, device=device)
+    if out.numel():
+        run(Launch("dropout_mask", _dropout_mask_kernel,
+                   {"Out": out, "n_rows": n_rows, "n_cols": n_cols, "dropout_p": float(dropout_p),
+                    "seed": int(seed)}, {"BLOCK_R": 32, "BLOCK_C": 64},
+                   lambda meta: flat_grid(triton.cdiv(n_rows, 32), triton.cdiv(n_cols, 64)),
+                   [triton.Config({}, num_warps=4, num_stages=1)], []))
+    return out

@@ -1,0 +1,124 @@
+"""What a call asks for (`Options`) and how it maps onto the kernels' switches (`_features`):
+runtime arguments, constexprs, the grid's batch count, the config variant, the dot precision.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+
+@dataclasses.dataclass
+class Options:
+    """Everything beyond q, k, v (see the module docstring); tensors already on q's device.
+
+    left/right: window offsets from the bottom-right diagonal, None = unbounded (causal:
+    right = 0). attn_mask: [B, Hq, Nq, Nk] view (stride 0 where broadcast), bool or float.
+    key_padding_mask: [B, Nk] bool, True = padding. alibi_slopes: [B, Hq] float32 (varlen:
+    [num_seqs, Hq]). cu_seqlens_*: int32 [num_seqs + 1] for packed sequences; q/k/v are then
+    [1, H, total, D] views and max_seqlen_* size the grid."""
+    scale: float
+    left: Optional[int] = None
+    right: Optional[int] = None
+    attn_mask: Optional[torch.Tensor] = None
+    key_padding_mask: Optional[torch.Tensor] = None
+    alibi_slopes: Optional[torch.Tensor] = None
+    softcap: float = 0.0
+    dropout_p: float = 0.0
+    seed: int = 0
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    seqlens_checked: bool = False  # varlen: max_seqlen_* known to bound every sequence
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+
+def _dot_precision(dtype: torch.dtype, block_d: int) -> str:
+    # 16-bit inputs: exact products in the MMA, the argument is unused.
+    # fp32 inputs must keep fp32-level accuracy (the criterion compares against PyTorch's fp32
+    # math), so never plain TF32. Up to BLOCK_D=64, 3xTF32 does it on tensor cores. Beyond, its
+    # hi/lo operand splits exhaust the registers (AOT sweep, Triton 3.9, causal: D=128 dK/dV and
+    # dQ at 251-255 regs in every tile tried, D=256 spilling 128 B..3 KB in all 36 candidates),
+    # so fp32 with D > 64 uses exact fp32 FMA ("ieee"): spill-free, no tensor cores. Forward and
+    # backward share the choice, so the backward recomputes exactly the forward's scores.
+    # At D <= 16 (BLOCK_D 16) fp32 uses "ieee" too: a score is a sum of a few products, so
+    # 3xTF32's ~2^-22 relative error per product (PyTorch's fp32 product is exact) dominates:
+    # with one key and D=1, dK must cancel to 0 and 3xTF32 left 2.3e-8 (5/200 seeds over the
+    # criterion's floor, the deep fuzz run; 0/200 with FMA dots). FMA dots cost little at D <= 16.
+    if dtype != torch.float32:
+        return "tf32"
+    if block_d <= 16:
+        return "ieee"
+    return "tf32x3" if block_d <= 64 else "ieee"
+
+
+def _strides(t: torch.Tensor, prefix: str) -> dict:
+    """Stride arguments of a [B, H, N, D] tensor named as in the kernels' signatures."""
+    axes = "zhmd" if prefix in ("q", "o", "do", "dq") else "zhnd"
+    return {f"stride_{prefix}{a}": t.stride(i) for i, a in enumerate(axes)}
+
+
+def _kv_range(kpm: torch.Tensor) -> torch.Tensor:
+    """[B, 2] int32: first valid key and last valid key + 1 of each sequence (0, 0 if none)."""
+    valid = ~kpm
+    n = kpm.shape[1]
+    first = valid.to(torch.int32).argmax(1)
+    last = n - valid.flip(1).to(torch.int32).argmax(1)
+    any_valid = valid.any(1)
+    zero = torch.zeros_like(first)
+    return torch.stack([torch.where(any_valid, first, zero),
+                        torch.where(any_valid, last, zero)], 1).to(torch.int32).contiguous()
+
+
+def _dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _features(q, k, opts: Options, dummy: torch.Tensor):
+    """(runtime args, constexprs, batch count of the grid, config variant) shared by the kernels."""
+    B, H, N_Q, _ = q.shape
+    N_KV = k.shape[2]
+    mask, kpm, slopes = opts.attn_mask, opts.key_padding_mask, opts.alibi_slopes
+    # The small tensors are indexed as dense arrays in the kernels (Kpm + z * stride_kpz + j,
+    # Alibi + seq * H + h, CuQ + seq): normalised here, once per launch plan. Each is at most
+    # B * Nk elements; a strided cu_seqlens read as dense ran past q (tests/test_strided_args.py).
+    # Only the attention mask (up to B * H * Nq * Nk) is read through its own strides.
+    kpm, slopes = _dense(kpm), _dense(slopes)
+    cu_q, cu_k = _dense(opts.cu_seqlens_q), _dense(opts.cu_seqlens_k)
+    args = {
+        "Mask": dummy if mask is None else mask,
+        "Kpm": dummy if kpm is None else kpm,
+        "KvRange": dummy if kpm is None else _kv_range(kpm),
+        "Alibi": dummy if slopes is None else slopes,
+        "CuQ": dummy if not opts.varlen else cu_q,
+        "CuK": dummy if not opts.varlen else cu_k,
+        **({f"stride_m{a}": 0 for a in "zhmn"} if mask is None
+           else {f"stride_m{a}": mask.stride(i) for i, a in enumerate("zhmn")}),
+        "stride_kpz": 0 if kpm is None else kpm.stride(0),
+        "H": H, "GROUP": H // k.shape[1], "N_Q": N_Q, "N_KV": N_KV, "sm_scale": opts.scale,
+        "cap_in": opts.scale / opts.softcap if opts.softcap else 0.0,
+        "cap_out": opts.softcap if opts.softcap else 0.0,
+        "win_left": opts.left or 0, "win_right": opts.right or 0,
+        "dropout_p": float(opts.dropout_p), "seed": int(opts.seed),
+        "DROP_COLS": opts.max_seqlen_k if opts.varlen else N_KV,
+    }
+    constexprs = {
+        "WIN_LEFT": opts.left is not None, "WIN_RIGHT": opts.right is not None,
+        "MASK_KIND": 0 if mask is None else (1 if mask.dtype == torch.bool else 2),
+        "HAS_KPM": kpm is not None, "HAS_ALIBI": slopes is not None,
+        "SOFTCAP": bool(opts.softcap), "DROPOUT": opts.dropout_p > 0, "VARLEN": opts.varlen,
+        # varlen whose max_seqlen was not checked against cu_seqlens (torch.compile): the
+        # programs loop over the tiles past it. Only then: the loop around the tile body cost
+        # registers (sm_90 fp16 D=128 varlen forward 224 -> 255 regs + 32-96 B spilled)
+        "SEQ_LOOP": opts.varlen and not opts.seqlens_checked,
+    }
+    n_z = opts.cu_seqlens_q.shape[0] - 1 if opts.varlen else B
+    heavy = (constexprs["MASK_KIND"] or kpm is not None or slopes is not None or opts.softcap
+             or opts.dropout_p > 0 or opts.left is not None)
+    variant = "masked" if heavy else ("varlen" if opts.varlen else "plain")
+    return args, constexprs, n_z, variant
