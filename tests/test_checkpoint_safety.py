@@ -13,7 +13,7 @@ import torch
 from tritformer import cli, train
 from tritformer.models import GPT, GPTConfig
 
-pytestmark = pytest.mark.integration  # newest Triton only in CI (pyproject.toml)
+pytestmark = pytest.mark.integration  # model-level; select or skip with -m (pyproject.toml)
 
 TINY = dict(block_size=16, vocab_size=256, n_layer=1, n_head=2, n_embd=32)
 TINY_ARGS = ["--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",

@@ -26,7 +26,7 @@ from tritformer import numerics, reference
 # batch, ~8 s for the 4-rank one (imports included); wall time grows with the machine's load
 TIMEOUT = 300
 # the spawned runs exercise ops the kernel tests already cover, across processes, as
-# tests/test_train.py's DDP run does: CI runs them on the newest Triton only (pyproject.toml)
+# tests/test_train.py's DDP run does: marked integration (pyproject.toml), so -m selects them
 spawned = pytest.mark.integration
 
 # name -> spec. N = global sequence length, B/H/D as tritformer.attention; seed: inputs

@@ -8,7 +8,7 @@ import torch
 from tritformer import numerics
 from tritformer.models import GPT, GPTConfig
 
-pytestmark = pytest.mark.integration  # newest Triton only in CI (pyproject.toml)
+pytestmark = pytest.mark.integration  # model-level; select or skip with -m (pyproject.toml)
 
 # 2 layers, 4 heads of 16; T = 40 spans two interpreter key tiles (32) and a row-tile tail
 CFG = GPTConfig(block_size=48, vocab_size=97, n_layer=2, n_head=4, n_embd=64)

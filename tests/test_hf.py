@@ -32,7 +32,7 @@ from tritformer import numerics  # noqa: E402
 from tritformer.numerics import assert_checks  # noqa: E402
 from tritformer.integrations import hf  # noqa: E402
 
-pytestmark = pytest.mark.integration  # newest Triton only in CI (pyproject.toml)
+pytestmark = pytest.mark.integration  # model-level; select or skip with -m (pyproject.toml)
 
 VOCAB, LAYERS = 97, 2
 

@@ -20,7 +20,7 @@ from tritformer import numerics
 from tritformer.patching import FusedSequentialMLP, PatchReport
 from tritformer.testing import _backprop
 
-pytestmark = pytest.mark.integration  # newest Triton only in CI (pyproject.toml)
+pytestmark = pytest.mark.integration  # model-level; select or skip with -m (pyproject.toml)
 
 D, H, FF, L, B = 16, 2, 32, 7, 2
 

@@ -10,7 +10,7 @@ import torch
 from tritformer import cli, train
 from tritformer.models import GPT
 
-pytestmark = pytest.mark.integration  # newest Triton only in CI (pyproject.toml)
+pytestmark = pytest.mark.integration  # model-level; select or skip with -m (pyproject.toml)
 
 # a tiny model: 2 layers, 2 heads of 16 (one attention tile), 16-byte contexts
 TINY = ["--block-size", "16", "--n-layer", "2", "--n-head", "2", "--n-embd", "32"]
