@@ -23,7 +23,8 @@ setup(
         # hypothesis pinned: CI's fuzz tests draw derandomized examples, which a new release
         # may change; a deeper search is TRITFORMER_FUZZ_EXAMPLES (README)
         "test": ["pytest>=8", "pytest-xdist", "expecttest", "pytest-benchmark", "matplotlib",
-                 "hypothesis==6.170.15", "transformers>=4.56", "safetensors"],
+                 "hypothesis==6.170.15", "transformers>=4.56", "safetensors",
+                 "ruff==0.14.0"],
     },
     entry_points={"console_scripts": ["tritformer=tritformer.cli:main"]},
 )

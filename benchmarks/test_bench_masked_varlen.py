@@ -33,7 +33,7 @@ def test_masked(benchmark, variant, provider, mode, causal):
     flops = bench.masked_flops(b, h, n, n, d, causal, mode, case.attn_mask, case.key_padding_mask)
     benchmark.extra_info.update(bench.machine_info(DEVICE), backend=p.backend(DEVICE),
                                 tflop=flops * 1e-12)
-    fn = lambda: p.fn(q, k, v, causal, case)  # noqa: E731
+    fn = lambda: p.fn(q, k, v, causal, case)
     fns = bench._fwd_bwd_fns(fn, [q, k, v], None) if mode != "fwd" else {"fwd": fn}
     if mode == "fwd":
         with torch.no_grad():
@@ -69,7 +69,7 @@ def test_varlen(benchmark, provider, mode, causal):
     benchmark.extra_info.update(bench.machine_info(DEVICE), backend=p.backend(DEVICE),
                                 seqlens=lengths,
                                 tflop=bench.varlen_flops(lengths, lengths, h, d, causal, mode) * 1e-12)
-    fn = lambda: p.fn(q, k, v, causal, pk)  # noqa: E731
+    fn = lambda: p.fn(q, k, v, causal, pk)
     if mode == "fwd":
         with torch.no_grad():
             result = benchmark(fn)

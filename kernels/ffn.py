@@ -280,8 +280,9 @@ def plan_gemm(a, b, c, *, epi=EPI_BIAS_ACT, act=ACT_NONE, bias=None, bias2=None,
                   "STORE_PRE": pre is not None, "DOT_PRECISION": _dot_precision(a.dtype),
                   "GROUP_M": GROUP_M, "TILE_LOOP": _loops(M, N)}
     # one program per tile, capped at CUDA's grid limit (the programs then loop over the tiles)
-    grid = lambda meta: (min(triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),
-                             MAX_PROGRAMS),)
+    def grid(meta):
+        return (min(triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), MAX_PROGRAMS),)
+
     return [Launch(f"gemm_{EPI_NAMES[epi]}", _gemm, args, constexprs,
                    grid, configs_for(arch, a.element_size(), epi), ["M", "N", "K"])]
 

@@ -8,10 +8,10 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from tritformer import _interp_bounds, _interp_patch  # noqa: E402
+from tritformer import _interp_bounds, _interp_patch
 
 _interp_patch.apply()  # bf16 dot/cast and GPU-like dots in the interpreter; see the module docstring
 # every kernel load/store (where its mask is on) must stay inside the launch's tensor arguments;
@@ -20,7 +20,7 @@ _interp_bounds.enable()
 
 # every test means the interpreted kernels: a Triton import failure must not silently turn the
 # fused ops into the pure-PyTorch reference backend (tests that count op calls would still pass)
-from tritformer import backend_for  # noqa: E402
+from tritformer import backend_for
 
 assert backend_for(torch.empty(0)) == "triton-interpreter", backend_for(torch.empty(0))
 

@@ -48,7 +48,7 @@ def test_mixed_devices():
 
 
 
-QKV = lambda: (t(2, 4, 8, 16), t(2, 2, 10, 16), t(2, 2, 10, 16))  # noqa: E731  B=2 Hq=4 Nq=8 Nk=10
+QKV = lambda: (t(2, 4, 8, 16), t(2, 2, 10, 16), t(2, 2, 10, 16))
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
@@ -61,14 +61,16 @@ QKV = lambda: (t(2, 4, 8, 16), t(2, 2, 10, 16), t(2, 2, 10, 16))  # noqa: E731  
     ({"attn_mask": torch.ones(8, 10, device="meta")}, ValueError, r"attn_mask must be on q's device"),
     ({"key_padding_mask": torch.zeros(2, 9, dtype=torch.bool)}, ValueError,
      r"key_padding_mask must have shape \[B, Nk\] = \[2, 10\], got \(2, 9\)"),
-    ({"key_padding_mask": torch.zeros(2, 10)}, TypeError, r"key_padding_mask must be bool \(True = padding\), got float32"),
+    ({"key_padding_mask": torch.zeros(2, 10)}, TypeError, r"key_padding_mask must be bool \(True = "
+                                                          r"padding\), got float32"),
     ({"dropout_p": 1.0}, ValueError, r"dropout_p must be < 1.0, got 1.0"),
     ({"dropout_p": -0.1}, ValueError, r"dropout_p must be >= 0.0"),
     ({"dropout_p": "0.1"}, TypeError, r"dropout_p must be a float"),
     ({"window": (-2, 4)}, ValueError, r"window values must be >= -1 \(-1 = unbounded\), got \(-2, 4\)"),
     ({"window": (3,)}, TypeError, r"window must be a \(left, right\) pair of ints"),
     ({"window": (1.5, 2)}, TypeError, r"window must be a \(left, right\) pair of ints"),
-    ({"alibi_slopes": torch.ones(2)}, ValueError, r"alibi_slopes must have shape \[Hq\] = \[4\] or \[B, Hq\] = \[2, 4\], got \(2,\)"),
+    ({"alibi_slopes": torch.ones(2)}, ValueError, r"alibi_slopes must have shape \[Hq\] = \[4\] or "
+                                                  r"\[B, Hq\] = \[2, 4\], got \(2,\)"),
     ({"alibi_slopes": torch.ones(4, 2)}, ValueError, r"alibi_slopes must have shape"),
     ({"alibi_slopes": torch.ones(4, dtype=torch.int32)}, TypeError, r"alibi_slopes must be a float tensor"),
     ({"softcap": -1.0}, ValueError, r"softcap must be >= 0.0"),

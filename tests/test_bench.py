@@ -51,7 +51,7 @@ def test_fused_forward_memory_is_linear_naive_quadratic():
         return fused, naive
 
     (f1, n1), (f2, n2) = peaks(256), peaks(512)
-    out_lse = lambda n: n * 64 * 4 + n * 4  # noqa: E731
+    out_lse = lambda n: n * 64 * 4 + n * 4
     assert (f1, f2) == (out_lse(256), out_lse(512))  # exactly: no hidden copy, no N x N buffer
     assert n1 >= 256 * 256 * 4 and 3.5 < n2 / n1 < 4.5, (n1, n2)
 
@@ -197,7 +197,7 @@ def test_reference64_in_chunks_equals_one_call():
 def test_masked_and_varlen_rows(monkeypatch):
     # a tiny in-process run (the interpreter is on in tests): tidy rows, every provider's error
     # against float64 small, memory sweep rows at B = H = 1, no TFLOP/s on CPU
-    tiny = lambda *a, **kw: bench.AttentionSweep((32,), 64, (16,), 16, "fp32", causal=(True,),  # noqa: E731
+    tiny = lambda *a, **kw: bench.AttentionSweep((32,), 64, (16,), 16, "fp32", causal=(True,),
                                                  memory_seqlens=(64, 128), reps=1)
     monkeypatch.setattr(bench.masked, "masked_sweep", tiny)
     monkeypatch.setattr(bench.varlen, "varlen_sweep", lambda *a, **kw: bench.AttentionSweep(

@@ -98,7 +98,7 @@ def test_decode_attention():
     def make(B, Hq, Hkv, n_max, D):
         q, k, v = _qkv(B, Hq, Hkv, 1, n_max, D, grad=False)
         return q, k, v, torch.full((B,), n_max - 1, dtype=torch.int32)
-    f = lambda q, k, v, lens: tritformer.decode_attention(q, k, v, lens, return_lse=True)  # noqa: E731
+    f = lambda q, k, v, lens: tritformer.decode_attention(q, k, v, lens, return_lse=True)
     _run(f, [(2, 6, 3, 20, 16), (3, 8, 4, 33, 8)], make, backward=False)  # inference only
 
 
@@ -120,7 +120,7 @@ def test_ffn():
         return (torch.randn(M, 2, K, requires_grad=True), torch.randn(H, K, requires_grad=True),
                 torch.randn(H, requires_grad=True), torch.randn(N, H, requires_grad=True),
                 torch.randn(N, requires_grad=True))
-    f = lambda x, w1, b1, w2, b2: tritformer.ffn(x, w1, b1, w2, b2, activation="gelu")  # noqa: E731
+    f = lambda x, w1, b1, w2, b2: tritformer.ffn(x, w1, b1, w2, b2, activation="gelu")
     _run(f, [(3, 8, 16, 12), (5, 16, 24, 20)], make)
 
 

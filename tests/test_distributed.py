@@ -269,7 +269,7 @@ def test_plan_matches_the_global_mask():
                                           (3, 4, "contiguous", None, 0), (2, 8, "zigzag", 9, None)]:
         N = world * n
         glob = reference.window_keep(N, N, left, right)
-        pos = lambda r: torch.cat([torch.arange(g, g + m) for _, g, m in  # noqa: E731
+        pos = lambda r: torch.cat([torch.arange(g, g + m) for _, g, m in
                                    cp._shard_ranges(r, world, n, layout)])
         for r in range(world):
             for src in range(world):

@@ -344,7 +344,7 @@ def test_empty_dimensions_match_torch(shape, monkeypatch):
 def test_grids_within_cuda_limits():
     # plans from meta tensors (nothing allocated) for shapes whose tile count passes 2^31 - 1
     from tritformer.kernels import ffn as K
-    e = lambda *s: torch.empty(*s, device="meta", dtype=torch.float16)  # noqa: E731
+    e = lambda *s: torch.empty(*s, device="meta", dtype=torch.float16)
     for M, K_, N in [(2 ** 36, 64, 2 ** 16), (2 ** 20, 64, 2 ** 33), (3, 64, 2 ** 40),
                      (2 ** 40, 64, 3)]:
         a, b, c = e(M, K_), e(N, K_).t(), e(M, N)

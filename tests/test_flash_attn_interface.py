@@ -197,7 +197,7 @@ def test_flash_attn_func_against_reference(dtype, case):
     mask = fa_mask(Nq, Nk, left, right)
     (ok, ref_in, base_in) = leaves(q, k, v), leaves(*(x.double() for x in (q, k, v))), leaves(q, k, v)
     out, lse, _ = flash_attn_func(*ok, return_attn_probs=True, alibi_slopes=slopes, **case)
-    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    t = lambda x: x.transpose(1, 2)
     kw = dict(attn_mask=mask, softcap=case.get("softcap"), return_lse=True)
     ref, ref_lse = reference.attention(*map(t, ref_in), alibi_slopes=None if slopes is None else slopes.double(), **kw)
     base, base_lse = reference.attention(*map(t, base_in), alibi_slopes=None if slopes is None else slopes.to(dtype), **kw)
@@ -214,7 +214,7 @@ def test_varlen_left_only_window_is_bounded_at_max_seqlen_k():
     for s, (a, b, c, d) in enumerate([(0, 30, 0, 10), (30, 34, 10, 18)]):
         nq, nk = b - a, d - c
         mask = fa_mask(nq, nk, 2, -1) & (torch.arange(nk)[None] < torch.arange(nq)[:, None] + 1 + nk - nq + 10)
-        t = lambda x: x.transpose(0, 1)[None]  # noqa: E731
+        t = lambda x: x.transpose(0, 1)[None]
         ref = reference.attention(t(q[a:b].double()), t(k[c:d].double()), t(v[c:d].double()), attn_mask=mask)
         base = reference.attention(t(q[a:b]), t(k[c:d]), t(v[c:d]), attn_mask=mask)
         numerics.assert_close(f"seq {s}", t(out[a:b]), ref, base)
@@ -288,7 +288,7 @@ def test_kvcache_noncausal_rotary_puts_all_queries_at_cache_seqlens():
         s = int(seqlens[b])
         ref_k[b, s:s + 2], ref_v[b, s:s + 2] = k_ro[b], v[b]
         L = s + 2
-        t = lambda x: x[b:b + 1, :L].transpose(1, 2)  # noqa: E731
+        t = lambda x: x[b:b + 1, :L].transpose(1, 2)
         tq = q_ro[b:b + 1].transpose(1, 2)
         r64 = reference.attention(tq.double(), t(ref_k).double(), t(ref_v).double())
         r16 = reference.attention(tq, t(ref_k), t(ref_v))
@@ -319,7 +319,7 @@ def test_kvcache_options_against_reference(case):
                                        return_softmax_lse=True)
     for b in range(B):
         lo, hi = (int(leftpad[b]) if leftpad is not None else 0), int(seqlens[b])
-        t = lambda x: x[b:b + 1, lo:hi].transpose(1, 2)  # noqa: E731
+        t = lambda x: x[b:b + 1, lo:hi].transpose(1, 2)
         tq = q[b:b + 1].transpose(1, 2)
         kw = dict(causal=case["causal"], window=case.get("window_size"), softcap=case.get("softcap"),
                   return_lse=True)
@@ -442,7 +442,8 @@ def _kv_args():
      r"^cache_seqlens: cache_seqlens\[1\] \+ Nnew = 16 \+ 1 must be in \[0, 16\]"),
     (lambda a: a.update(block_table=torch.zeros(2, 1, dtype=torch.int32), k_cache=cache(1, 8, 2, 16)[0],
                         v_cache=cache(1, 8, 2, 16)[1], cache_seqlens=torch.tensor([3, 8], dtype=torch.int32)),
-     r"^cache_seqlens: cache_seqlens\[1\] \+ Nnew = 8 \+ 1 must be in \[0, 8\] \(the paged capacity: block_table has 1 blocks"),
+     r"^cache_seqlens: cache_seqlens\[1\] \+ Nnew = 8 \+ 1 must be in \[0, 8\] \(the paged "
+     r"capacity: block_table has 1 blocks"),
     (lambda a: a.update(cache_seqlens=torch.tensor([3, 15])), r"^cache_seqlens must have dtype int32"),
     (lambda a: a.update(cache_leftpad=torch.tensor([5, 0], dtype=torch.int32)), r"^cache_leftpad\[0\] = 5 must be in \[0, 4\]"),
     (lambda a: a.update(cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32)),

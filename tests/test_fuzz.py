@@ -14,10 +14,10 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, example, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
-from tritformer.testing import (assert_checks, check_attention, check_decode_attention,  # noqa: E402
+from tritformer.testing import (assert_checks, check_attention, check_decode_attention,
                                 check_ffn, check_gated_ffn, check_sdpa, check_softmax,
                                 check_varlen_attention)
 
@@ -202,7 +202,7 @@ def _varlen_inputs(c, seed):
     else:
         q, k, v = (torch.randn(n, h, D, generator=g).to(dtype)
                    for h, n in ((Hq, Tq), (Hkv, Tk), (Hkv, Tk)))
-    cu = lambda ls: torch.tensor([0, *ls]).cumsum(0).to(torch.int32)  # noqa: E731
+    cu = lambda ls: torch.tensor([0, *ls]).cumsum(0).to(torch.int32)
     opts = dict(window=c["window"], softcap=c["softcap"], dropout_p=c["dropout_p"])
     if c["alibi"]:
         shape = (Hq,) if c["alibi"] == "Hq" else (len(lq), Hq)
@@ -243,7 +243,7 @@ def test_sdpa_drop_in(lead, Hkv, group, L, S, E, dtype, is_causal, mask, gqa, sc
     # the drop-in against torch's own SDPA (top-left is_causal, broadcast leading dims, GQA)
     g = _gen(seed)
     Hq = Hkv * group if gqa else Hkv
-    t = lambda h, n: torch.randn(*lead, h, n, E, generator=g).to(dtype)  # noqa: E731
+    t = lambda h, n: torch.randn(*lead, h, n, E, generator=g).to(dtype)
     q, k, v = t(Hq, L), t(Hkv, S), t(Hkv, S)
     m = None
     if mask is not None:
@@ -304,8 +304,8 @@ def test_softmax(case, dtype, scale, seed, transposed):
 def test_ffn(M, d_in, hidden, d_out, act, bias, residual, recompute, gated, dtype, seed):
     g = _gen(seed)
     x = torch.randn(M, d_in, generator=g).to(dtype)
-    w = lambda o, i: (torch.randn(o, i, generator=g) / i ** 0.5).to(dtype)  # noqa: E731
-    b = lambda n: (torch.randn(n, generator=g) * 0.5).to(dtype) if bias else None  # noqa: E731
+    w = lambda o, i: (torch.randn(o, i, generator=g) / i ** 0.5).to(dtype)
+    b = lambda n: (torch.randn(n, generator=g) * 0.5).to(dtype) if bias else None
     case = (M, d_in, hidden, d_out, act, bias, residual, recompute, gated, dtype)
     if gated:
         checks = check_gated_ffn(x, w(hidden, d_in), w(hidden, d_in), w(d_out, hidden),

@@ -61,7 +61,7 @@ def test_masked_attention_grids(arch):
 def test_varlen_grids(arch):
     n_seq, H, D = 100_000, 4, 64
     T = 4 * n_seq
-    view = lambda h: _meta(T, h, D).transpose(0, 1)[None]  # noqa: E731  [1, H, T, D]
+    view = lambda h: _meta(T, h, D).transpose(0, 1)[None]
     q, k, v, o, do = (view(H) for _ in range(5))
     lse = _meta(1, H, T, dtype=torch.float32)
     cu = _meta(n_seq + 1, dtype=torch.int32)

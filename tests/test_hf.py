@@ -27,10 +27,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import tritformer.ops.attention as attn_ops  # noqa: E402
-from tritformer import numerics  # noqa: E402
-from tritformer.numerics import assert_checks  # noqa: E402
-from tritformer.integrations import hf  # noqa: E402
+import tritformer.ops.attention as attn_ops
+from tritformer import numerics
+from tritformer.numerics import assert_checks
+from tritformer.integrations import hf
 
 pytestmark = pytest.mark.integration  # model-level; select or skip with -m (pyproject.toml)
 

@@ -22,12 +22,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import tritformer  # noqa: E402
-import tritformer.ops.attention as attn_ops  # noqa: E402
-import tritformer.ops.ffn as ffn_ops  # noqa: E402
-from tritformer import numerics  # noqa: E402
-from tritformer.integrations import hf  # noqa: E402
-from tritformer.numerics import assert_checks  # noqa: E402
+import tritformer
+import tritformer.ops.attention as attn_ops
+import tritformer.ops.ffn as ffn_ops
+from tritformer import numerics
+from tritformer.integrations import hf
+from tritformer.numerics import assert_checks
 
 pytestmark = pytest.mark.integration  # model-level; select or skip with -m (pyproject.toml)
 

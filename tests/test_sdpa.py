@@ -443,11 +443,11 @@ def test_torchscript_after_assignment(module, monkeypatch):
     if module == "MultiheadAttention":
         m = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
         x = torch.randn(2, 5, 16)
-        run = lambda mod: mod(x, x, x, need_weights=False)[0]  # noqa: E731
+        run = lambda mod: mod(x, x, x, need_weights=False)[0]
     else:
         m = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
         x = torch.randn(2, 5, 16)
-        run = lambda mod: mod(x)  # noqa: E731
+        run = lambda mod: mod(x)
     scripted = torch.jit.script(m)
     got = run(scripted)  # grad enabled: the slow path, through scaled_dot_product_attention
     monkeypatch.undo()

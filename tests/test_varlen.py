@@ -13,7 +13,7 @@ from tritformer.testing import check_varlen_attention
 
 
 def packed(lens_q, lens_k, Hq=4, Hkv=2, D=32, dtype=torch.float16):
-    cu = lambda lens: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)  # noqa: E731
+    cu = lambda lens: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
     q = torch.randn(sum(lens_q), Hq, D, dtype=dtype)
     k = torch.randn(sum(lens_k), Hkv, D, dtype=dtype)
     v = torch.randn(sum(lens_k), Hkv, D, dtype=dtype)
@@ -23,7 +23,7 @@ def packed(lens_q, lens_k, Hq=4, Hkv=2, D=32, dtype=torch.float16):
 def check_varlen(q, k, v, cu_q, cu_k, **kw):
     """Kernel vs float64 reference, bounded by the reference in q's dtype: out, lse and grads
     (tritformer.testing.check_varlen_attention), asserted."""
-    lens = lambda cu: int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0  # noqa: E731
+    lens = lambda cu: int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
     checks = check_varlen_attention(q, k, v, cu_q, cu_k, lens(cu_q), lens(cu_k),
                                     return_lse=True, **kw)
     bad = [str(c) for c in checks if not c.ok]
@@ -108,7 +108,8 @@ def _bad(**over):
     (dict(cu_seqlens_q=torch.tensor([0, 10, 30])), TypeError, "cu_seqlens_q must be int32"),
     (dict(cu_seqlens_k=torch.tensor([0, 20, 10], dtype=torch.int32)), ValueError, "cu_seqlens_k must be non-decreasing"),
     (dict(cu_seqlens_q=torch.tensor([1, 10, 30], dtype=torch.int32)), ValueError, "cu_seqlens_q must start at 0"),
-    (dict(cu_seqlens_k=torch.tensor([0, 10, 29], dtype=torch.int32)), ValueError, "cu_seqlens_k must end at the total length 30"),
+    (dict(cu_seqlens_k=torch.tensor([0, 10, 29], dtype=torch.int32)), ValueError, "cu_seqlens_k "
+                                                                                  "must end at the total length 30"),
     (dict(cu_seqlens_k=torch.tensor([0, 30], dtype=torch.int32)), ValueError, "same length"),
     (dict(max_seqlen_q=19), ValueError, r"max_seqlen_q=19 is smaller than the longest sequence \(20\)"),
     (dict(max_seqlen_k=5), ValueError, r"max_seqlen_k=5 is smaller"),
@@ -130,7 +131,8 @@ def test_bad_input(over, exc, match, monkeypatch):
 
 
 @pytest.mark.parametrize("kw,exc,match", [
-    (dict(alibi_slopes=torch.rand(3, 4)), ValueError, r"alibi_slopes must have shape \[Hq\] = \[4\] or \[B, Hq\] = \[2, 4\]"),
+    (dict(alibi_slopes=torch.rand(3, 4)), ValueError, r"alibi_slopes must have shape \[Hq\] = \[4\] "
+                                                      r"or \[B, Hq\] = \[2, 4\]"),
     (dict(window=(-2, 0)), ValueError, "window values must be >= -1"),
     (dict(dropout_p=1.0), ValueError, "dropout_p must be < 1"),
 ])

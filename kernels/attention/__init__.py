@@ -34,12 +34,12 @@ a score is, `_scores` in _common.py.
 
 This package knows nothing of autograd: launchers take tensors and return tensors.
 """
-from ._common import _dropout_keep, _dropout_mask_kernel, _key_range, _load_lse, _scores, _seq_info  # noqa: F401
-from .backward import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess  # noqa: F401
-from .configs import (GPU_CONFIGS, INTERPRETER_CONFIGS, PREPROCESS_BLOCK_M, VARIANT_CONFIGS,  # noqa: F401
+from ._common import _dropout_keep, _dropout_mask_kernel, _key_range, _load_lse, _scores, _seq_info
+from .backward import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
+from .configs import (GPU_CONFIGS, INTERPRETER_CONFIGS, PREPROCESS_BLOCK_M, VARIANT_CONFIGS,
                       _block_d, _cfg, configs_for, interpreter_configs)
-from .forward import _attn_fwd  # noqa: F401
-from .launch import (attention_backward, attention_forward, dropout_keep_mask, plan_backward,  # noqa: F401
+from .forward import _attn_fwd
+from .launch import (attention_backward, attention_forward, dropout_keep_mask, plan_backward,
                      plan_forward)
-from .options import Options, _dot_precision, _features  # noqa: F401
-from .._launch import is_interpreted  # noqa: F401
+from .options import Options, _dot_precision, _features
+from .._launch import is_interpreted

@@ -9,4 +9,6 @@ from .ops.softmax import softmax
 from .patching import patch
 
 __version__ = "0.1.0"
-__all__ = ["attention", "varlen_attention", "decode_attention", "scaled_dot_product_attention", "softmax", "ffn", "gated_ffn", "backend_for", "nn", "reference", "numerics", "patch", "__version__"]
+__all__ = ["attention", "varlen_attention", "decode_attention", "scaled_dot_product_attention",
+           "softmax", "ffn", "gated_ffn", "backend_for", "nn", "reference", "numerics", "patch",
+           "__version__"]

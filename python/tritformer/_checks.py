@@ -112,7 +112,8 @@ def _check_mask(name, mask, meaning, ref, ref_name, want: tuple, target: str) ->
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
-        raise TypeError(f"{name} must be bool (True = {meaning}) or a float additive mask, got {_dtype_name(mask.dtype)}")
+        raise TypeError(f"{name} must be bool (True = {meaning}) or a float additive mask, got "
+                        f"{_dtype_name(mask.dtype)}")
     if mask.device != ref.device:
         raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {mask.device}")
     try:
@@ -165,10 +166,12 @@ def _check_weight(name, w, out_dim_name, in_dim, in_name, x):
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
     if w.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [{out_dim_name}, {in_name}] (nn.Linear layout), got shape {tuple(w.shape)}")
+        raise ValueError(f"{name} must be 2-D [{out_dim_name}, {in_name}] (nn.Linear layout), got "
+                         f"shape {tuple(w.shape)}")
     _check_same(name, w, x, "x")
     if w.shape[1] != in_dim:
-        raise ValueError(f"{name} must be [{out_dim_name}, {in_dim}] to match {in_name}={in_dim}, got shape {tuple(w.shape)}")
+        raise ValueError(f"{name} must be [{out_dim_name}, {in_dim}] to match {in_name}={in_dim}, "
+                         f"got shape {tuple(w.shape)}")
 
 
 def _check_bias(name, b, n, x):
@@ -237,11 +240,13 @@ def check_attention_options(q, k, *, attn_mask=None, key_padding_mask=None, drop
         if not isinstance(key_padding_mask, torch.Tensor):
             raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}")
         if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask must be bool (True = padding), got {_dtype_name(key_padding_mask.dtype)}")
+            raise TypeError("key_padding_mask must be bool (True = padding), "
+                            f"got {_dtype_name(key_padding_mask.dtype)}")
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {key_padding_mask.device}")
         if tuple(key_padding_mask.shape) != (batch, n_k):
-            raise ValueError(f"key_padding_mask must have shape [B, Nk] = [{batch}, {n_k}], got {tuple(key_padding_mask.shape)}")
+            raise ValueError(f"key_padding_mask must have shape [B, Nk] = [{batch}, {n_k}], got "
+                             f"{tuple(key_padding_mask.shape)}")
     check_flag("causal", causal)
     check_flag("return_lse", return_lse)
     check_real("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_open=True)
@@ -260,7 +265,8 @@ def check_attention_options(q, k, *, attn_mask=None, key_padding_mask=None, drop
         if alibi_slopes.device != q.device:
             raise ValueError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
         if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
-            raise ValueError(f"alibi_slopes must have shape [Hq] = [{heads}] or [B, Hq] = [{batch}, {heads}], got {tuple(alibi_slopes.shape)}")
+            raise ValueError(f"alibi_slopes must have shape [Hq] = [{heads}] or [B, Hq] = [{batch}, "
+                             f"{heads}], got {tuple(alibi_slopes.shape)}")
     check_real("softcap", softcap, lo=0.0, allow_none=True)
 
 
@@ -289,7 +295,8 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         if cu.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (num_seqs + 1), got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length (num_seqs + 1), "
+                         f"got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
     check_integer("max_seqlen_q", max_seqlen_q, lo=0)
     check_integer("max_seqlen_k", max_seqlen_k, lo=0)
     if torch.compiler.is_compiling():
@@ -330,7 +337,8 @@ def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, scale, num_splits, r
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"cache_seqlens must be a torch.Tensor or None, got {type(cache_seqlens).__name__}")
     if cache_seqlens.dtype != torch.int32:
-        raise TypeError(f"cache_seqlens must be int32 (FlashAttention's convention), got {_dtype_name(cache_seqlens.dtype)}")
+        raise TypeError("cache_seqlens must be int32 (FlashAttention's convention), got "
+                        f"{_dtype_name(cache_seqlens.dtype)}")
     if tuple(cache_seqlens.shape) != (B,):
         raise ValueError(f"cache_seqlens must have shape [B] = [{B}], got {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != q.device:
@@ -386,13 +394,16 @@ def _check_sdpa_tensors(query, key, value) -> None:
             raise SDPAError(f"{name} must have at least 2 dimensions [..., seq, features], got shape {tuple(t.shape)}")
     for name, t in (("key", key), ("value", value)):
         if t.dtype != query.dtype:
-            raise SDPATypeError(f"{name} must have query's dtype {_dtype_name(query.dtype)}, got {_dtype_name(t.dtype)}")
+            raise SDPATypeError(f"{name} must have query's dtype {_dtype_name(query.dtype)}, "
+                                f"got {_dtype_name(t.dtype)}")
         if t.device != query.device:
             raise SDPAError(f"{name} must be on query's device {query.device}, got {t.device}")
     if key.shape[-1] != query.shape[-1]:
-        raise SDPAError(f"key's last dim must equal query's embedding dim E={query.shape[-1]}, got key shape {tuple(key.shape)}")
+        raise SDPAError(f"key's last dim must equal query's embedding dim E={query.shape[-1]}, got "
+                        f"key shape {tuple(key.shape)}")
     if value.shape[-2] != key.shape[-2]:
-        raise SDPAError(f"value must have key's sequence length S={key.shape[-2]} (dim -2), got value shape {tuple(value.shape)}")
+        raise SDPAError(f"value must have key's sequence length S={key.shape[-2]} (dim -2), got "
+                        f"value shape {tuple(value.shape)}")
 
 
 def _sdpa_out_lead(query, key, value, enable_gqa) -> tuple:
@@ -485,7 +496,8 @@ def check_mha_inputs(query, key, value, key_padding_mask, attn_mask) -> bool:
         raise ValueError(f"key_padding_mask must be {'2-D [B, S]' if batched else '1-D [S]'} for "
                          f"{query.dim()}-D query, got shape {tuple(key_padding_mask.shape)}")
     if attn_mask is not None and attn_mask.dim() not in (2, 3):
-        raise ValueError(f"attn_mask must be 2-D [L, S] or 3-D [B * num_heads, L, S], got shape {tuple(attn_mask.shape)}")
+        raise ValueError("attn_mask must be 2-D [L, S] or 3-D [B * num_heads, L, S], got shape "
+                         f"{tuple(attn_mask.shape)}")
     return batched
 
 
@@ -502,12 +514,14 @@ def check_mha_shapes(mha, query, key, value, key_padding_mask, attn_mask, is_cau
         if key.shape != value.shape:
             raise ValueError(f"key shape {tuple(key.shape)} does not match value shape {tuple(value.shape)}")
     elif key.shape[:2] != value.shape[:2]:
-        raise ValueError(f"key's sequence and batch dims {tuple(key.shape[:2])} do not match value's {tuple(value.shape[:2])}")
+        raise ValueError(f"key's sequence and batch dims {tuple(key.shape[:2])} do not match "
+                         f"value's {tuple(value.shape[:2])}")
     if key.shape[1] != B:
         raise ValueError(f"key's batch size must be query's ({B}), got {key.shape[1]}")
     for name, t, dim in (("key", key, mha.kdim), ("value", value, mha.vdim)):
         if t.shape[-1] != dim:
-            raise ValueError(f"{name}'s embedding dim must be {'kdim' if name == 'key' else 'vdim'}={dim}, got {t.shape[-1]}")
+            raise ValueError(f"{name}'s embedding dim must be "
+                             f"{'kdim' if name == 'key' else 'vdim'}={dim}, got {t.shape[-1]}")
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, S):
         raise ValueError(f"key_padding_mask must have shape [B, S] = [{B}, {S}], got {tuple(key_padding_mask.shape)}")
     if is_causal and attn_mask is None:  # torch's error, type and text
@@ -517,4 +531,5 @@ def check_mha_shapes(mha, query, key, value, key_padding_mask, attn_mask, is_cau
     if attn_mask is not None and not (is_causal and key_padding_mask is None):
         want = (L, S) if attn_mask.dim() == 2 else (B * mha.num_heads, L, S)
         if tuple(attn_mask.shape) != want:
-            raise ValueError(f"the {attn_mask.dim()}-D attn_mask must have shape {list(want)}, got {tuple(attn_mask.shape)}")
+            raise ValueError(f"the {attn_mask.dim()}-D attn_mask must have shape {list(want)}, got "
+                             f"{tuple(attn_mask.shape)}")

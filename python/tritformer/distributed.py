@@ -201,7 +201,7 @@ def _plan(rank, src, world, n, layout, left, right):
     if len(calls) <= 1:
         return calls
     everything = slice(0, n)
-    full = lambda p: p is not None and p[2] is None and p[3] is None  # noqa: E731
+    full = lambda p: p is not None and p[2] is None and p[3] is None
     if all(full(p) for row in grid for p in row):
         return [(everything, everything, None, None)]
     if src == rank and left is None and right == 0:
@@ -321,7 +321,7 @@ class _RingAttention(torch.autograd.Function):
         n = q.shape[2]
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = [k.contiguous(), v.contiguous()]
-        acc = None  # (dk, dv) float32 accumulators of the shard held, received from prev rank
+        acc, acc_reqs = None, []  # (dk, dv) float32 accumulators of the shard held, received from prev rank
         for step in range(world):
             if step + 1 < world:
                 nxt, reqs = ring.shift(kv, _KV_TAG)

@@ -291,7 +291,7 @@ def _paged_varlen_kv(k, v, block_table, cu_seqlens_k, max_seqlen_k):
         raise FlashAttnError(f"block_table has {block_table.shape[1]} blocks of {page} keys per "
                              f"sequence, fewer than a sequence of cu_seqlens_k needs")
     rows = block_table.long()[seq, pos // page] * page + pos % page
-    flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
+    flat = lambda x: x.reshape(-1, *x.shape[2:])
     return flat(k).index_select(0, rows), flat(v).index_select(0, rows)
 
 
@@ -488,18 +488,22 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         _tensor("k", k, 4, "[B, Nnew, Hkv, D]")
         _tensor("v", v, 4, "[B, Nnew, Hkv, D]")
         if k.dtype != q.dtype:
-            raise FlashAttnTypeError(f"k: Key must have the same dtype as query ({_dtype_name(q.dtype)}), got {_dtype_name(k.dtype)}")
+            raise FlashAttnTypeError("k: Key must have the same dtype as query "
+                                     f"({_dtype_name(q.dtype)}), got {_dtype_name(k.dtype)}")
         if v.dtype != q.dtype:
-            raise FlashAttnTypeError(f"v: Value must have the same dtype as query ({_dtype_name(q.dtype)}), got {_dtype_name(v.dtype)}")
+            raise FlashAttnTypeError("v: Value must have the same dtype as query "
+                                     f"({_dtype_name(q.dtype)}), got {_dtype_name(v.dtype)}")
         for name, x in (("k", k), ("v", v)):
             if x.device != dev:
                 raise FlashAttnError(f"{name} must be on q's device {dev}, got {x.device}")
             if x.shape[0] != B or x.shape[2] != Hkv or x.shape[3] != D:
-                raise FlashAttnError(f"{name} must be [B, Nnew, Hkv, D] = [{B}, Nnew, {Hkv}, {D}], got {tuple(x.shape)}")
+                raise FlashAttnError(f"{name} must be [B, Nnew, Hkv, D] = [{B}, Nnew, {Hkv}, {D}], "
+                                     f"got {tuple(x.shape)}")
         if v.shape != k.shape:
             raise FlashAttnError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
         if Nq > n_max:
-            raise FlashAttnError(f"q: If key is supplied, it must have seqlen <= the seqlen of the KV cache ({Nq} > {n_max})")
+            raise FlashAttnError("q: If key is supplied, it must have seqlen <= the seqlen of the "
+                                 f"KV cache ({Nq} > {n_max})")
         n_new = k.shape[1]
     rotary = rotary_cos is not None or rotary_sin is not None
     if rotary:
@@ -514,7 +518,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             if x.device != dev:
                 raise FlashAttnError(f"{name} must be on q's device {dev}, got {x.device}")
         if rotary_sin.shape != rotary_cos.shape:
-            raise FlashAttnError(f"rotary_sin must have rotary_cos's shape {tuple(rotary_cos.shape)}, got {tuple(rotary_sin.shape)}")
+            raise FlashAttnError("rotary_sin must have rotary_cos's shape "
+                                 f"{tuple(rotary_cos.shape)}, got {tuple(rotary_sin.shape)}")
         if 2 * rotary_cos.shape[1] > D:
             raise FlashAttnError(f"rotary_cos: rotary_dim must be <= headdim ({2 * rotary_cos.shape[1]} > {D})")
     check_real("softmax_scale", softmax_scale, allow_none=True)
@@ -526,7 +531,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if not isinstance(alibi_slopes, torch.Tensor) or not alibi_slopes.dtype.is_floating_point:
             raise FlashAttnTypeError("alibi_slopes must be a float tensor [Hq] or [B, Hq]")
         if tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq)):
-            raise FlashAttnError(f"alibi_slopes must have shape [Hq] = [{Hq}] or [B, Hq] = [{B}, {Hq}], got {tuple(alibi_slopes.shape)}")
+            raise FlashAttnError(f"alibi_slopes must have shape [Hq] = [{Hq}] or [B, Hq] = [{B}, "
+                                 f"{Hq}], got {tuple(alibi_slopes.shape)}")
         if alibi_slopes.device != dev:
             raise FlashAttnError(f"alibi_slopes must be on q's device {dev}, got {alibi_slopes.device}")
     causal, window = _window(window_size, causal, Nq, n_max, alibi_slopes)
@@ -550,7 +556,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if cache_batch_idx is not None and B:
         lo, hi = (int(x) for x in torch.aminmax(cache_batch_idx))
         if lo < 0 or hi >= k_cache.shape[0]:
-            raise FlashAttnError(f"cache_batch_idx entries must be in [0, B_cache={k_cache.shape[0]}), got {lo if lo < 0 else hi}")
+            raise FlashAttnError("cache_batch_idx entries must be in [0, "
+                                 f"B_cache={k_cache.shape[0]}), got {lo if lo < 0 else hi}")
     if rotary and B:
         need = max(s + max(n_new, Nq if (is_causal or is_local) else 1) for s in seqlens)
         if need > rotary_cos.shape[0]:
@@ -558,7 +565,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                  f"positions up to {need - 1} are needed")
 
     with torch.no_grad():
-        ar = lambda n: torch.arange(n, device=dev)  # noqa: E731
+        ar = lambda n: torch.arange(n, device=dev)
         if k is not None:
             pos = cache_seqlens.long()[:, None] + ar(n_new)  # [B, Nnew] absolute positions
             k_new = apply_rotary(k, rotary_cos, rotary_sin, pos, rotary_interleaved) if rotary else k
@@ -608,12 +615,12 @@ def _kvcache_varlen(q, kc, vc, totals, lefts, n_max, scale, causal, window, alib
     for t, lp in zip(totals, lefts):
         lens_q += [0, Nq, 0]
         lens_k += [lp, t - lp, n_max - t]
-    cu = lambda lens: torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(  # noqa: E731
+    cu = lambda lens: torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(
         device=q.device, dtype=torch.int32)
     slopes = alibi_slopes
     if alibi_slopes is not None and alibi_slopes.dim() == 2:
         slopes = alibi_slopes.repeat_interleave(3, dim=0)
-    flat = lambda x: x.reshape(B * x.shape[1], *x.shape[2:])  # noqa: E731
+    flat = lambda x: x.reshape(B * x.shape[1], *x.shape[2:])
     out, lse = varlen_attention(flat(q), flat(kc), flat(vc), cu(lens_q), cu(lens_k), Nq,
                                 max(lens_k, default=0), causal=causal, scale=scale,
                                 window=window, alibi_slopes=slopes, softcap=softcap,

@@ -304,7 +304,7 @@ def _varlen_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool, he
     from tritformer.kernels import attention as K
     meta = dict(device="meta", dtype=dtype)
     T, H = 8192, 8
-    view = lambda h: torch.empty(T, h, head_dim, **meta).transpose(0, 1)[None]  # noqa: E731
+    view = lambda h: torch.empty(T, h, head_dim, **meta).transpose(0, 1)[None]
     q, k, v, o, do = view(H), view(H // GROUPS[heads]), view(H // GROUPS[heads]), view(H), view(H)
     lse = torch.empty(1, H, T, device="meta", dtype=torch.float32)
     cu = torch.empty(9, device="meta", dtype=torch.int32)
@@ -332,7 +332,7 @@ def _ffn_plans(arch: str, dtype: torch.dtype, hidden: int, _causal: bool, _heads
     """Every GEMM variant the FFN ops launch: M = 4096 tokens, hidden 1024 -> 4096 -> 1024."""
     from tritformer.kernels import ffn as K
     cap = ARCHES[arch]
-    e = lambda *s: torch.empty(*s, device="meta", dtype=dtype)  # noqa: E731
+    e = lambda *s: torch.empty(*s, device="meta", dtype=dtype)
     M, H = 4096, 4 * hidden
     x, w1, w2, b1 = e(M, hidden), e(H, hidden), e(hidden, H), e(H)
     hm, pre, y = e(M, H), e(M, H), e(M, hidden)
@@ -518,7 +518,7 @@ def format_row(r: Row) -> str:
 def format_table(rows: list[Row]) -> str:
     body = [_cols(r) for r in rows]
     widths = [max(len(x[i]) for x in [HEAD, *body]) for i in range(len(HEAD))]
-    line = lambda cols: "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()  # noqa: E731
+    line = lambda cols: "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()
     return "\n".join([line(HEAD), line(["-" * w for w in widths]), *map(line, body)])
 
 

@@ -58,7 +58,8 @@ def _max_err(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, str]:
     bad = special & ~same
     if bad.any():
         idx = tuple(int(i) for i in bad.nonzero()[0])
-        return float("inf"), f"{int(bad.sum())} NaN/inf mismatches, first at {idx}: {x[idx].item()} vs {ref[idx].item()}"
+        return float("inf"), (f"{int(bad.sum())} NaN/inf mismatches, first at {idx}: "
+                              f"{x[idx].item()} vs {ref[idx].item()}")
     diff = torch.where(special, torch.zeros_like(x), (x - ref).abs())
     if diff.numel() == 0:
         return 0.0, ""

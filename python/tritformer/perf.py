@@ -429,7 +429,7 @@ PERF_HEAD = ("arch", "dtype", "D", "causal", "heads", "config", "regs", "spill",
 
 
 def perf_line(r: dict) -> tuple:
-    p, h = r.get("perf") or {}, (r.get("perf") or {}).get("hot_loop")
+    h = (r.get("perf") or {}).get("hot_loop")
     occ = r.get("occupancy") or {}
     base = (r["arch"], r["dtype"], str(r["head_dim"]), "y" if r["causal"] else "n", r["heads"],
             r["config"], str(r["registers"]), str(r["spill_bytes"]), str(r["shared_bytes"]),
@@ -455,7 +455,7 @@ def format_perf_tables(rows: list[dict]) -> str:
     for kernel in dict.fromkeys(r["kernel"] for r in rows):
         body = [perf_line(r) for r in rows if r["kernel"] == kernel]
         widths = [max(len(x[i]) for x in [PERF_HEAD, *body]) for i in range(len(PERF_HEAD))]
-        line = lambda cols: "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()  # noqa: E731
+        line = lambda cols: "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()
         out += [f"== {kernel}: hot loop, per warp per iteration; T_* in clocks per CTA "
                 f"(ESTIMATES, see tritformer.perf)", line(PERF_HEAD),
                 line(["-" * w for w in widths]), *map(line, body), ""]

@@ -228,7 +228,7 @@ def ffn_backward(dy, x, w_gate, b_gate, w_down, h, pre, activation: str, recompu
     dw_down, db_gate, db_up, db_down). The bias gradients are column sums (returned whether or
     not the biases exist)."""
     gated = w_up is not None
-    f = lambda t: None if t is None else t.float()  # noqa: E731
+    f = lambda t: None if t is None else t.float()
     if recompute:
         pre32 = torch.nn.functional.linear(x.float(), w_gate.float(), f(b_gate))
         up32 = torch.nn.functional.linear(x.float(), w_up.float(), f(b_up)) if gated else None

@@ -35,7 +35,8 @@ def main(args) -> int:
     from .backend import backend_for
     cases = grid(args.dtype, args.quick)
     backend = backend_for(torch.empty(0, device=device))
-    print(f"validate: attention (masks, options, varlen), decode, softmax, ffn on {device} ({backend}), {len(cases)} cases", file=sys.stderr)
+    print(f"validate: attention (masks, options, varlen), decode, softmax, ffn on {device} "
+          f"({backend}), {len(cases)} cases", file=sys.stderr)
     rows, failed, t0 = [], 0, time.time()
     for n, (op, dt, case) in enumerate(cases, 1):
         gen = torch.Generator().manual_seed(n)

@@ -41,20 +41,20 @@ def bench_ffn(device, quick, providers, emit, progress, skipped, gated: bool) ->
         hidden = hidden * 2 // 3  # Llama's intermediate size keeps the parameter count
     tokens = _sweep_rows(device, quick, (512, 2048, 8192, 16384), (64,), (64, 256))
     gen = torch.Generator().manual_seed(0)
-    w = lambda o, i: (torch.randn(o, i, generator=gen) / i ** 0.5).to(device, dtype).requires_grad_()  # noqa: E731
+    w = lambda o, i: (torch.randn(o, i, generator=gen) / i ** 0.5).to(device, dtype).requires_grad_()
     if gated:
         weights = [w(hidden, d), w(hidden, d), w(d, hidden)]
         impls = {"naive": lambda x: reference.gated_ffn(x, *weights, activation="silu"),
                  "tritformer": lambda x: gated_ffn(x, *weights),
                  "tritformer_recompute": lambda x: gated_ffn(x, *weights, recompute=True)}
-        flops_fwd = lambda m: 2 * m * 3 * d * hidden  # noqa: E731
+        flops_fwd = lambda m: 2 * m * 3 * d * hidden
     else:
         weights = [w(hidden, d), torch.zeros(hidden, device=device, dtype=dtype).requires_grad_(),
                    w(d, hidden), torch.zeros(d, device=device, dtype=dtype).requires_grad_()]
         impls = {"naive": lambda x: reference.ffn(x, *weights, activation="gelu"),
                  "tritformer": lambda x: ffn(x, *weights),
                  "tritformer_recompute": lambda x: ffn(x, *weights, recompute=True)}
-        flops_fwd = lambda m: 2 * m * 2 * d * hidden  # noqa: E731
+        flops_fwd = lambda m: 2 * m * 2 * d * hidden
     wanted = [n for n in ("naive", "tritformer", "tritformer_recompute")
               if n in providers or (n == "tritformer_recompute" and "tritformer" in providers)]
     for m in tokens:

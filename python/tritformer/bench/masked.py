@@ -145,7 +145,7 @@ def _masked_flash_attn(q, k, v, causal, case):
     idx = (~case.key_padding_mask).reshape(-1).nonzero().squeeze(1)
     cu = _cu_seqlens(case.lengths)
     max_len = int(case.lengths.max())
-    unpad = lambda t: t.transpose(1, 2).reshape(B * N, t.shape[1], D).index_select(0, idx)  # noqa: E731
+    unpad = lambda t: t.transpose(1, 2).reshape(B * N, t.shape[1], D).index_select(0, idx)
     out = flash_attn_varlen_func(unpad(q), unpad(k), unpad(v), cu, cu, max_len, max_len,
                                  causal=causal)
     return out.new_zeros(B * N, H, D).index_copy(0, idx, out).view(B, N, H, D).transpose(1, 2)
@@ -175,7 +175,7 @@ def masked_providers(variant: str) -> dict[str, Provider]:
     base = attention_providers()
     flash_why = _cuda_only("flash_attn", "flash_attn")
     if variant == "dense":
-        flash_why = lambda d, t: "flash_attn takes no dense attn_mask"  # noqa: E731
+        flash_why = lambda d, t: "flash_attn takes no dense attn_mask"
     return {
         "naive": dataclasses.replace(base["naive"], fn=_masked_naive),
         "sdpa": dataclasses.replace(base["sdpa"], fn=_masked_sdpa),

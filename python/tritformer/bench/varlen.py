@@ -143,7 +143,7 @@ def _varlen_flex(q, k, v, causal, pk):
             keep = keep & (pos_k[j] <= pos_q[i] + off[doc_q[i]])
         return keep
     block_mask = create_block_mask(mask_mod, None, None, q.shape[0], k.shape[0], device=dev)
-    view = lambda t: t.transpose(0, 1)[None]  # noqa: E731
+    view = lambda t: t.transpose(0, 1)[None]
     out = _FLEX["fn"](view(q), view(k), view(v), block_mask=block_mask,
                       enable_gqa=q.shape[1] != k.shape[1])
     return out[0].transpose(0, 1)
@@ -172,7 +172,7 @@ def varlen_max_error(p: Provider, q, k, v, causal, pk: Packing) -> float:
     err = 0.0
     cq, ck = pk.cu_seqlens_q.tolist(), pk.cu_seqlens_k.tolist()
     for s in range(pk.num_seqs):  # per sequence: the float64 scores of one at a time
-        view = lambda t, c: t[c[s]:c[s + 1]].transpose(0, 1)[None]  # noqa: E731
+        view = lambda t, c: t[c[s]:c[s + 1]].transpose(0, 1)[None]
         if cq[s + 1] == cq[s]:
             continue
         ref = _reference64(view(q, cq), view(k, ck), view(v, ck), causal)

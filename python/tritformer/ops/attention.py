@@ -299,7 +299,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if alibi_slopes is not None:
         slopes = alibi_slopes.float().expand(n_seq, q.shape[1]).contiguous()
     # [T, H, D] viewed as [1, H, T, D]: the kernels read the packed tokens through strides
-    view = lambda t: t.transpose(0, 1).unsqueeze(0)  # noqa: E731
+    view = lambda t: t.transpose(0, 1).unsqueeze(0)
     out, lse = torch.ops.tritformer.attention_fwd(
         view(q), view(k), view(v), None, None, slopes, cu_seqlens_q, cu_seqlens_k, seed, scale,
         left, right, softcap, dropout_p, int(max_seqlen_q), int(max_seqlen_k),

@@ -243,7 +243,7 @@ def _gated_bwd(dy: torch.Tensor, x: torch.Tensor, wg: torch.Tensor, wu: torch.Te
     K.gemm(dg, wg, dx_g)
     dx = torch.empty_like(x)
     K.gemm(du, wu, dx, residual=dx_g)  # dx = du wu + dg wg, the sum in the epilogue
-    colsum = lambda t: t.sum(0, dtype=torch.float32).to(x.dtype)  # noqa: E731
+    colsum = lambda t: t.sum(0, dtype=torch.float32).to(x.dtype)
     return dx, dwg, dwu, dwd, colsum(dg), colsum(du), colsum(dy)
 
 

@@ -25,7 +25,7 @@ def run_attention(case, dt: str, device, gen, seed):
 def masked_inputs(case, dtype, device, gen):
     """(q, k, v, causal, options for check_attention, name) of a masked case."""
     B, Hq, Hkv, Nq, Nk, D, causal, spec = case
-    rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    rnd = lambda *shape: torch.randn(*shape, generator=gen)
     q, k, v = (rnd(B, h, s, D).to(device, dtype) for h, s in ((Hq, Nq), (Hkv, Nk), (Hkv, Nk)))
     dims = {"B": B, "Hq": Hq, "Nq": Nq, "Nk": Nk}
     opts = {}
@@ -69,7 +69,7 @@ def run_masked(case, dt: str, device, gen, seed):
 def varlen_inputs(case, dtype, device, gen):
     """(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, options, name)."""
     Hq, Hkv, lq, lk, D, causal, spec = case
-    cu = lambda ls: torch.tensor([0, *ls], dtype=torch.int32).cumsum(0).to(torch.int32).to(device)  # noqa: E731
+    cu = lambda ls: torch.tensor([0, *ls], dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
     q = torch.randn(sum(lq), Hq, D, generator=gen).to(device, dtype)
     kv = torch.randn(sum(lk), 2, Hkv, D, generator=gen).to(device, dtype)  # packed kv: strided views
     opts = {}
@@ -107,12 +107,12 @@ def run_ffn(case, dt: str, device, gen, seed):
     gated, M, d_in, hidden, d_out, act, extra = case
     dtype = DTYPES[dt]
     x = torch.randn(M, d_in, generator=gen).to(device, dtype)
-    w = lambda o, i: (torch.randn(o, i, generator=gen) / i ** 0.5).to(device, dtype)  # noqa: E731
+    w = lambda o, i: (torch.randn(o, i, generator=gen) / i ** 0.5).to(device, dtype)
     if gated:
         name = f"gated_ffn {dt} M={M} {d_in}->{hidden}->{d_out} {act}"
         return name, check_gated_ffn(x, w(hidden, d_in), w(hidden, d_in), w(d_out, hidden),
                                      activation=act, recompute=extra == "recompute")
-    b = lambda n: (torch.randn(n, generator=gen) * 0.5).to(device, dtype)  # noqa: E731
+    b = lambda n: (torch.randn(n, generator=gen) * 0.5).to(device, dtype)
     res = torch.randn(M, d_out, generator=gen).to(device, dtype) if extra == "residual" else None
     name = f"ffn {dt} M={M} {d_in}->{hidden}->{d_out} {act}{' ' + extra if extra else ''}"
     return name, check_ffn(x, w(hidden, d_in), b(hidden), w(d_out, hidden), b(d_out),

@@ -54,8 +54,8 @@ def _grad_floors(ref_in, do, scale, D):
     dk the same with q; dv sums P*dO."""
     qd, kd, vd = (x.detach().double() for x in ref_in[:3])
     dod = do.double()
-    norm = lambda t: float(t.norm(dim=-1).max()) if t.numel() else 0.0  # noqa: E731
-    amax = lambda t: float(t.abs().max()) if t.numel() else 0.0  # noqa: E731
+    norm = lambda t: float(t.norm(dim=-1).max()) if t.numel() else 0.0
+    amax = lambda t: float(t.abs().max()) if t.numel() else 0.0
     sc = abs(scale) if scale is not None else D ** -0.5
     dp = norm(dod) * norm(vd)
     gscale = max((amax(r.grad) for r in ref_in[:3]), default=0.0)
