@@ -1,5 +1,6 @@
 """The command line: inspect (AOT compile for sm_80/sm_90), validate, and the CPU fallback."""
 import os
+import re
 import subprocess
 import sys
 
@@ -31,6 +32,12 @@ def test_validate_quick():
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "triton-interpreter" in res.stderr
     assert " 0 failed" in res.stdout
+    # the duration announced before the run; progress with the total; dtypes named one way
+    assert re.search(r"expected duration: about \d+(m\d\d)?s \(each op's cases", res.stderr), res.stderr[:500]
+    assert "validate [1/22]" in res.stderr and "validate [22/22]" in res.stderr
+    assert "attention fp16 " in res.stdout and "varlen bf16 " in res.stdout
+    assert not re.search(r"float16|bfloat16|float32", res.stdout)
+    assert " inf " not in res.stdout
 
 
 def test_cpu_without_interpreter_uses_reference_path():

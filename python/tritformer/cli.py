@@ -6,43 +6,59 @@ import argparse
 import os
 import sys
 
-from . import registry
+from . import __version__, registry
+from ._cliargs import (BENCH_PROVIDERS, DTYPE_NAMES, HelpFormatter, add_generate_arguments,
+                       add_train_arguments)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tritformer", description=__doc__)
+    """The parser, built without importing torch, Triton or the benchmarks (`--help` is fast):
+    registry and _cliargs are declarations only."""
+    p = argparse.ArgumentParser(prog="tritformer", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("bench", help="benchmark the fused kernels against naive attention, SDPA and "
-                                     "peers; CSV/JSON/PNG results (on CPU: memory, errors, "
-                                     "interpreter times)")
-    from .bench import PROVIDERS
-    b.add_argument("--op", nargs="+", choices=("all",) + registry.names("bench"), default=["all"])
+    def command(name, **kw):
+        return sub.add_parser(name, formatter_class=HelpFormatter, description=kw.get("help"), **kw)
+
+    b = command("bench", help="benchmark the fused kernels against naive attention, SDPA and "
+                              "peers; CSV/JSON/PNG results (on CPU: memory, errors, "
+                              "interpreter times)")
+    ops = ("all",) + registry.names("bench")
+    b.add_argument("--op", nargs="+", choices=ops, default=["all"], metavar="OP",
+                   help="ops to benchmark: " + ", ".join(ops))
     b.add_argument("--quick", action="store_true", help="small sweep (a few minutes on a 2-core CPU)")
     b.add_argument("--out", default="bench-results", help="directory for results.csv/json and plots")
-    b.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    b.add_argument("--providers", nargs="+", choices=BENCH_PROVIDERS, default=list(BENCH_PROVIDERS),
+                   metavar="PROVIDER", help="implementations to compare, of " + ", ".join(BENCH_PROVIDERS)
+                   + " (those unavailable here are skipped)")
     b.add_argument("--inspect", action="store_true",
                    help="also compile the benchmarked kernels' configs ahead of time and report "
                         "registers, spills, shared memory, tensor-core use (OUT/inspect.txt; "
                         "minutes on a CPU)")
 
-    v = sub.add_parser("validate", help="check every op against the float64 reference (error-ratio criterion)")
+    v = command("validate", help="check every op against the float64 reference (error-ratio criterion)")
     v.add_argument("--quick", action="store_true", help="a smaller grid of cases")
-    v.add_argument("--dtype", nargs="+", choices=["fp16", "bf16", "fp32"], default=["fp16", "bf16", "fp32"])
+    v.add_argument("--dtype", nargs="+", choices=DTYPE_NAMES, default=list(DTYPE_NAMES),
+                   help="input dtypes")
 
-    i = sub.add_parser("inspect", help="compile the shipped kernel configs ahead of time for NVIDIA GPUs "
-                                       "and report registers, spills, shared memory and tensor-core use")
-    i.add_argument("--arch", nargs="+", choices=["sm_80", "sm_90"], default=["sm_80", "sm_90"])
+    i = command("inspect", help="compile the shipped kernel configs ahead of time for NVIDIA GPUs "
+                                "and report registers, spills, shared memory and tensor-core use")
+    i.add_argument("--arch", nargs="+", choices=["sm_80", "sm_90"],
+                   default=["sm_80", "sm_90"],
+                   help="GPU architectures to compile for")
     i.add_argument("--head-dim", nargs="+", type=int, choices=[64, 128, 256], default=[64, 128, 256],
                    help="head-dim buckets to compile (64 covers D<=64, 128 D<=128, 256 D<=256)")
-    i.add_argument("--dtype", nargs="+", choices=["fp16", "bf16", "fp32"], default=["fp16", "fp32"])
+    i.add_argument("--dtype", nargs="+", choices=DTYPE_NAMES, default=["fp16", "fp32"],
+                   help="kernel dtypes (bf16 shares fp16's configs)")
     i.add_argument("--op", nargs="+", choices=list(registry.names("inspect")),
-                   default=list(registry.names("inspect")),
-                   help="kernels to compile (D/C column: head dim, softmax row length, or FFN model "
+                   default=list(registry.names("inspect")), metavar="OP",
+                   help="kernels to compile, of " + ", ".join(registry.names("inspect"))
+                   + " (D/C column: head dim, softmax row length, or FFN model "
                         "dim); masked: every mask/bias/dropout switch on, varlen: packed sequences, "
                         "decode: flash-decoding (split-KV) over a KV cache")
     i.add_argument("--jobs", type=int, default=0,
-                   help="parallel compile processes (default: the CPUs this process may use)")
+                   help="parallel compile processes (0: the CPUs this process may use)")
     i.add_argument("--perf", action="store_true",
                    help="also disassemble each cubin, count the hot loop's instructions and print "
                         "the throughput model's ESTIMATES per kernel (tritformer.perf)")
@@ -54,14 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--record", metavar="FILE", help="implies --perf: write the gate baseline")
     i.add_argument("--note", help="with --record: a note stored in the baseline (e.g. the commit)")
 
-    t = sub.add_parser("train", help="train a byte-level GPT on the fused kernels (one process, or "
-                                     "many under torchrun: DDP); checkpoints, log.csv, loss.png")
-    from . import train
-    train.add_arguments(t)
+    t = command("train", help="train a byte-level GPT on the fused kernels (one process, or "
+                              "many under torchrun: DDP); checkpoints, log.csv, loss.png")
+    add_train_arguments(t)
 
-    g = sub.add_parser("generate", help="stream text from a `train` checkpoint or a GPT-2 directory")
-    from . import generate
-    generate.add_arguments(g)
+    g = command("generate", help="stream text from a `train` checkpoint or a GPT-2 directory")
+    add_generate_arguments(g)
     return p
 
 

@@ -9,27 +9,14 @@ tokenizer, never from the network.
 """
 from __future__ import annotations
 
-import argparse
 import codecs
 import os
 import sys
 
 import torch
 
+from ._cliargs import add_generate_arguments as add_arguments  # noqa: F401 (re-exported)
 from .models.gpt import GPT, GPTConfig
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True,
-                   help="ckpt.pt from `tritformer train` (or its --out folder), or a GPT-2 directory")
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--attn-backend", choices=("tritformer", "sdpa", "naive"), default="tritformer")
-    p.add_argument("--no-cache", action="store_true", help="rerun the whole context every step")
 
 
 def load_model(path: str, attn_backend: str = "tritformer"):

@@ -44,9 +44,15 @@ class Check:
     def ratio(self) -> float:
         return self.error / self.baseline if self.baseline > 0 else (0.0 if self.error == 0 else float("inf"))
 
+    @property
+    def ratio_text(self) -> str:
+        """The ratio to 2 decimals, or "exact" where PyTorch's own error is 0 (no ratio: the
+        bound is the roundoff floor)."""
+        return f"{self.ratio:.2f}" if self.baseline > 0 else "exact"
+
     def __str__(self) -> str:
         return (f"{self.name}: max err {self.error:.3e}, PyTorch's own err {self.baseline:.3e}, "
-                f"ratio {self.ratio:.2f}, bound {self.bound:.3e} -> {'ok' if self.ok else 'FAIL'}"
+                f"ratio {self.ratio_text}, bound {self.bound:.3e} -> {'ok' if self.ok else 'FAIL'}"
                 + (f" ({self.detail})" if self.detail else ""))
 
 

@@ -37,64 +37,15 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ._cliargs import (CKPT_NAME, MODEL_DEFAULTS, WARMUP_MAX_FRACTION,  # noqa: F401 (re-exported)
+                       add_train_arguments as add_arguments, train_bool as _bool)
 from .models.gpt import GPT, GPTConfig
+from .progress import ProgressBar, format_seconds
 
 MODEL_ARGS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "attn_backend",
               "mlp_backend")
-MODEL_DEFAULTS = dict(block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=True,
-                      attn_backend="tritformer", mlp_backend="tritformer")
 # fields that change the parameters (a checkpoint cannot be loaded into a model differing in these)
 SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
-CKPT_NAME = "ckpt.pt"
-
-
-# ---------------------------------------------------------------------------------------------
-# Arguments
-# ---------------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default=None,
-                   help="text file or folder (every file under it, sorted); default: the Python "
-                        "standard library's *.py sources")
-    p.add_argument("--max-bytes", type=int, default=8_000_000,
-                   help="use at most this many bytes of the corpus (default 8 MB)")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--out", default="train-out", help="checkpoint, log.csv and loss.png go here")
-    p.add_argument("--resume", action="store_true", help=f"continue from OUT/{CKPT_NAME}")
-    p.add_argument("--steps", type=int, default=2000, help="optimiser steps in total")
-    p.add_argument("--batch-size", type=int, default=16, help="rows per process per step")
-    g = p.add_argument_group("model (default: from the checkpoint with --resume, else "
-                             + ", ".join(f"{k}={v}" for k, v in MODEL_DEFAULTS.items()) + ")")
-    g.add_argument("--block-size", type=int, default=None)
-    g.add_argument("--n-layer", type=int, default=None)
-    g.add_argument("--n-head", type=int, default=None)
-    g.add_argument("--n-embd", type=int, default=None)
-    g.add_argument("--dropout", type=float, default=None)
-    g.add_argument("--bias", type=_bool, default=None, metavar="{true,false}")
-    g.add_argument("--attn-backend", choices=("tritformer", "sdpa", "naive"), default=None)
-    g.add_argument("--mlp-backend", choices=("tritformer", "torch"), default=None)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--min-lr", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=100, help="warm-up steps (linear)")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    p.add_argument("--eval-interval", type=int, default=250, help="steps between validation "
-                                                                     "losses (0: only at the end)")
-    p.add_argument("--eval-iters", type=int, default=20, help="batches per validation estimate")
-    p.add_argument("--ckpt-interval", type=int, default=500, help="steps between checkpoints "
-                                                                     "(and one at the end)")
-    p.add_argument("--log-interval", type=int, default=10)
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="bfloat16: autocast (parameters and optimiser stay float32)")
-    p.add_argument("--seed", type=int, default=1337)
-
-
-def _bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes"):
-        return True
-    if s.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
 def check_args(args) -> None:
@@ -108,6 +59,18 @@ def check_args(args) -> None:
         raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if not (args.lr > 0 and args.min_lr >= 0):
         raise ValueError(f"--lr must be > 0 and --min-lr >= 0, got {args.lr}, {args.min_lr}")
+
+
+def clamp_warmup(args) -> Optional[str]:
+    """Clamp args.warmup to WARMUP_MAX_FRACTION of args.steps (a run that is mostly warm-up
+    never reaches its learning rate); returns the note to print when it did, else None."""
+    limit = math.ceil(args.steps * WARMUP_MAX_FRACTION)  # rounded up: a short run warms up too
+    if args.warmup <= limit:
+        return None
+    note = (f"note: --warmup {args.warmup} is more than {WARMUP_MAX_FRACTION:.0%} of --steps "
+            f"{args.steps}; warming up over {limit} step{'s' if limit != 1 else ''} instead")
+    args.warmup = limit
+    return note
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,27 +319,28 @@ def _save(obj, path: str) -> None:
 # Logging
 # ---------------------------------------------------------------------------------------------
 class Progress:
-    """A one-line progress bar on a terminal, a line every --log-interval steps otherwise."""
+    """Training progress with the total and an ETA: tqdm's bar on a terminal (loss, lr and
+    tokens/s in it; validation losses as lines above it), a line every --log-interval steps
+    otherwise (tritformer.progress)."""
 
     def __init__(self, total: int, start: int, interval: int, stream=None):
-        stream = sys.stdout if stream is None else stream
-        self.total, self.interval, self.stream = total, interval, stream
-        self.tty = stream.isatty()
-        self.t0, self.s0 = time.perf_counter(), start
+        self.total = total
+        self.bar = ProgressBar(total, initial=start, desc="train", unit="step",
+                               stream=sys.stdout if stream is None else stream, every=interval)
 
     def update(self, step: int, loss: float, lr: float, tok_s: float, val: Optional[float]):
         done = step + 1
         extra = f" | val {val:.4f}" if val is not None else ""
-        msg = f"step {done}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {tok_s / 1e3:.1f}k tok/s{extra}"
-        if self.tty:
-            width = 24
-            fill = int(width * done / self.total)
-            self.stream.write("\r[" + "#" * fill + "." * (width - fill) + "] " + msg + " " * 4)
-            if done == self.total:
-                self.stream.write("\n")
-            self.stream.flush()
-        elif done % self.interval == 0 or done == self.total or val is not None:
-            print(msg, file=self.stream, flush=True)
+        msg = f"loss {loss:.4f} | lr {lr:.2e} | {tok_s / 1e3:.1f}k tok/s"
+        when = lambda: ("done in " + format_seconds(self.bar.elapsed) if done >= self.total
+                        else "ETA " + format_seconds(self.bar.eta()))
+        self.bar.update(postfix=msg.replace(" | ", ", "), force=val is not None,
+                        line=lambda: f"step {done}/{self.total} | {msg}{extra} | {when()}")
+        if val is not None and self.bar.uses_tqdm:
+            self.bar.write(f"step {done}/{self.total} | val {val:.4f}")
+
+    def close(self):
+        self.bar.close()
 
 
 def plot_losses(rows: list[dict], path: str) -> bool:
@@ -435,6 +399,9 @@ def main(args) -> int:
     check_args(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    note = clamp_warmup(args)
+    if note and rank == 0:
+        print(note, flush=True)
     device = _device(args, local_rank)
     ckpt_path = os.path.join(args.out, CKPT_NAME)
     # everything that can fail on bad input fails here, before processes wait on each other
@@ -480,7 +447,7 @@ def _train(args, config, ckpt, shards, device, rank, world, ckpt_path) -> int:
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
+    autocast_dtype = torch.bfloat16 if args.dtype in ("bf16", "bfloat16") else None
     if main_rank:
         os.makedirs(args.out, exist_ok=True)
         print(f"tritformer train: {model.num_params() / 1e6:.2f}M parameters, config {config}, "
@@ -489,7 +456,7 @@ def _train(args, config, ckpt, shards, device, rank, world, ckpt_path) -> int:
               + (f", resuming at step {start}" if start else ""), flush=True)
         if start >= args.steps:
             print(f"nothing to do: the checkpoint is at step {start} >= --steps {args.steps}")
-    bar = Progress(args.steps, start, args.log_interval)
+    bar = Progress(args.steps, start, args.log_interval) if main_rank and start < args.steps else None
     # the arguments as plain types now: one that a checkpoint cannot hold fails before training
     args_plain = plain(vars(args), "args")
 
@@ -520,6 +487,8 @@ def _train(args, config, ckpt, shards, device, rank, world, ckpt_path) -> int:
                 _write_log(rows, args.out)
         if last or (step + 1) % args.ckpt_interval == 0:
             checkpoint(step + 1)
+    if bar is not None:
+        bar.close()
     if main_rank and rows:
         print(f"checkpoint: {ckpt_path}; log: {os.path.join(args.out, 'log.csv')}"
               + ("; curve: " + os.path.join(args.out, "loss.png")

@@ -18,13 +18,14 @@ from typing import Callable, Optional
 import torch
 
 from .. import registry
+from .._cliargs import BENCH_PROVIDERS
 
 OPS = registry.names("bench")  # attention, masked, varlen, softmax, ffn, gated_ffn, gpt
 
-PROVIDERS = ("naive", "sdpa", "sdpa_math", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn",
-             "tritformer", "flash_attn", "flex")
+# declared in tritformer._cliargs (the CLI's --providers choices, torch-free):
 # sdpa = torch's default dispatch; sdpa_<backend> pins one SDPA backend (attention op only;
 # flash / efficient / cudnn are CUDA kernels, math runs everywhere)
+PROVIDERS = BENCH_PROVIDERS
 # softmax / FFN: the unfused PyTorch sequence ("naive") against the fused kernels; for the FFNs
 # also "tritformer_recompute" (recompute=True), whose point is the saved_bytes metric
 MODES = ("fwd", "bwd", "fwd_bwd")

@@ -12,6 +12,7 @@ from .checks import (check_attention, check_decode_attention, check_ffn, check_g
                      check_softmax, check_varlen_attention)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}  # the case names say fp16/bf16/fp32, as the CLI
 
 
 def run_attention(case, dt: str, device, gen, seed):
@@ -55,7 +56,7 @@ def masked_inputs(case, dtype, device, gen):
             q = q * 4  # scores beyond the cap: tanh saturates
         elif key == "dropout":
             opts["dropout_p"] = float(val)
-    name = (f"attention {str(dtype).split('.')[-1]} B={B} H={Hq}/{Hkv} N={Nq}x{Nk} D={D}"
+    name = (f"attention {DTYPE_NAMES.get(dtype, str(dtype).split('.')[-1])} B={B} H={Hq}/{Hkv} N={Nq}x{Nk} D={D}"
             f"{' causal' if causal else ''} {spec}")
     return q, k, v, causal, opts, name
 
@@ -83,7 +84,7 @@ def varlen_inputs(case, dtype, device, gen):
             opts["softcap"] = float(val)
         elif key == "dropout":
             opts["dropout_p"] = float(val)
-    name = (f"varlen {str(dtype).split('.')[-1]} H={Hq}/{Hkv} q={'+'.join(map(str, lq))} "
+    name = (f"varlen {DTYPE_NAMES.get(dtype, str(dtype).split('.')[-1])} H={Hq}/{Hkv} q={'+'.join(map(str, lq))} "
             f"k={'+'.join(map(str, lk))} D={D}{' causal' if causal else ''}{' ' + spec if spec else ''}")
     return (q, kv[:, 0], kv[:, 1], cu(lq), cu(lk), max(lq), max(lk), causal, opts, name)
 
