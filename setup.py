@@ -15,15 +15,20 @@ setup(
               "tritformer.integrations", "tritformer.bench", "tritformer.testing",
               "tritformer.kernels", "tritformer.kernels.attention"],
     # Install torch first (see README): a bare `torch` requirement on a machine without torch
-    # pulls a multi-GB CUDA build. Triton 3.7.1 is what torch 2.13's CUDA build pins.
-    install_requires=["torch>=2.6", "triton>=3.7.1,<3.10", "numpy"],
+    # pulls a multi-GB CUDA build. torch 2.13 is what CI tests (no older torch is tested, so none
+    # is allowed); Triton 3.7.1 is what torch 2.13's CUDA build pins.
+    install_requires=["torch>=2.13", "triton>=3.7.1,<3.10", "numpy"],
     extras_require={
+        # `python -m tritformer bench` (plots: matplotlib) and benchmarks/ (pytest-benchmark)
         "bench": ["matplotlib", "pytest-benchmark"],
-        "hf": ["transformers>=4.56", "safetensors"],
+        # transformers: below the next major version, since the integration uses semi-internal
+        # names (AttentionInterface, masking utilities); 5.25+ also brings Hugging Face's
+        # `kernels` package, which this package's own kernels/ does not shadow
+        "hf": ["transformers>=4.56,<6", "safetensors"],
         # hypothesis pinned: CI's fuzz tests draw derandomized examples, which a new release
         # may change; a deeper search is TRITFORMER_FUZZ_EXAMPLES (README)
         "test": ["pytest>=8", "pytest-xdist", "expecttest", "pytest-benchmark", "matplotlib",
-                 "hypothesis==6.170.15", "transformers>=4.56", "safetensors",
+                 "hypothesis==6.170.15", "transformers>=4.56,<6", "safetensors",
                  "ruff==0.14.0"],
     },
     entry_points={"console_scripts": ["tritformer=tritformer.cli:main"]},
