@@ -48,22 +48,29 @@ HEAD_DIM_BUCKETS = (64, 128, 256)
 #   (D=64) and 64x64/8 (D=128) spilled.
 # bwd_dq sm_90 D<=256 16b: 64x16/4 spilled 16-40 B on 3.7.1; 64x32/8: 206 regs. sm_80 D<=128:
 #   128x32/8 spilled 12 B (255 regs) on 3.7.1, causal.
-# fp32 at D > 64 computes its dots in exact fp32 FMA (launch._dot_precision): 8-warp tiles,
-#   e.g. bwd_dkdv D=256 sm_80 32x16/8: 128 regs, 0 spill; 4 warps spilled 2.4 KB.
+# fp32 at D <= 128 (plain, varlen) computes its dots in 3xTF32 on tensor cores
+#   (options._dot_precision), in these tiles from an AOT sweep of the tf32x3 kernels (513
+#   compiles, Triton 3.9 and 3.7.1, causal MHA and GQA 4:1, sm_80 and sm_90): spill-free, no
+#   ptxas warning, mma.sync. E.g. fwd 16x64/8/1: 207-211 regs; dkdv 32x16/8/1: 202-254; dq
+#   16x64/8/1: 251-253. Rejected: every 64/128-row fwd tile on sm_80 (376 B+), fwd 32x32/8 (32 B
+#   on 3.7.1), dkdv 16x32/8 (40-144 B), dq 32x32/8 (28-116 B). fp32 at D = 256 (and masked fp32
+#   at D > 64) keeps exact fp32 FMA dots: no tf32x3 backward tile was spill-free (best dkdv
+#   16x16/8: 464 B sm_80, 996 B sm_90; masked D=128 dkdv 8-96 B). FMA tiles: 8 warps, e.g.
+#   bwd_dkdv D=256 sm_80 32x16/8: 128 regs, 0 spill; 4 warps spilled 2.4 KB.
 _PLAIN = """
 # kernel  sm  elem | D <= 64                | D <= 128               | D <= 256
 fwd       90  16b  | 128x64/8/3 128x128/8/3 | 128x64/8/3 64x64/4/3   | 64x32/4/2 128x64/8/2
-fwd       90  fp32 | 64x32/4/2              | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+fwd       90  fp32 | 64x32/4/2              | 16x64/8/1 16x32/8/1    | 32x16/8/1 16x32/8/1
 fwd       80  16b  | 128x64/8/3 64x64/4/3   | 128x32/8/3 64x64/4/3   | 64x32/8/2 32x32/4/2
-fwd       80  fp32 | 64x32/4/2              | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+fwd       80  fp32 | 64x32/4/2              | 16x64/8/1 16x32/8/1    | 32x16/8/1 16x32/8/1
 bwd_dkdv  90  16b  | 32x128/8/2 64x64/8/2   | 16x128/8/2 16x64/8/2   | 16x32/4/1
-bwd_dkdv  90  fp32 | 16x32/4/1              | 32x32/8/1 16x32/8/1    | 16x32/8/1 16x16/8/1
+bwd_dkdv  90  fp32 | 16x32/4/1              | 32x16/8/1 16x16/8/1    | 16x32/8/1 16x16/8/1
 bwd_dkdv  80  16b  | 32x128/8/2 16x128/8/2  | 16x128/8/2 32x64/8/2   | 16x32/4/1
-bwd_dkdv  80  fp32 | 16x32/4/1              | 32x32/8/1 16x32/8/1    | 32x16/8/1 16x16/8/1
+bwd_dkdv  80  fp32 | 16x32/4/1              | 32x16/8/1 16x16/8/1    | 32x16/8/1 16x16/8/1
 bwd_dq    90  16b  | 128x32/8/2 128x64/8/2  | 128x32/8/2 64x64/8/2   | 128x32/8/2 64x32/8/2
-bwd_dq    90  fp32 | 64x16/4/2              | 16x16/8/1 16x16/4/1    | 32x32/8/1 16x32/8/1
+bwd_dq    90  fp32 | 64x16/4/2              | 16x64/8/1 16x16/8/1    | 32x32/8/1 16x32/8/1
 bwd_dq    80  16b  | 128x32/8/2 64x32/4/2   | 64x64/8/2 64x32/4/2    | 64x64/8/2 32x32/4/2
-bwd_dq    80  fp32 | 32x16/4/1              | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+bwd_dq    80  fp32 | 32x16/4/1              | 16x64/8/1 16x16/8/1    | 32x16/8/1 16x32/8/1
 """
 
 # Packed sequences (the `inspect --op varlen` plans): for each cell, the first two spill-free
@@ -75,32 +82,35 @@ bwd_dq    80  fp32 | 32x16/4/1              | 32x32/8/1 32x16/8/1    | 32x16/8/1
 _VARLEN = """
 # kernel  sm  elem | D <= 64                | D <= 128               | D <= 256
 fwd       90  16b  | 128x64/8/3 128x128/8/3 | 128x64/8/3 64x64/4/3   | 64x32/4/2 64x32/8/2
-fwd       90  fp32 | 64x32/4/2 128x32/8/3   | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+fwd       90  fp32 | 64x32/4/2 128x32/8/3   | 16x64/8/1 16x32/8/1    | 32x16/8/1 16x32/8/1
 fwd       80  16b  | 128x64/8/3 128x32/8/3  | 128x32/8/3 64x64/4/3   | 64x32/8/2 32x32/4/2
-fwd       80  fp32 | 64x32/4/2 128x32/8/3   | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+fwd       80  fp32 | 64x32/4/2 128x32/8/3   | 16x64/8/1 16x32/8/1    | 32x16/8/1 16x32/8/1
 bwd_dkdv  90  16b  | 32x128/8/2 16x64/8/1   | 32x32/8/1 16x64/8/1    | 16x32/4/1 32x32/8/1
-bwd_dkdv  90  fp32 | 32x32/8/1 32x16/8/1    | 16x32/8/1 16x16/8/1    | 16x32/8/1 16x16/8/1
+bwd_dkdv  90  fp32 | 32x32/8/1 32x16/8/1    | 16x16/8/1              | 16x32/8/1 16x16/8/1
 bwd_dkdv  80  16b  | 16x128/8/2 32x32/8/1   | 32x32/8/1 16x64/8/1    | 16x32/4/1 32x32/8/1
-bwd_dkdv  80  fp32 | 32x16/8/1 16x32/8/1    | 16x32/8/1 16x16/8/1    | 16x32/8/1 16x16/8/1
+bwd_dkdv  80  fp32 | 32x16/8/1 16x32/8/1    | 16x16/8/1              | 16x32/8/1 16x16/8/1
 bwd_dq    90  16b  | 128x32/8/2 128x64/8/2  | 128x32/8/2 64x64/8/2   | 128x32/8/2 32x32/8/1
-bwd_dq    90  fp32 | 64x16/4/2 128x32/8/2   | 16x16/8/1              | 16x32/8/1 16x16/8/1
+bwd_dq    90  fp32 | 64x16/4/2 128x32/8/2   | 16x64/8/1 16x16/8/1    | 16x32/8/1 16x16/8/1
 bwd_dq    80  16b  | 128x32/8/2 64x32/4/2   | 64x64/8/2 64x32/4/2    | 64x64/8/2 32x32/4/2
-bwd_dq    80  fp32 | 32x16/4/1 64x16/4/2    | 16x32/8/1 16x16/8/1    | 16x32/8/1 32x32/8/1
+bwd_dq    80  fp32 | 32x16/4/1 64x16/4/2    | 16x64/8/1 16x16/8/1    | 16x32/8/1 32x32/8/1
 """
 
 # Any masked switch (attn_mask, key padding, ALiBi, softcap, dropout, a left window edge; the
 # `inspect --op masked` plan has every one on, with the float mask's gradient): register-bound,
 # even 64x32/4 spilled at D=64 fp16 (sm_80, 255 regs + 48 B), so 32-row tiles with 8 warps
 # (e.g. sm_80 fp16 D=128 fwd 32x32/8: 244 regs, 0 B). A kernel with only some switches on uses
-# the same conservative table.
+# the same conservative table. sm_90 fp32 D <= 128 (exact-FMA dots): fwd 16x16/8 spilled 32 B and
+# dK/dV 32x16/8 68 B on Triton 3.7.1 (128 regs), dK/dV 16x32/8 48 B on 3.9; fwd 32x32/8: 142-144
+# regs, 16x32/8: 127-128, 0 B on both. No dK/dV tile tried (7) is spill-free on both versions:
+# 16x16/8/1 is on 3.9 (144 regs) and spills 36 B on 3.7.1.
 _MASKED = """
 # kernel  sm  elem | D <= 64                | D <= 128               | D <= 256
 fwd       90  16b  | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1
-fwd       90  fp32 | 32x32/8/1 32x16/8/1    | 16x32/8/1 16x16/8/1    | 32x32/8/1 32x16/8/1
+fwd       90  fp32 | 32x32/8/1 32x16/8/1    | 32x32/8/1 16x32/8/1    | 32x32/8/1 32x16/8/1
 fwd       80  16b  | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1
 fwd       80  fp32 | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
 bwd_dkdv  90  16b  | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1
-bwd_dkdv  90  fp32 | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1    | 32x16/8/1 16x16/8/1
+bwd_dkdv  90  fp32 | 32x32/8/1 32x16/8/1    | 16x16/8/1              | 32x16/8/1 16x16/8/1
 bwd_dkdv  80  16b  | 32x32/8/1 16x32/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
 bwd_dkdv  80  fp32 | 32x16/8/1 16x32/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
 bwd_dq    90  16b  | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1

@@ -40,7 +40,7 @@ def plan_forward(q, k, v, out, lse, opts: Options, arch: int | None) -> list[Lau
                              **_strides(q, "q"), **_strides(k, "k"), **_strides(v, "v"),
                              **_strides(out, "o")})
     constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, **flags,
-                  "DOT_PRECISION": _dot_precision(q.dtype, block_d)}
+                  "DOT_PRECISION": _dot_precision(q.dtype, block_d, variant)}
     return [Launch("attn_fwd", _attn_fwd, args, constexprs,
                    lambda meta: flat_grid(triton.cdiv(n_q, meta["BLOCK_M"]), n_z, H),
                    configs_for("fwd", arch, block_d, q.element_size(), variant),
@@ -55,7 +55,7 @@ def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
     n_q = _grid_len(opts.max_seqlen_q) if opts.varlen else N_Q
     n_k = _grid_len(opts.max_seqlen_k) if opts.varlen else k.shape[2]
     constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, **flags,
-                  "DOT_PRECISION": _dot_precision(q.dtype, block_d)}
+                  "DOT_PRECISION": _dot_precision(q.dtype, block_d, variant)}
     tune_key = _tune_key(constexprs)
     pre_m = PREPROCESS_BLOCK_M
     preprocess = Launch(

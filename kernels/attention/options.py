@@ -38,23 +38,31 @@ class Options:
         return self.cu_seqlens_q is not None
 
 
-def _dot_precision(dtype: torch.dtype, block_d: int) -> str:
-    # 16-bit inputs: exact products in the MMA, the argument is unused.
-    # fp32 inputs must keep fp32-level accuracy (the criterion compares against PyTorch's fp32
-    # math), so never plain TF32. Up to BLOCK_D=64, 3xTF32 does it on tensor cores. Beyond, its
-    # hi/lo operand splits exhaust the registers (AOT sweep, Triton 3.9, causal: D=128 dK/dV and
-    # dQ at 251-255 regs in every tile tried, D=256 spilling 128 B..3 KB in all 36 candidates),
-    # so fp32 with D > 64 uses exact fp32 FMA ("ieee"): spill-free, no tensor cores. Forward and
-    # backward share the choice, so the backward recomputes exactly the forward's scores.
-    # At D <= 16 (BLOCK_D 16) fp32 uses "ieee" too: a score is a sum of a few products, so
-    # 3xTF32's ~2^-22 relative error per product (PyTorch's fp32 product is exact) dominates:
-    # with one key and D=1, dK must cancel to 0 and 3xTF32 left 2.3e-8 (5/200 seeds over the
-    # criterion's floor, the deep fuzz run; 0/200 with FMA dots). FMA dots cost little at D <= 16.
+def _dot_precision(dtype: torch.dtype, block_d: int, variant: str | None = None) -> str:
+    """tl.dot's input_precision for the attention kernels (forward and backward share it, so the
+    backward recomputes exactly the forward's scores).
+
+    16-bit inputs: exact products in the MMA, the argument is unused. fp32 inputs must keep
+    fp32-level accuracy (the criterion compares against PyTorch's fp32 math), so never plain
+    TF32: 3xTF32 (hi/lo operand splits on tensor cores) where the config tables hold tiles that
+    compile spill-free with it, exact fp32 FMA ("ieee", no tensor cores) elsewhere:
+    - BLOCK_D <= 16: "ieee". A score is a sum of a few products, so 3xTF32's ~2^-22 relative
+      error per product (PyTorch's fp32 product is exact) dominates: with one key and D=1, dK
+      must cancel to 0 and 3xTF32 left 2.3e-8 (5/200 seeds over the criterion's floor, the deep
+      fuzz run; 0/200 with FMA dots). FMA dots cost little at D <= 16.
+    - BLOCK_D 32..64: "tf32x3" for every variant.
+    - BLOCK_D 128, variant "plain" or "varlen": "tf32x3", in the fp32 tiles of configs.py (AOT
+      sweep: spill-free on sm_80/sm_90, Triton 3.9 and 3.7.1). Other callers (variant None:
+      decode; "masked", whose every-switch backward spilled 8-96 B in all 14 tiles tried): "ieee".
+    - BLOCK_D 256: "ieee" (every tf32x3 backward tile spilled: 180 B to 1 KB at the smallest).
+    """
     if dtype != torch.float32:
         return "tf32"
     if block_d <= 16:
         return "ieee"
-    return "tf32x3" if block_d <= 64 else "ieee"
+    if block_d <= 64:
+        return "tf32x3"
+    return "tf32x3" if block_d <= 128 and variant in ("plain", "varlen") else "ieee"
 
 
 def _strides(t: torch.Tensor, prefix: str) -> dict:
