@@ -8,6 +8,13 @@ Configs: on a GPU every kernel has a per-architecture candidate list; when it ho
 config, a `triton.autotune` wrapper (built lazily at the first launch, never at import) benchmarks
 them on the device. In Triton's interpreter (no GPU) the single `interpreter` config runs as is:
 the autotuner's benchmarker needs a driver and is never invoked.
+
+Tuning keys: a launch names the arguments whose change re-runs the autotuner (`tune_key`); those
+of them that are sequence lengths or token counts (`bucketed`) enter the key rounded up to a power
+of two (`tune_bucket`), so that a training run whose batches all have different lengths (varlen)
+tunes once per power-of-two bucket instead of at every new length. `run` keeps one Triton
+autotuner per bucket, keyed by Triton on the exact remaining names: the kernels receive exactly
+the arguments they did before.
 """
 from __future__ import annotations
 
@@ -19,7 +26,10 @@ from typing import Any, Callable
 import torch
 import triton
 
-SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block (opt-in maximum)
+# Shared memory per block, opt-in maximum (cudaDevAttrMaxSharedMemoryPerBlockOptin), bytes, per
+# config family (arch_family): sm_80 A100 163 KB; sm_86/sm_89 (RTX 30xx/40xx, A10, A40, L4, L40)
+# 99 KB; sm_90 H100/H200 227 KB; sm_120 (RTX 50xx, RTX PRO Blackwell) 99 KB.
+SHARED_MEMORY_LIMIT = {80: 166_912, 86: 101_376, 90: 232_448, 120: 101_376}
 
 
 @dataclasses.dataclass
@@ -31,6 +41,7 @@ class Launch:
     grid: Callable[[dict], tuple]  # config kwargs -> launch grid
     configs: list[triton.Config]   # candidates; one when interpreting
     tune_key: list[str]            # argument names whose change re-runs the autotuner
+    bucketed: tuple = ()           # those of tune_key that enter it rounded up (tune_bucket)
 
 
 def is_interpreted(fn) -> bool:
@@ -40,8 +51,16 @@ def is_interpreted(fn) -> bool:
 
 
 def arch_family(capability: int) -> int:
-    """Config table used for a compute capability: 90 (Hopper and newer) or 80 (Ampere/Ada)."""
-    return 90 if capability >= 90 else 80
+    """Config table used for a compute capability (keys of SHARED_MEMORY_LIMIT):
+    120 for sm_120 and newer consumer Blackwell (99 KB, mma.sync: no wgmma), 90 for sm_90 up to
+    sm_11x (Hopper, datacenter Blackwell: 227 KB), 80 for sm_80 (A100: 163 KB) and, as before,
+    anything older, 86 for the other sm_8x (sm_86, sm_89; sm_87 too: its 163 KB is not confirmed
+    here, so it gets the 99 KB table, which fits either way)."""
+    if capability >= 120:
+        return 120
+    if capability >= 90:
+        return 90
+    return 80 if capability <= 80 else 86
 
 
 def device_arch(t: torch.Tensor) -> int | None:
@@ -113,9 +132,20 @@ def run(launch: Launch) -> None:
         with launch_lock(interpreted):
             launch.fn[launch.grid(cfg.kwargs)](*launch.args.values(), **kwargs)
         return
-    key = (launch.name, tuple(str(c) for c in launch.configs))
+    exact = [name for name in launch.tune_key if name not in launch.bucketed]
+    values = {**launch.args, **launch.constexprs}
+    buckets = tuple((name, tune_bucket(values[name])) for name in launch.bucketed)
+    key = (launch.name, tuple(str(c) for c in launch.configs), tuple(exact), buckets)
     tuner = _TUNERS.get(key)
     if tuner is None:
-        tuner = triton.autotune(configs=launch.configs, key=launch.tune_key)(launch.fn)
-        _TUNERS[key] = tuner
+        # one autotuner per bucket; Triton's own key (the exact names, and the dtypes) within it
+        tuner = triton.autotune(configs=launch.configs, key=exact)(launch.fn)
+        tuner = _TUNERS.setdefault(key, tuner)
     tuner[launch.grid](*launch.args.values(), **launch.constexprs)
+
+
+def tune_bucket(n: int) -> int:
+    """The value a sequence length or token count `n` takes in a tuning key: the next power of
+    two (at least 16, the smallest tile): 100, 120 and 127 tune once (128), 200 and 250 once
+    (256)."""
+    return max(16, triton.next_power_of_2(max(int(n), 1)))

@@ -292,6 +292,10 @@ SPLIT_CONFIGS = {
          (128, 4, 32, [_cfg(16, 8, 2)]),   # 80 regs, 34 KB
          (256, 4, 16, [_cfg(32, 8, 2)])],  # 107 regs, 82 KB: 1/SM (just over half of 163 KB)
 }
+# sm_86/sm_89 and sm_120 (99 KB per block): sm_80's entries (same shared memory on these targets,
+# measured: tests/data/config_smem.json) except the D=256 32-row one, 151,552 B on all three
+SPLIT_CONFIGS[86] = SPLIT_CONFIGS[120] = [
+    e if e[:3] != (256, 2, 32) else (256, 2, 32, [_cfg(32, 8, 2)]) for e in SPLIT_CONFIGS[80]]
 # the combine kernel: one row per program, SPLIT_TILE x BLOCK_D fp32 partials per step
 COMBINE_CONFIG = _combine_cfg(16, 4, 2)
 
@@ -415,7 +419,8 @@ def plan_decode(q, k_cache, v_cache, cache_seqlens, out, lse, o_part, lse_part, 
          "DOT_PRECISION": _dot_precision(q.dtype, block_d)},
         lambda meta: flat_grid(num_splits, triton.cdiv(group * Nq, block_m), B * Hkv),
         configs_for("split", arch, block_d, nbytes, block_m),
-        ["HQ", "HKV", "N_Q", "N_MAX", "NUM_SPLITS", "HEAD_DIM", "HAS_SEQLENS", "SINGLE_SPLIT"])
+        ["HQ", "HKV", "N_Q", "N_MAX", "NUM_SPLITS", "HEAD_DIM", "HAS_SEQLENS", "SINGLE_SPLIT"],
+        ("N_MAX", "NUM_SPLITS"))  # the cache length (and the split count it sets), bucketed
     if single:
         return [split]
     combine = Launch(
@@ -425,7 +430,7 @@ def plan_decode(q, k_cache, v_cache, cache_seqlens, out, lse, o_part, lse_part, 
         {"HEAD_DIM": D, "BLOCK_D": block_d},
         lambda meta: flat_grid(B * Hq * Nq),
         configs_for("combine", arch, block_d, nbytes),
-        ["NUM_SPLITS", "HEAD_DIM"])
+        ["NUM_SPLITS", "HEAD_DIM"], ("NUM_SPLITS",))
     return [split, combine]
 
 

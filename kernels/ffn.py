@@ -210,6 +210,9 @@ GPU_CONFIGS = {
          (4, "dual"): [_cfg(64, 32, 32, 4, 2), _cfg(32, 64, 32, 4, 2)],
          (4, "aux"): [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3)]},
 }
+# sm_86/sm_89 and sm_120 (99 KB per block): sm_80's configs, all within it (at most 49,152 B,
+# measured on both targets: tests/data/config_smem.json)
+GPU_CONFIGS[86] = GPU_CONFIGS[120] = GPU_CONFIGS[80]
 GROUP_M = 8
 MAX_PROGRAMS = 2 ** 31 - 1  # CUDA's limit on grid axis 0; the kernel loops over further tiles
 _MIN_BLOCK = min(min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
@@ -284,7 +287,8 @@ def plan_gemm(a, b, c, *, epi=EPI_BIAS_ACT, act=ACT_NONE, bias=None, bias2=None,
         return (min(triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), MAX_PROGRAMS),)
 
     return [Launch(f"gemm_{EPI_NAMES[epi]}", _gemm, args, constexprs,
-                   grid, configs_for(arch, a.element_size(), epi), ["M", "N", "K"])]
+                   grid, configs_for(arch, a.element_size(), epi), ["M", "N", "K"],
+                   ("M",))]  # M: the token count (batch x length), bucketed; N, K: layer widths
 
 
 def _arch_for(t: torch.Tensor) -> int | None:

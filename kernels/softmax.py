@@ -286,7 +286,7 @@ def plan_forward(x4, mask4, y4, scale: float, causal: bool) -> list[Launch]:
     warps = _num_warps(block) if single else 16
     cfg = triton.Config({}, num_warps=warps, num_stages=1)
     return [Launch("softmax_fwd", _softmax_fwd, args, constexprs,
-                   lambda meta: grid, [cfg], ["C"])]
+                   lambda meta: grid, [cfg], ["C"], ("C",))]
 
 
 def plan_backward(y4, dy4, dz4, grad_scale: float) -> list[Launch]:
@@ -299,7 +299,7 @@ def plan_backward(y4, dy4, dz4, grad_scale: float) -> list[Launch]:
     cfg = triton.Config({}, num_warps=_num_warps(block), num_stages=1)
     return [Launch("softmax_bwd", _softmax_bwd, args,
                    {"BLOCK": block, "SINGLE_TILE": single, **row_loop},
-                   lambda meta: grid, [cfg], ["C"])]
+                   lambda meta: grid, [cfg], ["C"], ("C",))]
 
 
 def softmax_forward(x: torch.Tensor, mask: torch.Tensor | None, y: torch.Tensor, scale: float,

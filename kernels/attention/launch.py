@@ -19,8 +19,15 @@ def _pick(fn, values: dict) -> dict:
     return {name: values[name] for name in fn.arg_names if name in values}
 
 
+# Lengths in the tuning key: rounded up to a power of two (kernels._launch.tune_bucket), so that
+# varying lengths (each varlen batch: the packed totals N_Q / N_KV and the longest sequence,
+# MAX_SEQLEN, which sizes the grid) re-run the autotuner once per bucket, not per length.
+_BUCKETED = ("N_Q", "N_KV", "MAX_SEQLEN")
+
+
 def _tune_key(constexprs: dict) -> list:
-    return ["N_Q", "N_KV", "HEAD_DIM", *[c for c in constexprs if c.isupper() and c != "HEAD_DIM"]]
+    return [*_BUCKETED, "HEAD_DIM",
+            *[c for c in constexprs if c.isupper() and c != "HEAD_DIM"]]
 
 
 def _grid_len(max_seqlen: int) -> int:
@@ -44,7 +51,7 @@ def plan_forward(q, k, v, out, lse, opts: Options, arch: int | None) -> list[Lau
     return [Launch("attn_fwd", _attn_fwd, args, constexprs,
                    lambda meta: flat_grid(triton.cdiv(n_q, meta["BLOCK_M"]), n_z, H),
                    configs_for("fwd", arch, block_d, q.element_size(), variant),
-                   _tune_key(constexprs))]
+                   _tune_key(constexprs), _BUCKETED)]
 
 
 def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
@@ -73,12 +80,13 @@ def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
         "attn_bwd_dkdv", _attn_bwd_dkdv, _pick(_attn_bwd_dkdv, {**values, "MAX_SEQLEN": n_k}),
         constexprs,
         lambda meta: flat_grid(triton.cdiv(n_k, meta["BLOCK_N"]), n_z, k.shape[1]),
-        configs_for("bwd_dkdv", arch, block_d, q.element_size(), variant), tune_key)
+        configs_for("bwd_dkdv", arch, block_d, q.element_size(), variant), tune_key, _BUCKETED)
     dq_launch = Launch(
         "attn_bwd_dq", _attn_bwd_dq, _pick(_attn_bwd_dq, {**values, "MAX_SEQLEN": n_q}),
         {**constexprs, "MASK_GRAD": dmask is not None},
         lambda meta: flat_grid(triton.cdiv(n_q, meta["BLOCK_M"]), n_z, H),
-        configs_for("bwd_dq", arch, block_d, q.element_size(), variant), tune_key + ["MASK_GRAD"])
+        configs_for("bwd_dq", arch, block_d, q.element_size(), variant), tune_key + ["MASK_GRAD"],
+        _BUCKETED)
     return [preprocess, dkdv, dq_launch]
 
 

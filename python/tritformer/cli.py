@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
     i = command("inspect", help="compile the shipped kernel configs ahead of time for NVIDIA GPUs "
                                 "and report registers, spills, shared memory and tensor-core use")
-    i.add_argument("--arch", nargs="+", choices=["sm_80", "sm_90"],
+    i.add_argument("--arch", nargs="+", choices=["sm_80", "sm_86", "sm_89", "sm_90", "sm_120"],
                    default=["sm_80", "sm_90"],
                    help="GPU architectures to compile for")
     i.add_argument("--head-dim", nargs="+", type=int, choices=[64, 128, 256], default=[64, 128, 256],
