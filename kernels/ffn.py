@@ -233,16 +233,32 @@ def _int(code) -> int:
     return code.value if isinstance(code, tl.constexpr) else int(code)
 
 
-def configs_for(arch: int | None, elem_bytes: int, epi: int) -> list:
+# fp32 with K <= 16 computes exact FMA dots (_dot_precision), which the tensor-core tiles above
+# do not fit: sm_90 bias_act 128x64/8/3 spilled 12-32 B, sm_80 gated 32x64/4/2 128 B. These
+# compiled spill-free with "ieee" dots on sm_80 and sm_90, Triton 3.9 and 3.7.1 (80-255 regs,
+# <= 32 KB shared memory: within every family's limit).
+SMALL_K_FP32_CONFIGS = {"plain": [_cfg(64, 64, 32, 4, 3)], "aux": [_cfg(64, 64, 32, 4, 3)],
+                        "dual": [_cfg(64, 32, 32, 4, 2), _cfg(32, 32, 32, 4, 2)]}
+
+
+def configs_for(arch: int | None, elem_bytes: int, epi: int, precision: str = "") -> list:
     if arch is None:
         return [INTERPRETER_CONFIG]
     kind = {EPI_BIAS_ACT.value: "plain", EPI_GATED.value: "dual"}.get(_int(epi), "aux")
+    if precision == "ieee":
+        return SMALL_K_FP32_CONFIGS[kind]
     return GPU_CONFIGS[arch_family(arch)][(elem_bytes, kind)]
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 operands: 3xTF32 (fp32-level accuracy on tensor cores); 16-bit: exact products
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+def _dot_precision(dtype: torch.dtype, k: int) -> str:
+    # 16-bit operands: exact products in the MMA. fp32: 3xTF32 (fp32-level accuracy on tensor
+    # cores), except for K <= 16: a result is then a sum of a few products, and 3xTF32's ~2^-22
+    # relative error per product (PyTorch's fp32 product is exact) dominates (deep fuzz: K = 1,
+    # y 13x and dW2 30x PyTorch's error); exact fp32 FMA costs little there. The attention
+    # kernels make the same choice at head dim <= 16.
+    if dtype != torch.float32:
+        return "tf32"
+    return "ieee" if k <= 16 else "tf32x3"
 
 
 def plan_gemm(a, b, c, *, epi=EPI_BIAS_ACT, act=ACT_NONE, bias=None, bias2=None, residual=None,
@@ -280,14 +296,15 @@ def plan_gemm(a, b, c, *, epi=EPI_BIAS_ACT, act=ACT_NONE, bias=None, bias2=None,
             "stride_xn": aux.stride(1) if aux is not None else 0}
     constexprs = {"EPI": epi, "ACT": act, "HAS_BIAS": bias is not None,
                   "HAS_RES": residual is not None,
-                  "STORE_PRE": pre is not None, "DOT_PRECISION": _dot_precision(a.dtype),
+                  "STORE_PRE": pre is not None, "DOT_PRECISION": _dot_precision(a.dtype, K),
                   "GROUP_M": GROUP_M, "TILE_LOOP": _loops(M, N)}
     # one program per tile, capped at CUDA's grid limit (the programs then loop over the tiles)
     def grid(meta):
         return (min(triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), MAX_PROGRAMS),)
 
     return [Launch(f"gemm_{EPI_NAMES[epi]}", _gemm, args, constexprs,
-                   grid, configs_for(arch, a.element_size(), epi), ["M", "N", "K"],
+                   grid, configs_for(arch, a.element_size(), epi, constexprs["DOT_PRECISION"]),
+                   ["M", "N", "K"],
                    ("M",))]  # M: the token count (batch x length), bucketed; N, K: layer widths
 
 
