@@ -257,3 +257,14 @@ def test_end_to_end_one_config():
     assert h["mma_shapes"] and all(op.startswith("HMMA") for op in h["mma_shapes"])
     assert h["replication"] == 1.0 and 0 < h["model"]["serialized"] < 1
     assert row["occupancy"]["ctas"] >= 1
+
+
+def test_perf_on_an_arch_without_a_throughput_model_is_a_clear_error():
+    # sm_86/sm_89/sm_120 compile and are checked by inspect, but the model has no published
+    # per-SM rates for them: --perf says so before compiling anything (was a KeyError)
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "tritformer", "inspect", "--perf", "--arch", "sm_86",
+                        "--op", "softmax"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert "no throughput model for sm_86" in r.stderr

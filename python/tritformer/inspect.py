@@ -567,7 +567,14 @@ def main(args, argv: list[str]) -> int:
         # kernels decorated under the interpreter cannot be compiled: start a clean process
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.run([sys.executable, "-m", "tritformer", *argv], env=env).returncode
+    from tritformer import perf as P
     perf = bool(args.perf or args.gate or args.record)
+    unmodelled = [a for a in args.arch if a not in P.MACHINES] if perf else []
+    if unmodelled:  # before any compile: the model needs the arch's published per-SM rates
+        print(f"inspect --perf: no throughput model for {', '.join(unmodelled)} (modelled: "
+              f"{', '.join(sorted(P.MACHINES))}); without --perf/--gate/--record, inspect "
+              "compiles and checks every arch", file=sys.stderr)
+        return 2
     jobs = args.jobs or default_jobs()
     print("  ".join(h.ljust(w) for h, w in zip(HEAD, WIDTHS)).rstrip(), flush=True)
     print("  ".join("-" * max(w, 2) for w in WIDTHS[:-1]) + "  --", flush=True)
@@ -585,7 +592,6 @@ def main(args, argv: list[str]) -> int:
     status = 1 if bad else 0
     if not perf:
         return status
-    from tritformer import perf as P
     dicts = [r.as_dict() for r in rows]
     print("\n" + P.format_perf_tables(dicts))
     print("All model figures are ESTIMATES (upper bounds from instruction counts; see "
