@@ -12,6 +12,13 @@ import tritformer
 from tritformer import bench, reference
 
 
+@pytest.fixture(autouse=True)
+def _short_adaptive_timings(monkeypatch):
+    # PyTorch providers' CPU timings repeat for CPU_MIN_RUN_TIME s each; these tests check rows,
+    # not timings
+    monkeypatch.setattr(bench.core, "CPU_MIN_RUN_TIME", 0.02)
+
+
 @pytest.mark.parametrize("nq,nk", [(7, 7), (5, 9), (9, 5), (1, 1), (3, 1)])
 def test_visible_pairs_match_the_causal_mask(nq, nk):
     # bottom-right aligned, including Nq > Nk (leading rows see nothing)
@@ -64,7 +71,8 @@ def test_bench_cli_writes_tidy_rows_and_plots(tmp_path):
                           "--providers", "naive", "sdpa", "flash_attn", "--out", str(out)],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    assert "skipped flash_attn: flash_attn runs on CUDA only" in res.stdout
+    assert "skipped flash_attn: runs on CUDA only (1 op: attention)" in res.stdout
+    assert "attention flash_attn: flash_attn runs on CUDA only" in (out / "skips.txt").read_text()
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0].keys()) == bench.COLUMNS
@@ -83,8 +91,12 @@ def test_bench_cli_writes_tidy_rows_and_plots(tmp_path):
 def test_ffn_rows_measure_what_recompute_saves():
     # in-process (the interpreter is on in tests): saved_bytes = what autograd keeps between
     # forward and backward; recompute drops pre-activation and activation, 2 * M * hidden * 4 B
+    steps = []
     rows, skipped = bench.run(ops=("ffn", "softmax"), quick=True, out_dir=None,
-                              providers=("naive", "tritformer"))
+                              providers=("naive", "tritformer"), progress=steps.append)
+    # the progress bar's total: each sweep declares its case count
+    assert len(steps) == bench.planned_cases(("ffn", "softmax"), "cpu", True,
+                                             ("naive", "tritformer")) == 3 + 3 * 2
     saved = {r["provider"]: r["value"] for r in rows if r["metric"] == "saved_bytes"}
     assert saved["tritformer"] - saved["tritformer_recompute"] == 2 * 64 * 256 * 4
     assert {r["op"] for r in rows} == {"ffn", "softmax"}
@@ -202,8 +214,11 @@ def test_masked_and_varlen_rows(monkeypatch):
     monkeypatch.setattr(bench.masked, "masked_sweep", tiny)
     monkeypatch.setattr(bench.varlen, "varlen_sweep", lambda *a, **kw: bench.AttentionSweep(
         (32,), 80, (16,), 32, "fp32", reps=1))
+    steps = []
     rows, skipped = bench.run(ops=("masked", "varlen"), quick=True, out_dir=None,
-                              providers=bench.PROVIDERS)
+                              providers=bench.PROVIDERS, progress=steps.append)
+    assert len(steps) == bench.planned_cases(("masked", "varlen"), "cpu", True,
+                                             bench.PROVIDERS) == 2 * 3 * (1 + 2) + 3 * 2
     assert all(tuple(r) == bench.COLUMNS for r in rows)
     assert {r["op"] for r in rows} == {"masked_padding", "masked_dense", "varlen"}
     assert {r["provider"] for r in rows} == {"naive", "sdpa", "tritformer"}
@@ -245,7 +260,9 @@ def test_gpt_flops_count_linears_and_causal_pairs():
 
 
 def test_gpt_rows():
-    rows, skipped = bench.run(ops=("gpt",), quick=True, out_dir=None)
+    steps = []
+    rows, skipped = bench.run(ops=("gpt",), quick=True, out_dir=None, progress=steps.append)
+    assert len(steps) == bench.planned_cases(("gpt",), "cpu", True, bench.PROVIDERS) == 3
     assert skipped["gpt flash_attn"].startswith("not a GPT provider")
     got = {(r["provider"], r["mode"], r["metric"]) for r in rows}
     for p in ("naive", "sdpa", "tritformer"):

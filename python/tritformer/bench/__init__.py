@@ -6,11 +6,13 @@ What is measured where:
 - CUDA: latency (median, p20, p80 of `triton.testing.do_bench`), TFLOP/s (GB/s for softmax),
   each also as a fraction of the datasheet peak on known GPUs (`DEVICE_PEAKS`), peak memory
   (`torch.cuda.max_memory_allocated` above what was allocated before the call), max error.
-- CPU: the fused kernels run in Triton's interpreter. Their latencies are interpreter times
-  (the rows say backend=triton-interpreter) and say nothing about GPU speed; no TFLOP/s is
-  reported for them. What a CPU measures meaningfully is memory: the bytes each provider's call
-  allocates (peak over the call, from the PyTorch profiler's allocation events) against sequence
-  length, fused O(N) against naive O(N^2), and every provider's max error against float64.
+- CPU: PyTorch providers' latencies by torch.utils.benchmark's blocked_autorange (adaptive
+  repetition, CPU_MIN_RUN_TIME s of calls per point). The fused kernels run in Triton's
+  interpreter. Their latencies are interpreter times (the rows say backend=triton-interpreter)
+  and say nothing about GPU speed (never shown as a speed ratio); no TFLOP/s is reported.
+  What a CPU measures meaningfully is memory: the bytes each provider's call allocates (peak
+  over the call, from the PyTorch profiler's allocation events) against sequence length, fused
+  O(N) against naive O(N^2), and every provider's max error against float64.
 
 FLOP counts (FlashAttention's benchmark convention):
     attention forward   4 * B * H * P * D       P = visible (query, key) pairs:
@@ -41,29 +43,33 @@ stored) and writes y; backward reads y and dy and writes dx. FFN forward reads x
 the weights W (all matrices and biases) and writes y [M, d]: (2·M·d + W)·itemsize; backward
 reads dy, x, W and writes dx and dW: (3·M·d + 2·W)·itemsize.
 
-The harness is a package: `core` (timing, memory, rows, CSV/JSON/plots, the table, providers'
-plumbing, device setup, `run`/`main`) and one module per op (`attention`, `masked`, `varlen`,
+The harness is a package: `core` (timing, memory, the row stream to CSV/JSON, providers'
+plumbing, device setup, `run`/`bench_run`/`main`), `report` (the summary, skips, the full
+table, plots with captions, report.md / index.html) and one module per op (`attention`, `masked`, `varlen`,
 `softmax`, `ffn` (ffn and gated_ffn), `gpt`), each with its sweep function; `run` iterates the
 ops' `bench` declarations in tritformer.registry. Every name is re-exported here.
 """
-from . import attention, core, ffn, gpt, masked, softmax, varlen
+from . import attention, core, ffn, gpt, masked, report, softmax, varlen
 from .attention import (_FLEX, _MODE_FACTOR, INTERPRETER_TILES, AttentionSweep, _attention_call,
                         _SDPA_BACKENDS, _cu_seqlens, _flash_attn, _flex,
                         _large_interpreter_tiles, _max_error, _naive, _qkv, _reference64, _sdpa,
-                        _sdpa_pinned, _sdpa_why_not, _tritformer, attention_flops,
-                        attention_providers, attention_sweep, bench_attention, interpreter_tiles,
-                        visible_pairs)
-from .core import (COLUMNS, DEVICE_PEAKS, DTYPES, INSPECT_OPS, MODES, OPS, PROVIDERS, Provider,
-                   _active_providers, _backend, _cuda_only, _fmt, _fwd_bwd_fns, _leaf_modes,
-                   _module_missing, _percentiles, _quiet_native_stderr, _sweep_rows, _timed_rows,
-                   device_peak, format_table, inspect_command, machine_info, main, peak_bytes,
-                   plot_results, run, run_inspect, setup_device, time_ms, write_results)
+                        _sdpa_pinned, _sdpa_why_not, _tritformer, attention_cases,
+                        attention_flops, attention_providers, attention_sweep, bench_attention,
+                        interpreter_tiles, visible_pairs)
+from .core import (COLUMNS, CPU_MIN_RUN_TIME, DEVICE_PEAKS, DTYPES, INSPECT_OPS, MODES, OPS,
+                   PROVIDERS, BenchRun, Provider, ResultWriter, _active_providers, _backend,
+                   _cuda_only, _fwd_bwd_fns, _leaf_modes, _module_missing, _percentiles,
+                   _quiet_native_stderr, _sweep_rows, _timed_rows, adaptive_timing, bench_run,
+                   device_peak, finish_report, inspect_command, machine_info, main, peak_bytes,
+                   planned_cases, run, run_inspect, setup_device, time_ms, write_results)
 from .ffn import bench_ffn, ffn_bytes, saved_bytes
 from .gpt import GPT_PROVIDERS, bench_gpt, gpt_flops, gpt_shape
 from .masked import (MaskCase, _masked_flash_attn, _masked_flex, _masked_naive, _masked_sdpa,
                      _masked_tritformer, _sdpa_keep, bench_masked, document_mask, mask_case,
                      masked_flops, masked_max_error, masked_providers, masked_sweep,
                      masked_visible_pairs, padded_lengths)
+from .report import (STYLES, caption, format_table, headlines, plot_results, skip_lines,
+                     summary_lines, write_report)
 from .softmax import bench_softmax
 from .varlen import (Packing, _packed_qkv, _varlen_flash_attn, _varlen_flex, _varlen_naive,
                      _varlen_sdpa, _varlen_tritformer, bench_varlen, packing, varlen_flops,

@@ -10,7 +10,8 @@ from typing import Callable
 
 import torch
 
-from .core import (DTYPES, MODES, Provider, _backend, _cuda_only, peak_bytes, time_ms)
+from .core import (DTYPES, MODES, Provider, _active_providers, _backend, _cuda_only,
+                   adaptive_timing, peak_bytes, time_ms)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,15 +204,9 @@ def bench_attention(device: str, quick: bool, providers: list[str], emit: Callab
                     progress: Callable[[str], None], skipped: dict) -> None:
     """Run the attention sweeps; `emit` receives one row dict per measurement."""
     sweep = attention_sweep(device, quick)
+    active = _active_providers(attention_providers(), providers, device, DTYPES[sweep.dtype],
+                               skipped, "attention")
     dtype = DTYPES[sweep.dtype]
-    table = attention_providers()
-    active = []
-    for name in providers:
-        reason = table[name].why_not(device, dtype)
-        if reason:
-            skipped[name] = reason
-        else:
-            active.append(table[name])
 
     def row(p, mode, metric, unit, x, value, p20, p80, batch, heads, d, causal):
         emit(dict(op="attention", provider=p.name, backend=p.backend(device), mode=mode,
@@ -232,7 +227,8 @@ def bench_attention(device: str, quick: bool, providers: list[str], emit: Callab
                     for mode in sweep.modes:
                         q, k, v = _qkv(batch, heads, n, d, dtype, device, grad=mode != "fwd")
                         fn = _attention_call(p, q, k, v, causal, mode)
-                        med, p20, p80 = time_ms(fn, device, sweep.reps)
+                        med, p20, p80 = time_ms(fn, device, sweep.reps,
+                                                adaptive=adaptive_timing(p.backend(device)))
                         row(p, mode, "latency", "ms", n, med, p20, p80, batch, heads, d, causal)
                         if device == "cuda":  # a TFLOP/s of the interpreter would mean nothing
                             fl = attention_flops(batch, heads, n, n, d, causal, mode)
@@ -253,6 +249,18 @@ def bench_attention(device: str, quick: bool, providers: list[str], emit: Callab
                           metric="peak_memory", unit="bytes", x_name="seqlen", x_value=n,
                           value=value, p20=None, p80=None, batch=1, heads=1, head_dim=d,
                           causal=True, dtype=sweep.dtype))
+
+
+def attention_cases(device: str, quick: bool, providers: list[str]) -> int:
+    """The progress steps of bench_attention (one per provider and sweep point)."""
+    sweep = attention_sweep(device, quick)
+    n = len(_active_providers(attention_providers(), providers, device, DTYPES[sweep.dtype], {},
+                              "attention"))
+    return n * (len(sweep.head_dims) * len(sweep.seqlens) * len(sweep.causal)
+                + len(sweep.memory_seqlens))
+
+
+bench_attention.cases = attention_cases
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,12 +44,30 @@ def _percentiles(samples: list[float]) -> tuple[float, float, float]:
     return float(q[0]), float(q[1]), float(q[2])
 
 
-def time_ms(fn: Callable[[], object], device: str, reps: int = 3) -> tuple[float, float, float]:
-    """(median, p20, p80) in ms: do_bench on CUDA, a wall-clock timer (1 warm-up) on CPU."""
+CPU_MIN_RUN_TIME = 0.25  # s of calls per adaptive CPU timing (blocked_autorange)
+
+
+def adaptive_timing(backend: str) -> bool:
+    """CPU timings repeat adaptively for PyTorch providers; Triton-interpreter calls (seconds
+    each, no GPU speed anyway) get a fixed count."""
+    return "interpreter" not in (backend or "")
+
+
+def time_ms(fn: Callable[[], object], device: str, reps: int = 3,
+            adaptive: bool = False) -> tuple[float, float, float]:
+    """(median, p20, p80) in ms: do_bench on CUDA. On CPU with adaptive=True (PyTorch
+    providers): torch.utils.benchmark.Timer.blocked_autorange, blocks of calls until
+    CPU_MIN_RUN_TIME seconds, so a fast call is repeated enough for a stable median (the
+    quantiles are over the blocks' per-call times); else `reps` wall-clock calls after 1 warm-up."""
     if device == "cuda":
         import triton.testing
         med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
         return float(med), float(p20), float(p80)
+    if adaptive:
+        from torch.utils import benchmark as tb
+        timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        m = timer.blocked_autorange(min_run_time=CPU_MIN_RUN_TIME)
+        return _percentiles([t * 1e3 for t in m.times])
     fn()
     samples = []
     for _ in range(max(1, reps)):
@@ -208,7 +226,7 @@ def _timed_rows(op, name, backend, device, fn_by_mode, x_name, x_value, shape, d
     if max_error is not None:
         row("fwd", "max_error", "abs", max_error)
     for mode, fn in fn_by_mode.items():
-        med, p20, p80 = time_ms(fn, device, reps)
+        med, p20, p80 = time_ms(fn, device, reps, adaptive=adaptive_timing(backend))
         row(mode, "latency", "ms", med, p20, p80)
         if device == "cuda" and flops:
             fl = flops[mode]
@@ -236,144 +254,292 @@ def _leaf_modes(fn, leaves, modes) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Output
+# Output: the row stream
 # ---------------------------------------------------------------------------------------------
+class ResultWriter:
+    """The one place rows go to disk, as they are produced: OUT/results.csv (header once, each
+    row appended and flushed) and OUT/results.json (a JSON list kept valid after every row: the
+    closing bracket is rewritten in place; `close` rewrites the whole file atomically)."""
+
+    def __init__(self, out_dir: str):
+        os.makedirs(out_dir, exist_ok=True)
+        self.csv_path = os.path.join(out_dir, "results.csv")
+        self.json_path = os.path.join(out_dir, "results.json")
+        self.rows: list[dict] = []
+        self._csv = open(self.csv_path, "w", newline="", encoding="utf-8")
+        self._writer = csv.DictWriter(self._csv, fieldnames=COLUMNS)
+        self._writer.writeheader()
+        self._csv.flush()
+        self._json = open(self.json_path, "wb")
+        self._json.write(b"[]\n")
+        self._json.flush()
+        self._tail = 1  # offset of the closing bracket
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self._writer.writerow(row)
+        self._csv.flush()
+        self._json.seek(self._tail)
+        self._json.write(((",\n" if len(self.rows) > 1 else "\n") + json.dumps(row)).encode())
+        self._tail = self._json.tell()
+        self._json.write(b"\n]\n")
+        self._json.truncate()
+        self._json.flush()
+
+    def close(self) -> None:
+        if self._csv.closed:
+            return
+        self._csv.close()
+        self._json.close()
+        tmp = f"{self.json_path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.rows, f, indent=1)
+        os.replace(tmp, self.json_path)
+
+
 def write_results(rows: list[dict], out_dir: str) -> list[str]:
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "results.json")]
-    with open(paths[0], "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    with open(paths[1], "w", encoding="utf-8") as f:
-        json.dump(rows, f, indent=1)
-    return paths + plot_results(rows, out_dir)
-
-
-def plot_results(rows: list[dict], out_dir: str) -> list[str]:
-    """One PNG per (op, metric, mode, head_dim): a line per (provider, causal) against x."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("plots skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
-        return []
-    groups: dict[tuple, list[dict]] = {}
+    """CSV, JSON and plots of finished rows at once (`bench_run` streams them instead)."""
+    from .report import plot_results
+    w = ResultWriter(out_dir)
     for r in rows:
-        if r["metric"] == "max_error":
-            continue
-        memory_sweep = r["metric"] == "peak_memory" and r["batch"] == 1 and r["heads"] == 1
-        key = (r["op"], r["metric"], r["mode"], r["head_dim"], "seqlen_sweep" if memory_sweep else "")
-        groups.setdefault(key, []).append(r)
-    paths = []
-    for (op, metric, mode, d, tag), rs in sorted(groups.items(), key=str):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        lines: dict[tuple, list] = {}
-        for r in rs:
-            lines.setdefault((r["provider"], r["causal"]), []).append((r["x_value"], r["value"]))
-        for (prov, causal), pts in sorted(lines.items(), key=str):
-            pts.sort()
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o",
-                    label=f"{prov}{' causal' if causal else ''}")
-        ax.set_xscale("log", base=2)
-        if metric in ("peak_memory", "latency"):
-            ax.set_yscale("log")
-        unit = rs[0]["unit"]
-        ax.set_xlabel(rs[0]["x_name"])
-        ax.set_ylabel(f"{metric} ({unit})")
-        where = rs[0]["device"]
-        shape = ""
-        if op in ("attention", "masked_padding", "masked_dense"):
-            shape = "B=1 H=1" if tag else f"B*N={rs[0]['batch'] * rs[0]['x_value']} H={rs[0]['heads']}"
-        elif op == "varlen":
-            shape = f"packed, H={rs[0]['heads']}"
-        interp = " (Triton interpreter times: not GPU speed)" if (
-            metric == "latency" and any("interpreter" in r["backend"] for r in rs)) else ""
-        dim = "" if d is None else f"D={d} "
-        ax.set_title(f"{op} {mode} {metric}, {dim}{rs[0]['dtype']} {shape}{interp}\n{where}",
-                     fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        name = f"{op}_{metric}_{mode}{'' if d is None else f'_d{d}'}{'_' + tag if tag else ''}.png"
-        path = os.path.join(out_dir, name)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def _fmt(value, unit) -> str:
-    if value is None:
-        return "-"
-    if unit == "bytes":
-        return f"{value / 2**20:.1f} MiB"
-    return f"{value:.4g}"
-
-
-def format_table(rows: list[dict]) -> str:
-    """Terminal table: one line per measurement, peak memory also as a ratio to naive."""
-    naive = {(r["op"], r["mode"], r["metric"], r["x_value"], r["batch"], r["heads"],
-              r["head_dim"], r["causal"]): r["value"] for r in rows if r["provider"] == "naive"}
-    head = (f"{'op':<14} {'provider':<11} {'backend':<22} {'mode':<8} {'D':>4} {'causal':<6} "
-            f"{'seqlen':>7} {'metric':<12} {'value':>14} {'p20..p80':>21} {'vs naive':>9}")
-    out = [head, "-" * len(head)]
-    for r in rows:
-        key = (r["op"], r["mode"], r["metric"], r["x_value"], r["batch"], r["heads"], r["head_dim"],
-               r["causal"])
-        ratio = ""
-        # interpreter latencies against PyTorch's are no speed ratio: only memory is compared
-        comparable = r["metric"] == "peak_memory" or (
-            r["metric"] == "latency" and "interpreter" not in r["backend"])
-        if comparable and naive.get(key) and r["value"] is not None:
-            ratio = f"{r['value'] / naive[key]:.3f}x"
-        spread = ("-" if r["p20"] is None else f"{_fmt(r['p20'], r['unit'])}..{_fmt(r['p80'], r['unit'])}")
-        val = _fmt(r["value"], r["unit"]) + ("" if r["unit"] == "bytes" else f" {r['unit']}")
-        d = "-" if r["head_dim"] is None else r["head_dim"]
-        causal = "-" if r["causal"] is None else str(r["causal"])
-        out.append(f"{r['op']:<14} {r['provider'][:11]:<11} {r['backend'][:22]:<22} {r['mode']:<8} "
-                   f"{d:>4} {causal:<6} {r['x_value']:>7} {r['metric']:<12} "
-                   f"{val:>14} {spread:>21} {ratio:>9}")
-    return "\n".join(out)
+        w.add(r)
+    w.close()
+    return [w.csv_path, w.json_path] + [p for p, _ in plot_results(rows, out_dir)]
 
 
 # ---------------------------------------------------------------------------------------------
 # Running the ops' sweeps
 # ---------------------------------------------------------------------------------------------
-def run(ops=("all",), quick=False, out_dir="bench-results", providers=PROVIDERS,
-        progress: Callable[[str], None] | None = None) -> tuple[list[dict], dict]:
+def _wanted(ops) -> tuple:
+    return OPS if "all" in ops else tuple(ops)
+
+
+def planned_cases(ops, device: str, quick: bool, providers) -> Optional[int]:
+    """The cases (progress steps) the run will take: each op's sweep function declares its
+    count as `.cases(device, quick, providers, **kwargs)`; None when one does not."""
+    total = 0
+    for op in _wanted(ops):
+        spec = registry.get(op).bench
+        count = getattr(registry.resolve(spec.run), "cases", None) if spec else None
+        if count is None:
+            return None
+        total += count(device, quick, list(providers), **dict(spec.kwargs))
+    return total
+
+
+@dataclasses.dataclass
+class BenchRun:
+    """A run's rows and how it ended (`partial`: interrupted, or an op failed)."""
+    ops: tuple
+    quick: bool
+    providers: tuple
+    device: str
+    info: dict
+    out_dir: Optional[str]
+    planned: Optional[int] = None
+    rows: list = dataclasses.field(default_factory=list)
+    skipped: dict = dataclasses.field(default_factory=dict)
+    failures: dict = dataclasses.field(default_factory=dict)  # op: "Error: message"
+    interrupted: bool = False
+    cases_done: int = 0
+    current: str = ""
+    seconds: float = 0.0
+    files: list = dataclasses.field(default_factory=list)
+
+    @property
+    def partial(self) -> bool:
+        return self.interrupted or bool(self.failures)
+
+    def status(self) -> list[str]:
+        done = (f"{self.cases_done} of {self.planned or '?'} cases, {len(self.rows)} "
+                f"row{'s' * (len(self.rows) != 1)}")
+        out = []
+        if self.interrupted:
+            out.append(f"PARTIAL: interrupted (Ctrl-C) after {done}"
+                       + (f", during: {self.current}" if self.current else ""))
+        for op, err in self.failures.items():
+            out.append(f"PARTIAL: op {op} failed: {err} (after {done})")
+        return out
+
+
+class _CaseProgress:
+    """A ProgressBar (tritformer.progress: tqdm on a terminal, plain lines elsewhere) over the
+    planned cases: a case counts as done when the next one starts or its op returns; the bar
+    shows the case running."""
+
+    def __init__(self, res: BenchRun, enabled: bool, callback):
+        self.res, self.callback, self.pending = res, callback, False
+        self.t0 = time.time()
+        self.bar = None
+        if enabled:
+            from ..progress import ProgressBar
+            self.bar = ProgressBar(res.planned or 0, desc="bench", unit="case")
+
+    def _advance(self, postfix: str) -> None:
+        if self.bar is not None:
+            self.bar.total = max(self.bar.total, self.res.cases_done)
+            self.bar.update(self.res.cases_done - self.bar.n, postfix=postfix, force=True)
+
+    def __call__(self, msg: str) -> None:
+        if self.pending:
+            self.res.cases_done += 1
+        self.pending = True
+        self.res.current = msg
+        if self.bar is not None:
+            self.bar.total = max(self.bar.total, self.res.cases_done + 1)
+        self._advance(msg)
+        if self.callback:
+            self.callback(f"[{self.res.cases_done + 1:3d}/{self.res.planned or '?'}] "
+                          f"{time.time() - self.t0:6.1f}s  {msg}")
+
+    def op_done(self, ok: bool) -> None:
+        """The op returned (its last case is done) or raised (its case is not)."""
+        if self.pending and ok:
+            self.res.cases_done += 1
+            self._advance("done" if self.res.cases_done >= (self.res.planned or 0) else "")
+        self.pending = False
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def bench_run(ops=("all",), quick=False, out_dir: Optional[str] = None, providers=PROVIDERS,
+              progress: Callable[[str], None] | None = None, bar: bool = False,
+              echo: bool = False, keep_going: bool = False) -> BenchRun:
+    """Run the ops' sweeps (tritformer.registry declarations). With out_dir, every row goes to
+    OUT/results.csv and OUT/results.json as it is produced, and the report (summary,
+    report.md / index.html, table.txt, skips.txt, plots) is written from the rows so far however
+    the run ends: completed, Ctrl-C (KeyboardInterrupt re-raised after it) or an op's exception
+    (recorded, then the next op with keep_going, else re-raised). bar: a progress bar with the
+    planned case count and an ETA on stderr; echo: the summary and skips on stdout."""
     device = setup_device()
     info = machine_info(device)
-    wanted = OPS if "all" in ops else tuple(ops)
-    rows: list[dict] = []
-    skipped: dict[str, str] = {}
+    wanted = _wanted(ops)
+    for op in wanted:
+        if registry.get(op).bench is None:
+            raise ValueError(f"{op!r} has no benchmark (ops: {', '.join(OPS)})")
+    res = BenchRun(wanted, quick, tuple(providers), device, info, out_dir,
+                   planned=planned_cases(wanted, device, quick, providers))
+    writer = ResultWriter(out_dir) if out_dir else None
     t0 = time.time()
-    count = [0]
+
+    def add(r):
+        r = {c: r.get(c) for c in COLUMNS}
+        res.rows.append(r)
+        if writer:
+            writer.add(r)
 
     def emit(r):
         r.update(info)
-        rows.append({c: r.get(c) for c in COLUMNS})
+        add(r)
         peak = device_peak(info["device"], r.get("dtype") or "")
         if peak and r["metric"] in ("tflops", "gbps"):  # as a fraction of the datasheet peak
             frac = dict(r, metric=r["metric"] + "_peak_fraction", unit="fraction")
             top = peak[0] if r["metric"] == "tflops" else peak[1]
             for c in ("value", "p20", "p80"):
                 frac[c] = None if r[c] is None else r[c] / top
-            rows.append({c: frac.get(c) for c in COLUMNS})
+            add(frac)
 
-    def prog(msg):
-        count[0] += 1
-        if progress:
-            progress(f"[{count[0]:3d}] {time.time() - t0:6.1f}s  {msg}")
+    prog = _CaseProgress(res, bar, progress)
+    try:
+        for op in wanted:  # each op's sweep, as declared in tritformer.registry
+            spec = registry.get(op).bench
+            try:
+                registry.resolve(spec.run)(device, quick, list(providers), emit, prog,
+                                           res.skipped, **dict(spec.kwargs))
+                prog.op_done(True)
+            except Exception as e:
+                prog.op_done(False)
+                res.failures[op] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                if out_dir:
+                    import traceback
+                    with open(os.path.join(out_dir, "errors.txt"), "a", encoding="utf-8") as f:
+                        f.write(f"op {op} during {res.current!r}:\n{traceback.format_exc()}\n")
+                if not keep_going:
+                    raise
+    except KeyboardInterrupt:
+        res.interrupted = True
+        raise
+    finally:
+        prog.close()
+        res.seconds = time.time() - t0
+        if writer:
+            writer.close()
+            finish_report(res, echo=echo, bar=bar)
+    return res
 
-    for op in wanted:  # each op's sweep, as declared in tritformer.registry
-        spec = registry.get(op).bench
-        if spec is None:
-            raise ValueError(f"{op!r} has no benchmark (ops: {', '.join(OPS)})")
-        registry.resolve(spec.run)(device, quick, list(providers), emit, prog, skipped,
-                                   **dict(spec.kwargs))
-    return rows, skipped
+
+def run(ops=("all",), quick=False, out_dir: Optional[str] = None, providers=PROVIDERS,
+        progress: Callable[[str], None] | None = None) -> tuple[list[dict], dict]:
+    """(rows, skipped) of the ops' sweeps (`bench_run`)."""
+    res = bench_run(ops, quick, out_dir, providers, progress)
+    return res.rows, res.skipped
+
+
+def finish_report(res: BenchRun, echo: bool = False, bar: bool = False) -> list[str]:
+    """From the rows written so far: skips.txt, table.txt, report.md and index.html (first
+    without plots, so a second Ctrl-C while plotting still leaves a report), the summary on
+    stdout (echo), then the plots and the report again with them."""
+    from . import report as R
+    out = res.out_dir
+    os.makedirs(out, exist_ok=True)
+    R._write_atomic(os.path.join(out, "skips.txt"), R.skips_text(res.skipped))
+    R._write_atomic(os.path.join(out, "table.txt"), R.format_table(res.rows) + "\n")
+    summary = R.summary_lines(res.rows)
+    skips = R.skip_lines(res.skipped)
+    cpu = res.device != "cuda"
+    notes = []
+    if cpu:
+        notes.append("CPU run: the fused kernels run in Triton's interpreter, so their times "
+                     "say nothing about GPU speed and are never shown as speed ratios; memory "
+                     "and max error are the meaningful comparisons here.")
+    status = res.status()
+    title = "tritformer bench" + (" (partial)" if res.partial else "")
+    meta = [f"ops: {' '.join(res.ops)}{' (--quick)' if res.quick else ''}; providers: "
+            f"{' '.join(res.providers)}",
+            f"device: {res.info['device']}; torch {res.info['torch']}, triton "
+            f"{res.info['triton']}, tritformer {res.info['tritformer']}; {res.info['timestamp']}",
+            f"{res.cases_done} of {res.planned or '?'} cases, {len(res.rows)} rows in "
+            f"{res.seconds:.1f} s", *notes]
+    files = [f"results.csv ({len(res.rows)} rows)", "results.json",
+             "table.txt (the full table)", "skips.txt"]
+    if res.failures:
+        files.append("errors.txt (tracebacks)")
+    R.write_report(out, title, status, meta, summary, skips, None, files,
+                   plots_note="(drawing the plots...)")
+    if echo:
+        for s in status:
+            print(s)
+        print("Summary: tritformer against naive and SDPA at the largest point all ran "
+              f"(full table: {os.path.join(out, 'table.txt')})")
+        print("\n".join(summary))
+        if notes:
+            print(notes[0])
+        if skips:
+            print("\n".join(skips) + f"  [all: {os.path.join(out, 'skips.txt')}]")
+        sys.stdout.flush()
+    plot_bar, started = None, [False]
+    if bar:
+        from ..progress import ProgressBar
+        plot_bar = ProgressBar(len(R.plot_groups(res.rows)), desc="plots", unit="plot")
+
+    def plot_progress(name):
+        plot_bar.update(1 if started[0] else 0, postfix=name, force=True)
+        started[0] = True
+    plots = []
+    try:
+        plots = R.plot_results(res.rows, out, progress=plot_progress if plot_bar else None)
+    finally:
+        if plot_bar:
+            if plots:
+                plot_bar.update(plot_bar.total - plot_bar.n, postfix="done", force=True)
+            plot_bar.close()
+    written = R.write_report(out, title, status, meta, summary, skips, plots, files)
+    res.files = [os.path.join(out, "results.csv"), os.path.join(out, "results.json"), *written,
+                 os.path.join(out, "table.txt"), os.path.join(out, "skips.txt")] + [
+        p for p, _ in plots]
+    return res.files
 
 
 # inspect's kernels behind each benchmarked op (registry: the ops' bench.kernels)
@@ -410,27 +576,31 @@ def run_inspect(ops, device: str, out_dir: Optional[str]) -> tuple[int, str]:
 
 
 def main(args) -> int:
-    def progress(msg):
-        print(f"\r{msg:<78}", end="", file=sys.stderr, flush=True)
-
-    rows, skipped = run(args.op, args.quick, args.out, args.providers, progress)
-    print(file=sys.stderr)
-    for what, why in skipped.items():
-        print(f"skipped {what}: {why}")
+    """`python -m tritformer bench`: a progress bar (planned cases, ETA) on stderr; the summary,
+    the skips (one line per reason) and where the files are on stdout. Exit status 0; 1 when an
+    op failed (the other ops still ran) or nothing was measured; 130 on Ctrl-C (the rows so far
+    are on disk, and the report says it is partial)."""
+    try:
+        res = bench_run(args.op, args.quick, args.out, args.providers, bar=True, echo=True,
+                        keep_going=True)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the rows so far are in {os.path.join(args.out, 'results.csv')}; "
+              f"partial report: {os.path.join(args.out, 'report.md')}", file=sys.stderr)
+        return 130
+    rows = res.rows
+    print(f"report: {os.path.join(args.out, 'report.md')} and index.html (every plot with its "
+          f"caption); rows: results.csv, results.json ({len(rows)}); "
+          f"{sum(f.endswith('.png') for f in res.files)} plots")
+    if res.failures:
+        print(f"failed: {', '.join(res.failures)} (tracebacks: "
+              f"{os.path.join(args.out, 'errors.txt')})", file=sys.stderr)
+        return 1
     if not rows:
         print("no measurements")
         return 1
-    print(format_table(rows))
-    cpu = rows[0]["device"].startswith("cpu")
-    if cpu:
-        print("\nCPU run: tritformer latencies are Triton-interpreter times; they say nothing about "
-              "GPU speed. Memory and max error are the meaningful columns here.")
-    for path in write_results(rows, args.out):
-        print(f"wrote {path}")
     if getattr(args, "inspect", False):
         print("\ninspect (AOT compile of the benchmarked kernels' shipped configs):", flush=True)
-        code, text = run_inspect(args.op, rows[0]["device"].startswith("cpu") and "cpu" or "cuda",
-                                 args.out)
+        code, text = run_inspect(args.op, res.device, args.out)
         print(text)
         print(f"wrote {os.path.join(args.out, 'inspect.txt')}")
         if code:

@@ -30,6 +30,20 @@ def ffn_bytes(m: int, weight_numels: list[int], d: int, itemsize: int) -> dict:
     return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}
 
 
+def ffn_tokens(device: str, quick: bool) -> tuple:
+    return _sweep_rows(device, quick, (512, 2048, 8192, 16384), (64,), (64, 256))
+
+
+def ffn_providers(providers) -> list[str]:
+    """naive and tritformer as asked; tritformer_recompute comes with tritformer."""
+    return [n for n in ("naive", "tritformer", "tritformer_recompute")
+            if n in providers or (n == "tritformer_recompute" and "tritformer" in providers)]
+
+
+def ffn_cases(device: str, quick: bool, providers: list[str], gated: bool = False) -> int:
+    return len(ffn_tokens(device, quick)) * len(ffn_providers(providers))
+
+
 def bench_ffn(device, quick, providers, emit, progress, skipped, gated: bool) -> None:
     from .. import reference
     from ..ops.ffn import ffn, gated_ffn
@@ -39,7 +53,7 @@ def bench_ffn(device, quick, providers, emit, progress, skipped, gated: bool) ->
     d, hidden = (1024, 4096) if device == "cuda" else (64, 256)
     if gated:
         hidden = hidden * 2 // 3  # Llama's intermediate size keeps the parameter count
-    tokens = _sweep_rows(device, quick, (512, 2048, 8192, 16384), (64,), (64, 256))
+    tokens = ffn_tokens(device, quick)
     gen = torch.Generator().manual_seed(0)
     w = lambda o, i: (torch.randn(o, i, generator=gen) / i ** 0.5).to(device, dtype).requires_grad_()
     if gated:
@@ -55,8 +69,7 @@ def bench_ffn(device, quick, providers, emit, progress, skipped, gated: bool) ->
                  "tritformer": lambda x: ffn(x, *weights),
                  "tritformer_recompute": lambda x: ffn(x, *weights, recompute=True)}
         flops_fwd = lambda m: 2 * m * 2 * d * hidden
-    wanted = [n for n in ("naive", "tritformer", "tritformer_recompute")
-              if n in providers or (n == "tritformer_recompute" and "tritformer" in providers)]
+    wanted = ffn_providers(providers)
     for m in tokens:
         x0 = torch.randn(m, d, generator=torch.Generator().manual_seed(m)).to(device, dtype)
         w64 = [t.detach().double() for t in weights]
@@ -83,3 +96,6 @@ def bench_ffn(device, quick, providers, emit, progress, skipped, gated: bool) ->
                       mode="fwd", metric="saved_bytes", unit="bytes", x_name="tokens", x_value=m,
                       value=saved_bytes(lambda: fn(x)), p20=None, p80=None, batch=m, heads=None,
                       head_dim=d, causal=None, dtype=dtype_name))
+
+
+bench_ffn.cases = ffn_cases

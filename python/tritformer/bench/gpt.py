@@ -36,11 +36,19 @@ def gpt_flops(model, batch: int, seqlen: int, mode: str) -> float:
     return fwd if mode == "fwd" else 3 * fwd
 
 
+def gpt_seqlens(device: str, quick: bool) -> tuple:
+    return _sweep_rows(device, quick, (256, 512, 1024), (32,), (32, 128))
+
+
+def gpt_cases(device: str, quick: bool, providers: list[str]) -> int:
+    return len(gpt_seqlens(device, quick)) * sum(p in GPT_PROVIDERS for p in providers)
+
+
 def bench_gpt(device, quick, providers, emit, progress, skipped) -> None:
     from ..models.gpt import GPT, GPTConfig, KVCache
     dtype_name = "bf16" if device == "cuda" else "fp32"
     dtype = DTYPES[dtype_name]
-    seqlens = _sweep_rows(device, quick, (256, 512, 1024), (32,), (32, 128))
+    seqlens = gpt_seqlens(device, quick)
     tokens = 8192 if device == "cuda" else 32  # batch * T held constant
     shape = gpt_shape(device)
     for name in providers:
@@ -87,3 +95,6 @@ def bench_gpt(device, quick, providers, emit, progress, skipped) -> None:
                              causal=True), dtype_name, emit, reps=3,
                         flops={m: gpt_flops(model, b, t, m) for m in ("fwd", "fwd_bwd", "decode")},
                         max_error=err)
+
+
+bench_gpt.cases = gpt_cases

@@ -257,3 +257,15 @@ def bench_masked(device: str, quick: bool, providers: list[str], emit: Callable[
                               metric="peak_memory", unit="bytes", x_name="seqlen", x_value=n,
                               value=value, p20=None, p80=None, batch=1, heads=1, head_dim=d,
                               causal=True, dtype=sweep.dtype))
+
+
+def masked_cases(device: str, quick: bool, providers: list[str]) -> int:
+    """The progress steps of bench_masked (one per variant, provider and sweep point)."""
+    sweep = masked_sweep(device, quick)
+    points = len(sweep.head_dims) * len(sweep.seqlens) * len(sweep.causal) + len(sweep.memory_seqlens)
+    return sum(points * len(_active_providers(masked_providers(v), providers, device,
+                                              DTYPES[sweep.dtype], {}, f"masked_{v}"))
+               for v in ("padding", "dense"))
+
+
+bench_masked.cases = masked_cases

@@ -7,14 +7,26 @@ import torch
 from .core import DTYPES, _backend, _fwd_bwd_fns, _sweep_rows, _timed_rows
 
 
+SOFTMAX_PROVIDERS = ("naive", "tritformer")
+
+
+def softmax_cols(device: str, quick: bool) -> tuple:
+    """Row lengths of the sweep; rows x row length is held fixed (2^26 on CUDA, 2^16 on CPU)."""
+    return _sweep_rows(device, quick, (1024, 2048, 4096, 8192, 16384, 65536), (1024, 4096, 32768),
+                       (1024, 4096, 16384, 65536, 262144))
+
+
+def softmax_cases(device: str, quick: bool, providers: list[str]) -> int:
+    return len(softmax_cols(device, quick)) * sum(p in SOFTMAX_PROVIDERS for p in providers)
+
+
 def bench_softmax(device, quick, providers, emit, progress, skipped) -> None:
     from .. import reference
     from ..ops.softmax import softmax
     dtype_name = "bf16" if device == "cuda" else "fp32"
     dtype = DTYPES[dtype_name]
     # rows x columns; attention-score shaped [B, H, N, N] with a causal mask on CUDA
-    cols = _sweep_rows(device, quick, (1024, 2048, 4096, 8192, 16384, 65536), (1024, 4096, 32768),
-                       (1024, 4096, 16384, 65536, 262144))
+    cols = softmax_cols(device, quick)
     impls = {"naive": lambda x: reference.softmax(x, -1, scale=0.125, causal=True),
              "tritformer": lambda x: softmax(x, -1, scale=0.125, causal=True)}
     for name in providers:
@@ -36,3 +48,6 @@ def bench_softmax(device, quick, providers, emit, progress, skipped) -> None:
                         dict(batch=rows, heads=None, head_dim=None, causal=True), dtype_name, emit,
                         reps=3, bytes_moved={"fwd": 2 * nbytes, "bwd": 3 * nbytes,
                                              "fwd_bwd": 5 * nbytes}, max_error=err)
+
+
+bench_softmax.cases = softmax_cases

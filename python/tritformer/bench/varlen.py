@@ -215,3 +215,14 @@ def bench_varlen(device: str, quick: bool, providers: list[str], emit: Callable[
                                 sweep.dtype, emit, sweep.reps,
                                 flops={m: fl * f for m, f in _MODE_FACTOR.items()},
                                 max_error=err)
+
+
+def varlen_cases(device: str, quick: bool, providers: list[str]) -> int:
+    """The progress steps of bench_varlen (one per provider and sweep point)."""
+    sweep = varlen_sweep(device, quick)
+    n = len(_active_providers(varlen_providers(), providers, device, DTYPES[sweep.dtype], {},
+                              "varlen"))
+    return n * len(sweep.head_dims) * len(sweep.seqlens) * len(sweep.causal)
+
+
+bench_varlen.cases = varlen_cases
