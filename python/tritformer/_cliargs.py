@@ -21,6 +21,8 @@ DTYPE_NAMES = ("fp16", "bf16", "fp32")
 MODEL_DEFAULTS = dict(block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=True,
                       attn_backend="tritformer", mlp_backend="tritformer")
 CKPT_NAME = "ckpt.pt"
+# train --fsdp: the torch.distributed.checkpoint directory (sharded; any world size resumes it)
+DCP_NAME = "ckpt_dcp"
 # train: --warmup is clamped to this fraction of --steps (a note says so)
 WARMUP_MAX_FRACTION = 0.2
 
@@ -101,6 +103,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="bf16: autocast (parameters and optimiser stay fp32); float32 and "
                         "bfloat16 are accepted too")
     p.add_argument("--seed", type=int, default=1337)
+    d = p.add_argument_group("parallelism (torchrun --nproc_per_node=N; without these flags: DDP "
+                             "over the N processes)")
+    d.add_argument("--context-parallel", type=int, default=1, metavar="CP",
+                   help="shard every sequence across CP ranks (ring or Ulysses attention); data "
+                        "parallelism over the remaining N / CP groups")
+    d.add_argument("--cp-mode", choices=("ring", "ulysses"), default="ring",
+                   help="context-parallel attention: ring (any head count) or ulysses (n_head "
+                        "divisible by CP)")
+    d.add_argument("--fsdp", action="store_true",
+                   help="shard parameters, gradients and optimiser state over all N ranks (FSDP2 "
+                        f"fully_shard) instead of DDP; checkpoints go to OUT/{DCP_NAME} "
+                        "(torch.distributed.checkpoint, resumable on any N)")
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:

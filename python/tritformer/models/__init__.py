@@ -1,4 +1,4 @@
 """Reference models built on the fused kernels."""
-from .gpt import GPT, GPTConfig, KVCache
+from .gpt import GPT, ContextParallel, GPTConfig, KVCache
 
-__all__ = ["GPT", "GPTConfig", "KVCache"]
+__all__ = ["GPT", "ContextParallel", "GPTConfig", "KVCache"]

@@ -13,6 +13,11 @@ function:
   against).
 - mlp_backend: "tritformer" (`tritformer.ffn`: both linears, the activation and the residual
   add in one op) or "torch" (nn.Linear, GELU, nn.Linear).
+
+Context parallelism (`GPT.set_context_parallel`): each rank of a process group holds a shard of
+every sequence (``tritformer.distributed.shard_sequence`` of the token ids and targets, zigzag
+or contiguous); the learned positions are the shard's global positions and every attention
+layer runs `ring_attention` or `ulysses_attention` over the group (whatever attn_backend says).
 """
 from __future__ import annotations
 
@@ -32,6 +37,28 @@ from ..ops.ffn import ffn as fused_ffn
 
 ATTN_BACKENDS = ("tritformer", "sdpa", "naive")
 MLP_BACKENDS = ("tritformer", "torch")
+CP_MODES = ("ring", "ulysses")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextParallel:
+    """Where a context-parallel GPT's sequence lives: `group` (a torch.distributed process
+    group; dist.group.WORLD for all ranks), `mode` ("ring" or "ulysses") and the shard
+    `layout` ("zigzag" or "contiguous", as `tritformer.distributed.shard_sequence`)."""
+    group: object
+    mode: str = "ring"
+    layout: str = "zigzag"
+
+    def rank_world(self) -> tuple[int, int]:
+        import torch.distributed as dist
+        return dist.get_rank(self.group), dist.get_world_size(self.group)
+
+    def positions(self, n: int, device) -> torch.Tensor:
+        """Global positions [n] of this rank's n local tokens (zigzag: two chunks)."""
+        from ..distributed import _shard_ranges
+        rank, world = self.rank_world()
+        return torch.cat([torch.arange(g, g + m, dtype=torch.long, device=device)
+                          for _, g, m in _shard_ranges(rank, world, n, self.layout)])
 
 
 @dataclasses.dataclass
@@ -112,6 +139,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
         self.backend = config.attn_backend
+        self.cp: Optional[ContextParallel] = None  # set by GPT.set_context_parallel
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0):
         B, T, C = x.shape
@@ -127,7 +155,11 @@ class CausalSelfAttention(nn.Module):
             v = cache.v[layer][:, :, :start + T]
             decode = T == 1
         p = self.dropout if self.training else 0.0
-        if self.backend == "tritformer":
+        if self.cp is not None:  # x holds this rank's shard of the sequence (GPT.forward)
+            from .. import distributed
+            fn = distributed.ring_attention if self.cp.mode == "ring" else distributed.ulysses_attention
+            y = fn(q, k, v, group=self.cp.group, causal=True, layout=self.cp.layout, dropout_p=p)
+        elif self.backend == "tritformer":
             if decode and not torch.is_grad_enabled() and p == 0.0:
                 from ..ops.decode import decode_attention
                 # one new query against the whole cache: split-KV (flash-decoding) kernel
@@ -196,6 +228,7 @@ class GPT(nn.Module):
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
         self.config = config
+        self.cp: Optional[ContextParallel] = None  # set_context_parallel
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -219,6 +252,37 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def set_context_parallel(self, group=None, mode: str = "ring", layout: str = "zigzag",
+                             *, enabled: bool = True) -> "GPT":
+        """Run every forward on a shard of the sequence across `group`'s ranks (None: the
+        default group), or back on whole sequences with ``enabled=False``.
+
+        Each rank then passes its shard of idx / targets [B, T / world] (``shard_sequence(x,
+        dim=1, group=group, layout=layout)``); positions are the shard's global ones and the
+        attention layers run ``ring_attention`` (mode "ring") or ``ulysses_attention``
+        ("ulysses": n_head must be divisible by the group size). With targets the returned loss
+        is this rank's cross-entropy sum times world / the group's token count: its mean over
+        the group is the whole sequence's mean loss, and averaging the gradients over the
+        group's ranks (DDP / FSDP over them do) gives the whole sequence's gradient. Without
+        targets the logits of every local position are returned. No KV cache; dropout must be
+        0 in training (attention dropout does not shard)."""
+        cp = None
+        if enabled:
+            import torch.distributed as dist
+            if mode not in CP_MODES:
+                raise ValueError(f"mode must be one of {CP_MODES}, got {mode!r}")
+            from ..distributed import _check_layout, _group_info
+            _check_layout(layout)
+            group, _, world = _group_info(group)
+            if mode == "ulysses" and self.config.n_head % world:
+                raise ValueError(f"ulysses context parallelism needs n_head ({self.config.n_head})"
+                                 f" divisible by the group size {world}; use mode='ring'")
+            cp = ContextParallel(group if group is not None else dist.group.WORLD, mode, layout)
+        self.cp = cp
+        for block in self.transformer.h:
+            block.attn.cp = cp
+        return self
+
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
@@ -230,6 +294,8 @@ class GPT(nn.Module):
         positions before idx (used and extended; see `generate`)."""
         self._check_idx(idx, "idx")
         B, T = idx.shape
+        if self.cp is not None:
+            return self._forward_cp(idx, targets, kv_cache, self.cp)
         start = 0 if kv_cache is None else kv_cache.length
         if start + T > self.config.block_size:
             raise ValueError(f"sequence length {start + T} exceeds block_size "
@@ -253,6 +319,37 @@ class GPT(nn.Module):
             return logits, loss
         logits = self.lm_head(x if all_logits else x[:, [-1], :])  # (B, T or 1, vocab)
         return logits, None
+
+    def _forward_cp(self, idx, targets, kv_cache, cp: ContextParallel):
+        """forward on this rank's shard of the sequence (set_context_parallel)."""
+        import torch.distributed as dist
+        if kv_cache is not None:
+            raise ValueError("a context-parallel GPT has no KV cache (generate on one process: "
+                             "set_context_parallel(enabled=False))")
+        B, n = idx.shape
+        rank, world = cp.rank_world()
+        if n * world > self.config.block_size:
+            raise ValueError(f"sequence length {n * world} ({world} shards of {n}) exceeds "
+                             f"block_size {self.config.block_size}")
+        if cp.layout == "zigzag" and n % 2:
+            raise ValueError(f"a zigzag shard holds two equal chunks: the local length must be "
+                             f"even, got {n}")
+        pos = cp.positions(n, idx.device)  # global positions of the shard's tokens
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None, i)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, n, vocab)
+        if targets is None:
+            return logits, None
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, got "
+                             f"{tuple(targets.shape)}")
+        t = targets.reshape(-1)
+        total = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), t, ignore_index=-1,
+                                reduction="sum")
+        count = (t != -1).sum().to(torch.float32)
+        dist.all_reduce(count, group=cp.group)  # the group's token count (no gradient)
+        return logits, total * world / count.clamp_min(1.0)
 
     def _check_idx(self, idx, name, check_ids: bool = False):
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
