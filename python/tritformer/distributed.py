@@ -288,7 +288,7 @@ def _seq(t, s):
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, rank, world, layout, scale, left, right, softcap):
-        ref = backend_for(q) == "reference"
+        ref = backend_for(q) in ("reference", "torch")  # the CPU fallback (either name)
         ring = _Ring(group, rank, world)
         n = q.shape[2]
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
