@@ -517,7 +517,8 @@ def finish_report(res: BenchRun, echo: bool = False, bar: bool = False) -> list[
         if notes:
             print(notes[0])
         if skips:
-            print("\n".join(skips) + f"  [all: {os.path.join(out, 'skips.txt')}]")
+            print("\n".join(skips))
+            print(f"(every skip: {os.path.join(out, 'skips.txt')})")
         sys.stdout.flush()
     plot_bar, started = None, [False]
     if bar:

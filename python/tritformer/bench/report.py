@@ -255,7 +255,7 @@ def caption(rs: list[dict], tag: str = "") -> str:
         pass  # batch is the x (tokens)
     elif _constant(rs, "batch") is not None:
         fixed.append(f"{batch_name}={r0['batch']}")
-    elif len(products) == 1 and len(xs) > 1:
+    elif len(products) == 1 and len(xs) > 1 and op != "varlen":  # varlen: see _OP_NOTES
         fixed.append(f"{batch_name} x {x_name} = {next(iter(products))} held fixed")
     if _constant(rs, "heads") is not None:
         fixed.append(f"H={r0['heads']}")
