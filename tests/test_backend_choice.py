@@ -1,9 +1,11 @@
 """Where the backend is chosen (issue 15, item 4): once per call, by `backend_for`, in the host
-layer of each op (tritformer/ops/*.py), never inside the custom ops; and the "reference" choice
-runs every op without launching a kernel, within the numerics criterion.
+layer of each op (tritformer/ops/*.py), never inside the custom ops; and the "torch" choice (the
+CPU fallback, tritformer.fallback) runs every op without launching a kernel, within the numerics
+criterion. tests/test_fallback.py covers the fallback's semantics op by op.
 
-The reference backend is forced by replacing `backend_for` in the op's module (as
-test_decode.test_reference_backend does); the kernel launchers are replaced by failures.
+The torch backend is forced by replacing `backend_for` in the op's module (test_decode does the
+same with the older name "reference", still accepted); the kernel launchers are replaced by
+failures.
 """
 import pytest
 import torch
@@ -24,7 +26,7 @@ OP_MODULES = (ops_attention, ops_decode, ops_ffn, ops_softmax)
 
 def _no_kernels(monkeypatch):
     def fail(*args, **kwargs):
-        pytest.fail("a kernel was launched on the reference backend")
+        pytest.fail("a kernel was launched on the torch backend")
     for mod, names in ((KA, ("attention_forward", "attention_backward")), (KD, ("decode_forward",)),
                        (KF, ("gemm",)), (KS, ("softmax_forward", "softmax_backward"))):
         for name in names:
@@ -43,9 +45,9 @@ def chosen(monkeypatch):
 
 
 @pytest.fixture
-def reference_backend(monkeypatch):
+def torch_backend(monkeypatch):
     for mod in OP_MODULES:
-        monkeypatch.setattr(mod, "backend_for", lambda t: "reference")
+        monkeypatch.setattr(mod, "backend_for", lambda t: "torch")
     _no_kernels(monkeypatch)
 
 
@@ -101,10 +103,10 @@ def test_decode_chooses_once(chosen):
 
 
 # ---------------------------------------------------------------------------------------------
-# The reference backend: every op runs without a kernel, within the criterion
+# The torch backend: every op runs without a kernel, within the criterion
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_reference_backend_attention_softmax(reference_backend, dtype):
+def test_torch_backend_attention_softmax(torch_backend, dtype):
     q, k, v = (torch.randn(1, 2, 6, 8, dtype=dtype) for _ in range(3))
     assert_checks(check_attention(q, k, v, causal=True))
     x = torch.randn(2, 5, 30, dtype=dtype)
@@ -115,7 +117,7 @@ def test_reference_backend_attention_softmax(reference_backend, dtype):
 
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_reference_backend_ffn(reference_backend, dtype, recompute):
+def test_torch_backend_ffn(torch_backend, dtype, recompute):
     x, w1, b1, w2, b2 = _ffn_args(dtype, grad=False)
     residual = torch.randn(7, 9, dtype=dtype)
     assert_checks(check_ffn(x, w1, b1, w2, b2, activation="gelu_tanh", residual=residual,
@@ -124,8 +126,8 @@ def test_reference_backend_ffn(reference_backend, dtype, recompute):
                                   b_gate=b1, b_down=b2))
 
 
-def test_reference_backend_compiles_to_the_eager_result(reference_backend):
-    # softmax / ffn keep the reference inside their custom ops (backend.py): torch.compile
+def test_torch_backend_compiles_to_the_eager_result(torch_backend):
+    # softmax / ffn keep the fallback inside their custom ops (backend.py): torch.compile
     # traces the same opaque op as on the kernel backends, so compiled == eager bitwise
     def fn(x, w1, b1, w2, b2):
         return tritformer.softmax(tritformer.ffn(x, w1, b1, w2, b2, activation="silu"), scale=0.5)

@@ -40,12 +40,12 @@ def test_validate_quick():
     assert " inf " not in res.stdout
 
 
-def test_cpu_without_interpreter_uses_reference_path():
+def test_cpu_without_interpreter_uses_torch_fallback():
     code = (
         "import torch, tritformer\n"
         "from tritformer.testing import check_attention\n"
         "q, k, v = (torch.randn(1, 2, 20, 16, dtype=torch.float16) for _ in range(3))\n"
-        "assert tritformer.backend_for(q) == 'reference', tritformer.backend_for(q)\n"
+        "assert tritformer.backend_for(q) == 'torch', tritformer.backend_for(q)\n"
         "bad = [str(c) for c in check_attention(q, k, v, causal=True) if not c.ok]\n"
         "assert not bad, bad\n"
         "print('ok')\n"
@@ -54,13 +54,13 @@ def test_cpu_without_interpreter_uses_reference_path():
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
-def test_cpu_without_interpreter_softmax_and_ffn_use_reference_path():
+def test_cpu_without_interpreter_softmax_and_ffn_use_torch_fallback():
     # every op must run (fwd and bwd, within the criterion) on CPU without the interpreter
     code = (
         "import torch, tritformer\n"
         "from tritformer.testing import check_softmax, check_ffn, check_gated_ffn\n"
         "x = torch.randn(2, 5, 30, dtype=torch.float16)\n"
-        "assert tritformer.backend_for(x) == 'reference'\n"
+        "assert tritformer.backend_for(x) == 'torch'\n"
         "bad = [str(c) for c in check_softmax(x, scale=0.5, causal=True,\n"
         "                                    mask=torch.rand(1, 5, 30) > 0.3) if not c.ok]\n"
         "x = torch.randn(7, 12)\n"

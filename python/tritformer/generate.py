@@ -108,6 +108,9 @@ def main(args, stream=None) -> int:
         raise ValueError(f"--prompt is {len(ids)} tokens, longer than the model's context "
                          f"(block_size {model.config.block_size})")
     model.to(device).eval()
+    from .backend import model_backend_line  # which implementation runs; stderr: stdout is the text
+    print(model_backend_line(device, model.config.attn_backend, model.config.mlp_backend),
+          file=sys.stderr, flush=True)
     torch.manual_seed(args.seed)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     stream.write(args.prompt)

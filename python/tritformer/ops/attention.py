@@ -4,8 +4,8 @@
 Layers (as in flash-attention's interface): `tritformer::attention_fwd` / `attention_bwd` custom
 ops around the kernel launchers, `register_fake` allocating output shapes only, and
 `register_autograd` wiring the backward, so `torch.compile(fullgraph=True)` traces through.
-On the "reference" backend (CPU without Triton's interpreter) the public functions run the
-pure-PyTorch reference in float32 under autograd instead of the custom ops.
+On the "torch" backend (CPU without Triton's interpreter) the public functions run
+`tritformer.fallback` (torch's SDPA) under autograd instead of the custom ops.
 
 Internally a window is (left, right): key j is visible to query i iff
 i + (Nk - Nq) - left <= j <= i + (Nk - Nq) + right, None = unbounded on that side. causal is
@@ -18,10 +18,10 @@ from typing import Optional
 
 import torch
 
-from .. import reference
+from .. import fallback, reference
 from .._autocast import autocast
 from .._checks import check_attention_inputs, check_attention_options, check_varlen_inputs
-from ..backend import backend_for
+from ..backend import backend_for, is_torch
 
 
 def _kernels():
@@ -157,14 +157,10 @@ def _attention(q, k, v, scale, left, right, return_lse=False, attn_mask=None,
     scale, softcap, dropout_p, seed = _scalars(q, scale, softcap, dropout_p)
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[2]
-    if backend_for(q) == "reference":
+    if is_torch(backend_for(q)):  # CPU fallback: torch's SDPA (tritformer.fallback)
         keep = _reference_dropout_mask(seed, dropout_p, (B, Hq, Nq, Nk), q.device)
-        out, lse = reference._attention(
-            q.float(), k.float(), v.float(), scale, left, right, True,
-            None if attn_mask is None else (attn_mask if attn_mask.dtype == torch.bool else attn_mask.float()),
-            key_padding_mask, dropout_p, None if alibi_slopes is None else alibi_slopes.float(),
-            softcap, keep)
-        out = out.to(q.dtype)
+        out, lse = fallback.attention(q, k, v, scale, left, right, return_lse, attn_mask,
+                                      key_padding_mask, dropout_p, alibi_slopes, softcap, keep)
         return (out, lse) if return_lse else out
     mask = None if attn_mask is None else attn_mask.expand(B, Hq, Nq, Nk)
     slopes = None if alibi_slopes is None else alibi_slopes.float().expand(B, Hq).contiguous()
@@ -284,16 +280,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             return_lse=return_lse)
     left, right = reference.window_bounds(bool(causal), window)
     scale, softcap, dropout_p, seed = _scalars(q, scale, softcap, dropout_p)
-    if backend_for(q) == "reference":
+    if is_torch(backend_for(q)):  # CPU fallback: torch's SDPA per sequence (tritformer.fallback)
         keep = _reference_dropout_mask(seed, dropout_p, (q.shape[1], q.shape[0], max_seqlen_k),
                                        q.device)
-        out, lse = reference.varlen_attention(
-            q.float(), k.float(), v.float(), cu_seqlens_q, cu_seqlens_k, causal=False,
-            scale=scale, dropout_p=dropout_p,
-            window=(-1 if left is None else left, -1 if right is None else right),
-            alibi_slopes=None if alibi_slopes is None else alibi_slopes.float(),
-            softcap=softcap, return_lse=True, dropout_mask=keep)
-        out = out.to(q.dtype)
+        out, lse = fallback.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left,
+                                             right, return_lse, dropout_p, alibi_slopes, softcap,
+                                             keep)
         return (out, lse) if return_lse else out
     slopes = None
     if alibi_slopes is not None:

@@ -3,8 +3,8 @@ and the public `decode_attention` function.
 
 Inference only: there is no backward (training uses `tritformer.attention`). The custom op has a
 `register_fake` that only allocates the output shapes, so `torch.compile(fullgraph=True)` traces
-through it. On the "reference" backend (CPU without Triton's interpreter) the public function
-runs the pure-PyTorch reference in float32 instead of the kernels.
+through it. On the "torch" backend (CPU without Triton's interpreter) the public function
+runs `tritformer.fallback` (torch's SDPA) instead of the kernels.
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from typing import Optional
 
 import torch
 
-from .. import reference
+from .. import fallback
 from .._autocast import autocast
 from .._checks import check_decode_inputs, check_inference_only
-from ..backend import backend_for
+from ..backend import backend_for, is_torch
 
 
 def _kernels():
@@ -91,10 +91,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     check_decode_inputs(q, k_cache, v_cache, cache_seqlens, scale, num_splits, return_lse)
     check_inference_only(q, k_cache, v_cache)
     scale = None if scale is None else float(scale)
-    if backend_for(q) == "reference":
-        out, lse = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(),
-                                              cache_seqlens, scale=scale, return_lse=True)
-        out = out.to(q.dtype)
+    if is_torch(backend_for(q)):  # CPU fallback: torch's SDPA (tritformer.fallback)
+        out, lse = fallback.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, return_lse)
     else:
         out, lse = torch.ops.tritformer.decode_attention(q, k_cache, v_cache, cache_seqlens,
                                                          scale, num_splits)

@@ -18,10 +18,10 @@ from typing import Optional
 
 import torch
 
-from .. import reference
+from .. import fallback, reference
 from .._autocast import autocast
 from .._checks import check_ffn_inputs, check_gated_ffn_inputs
-from ..backend import backend_for
+from ..backend import backend_for, is_torch
 
 
 def _kernels():
@@ -50,7 +50,7 @@ def _ffn_fwd(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: 
              recompute: bool, reference_backend: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] -> (y [M, N], h, pre) with h, pre [M, H] saved for the backward (empty when
-    recompute). reference_backend: the "reference" backend (chosen by `ffn`): float32 PyTorch."""
+    recompute). reference_backend: the "torch" backend (chosen by `ffn`): float32 PyTorch."""
     if reference_backend:
         return _ffn_fwd_reference(x, w1, b1, w2, b2, residual, act, recompute)
     M, H = x.shape[0], w1.shape[0]
@@ -89,7 +89,7 @@ def _ffn_bwd(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[t
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw1, db1, dw2, db2); db1/db2 as fp32 column sums cast to the weights' dtype."""
     if reference_backend:
-        return reference.ffn_backward(dy, x, w1, b1, w2, h, pre, act, recompute)
+        return fallback.ffn_backward(dy, x, w1, b1, w2, h, pre, act, recompute)
     M, H = x.shape[0], w1.shape[0]
     K = _kernels()
     if recompute:
@@ -161,7 +161,7 @@ def ffn(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch
     x2 = x.reshape(M, x.shape[-1])
     r2 = None if residual is None else residual.reshape(M, residual.shape[-1])
     y, _, _ = torch.ops.tritformer.ffn_fwd(x2, w1, b1, w2, b2, r2, activation, bool(recompute),
-                                           backend_for(x) == "reference")
+                                           is_torch(backend_for(x)))
     return y.reshape(*lead, w2.shape[0])
 
 
@@ -183,7 +183,7 @@ def _gated_fwd(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Te
                act: str, recompute: bool, reference_backend: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] -> (y, h, g, u); h, g, u [M, I] saved for the backward (empty when recompute).
-    reference_backend: the "reference" backend (chosen by `gated_ffn`): float32 PyTorch."""
+    reference_backend: the "torch" backend (chosen by `gated_ffn`): float32 PyTorch."""
     if reference_backend:
         return _gated_fwd_reference(x, wg, wu, wd, bg, bu, bd, act, recompute)
     M, I = x.shape[0], wg.shape[0]
@@ -226,7 +226,7 @@ def _gated_bwd(dy: torch.Tensor, x: torch.Tensor, wg: torch.Tensor, wu: torch.Te
                           torch.Tensor, torch.Tensor]:
     """(dx, dwg, dwu, dwd, dbg, dbu, dbd); bias grads are fp32 column sums."""
     if reference_backend:
-        return reference.ffn_backward(dy, x, wg, bg, wd, h, g, act, recompute, w_up=wu, b_up=bu, up=u)
+        return fallback.ffn_backward(dy, x, wg, bg, wd, h, g, act, recompute, w_up=wu, b_up=bu, up=u)
     M, I = x.shape[0], wg.shape[0]
     K = _kernels()
     if recompute:
@@ -292,5 +292,5 @@ def gated_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     x2 = x.reshape(math.prod(lead), x.shape[-1])
     y, _, _, _ = torch.ops.tritformer.gated_ffn_fwd(x2, w_gate, w_up, w_down, b_gate, b_up, b_down,
                                                     activation, bool(recompute),
-                                                    backend_for(x) == "reference")
+                                                    is_torch(backend_for(x)))
     return y.reshape(*lead, w_down.shape[0])

@@ -5,10 +5,10 @@ from typing import Optional
 
 import torch
 
-from .. import reference
+from .. import fallback
 from .._autocast import autocast
 from .._checks import check_softmax_inputs
-from ..backend import backend_for
+from ..backend import backend_for, is_torch
 
 
 def _kernels():
@@ -35,12 +35,11 @@ def _out_like(x: torch.Tensor) -> torch.Tensor:
 def _softmax_fwd(x: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
                  causal: bool, reference_backend: bool = False) -> torch.Tensor:
     """x: softmax over its last dim; mask: None or expanded to x's shape (a stride-0 view).
-    reference_backend: the "reference" backend (chosen by `softmax`): float32 PyTorch."""
+    reference_backend: the "torch" backend (chosen by `softmax`): float32 PyTorch."""
     out = _out_like(x)
     if not reference_backend:
         return _kernels().softmax_forward(x, mask, out, scale, causal)
-    out.copy_(reference.softmax(x.float(), -1, scale=scale, mask=mask, causal=causal))
-    return out
+    return fallback.softmax_forward(x, mask, scale, causal, out)
 
 
 @_softmax_fwd.register_fake
@@ -55,10 +54,7 @@ def _softmax_bwd(dy: torch.Tensor, y: torch.Tensor, grad_scale: float,
     out = _out_like(y)
     if not reference_backend:
         return _kernels().softmax_backward(dy, y, out, grad_scale)
-    yf, dyf = y.float(), dy.float()
-    dz = yf * (dyf - (yf * dyf).sum(-1, keepdim=True)) * grad_scale
-    out.copy_(dz.masked_fill(yf.sum(-1, keepdim=True) == 0, 0.0))  # as the kernels: empty rows
-    return out
+    return fallback.softmax_backward(dy, y, grad_scale, out)
 
 
 @_softmax_bwd.register_fake
@@ -115,5 +111,5 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0,
         mm = mask.expand(x.shape)
         mm = mm if dim == last else mm.movedim(dim, -1)
     y = torch.ops.tritformer.softmax_fwd(xm, mm, float(scale), bool(causal),
-                                         backend_for(x) == "reference")
+                                         is_torch(backend_for(x)))
     return y if dim == last else y.movedim(-1, dim)

@@ -38,7 +38,7 @@ def _dropout_reference_mask(q, seed, dropout_p, n_rows, n_cols, shape):
     from ..backend import backend_for
     if seed is None:
         return None
-    if backend_for(q) == "reference":
+    if backend_for(q) in ("torch", "reference"):  # the CPU fallback: a torch-generator mask
         from ..ops.attention import _reference_dropout_mask
         return _reference_dropout_mask(seed, dropout_p, shape, q.device)
     from tritformer.kernels import attention as K
