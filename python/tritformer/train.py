@@ -12,6 +12,25 @@ batch is N x --batch-size rows. DDP averages the gradients, i.e. one step equals
 process's step on the concatenated global batch (tests/test_train.py checks this). Only rank 0
 prints, logs and writes checkpoints.
 
+Context parallelism (``--context-parallel CP``, ``--cp-mode ring|ulysses``): the N ranks form
+N / CP data-parallel groups of CP consecutive ranks (ranks d*CP .. d*CP+CP-1; a CP group should
+sit on one node, its ranks talk every layer). The ranks of a group draw the same rows (data
+shard d of N / CP) and each keeps its zigzag shard of every row's block_size bytes
+(`tritformer.distributed.shard_sequence`); the GPT runs every attention layer as
+`ring_attention` / `ulysses_attention` over the group (`GPT.set_context_parallel`). Each rank's
+loss is its tokens' cross-entropy sum x CP / the group's token count, so the mean over all N
+ranks is the global batch's mean loss and DDP's (or FSDP's) gradient average over all N ranks
+is the global batch's gradient: one step equals the single-process step on the global batch
+(tests/test_distributed_train.py). The logged train loss is that mean over all ranks.
+
+``--fsdp``: FSDP2 (`torch.distributed.fsdp.fully_shard`, each block and the root) shards the
+parameters, gradients and AdamW state over all N ranks (one 1-D mesh: with CP the sequence
+shards and the data shards share it, gradients reduce-scattered with the same average as DDP's).
+Its checkpoint is a torch.distributed.checkpoint directory, OUT/ckpt_dcp (every rank writes its
+shards; train_state.json beside them holds step, config, args and log), which `--resume` loads
+on any number of processes, with or without --fsdp or CP (DCP reshards); it is written to
+OUT/ckpt_dcp.tmp and renamed. --resume takes whichever of ckpt.pt and ckpt_dcp is further on.
+
 Schedule: AdamW (betas 0.9/0.95, weight decay on matrices only), gradient clipping, learning rate
 warm-up then cosine decay to --min-lr (nanoGPT's). Batches are a function of (seed, step, rank),
 so a resumed run sees exactly the batches the uninterrupted one would have.
@@ -24,20 +43,26 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
+import datetime
+import json
 import math
 import os
 import pickle
 import re
+import shutil
 import sys
 import sysconfig
 import time
+import warnings
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ._cliargs import (CKPT_NAME, MODEL_DEFAULTS, WARMUP_MAX_FRACTION,  # noqa: F401 (re-exported)
+from ._cliargs import (CKPT_NAME, DCP_NAME, MODEL_DEFAULTS,  # noqa: F401 (re-exported)
+                       WARMUP_MAX_FRACTION,
                        add_train_arguments as add_arguments, train_bool as _bool)
 from .models.gpt import GPT, GPTConfig
 from .progress import ProgressBar, format_seconds
@@ -59,6 +84,27 @@ def check_args(args) -> None:
         raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if not (args.lr > 0 and args.min_lr >= 0):
         raise ValueError(f"--lr must be > 0 and --min-lr >= 0, got {args.lr}, {args.min_lr}")
+    if getattr(args, "context_parallel", 1) < 1:
+        raise ValueError(f"--context-parallel must be >= 1, got {args.context_parallel}")
+
+
+def check_parallel(args, config: GPTConfig, world: int) -> None:
+    """--context-parallel against the world size and the model (before any process waits)."""
+    cp = args.context_parallel
+    if world % cp:
+        raise ValueError(f"--context-parallel {cp} must divide the number of processes {world} "
+                         "(torchrun --nproc_per_node)")
+    if cp == 1:
+        return
+    if config.block_size % (2 * cp):
+        raise ValueError(f"--context-parallel {cp}: --block-size {config.block_size} must be "
+                         f"divisible by {2 * cp} (each rank holds two equal zigzag chunks)")
+    if args.cp_mode == "ulysses" and config.n_head % cp:
+        raise ValueError(f"--cp-mode ulysses: --n-head {config.n_head} must be divisible by "
+                         f"--context-parallel {cp} (or use --cp-mode ring)")
+    if config.dropout:
+        raise ValueError(f"--context-parallel {cp}: --dropout must be 0 (attention dropout does "
+                         f"not shard across ranks), got {config.dropout}")
 
 
 def clamp_warmup(args) -> Optional[str]:
@@ -315,6 +361,100 @@ def _save(obj, path: str) -> None:
     os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint
 
 
+DCP_META = "train_state.json"
+
+
+def read_dcp_meta(path: str) -> dict:
+    """step, config, args, log of a DCP checkpoint directory (`--fsdp`), with "dcp": path."""
+    meta_path = os.path.join(path, DCP_META)
+    if not os.path.isfile(meta_path):
+        raise ValueError(f"{path!r} is not a tritformer DCP checkpoint (no {DCP_META})")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) \
+            or not isinstance(meta.get("step"), int):
+        raise ValueError(f"{meta_path!r} is not a tritformer training state (no config/step)")
+    return dict(meta, dcp=path)
+
+
+@contextlib.contextmanager
+def _quiet_dcp():
+    with warnings.catch_warnings():
+        # one process, no process group: DCP says it assumes a single-process load/save (it is)
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to .* single process")
+        yield
+
+
+def save_dcp_checkpoint(model: nn.Module, opt, meta: Optional[dict], out: str) -> str:
+    """Every rank: write the model and optimiser (FSDP shards or whole tensors) to OUT/ckpt_dcp
+    with torch.distributed.checkpoint; the rank passing `meta` (rank 0) writes train_state.json.
+    Written to ckpt_dcp.tmp, then renamed: a crash mid-write leaves the previous checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    dist_on = torch.distributed.is_initialized()
+    final = os.path.join(out, DCP_NAME)
+    tmp, old = final + ".tmp", final + ".old"
+    if meta is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if dist_on:
+        torch.distributed.barrier()  # nobody writes into tmp before rank 0 cleared it
+    msd, osd = get_state_dict(model, opt)
+    with _quiet_dcp():
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
+    if meta is not None:
+        with open(os.path.join(tmp, DCP_META), "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+        if os.path.isdir(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    if dist_on:
+        torch.distributed.barrier()
+    return final
+
+
+def load_dcp_checkpoint(path: str, model: nn.Module, opt=None) -> dict:
+    """Load a DCP checkpoint (`save_dcp_checkpoint`) into `model` (and `opt`): a plain, DDP or
+    FSDP2 model on any number of processes (DCP reshards). Every rank calls it; returns the
+    training state (step, config, log, ...). The config must match the model's shape."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict as dsd
+    meta = read_dcp_meta(path)
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        have = cfg.to_dict()
+        diff = [f"{k}: checkpoint {meta['config'].get(k)!r}, model {have[k]!r}"
+                for k in SHAPE_FIELDS if meta["config"].get(k) != have[k]]
+        if diff:
+            raise ValueError("the checkpoint's config does not match the model: " + "; ".join(diff))
+    with _quiet_dcp():
+        if opt is None:
+            state = {"model": dsd.get_model_state_dict(model)}
+            dcp.load(state, checkpoint_id=path)
+            dsd.set_model_state_dict(model, state["model"])
+        else:
+            msd, osd = dsd.get_state_dict(model, opt)
+            state = {"model": msd, "optim": osd}
+            dcp.load(state, checkpoint_id=path)
+            dsd.set_state_dict(model, opt, model_state_dict=state["model"],
+                               optim_state_dict=state["optim"])
+    return meta
+
+
+def find_resume(out: str):
+    """The checkpoint `--resume` continues: OUT/ckpt_dcp's training state (with "dcp") or
+    OUT/ckpt.pt's dict, whichever has the later step (the DCP one on a tie)."""
+    pt, dd = os.path.join(out, CKPT_NAME), os.path.join(out, DCP_NAME)
+    meta = read_dcp_meta(dd) if os.path.isdir(dd) else None
+    ckpt = load_checkpoint(pt) if os.path.isfile(pt) else None
+    if meta is None and ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint at {pt!r} or {dd!r}")
+    if meta is not None and (ckpt is None or meta["step"] >= int(ckpt.get("step", 0))):
+        return meta
+    return ckpt
+
+
 # ---------------------------------------------------------------------------------------------
 # Logging
 # ---------------------------------------------------------------------------------------------
@@ -378,25 +518,48 @@ def _device(args, local_rank: int) -> torch.device:
 
 
 @torch.no_grad()
-def estimate_val(model, shards: Shards, args, device, autocast_dtype) -> float:
+def estimate_val(model, shards: Shards, args, device, autocast_dtype, cp_group=None) -> float:
     model.eval()
     losses = []
     for i in range(args.eval_iters):
-        x, y = shards.batch("val", i, args.batch_size)
+        x, y = _cp_shard(shards.batch("val", i, args.batch_size), cp_group)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             _, loss = model(x.to(device), y.to(device))
         losses.append(float(loss))
     model.train()
-    val = torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
-    if torch.distributed.is_initialized():
-        val = val.to(device)
-        torch.distributed.all_reduce(val)
-        val = val.cpu() / torch.distributed.get_world_size()
-    return float(val)
+    return _world_mean(sum(losses) / len(losses), device)
+
+
+def _world_mean(value: float, device) -> float:
+    """The mean of `value` over all ranks (each rank's loss under CP is its share x CP, so this
+    is the global batch's mean loss)."""
+    if not torch.distributed.is_initialized():
+        return value
+    t = torch.tensor(value, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return float(t.cpu()) / torch.distributed.get_world_size()
+
+
+def _cp_shard(xy, cp_group):
+    """This rank's zigzag shard of each row of the (x, y) batch, or the batch itself."""
+    if cp_group is None:
+        return xy
+    from .distributed import shard_sequence
+    return tuple(shard_sequence(t, dim=1, group=cp_group, layout="zigzag") for t in xy)
+
+
+def _dist_timeout() -> Optional[datetime.timedelta]:
+    """TRITFORMER_DIST_TIMEOUT (seconds): a collective waiting longer fails instead of hanging
+    (tests set it; unset: torch's default)."""
+    value = os.environ.get("TRITFORMER_DIST_TIMEOUT")
+    return datetime.timedelta(seconds=float(value)) if value else None
 
 
 def main(args) -> int:
     check_args(args)
+    args.context_parallel = getattr(args, "context_parallel", 1)
+    args.cp_mode = getattr(args, "cp_mode", "ring")
+    args.fsdp = getattr(args, "fsdp", False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     note = clamp_warmup(args)
@@ -405,22 +568,31 @@ def main(args) -> int:
     device = _device(args, local_rank)
     ckpt_path = os.path.join(args.out, CKPT_NAME)
     # everything that can fail on bad input fails here, before processes wait on each other
-    ckpt = None
-    if args.resume:
-        if not os.path.isfile(ckpt_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path!r}")
-        ckpt = load_checkpoint(ckpt_path)
+    ckpt = find_resume(args.out) if args.resume else None
     config = model_config(args, None if ckpt is None else ckpt["config"])
+    check_parallel(args, config, world)
+    cp = args.context_parallel
+    dp = world // cp
     data = load_corpus(args.data, args.max_bytes)
-    shards = Shards(data, config.block_size, args.val_fraction, rank, world, args.seed)
+    # the ranks of a CP group draw the same rows: data shard rank // cp of dp
+    shards = Shards(data, config.block_size, args.val_fraction, rank // cp, dp, args.seed)
 
+    cp_group = None
     if world > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend=backend)
+        timeout = _dist_timeout()
+        torch.distributed.init_process_group(backend=backend,
+                                             **({"timeout": timeout} if timeout else {}))
+        if cp > 1:  # every rank creates every group, in the same order
+            for d in range(dp):
+                g = torch.distributed.new_group(list(range(d * cp, (d + 1) * cp)),
+                                                **({"timeout": timeout} if timeout else {}))
+                if d == rank // cp:
+                    cp_group = g
     try:
-        code = _train(args, config, ckpt, shards, device, rank, world, ckpt_path)
+        code = _train(args, config, ckpt, shards, device, rank, world, ckpt_path, cp_group)
         if world > 1:
             # rank 0 writes the checkpoint, log and plot last; the others wait for it here. A rank
             # that tore its Gloo group down while rank 0 was still busy aborted now and then
@@ -433,25 +605,62 @@ def main(args) -> int:
             torch.distributed.destroy_process_group()
 
 
-def _train(args, config, ckpt, shards, device, rank, world, ckpt_path) -> int:
+def _wrap(model: GPT, args, device, world: int):
+    """FSDP2 over all ranks (--fsdp, more than one process), DDP (more than one process) or
+    the model itself."""
+    if world > 1 and args.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(device.type, (world,))
+        # a block's output is a view when the fused FFN adds the residual; the GPT never
+        # modifies a block's output in place, which is what the warning is about
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)  # embeddings (tied to lm_head), ln_f
+        return model
+    if world > 1:
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def _train(args, config, ckpt, shards, device, rank, world, ckpt_path, cp_group=None) -> int:
     main_rank = rank == 0
+    cp = args.context_parallel
     torch.manual_seed(args.seed)  # same initial weights on every rank (DDP broadcasts rank 0's)
     model = GPT(config).to(device)
+    if cp_group is not None:
+        model.set_context_parallel(cp_group, mode=args.cp_mode, layout="zigzag")
     opt = make_optimizer(model, args)
     start, rows = 0, []
-    if ckpt is not None:
+    full = None
+    if ckpt is not None and "dcp" not in ckpt:  # ckpt.pt: whole tensors into the plain model
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
+        if args.fsdp and world > 1:  # FQN-keyed copies, handed to the sharded model below
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+            full = get_state_dict(model, opt)
+    net = _wrap(model, args, device, world)
+    if args.fsdp and world > 1:
+        opt = make_optimizer(model, args)  # over the sharded parameters
+        if full is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+            set_state_dict(model, opt, model_state_dict=full[0], optim_state_dict=full[1],
+                           options=StateDictOptions(full_state_dict=True))
+    if ckpt is not None:
+        if "dcp" in ckpt:
+            load_dcp_checkpoint(ckpt["dcp"], model, opt)
         start, rows = int(ckpt["step"]), list(ckpt.get("log", []))
-    net = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast_dtype = torch.bfloat16 if args.dtype in ("bf16", "bfloat16") else None
+    dp = world // cp
     if main_rank:
         os.makedirs(args.out, exist_ok=True)
+        how = ("FSDP" if args.fsdp else "DDP") if world > 1 else "one process"
+        if cp > 1:
+            how += f", context parallel {cp} ({args.cp_mode}) x data parallel {dp}"
         print(f"tritformer train: {model.num_params() / 1e6:.2f}M parameters, config {config}, "
-              f"{world} process(es) on {device}, global batch {world * args.batch_size} x "
+              f"{world} process(es) on {device} ({how}), global batch {dp * args.batch_size} x "
               f"{config.block_size} bytes, {len(shards.train)} train / {len(shards.val)} val bytes"
               + (f", resuming at step {start}" if start else ""), flush=True)
         from .backend import model_backend_line  # which implementation runs (issue 20)
@@ -463,24 +672,30 @@ def _train(args, config, ckpt, shards, device, rank, world, ckpt_path) -> int:
     args_plain = plain(vars(args), "args")
 
     def checkpoint(step_done: int):
-        if main_rank:
+        if args.fsdp:  # every rank writes its shards
+            meta = {"step": step_done, "config": config.to_dict(), "args": args_plain,
+                    "log": rows, "world_size": world}
+            save_dcp_checkpoint(model, opt, meta if main_rank else None, args.out)
+        elif main_rank:
             _save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step_done,
                    "config": config.to_dict(), "args": args_plain, "log": rows}, ckpt_path)
 
     net.train()
-    tokens_per_step = world * args.batch_size * config.block_size
+    tokens_per_step = dp * args.batch_size * config.block_size
     for step in range(start, args.steps):
         t0 = time.perf_counter()
-        x, y = shards.batch("train", step, args.batch_size)
+        x, y = _cp_shard(shards.batch("train", step, args.batch_size), cp_group)
         lr = lr_at(step, args)
         loss = train_step(net, opt, x.to(device), y.to(device), lr, args.grad_clip, autocast_dtype)
+        if world > 1:
+            loss = _world_mean(loss, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         tok_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
         last = step + 1 == args.steps
         val = None
         if last or (args.eval_interval and (step + 1) % args.eval_interval == 0):
-            val = estimate_val(net, shards, args, device, autocast_dtype)
+            val = estimate_val(net, shards, args, device, autocast_dtype, cp_group)
         if main_rank:
             rows.append({"step": step + 1, "lr": lr, "train_loss": loss,
                          "val_loss": "" if val is None else val, "tokens_per_s": tok_s})
@@ -492,7 +707,8 @@ def _train(args, config, ckpt, shards, device, rank, world, ckpt_path) -> int:
     if bar is not None:
         bar.close()
     if main_rank and rows:
-        print(f"checkpoint: {ckpt_path}; log: {os.path.join(args.out, 'log.csv')}"
+        where = os.path.join(args.out, DCP_NAME) if args.fsdp else ckpt_path
+        print(f"checkpoint: {where}; log: {os.path.join(args.out, 'log.csv')}"
               + ("; curve: " + os.path.join(args.out, "loss.png")
                  if os.path.exists(os.path.join(args.out, "loss.png")) else ""))
     return 0
