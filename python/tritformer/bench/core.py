@@ -379,7 +379,10 @@ class _CaseProgress:
     def _advance(self, postfix: str) -> None:
         if self.bar is not None:
             self.bar.total = max(self.bar.total, self.res.cases_done)
-            self.bar.update(self.res.cases_done - self.bar.n, postfix=postfix, force=True)
+            step = self.res.cases_done - self.bar.n
+            self.bar.update(step, postfix=postfix, force=True)
+            if step == 0 and self.bar.uses_tqdm:  # tqdm redraws on progress only
+                self.bar._bar.refresh()
 
     def __call__(self, msg: str) -> None:
         if self.pending:
