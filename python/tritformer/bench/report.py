@@ -115,6 +115,11 @@ def summary_lines(rows: list[dict]) -> list[str]:
     """The short summary: one line per op and headline metric (ratio = tritformer against the
     baseline at the same point)."""
     hs = headlines(rows)
+    # the throughput at a latency line's point goes on that line (the same ratio)
+    rates = {(r["provider"], r["metric"]) + tuple(r[c] for c in POINT if c != "metric"): r
+             for r in rows if r["metric"] in ("tflops", "gbps") and r["value"] is not None}
+    timed = {(h["op"], h["mode"]) for h in hs if h["metric"] == "latency"}
+    hs = [h for h in hs if h["metric"] not in ("tflops", "gbps") or (h["op"], h["mode"]) not in timed]
     ops = list(dict.fromkeys(h["op"] for h in hs))
     hs.sort(key=lambda h: (ops.index(h["op"]), _METRIC_ORDER.get(h["metric"], 9),
                            HEADLINE_MODES.index(h["mode"])))
@@ -128,8 +133,13 @@ def summary_lines(rows: list[dict]) -> list[str]:
                       f"{_ratio_text(h['metric'], r['value'], br['value'])} "
                       f"({fmt_value(br['value'], br['unit'])})")
         who = "" if h["provider"] == SUBJECT else " " + h["provider"].replace(SUBJECT + "_", "")
-        table.append((h["op"], f"{h['metric']} {h['mode']}{who}", _point_text(r),
-                      fmt_value(r["value"], r["unit"]), *vs))
+        value = fmt_value(r["value"], r["unit"])
+        if h["metric"] == "latency":
+            for m in ("tflops", "gbps"):
+                rate = rates.get((r["provider"], m) + tuple(r[c] for c in POINT if c != "metric"))
+                if rate is not None:
+                    value += f" ({fmt_value(rate['value'], rate['unit'])})"
+        table.append((h["op"], f"{h['metric']} {h['mode']}{who}", _point_text(r), value, *vs))
     if not table:
         return ["(no tritformer row with a naive or sdpa row at the same point)"]
     head = ("op", "metric", "at", SUBJECT, *(f"vs {b}" for b in BASELINES))
