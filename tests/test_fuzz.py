@@ -351,11 +351,10 @@ def test_decode_attention(B, Hkv, group, Nq, n_max, D, dtype, layout, lengths, n
 # Strict xfails: each documents a mechanism that is not fixed yet (issue #14's note); a fix
 # turns it into an XPASS, which fails, so the example then moves to the @example lists above.
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "lse kept as one fp32: |lse| ~ 25 rounds by up to 0.5 ulp = 9.5e-7, and the backward's "
-    "P = exp(s - lse) of the dominant key (p ~ 1) carries it whole into dV (PyTorch's softmax "
-    "subtracts the row max, exact for that key). Measured: dv 2.1e-6 vs PyTorch 1.5e-7 (14.3x). "
-    "Fix: save lse's fp32 rounding residual (lse_hi + lo) for the backward"))
+# Found by the deep search (was a strict xfail): lse kept as one fp32 rounds by up to 0.5 ulp
+# (9.5e-7 at |lse| ~ 25), and the backward's P = exp(s - lse) of the dominant key (p ~ 1)
+# carried it whole into dV: 2.1e-6 vs PyTorch 1.5e-7 (14.3x). fp32 forwards now also save lse's
+# rounding residual, subtracted when the backward recomputes P (kernels/attention/forward.py).
 def test_fp32_large_lse_one_dominant_key():
     g = _gen(0)
     q, k, v = (torch.randn(1, 1, n, 100, generator=g) for n in (1, 8, 8))
@@ -381,9 +380,14 @@ FP32_SOFTCAP_ALIBI_LSE = dict(
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "lse = m + log2(l) * ln 2 rounds three times (log2, the product, the sum) where PyTorch's "
-    "logsumexp rounds log(l) and the sum: at |lse| ~ 30 (ALiBi) that is ~2 ulp against ~0.6. "
-    "Measured: lse 3.5e-6 vs PyTorch 1.2e-6 (2.9x)"))
+    "3xTF32 scores (fp32 at D <= 64, options._dot_precision): Triton's split keeps 11 of the "
+    "13 bits of x - tf32(x) and drops small*small, so each product errs by up to ~2^-21 of "
+    "|q||k| where PyTorch's fp32 product is exact. Here |q|,|k| ~ 4 (D = 33) and the error "
+    "reaches lse = 0.38 (a near-cancelling ALiBi row): 3.5e-6 vs PyTorch 1.2e-6 (2.9x). "
+    "Measured with exact FMA dots instead: 1.19e-6, ratio 0.99 (the lse formula is not the "
+    "cause: ln(l) in one rounding left 3.43e-6). Exact dots bring back the sequential P @ V "
+    "chain (the two xfails below), so the fix is an fp32 dot with exact products and a "
+    "bounded summation chain, not yet built"))
 def test_fp32_softcap_alibi_lse_rounding():
     c, seed = FP32_SOFTCAP_ALIBI_LSE, 10734
     q, k, v, opts = _attention_options_inputs(c, seed)

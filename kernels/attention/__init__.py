@@ -39,7 +39,7 @@ from .backward import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .configs import (GPU_CONFIGS, INTERPRETER_CONFIGS, PREPROCESS_BLOCK_M, VARIANT_CONFIGS,
                       _block_d, _cfg, configs_for, interpreter_configs)
 from .forward import _attn_fwd
-from .launch import (attention_backward, attention_forward, dropout_keep_mask, plan_backward,
-                     plan_forward)
+from .launch import (attention_backward, attention_forward, dropout_keep_mask,
+                     lse_residual_for, plan_backward, plan_forward)
 from .options import Options, _dot_precision, _features
 from .._launch import is_interpreted

@@ -46,14 +46,14 @@ def _attn_bwd_preprocess(Out, DO, DLse, Delta,
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, Delta,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, LseLo, Delta,
                          stride_qm, stride_dom, row0, lo, hi, offs_m, j, mask_d, n_q, n_kv, diag,
                          m_base, stride_mm, stride_mn, kpm_base, slope, sm_scale, cap_in,
                          cap_out, win_left, win_right, DROP_COLS, dropout_p, seed,
                          BLOCK_M: tl.constexpr, BOUNDARY: tl.constexpr, WIN_LEFT: tl.constexpr,
                          WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr):
+                         LSE_LO: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # Query rows past n_q load as zero with lse = +inf, so they add nothing: no row bound on P.
     # Keys past n_kv (ragged last key tile) produce rows of dK/dV that are never stored.
     q_base += tl.cast(lo, tl.int64) * stride_qm
@@ -74,7 +74,11 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, De
         # masked to -inf before exp2: a masked score above the row's lse must not make inf.
         # Rows past n_q (zero-filled q) are zeroed explicitly: with a key of -inf their score is
         # 0 * -inf = NaN, which would reach dK/dV through the dots (tests/test_empty_rows.py).
-        pT = tl.math.exp2((sT - lse[None, :]) * LOG2E)
+        if LSE_LO:  # fp32: lse's rounding residual (forward.py), subtracted after the exact s - lse
+            lse_lo = tl.load(LseLo + row0 + offs_qm, mask=mask_m, other=0.0)
+            pT = tl.math.exp2(((sT - lse[None, :]) - lse_lo[None, :]) * LOG2E)
+        else:
+            pT = tl.math.exp2((sT - lse[None, :]) * LOG2E)
         pT = tl.where(mask_m[None, :], pT, 0.0)
         do = tl.load(do_base + do_offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         # dV before dP^T is formed: fewer live tiles (dP^T first spilled fp32 D=128 on sm_80)
@@ -100,7 +104,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, De
 
 
 @triton.jit
-def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
+def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
                         stride_qz, stride_qh, stride_qm, stride_qd,
                         stride_kz, stride_kh, stride_kn, stride_kd,
                         stride_vz, stride_vh, stride_vn, stride_vd,
@@ -114,7 +118,8 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, Delta, DK, DV, Mask, 
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
                         HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
-                        DROPOUT: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                        DROPOUT: tl.constexpr, VARLEN: tl.constexpr, LSE_LO: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
     # One program owns one K/V tile of one kv head and loops over the query heads of its group
     # and over their query tiles: dK/dV are complete in registers, no atomics (deterministic).
     start_n = tile
@@ -192,7 +197,7 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, Delta, DK, DV, Mask, 
                     part_hi = m_hi
                 dk, dv = _attn_bwd_dkdv_inner(
                     dk, dv, k, v, q_base=q_base, do_base=do_base, q_offs=q_offs, do_offs=do_offs,
-                    Lse=Lse, Delta=Delta, stride_qm=stride_qm, stride_dom=stride_dom, row0=row0,
+                    Lse=Lse, LseLo=LseLo, Delta=Delta, stride_qm=stride_qm, stride_dom=stride_dom, row0=row0,
                     lo=part_lo, hi=part_hi, offs_m=offs_m, j=j, mask_d=mask_d, n_q=n_q,
                     n_kv=n_kv, diag=diag, m_base=m_base, stride_mm=stride_mm,
                     stride_mn=stride_mn, kpm_base=kpm_base, slope=slope, sm_scale=sm_scale,
@@ -200,7 +205,7 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, Delta, DK, DV, Mask, 
                     DROP_COLS=DROP_COLS, dropout_p=dropout_p, seed=seed, BLOCK_M=BLOCK_M,
                     BOUNDARY=part != 1, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
                     MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
-                    DROPOUT=DROPOUT, DOT_PRECISION=DOT_PRECISION)
+                    DROPOUT=DROPOUT, LSE_LO=LSE_LO, DOT_PRECISION=DOT_PRECISION)
 
     dk *= sm_scale
     tl.store(DK + z64 * stride_dkz + off_hkv.to(tl.int64) * stride_dkh + rows_n * stride_dkn
@@ -210,7 +215,7 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, Delta, DK, DV, Mask, 
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
+def _attn_bwd_dkdv(Q, K, V, DO, Lse, LseLo, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
                    stride_qz, stride_qh, stride_qm, stride_qd,
                    stride_kz, stride_kh, stride_kn, stride_kd,
                    stride_vz, stride_vh, stride_vn, stride_vd,
@@ -225,6 +230,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
                    WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
                    HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
                    DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQ_LOOP: tl.constexpr,
+                   LSE_LO: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
     # program -> (key tile, kv head, sequence)
     tile, head, seq, n_tiles = _program_tile(MAX_SEQLEN, BLOCK_N, H // GROUP)
@@ -233,7 +239,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
         # longer than max_seqlen is covered by looping over its tiles, never an unwritten row
         n_real = tl.load(CuK + seq + 1) - tl.load(CuK + seq)
         for t in range(tile, (n_real + BLOCK_N - 1) // BLOCK_N, n_tiles):
-            _attn_bwd_dkdv_tile(t, seq, head, Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi,
+            _attn_bwd_dkdv_tile(t, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV, Mask, Kpm, Alibi,
                                 CuQ, CuK, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz,
                                 stride_kh, stride_kn, stride_kd, stride_vz, stride_vh, stride_vn,
                                 stride_vd, stride_doz, stride_doh, stride_dom, stride_dod,
@@ -245,9 +251,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
                                 BLOCK_N=BLOCK_N, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
                                 MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI,
                                 SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, VARLEN=VARLEN,
-                                DOT_PRECISION=DOT_PRECISION)
+                                LSE_LO=LSE_LO, DOT_PRECISION=DOT_PRECISION)
     else:
-        _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi,
+        _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV, Mask, Kpm, Alibi,
                             CuQ, CuK, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz,
                             stride_kh, stride_kn, stride_kd, stride_vz, stride_vh, stride_vn,
                             stride_vd, stride_doz, stride_doh, stride_dom, stride_dod, stride_dkz,
@@ -258,18 +264,19 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, WIN_LEFT=WIN_LEFT,
                             WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM,
                             HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, VARLEN=VARLEN,
-                            DOT_PRECISION=DOT_PRECISION)
+                            LSE_LO=LSE_LO, DOT_PRECISION=DOT_PRECISION)
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
+def _attn_bwd_dq_inner(dq, q, do, lse, lse_lo, delta, k_base, v_base, k_offs, v_offs,
                        stride_kn, stride_vn, lo, hi, i, offs_n, mask_d, n_q, n_kv, diag,
                        m_base, stride_mm, stride_mn, kpm_base, slope, sm_scale, cap_in, cap_out,
                        win_left, win_right, row0, DROP_COLS, dropout_p, seed, dm_base, stride_dmm,
                        BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, WIN_LEFT: tl.constexpr,
                        WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
                        HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-                       MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       MASK_GRAD: tl.constexpr, LSE_LO: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
     k_base += tl.cast(lo, tl.int64) * stride_kn
     v_base += tl.cast(lo, tl.int64) * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
@@ -286,7 +293,10 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
                        sm_scale, cap_in, cap_out, win_left, win_right, BOUNDARY=BOUNDARY,
                        WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
                        HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP)
-        p = tl.math.exp2((s - lse[:, None]) * LOG2E)
+        if LSE_LO:  # fp32: see _attn_bwd_dkdv_inner
+            p = tl.math.exp2(((s - lse[:, None]) - lse_lo[:, None]) * LOG2E)
+        else:
+            p = tl.math.exp2((s - lse[:, None]) * LOG2E)
         # -- dS = P * (dP - delta), dQ += dS K ----
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         if DROPOUT:
@@ -304,7 +314,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_offs, v_offs,
 
 
 @triton.jit
-def _attn_bwd_dq_tile(tile, seq, head, Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, CuK, DMask,
+def _attn_bwd_dq_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, CuK, DMask,
                       stride_qz, stride_qh, stride_qm, stride_qd,
                       stride_kz, stride_kh, stride_kn, stride_kd,
                       stride_vz, stride_vh, stride_vn, stride_vd,
@@ -318,6 +328,7 @@ def _attn_bwd_dq_tile(tile, seq, head, Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, K
                       WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
                       HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
                       DROPOUT: tl.constexpr, VARLEN: tl.constexpr, MASK_GRAD: tl.constexpr,
+                      LSE_LO: tl.constexpr,
                       DOT_PRECISION: tl.constexpr):
     start_m = tile
     off_h = head
@@ -341,6 +352,9 @@ def _attn_bwd_dq_tile(tile, seq, head, Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, K
                  + offs_d[None, :] * stride_dod, mask=mask_md, other=0.0)
     row0 = (z * H + off_h).to(tl.int64) * N_Q + q_start
     lse = _load_lse(Lse, row0 + offs_m, mask_m)
+    lse_lo = lse  # unused without LSE_LO
+    if LSE_LO:
+        lse_lo = tl.load(LseLo + row0 + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(Delta + row0 + offs_m, mask=mask_m, other=0.0)
     k_base = K + z64 * stride_kz + off_hkv.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
     v_base = V + z64 * stride_vz + off_hkv.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
@@ -370,7 +384,7 @@ def _attn_bwd_dq_tile(tile, seq, head, Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, K
                 part_lo = full_hi
                 part_hi = hi
             dq = _attn_bwd_dq_inner(
-                dq, q, do, lse, delta, k_base=k_base, v_base=v_base, k_offs=k_offs,
+                dq, q, do, lse, lse_lo, delta, k_base=k_base, v_base=v_base, k_offs=k_offs,
                 v_offs=v_offs, stride_kn=stride_kn, stride_vn=stride_vn, lo=part_lo, hi=part_hi,
                 i=i, offs_n=offs_n, mask_d=mask_d, n_q=n_q, n_kv=n_kv, diag=diag, m_base=m_base,
                 stride_mm=stride_mm, stride_mn=stride_mn, kpm_base=kpm_base, slope=slope,
@@ -379,7 +393,7 @@ def _attn_bwd_dq_tile(tile, seq, head, Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, K
                 seed=seed, dm_base=dm_base, stride_dmm=N_KV, BLOCK_N=BLOCK_N,
                 BOUNDARY=part != 1, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
                 HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT,
-                MASK_GRAD=MASK_GRAD, DOT_PRECISION=DOT_PRECISION)
+                MASK_GRAD=MASK_GRAD, LSE_LO=LSE_LO, DOT_PRECISION=DOT_PRECISION)
     # a row with no finite score has a constant output (0): zero gradient, even where a key of
     # -inf met its zero dS in the dot (0 * -inf = NaN)
     dq = tl.where((lse == float("inf"))[:, None], 0.0, dq * sm_scale)
@@ -388,7 +402,7 @@ def _attn_bwd_dq_tile(tile, seq, head, Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, K
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, CuK, DMask,
+def _attn_bwd_dq(Q, K, V, DO, Lse, LseLo, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, CuK, DMask,
                  stride_qz, stride_qh, stride_qm, stride_qd,
                  stride_kz, stride_kh, stride_kn, stride_kd,
                  stride_vz, stride_vh, stride_vn, stride_vd,
@@ -402,7 +416,8 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, Cu
                  WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
                  HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
                  DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQ_LOOP: tl.constexpr,
-                 MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 MASK_GRAD: tl.constexpr, LSE_LO: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
     # program -> (query tile, head, sequence)
     tile, head, seq, n_tiles = _program_tile(MAX_SEQLEN, BLOCK_M, H)
     if SEQ_LOOP:
@@ -410,7 +425,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, Cu
         # longer than max_seqlen is covered by looping over its tiles, never an unwritten row
         n_real = tl.load(CuQ + seq + 1) - tl.load(CuQ + seq)
         for t in range(tile, (n_real + BLOCK_M - 1) // BLOCK_M, n_tiles):
-            _attn_bwd_dq_tile(t, seq, head, Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi,
+            _attn_bwd_dq_tile(t, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DQ, Mask, Kpm, KvRange, Alibi,
                               CuQ, CuK, DMask, stride_qz, stride_qh, stride_qm, stride_qd,
                               stride_kz, stride_kh, stride_kn, stride_kd, stride_vz, stride_vh,
                               stride_vn, stride_vd, stride_doz, stride_doh, stride_dom, stride_dod,
@@ -421,9 +436,9 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, Cu
                               WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
                               HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
                               DROPOUT=DROPOUT, VARLEN=VARLEN, MASK_GRAD=MASK_GRAD,
-                              DOT_PRECISION=DOT_PRECISION)
+                              LSE_LO=LSE_LO, DOT_PRECISION=DOT_PRECISION)
     else:
-        _attn_bwd_dq_tile(tile, seq, head, Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi,
+        _attn_bwd_dq_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DQ, Mask, Kpm, KvRange, Alibi,
                           CuQ, CuK, DMask, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz,
                           stride_kh, stride_kn, stride_kd, stride_vz, stride_vh, stride_vn,
                           stride_vd, stride_doz, stride_doh, stride_dom, stride_dod, stride_dqz,
@@ -433,4 +448,4 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Mask, Kpm, KvRange, Alibi, CuQ, Cu
                           BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, WIN_LEFT=WIN_LEFT,
                           WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM,
                           HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, VARLEN=VARLEN,
-                          MASK_GRAD=MASK_GRAD, DOT_PRECISION=DOT_PRECISION)
+                          MASK_GRAD=MASK_GRAD, LSE_LO=LSE_LO, DOT_PRECISION=DOT_PRECISION)

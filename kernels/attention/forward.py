@@ -66,7 +66,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
 
 
 @triton.jit
-def _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
+def _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
                    stride_qz, stride_qh, stride_qm, stride_qd,
                    stride_kz, stride_kh, stride_kn, stride_kd,
                    stride_vz, stride_vh, stride_vn, stride_vd,
@@ -78,7 +78,8 @@ def _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
                    HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
-                   DROPOUT: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   DROPOUT: tl.constexpr, VARLEN: tl.constexpr, LSE_LO: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
     start_m = tile
     off_h = head
     off_hkv = off_h // GROUP
@@ -149,7 +150,17 @@ def _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi
     if DROPOUT:
         inv_l = inv_l * (1.0 / (1.0 - dropout_p))
     acc = acc * inv_l[:, None]
-    lse = m_i + tl.math.log2(l_safe) * LN2  # m + ln(l)
+    log_l = tl.math.log2(l_safe) * LN2
+    lse = m_i + log_l  # m + ln(l)
+    if LSE_LO:
+        # fp32: the rounding error of that sum (TwoSum, exact), for the backward, which
+        # recomputes P = exp((s - lse) - lse_lo): lse alone rounds by up to 0.5 ulp(|lse|), and
+        # P of a dominant key (p ~ 1) carries the whole error into dV (14x PyTorch's error
+        # at |lse| ~ 25, tests/test_fuzz.py::test_fp32_large_lse_one_dominant_key)
+        m_part = lse - log_l
+        l_part = lse - m_part
+        lse_lo = (m_i - m_part) + (log_l - l_part)
+        tl.store(LseLo + row0 + offs_m, tl.where(empty, 0.0, lse_lo), mask=mask_m)
     lse = tl.where(empty, float("-inf"), lse)
     tl.store(Lse + row0 + offs_m, lse, mask=mask_m)
     o_ptrs = (Out + z64 * stride_oz + off_h.to(tl.int64) * stride_oh
@@ -158,7 +169,7 @@ def _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
+def _attn_fwd(Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
               stride_qz, stride_qh, stride_qm, stride_qd,
               stride_kz, stride_kh, stride_kn, stride_kd,
               stride_vz, stride_vh, stride_vn, stride_vd,
@@ -171,7 +182,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
               WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
               HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
               DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQ_LOOP: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
+              LSE_LO: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # program -> (query tile, head, sequence)
     tile, head, seq, n_tiles = _program_tile(MAX_SEQLEN, BLOCK_M, H)
     if SEQ_LOOP:
@@ -181,7 +192,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
         # regs + 32-96 B spilled), so the usual launch calls the body once, without a loop.
         n_real = tl.load(CuQ + seq + 1) - tl.load(CuQ + seq)
         for t in range(tile, (n_real + BLOCK_M - 1) // BLOCK_M, n_tiles):
-            _attn_fwd_tile(t, seq, head, Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
+            _attn_fwd_tile(t, seq, head, Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
                            stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh,
                            stride_kn, stride_kd, stride_vz, stride_vh, stride_vn, stride_vd,
                            stride_oz, stride_oh, stride_om, stride_od, stride_mz, stride_mh,
@@ -190,9 +201,10 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
                            HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                            WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
                            HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
-                           DROPOUT=DROPOUT, VARLEN=VARLEN, DOT_PRECISION=DOT_PRECISION)
+                           DROPOUT=DROPOUT, VARLEN=VARLEN, LSE_LO=LSE_LO,
+                           DOT_PRECISION=DOT_PRECISION)
     else:
-        _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
+        _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
                        stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh,
                        stride_kn, stride_kd, stride_vz, stride_vh, stride_vn, stride_vd,
                        stride_oz, stride_oh, stride_om, stride_od, stride_mz, stride_mh,
@@ -201,4 +213,4 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
                        HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                        WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
                        HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT,
-                       VARLEN=VARLEN, DOT_PRECISION=DOT_PRECISION)
+                       VARLEN=VARLEN, LSE_LO=LSE_LO, DOT_PRECISION=DOT_PRECISION)

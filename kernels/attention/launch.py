@@ -37,16 +37,19 @@ def _grid_len(max_seqlen: int) -> int:
     return max(int(max_seqlen), 1)
 
 
-def plan_forward(q, k, v, out, lse, opts: Options, arch: int | None) -> list[Launch]:
+def plan_forward(q, k, v, out, lse, opts: Options, arch: int | None,
+                 lse_lo: torch.Tensor | None = None) -> list[Launch]:
+    """lse_lo (fp32 inputs): also write lse's rounding residual there (forward.py)."""
     H, D = q.shape[1], q.shape[3]
     block_d = _block_d(D)
     feats, flags, n_z, variant = _features(q, k, opts, lse)
     n_q = _grid_len(opts.max_seqlen_q) if opts.varlen else q.shape[2]
-    args = _pick(_attn_fwd, {"Q": q, "K": k, "V": v, "Out": out, "Lse": lse, **feats,
+    args = _pick(_attn_fwd, {"Q": q, "K": k, "V": v, "Out": out, "Lse": lse,
+                             "LseLo": lse if lse_lo is None else lse_lo, **feats,
                              "MAX_SEQLEN": n_q,
                              **_strides(q, "q"), **_strides(k, "k"), **_strides(v, "v"),
                              **_strides(out, "o")})
-    constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, **flags,
+    constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, **flags, "LSE_LO": lse_lo is not None,
                   "DOT_PRECISION": _dot_precision(q.dtype, block_d, variant)}
     return [Launch("attn_fwd", _attn_fwd, args, constexprs,
                    lambda meta: flat_grid(triton.cdiv(n_q, meta["BLOCK_M"]), n_z, H),
@@ -55,13 +58,15 @@ def plan_forward(q, k, v, out, lse, opts: Options, arch: int | None) -> list[Lau
 
 
 def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
-                  arch: int | None, dmask: torch.Tensor | None = None) -> list[Launch]:
+                  arch: int | None, dmask: torch.Tensor | None = None,
+                  lse_lo: torch.Tensor | None = None) -> list[Launch]:
+    """lse_lo: the forward's lse residual (fp32), subtracted when P is recomputed."""
     B, H, N_Q, D = q.shape
     block_d = _block_d(D)
     feats, flags, n_z, variant = _features(q, k, opts, lse)
     n_q = _grid_len(opts.max_seqlen_q) if opts.varlen else N_Q
     n_k = _grid_len(opts.max_seqlen_k) if opts.varlen else k.shape[2]
-    constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, **flags,
+    constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, **flags, "LSE_LO": lse_lo is not None,
                   "DOT_PRECISION": _dot_precision(q.dtype, block_d, variant)}
     tune_key = _tune_key(constexprs)
     pre_m = PREPROCESS_BLOCK_M
@@ -72,7 +77,8 @@ def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
         {"HEAD_DIM": D, "BLOCK_D": block_d, "BLOCK_M": pre_m, "HAS_DLSE": dlse is not None},
         lambda meta: flat_grid(triton.cdiv(N_Q, pre_m), B, H),
         [triton.Config({}, num_warps=4, num_stages=1)], [])
-    values = {"Q": q, "K": k, "V": v, "DO": do, "Lse": lse, "Delta": delta, "DK": dk, "DV": dv,
+    values = {"Q": q, "K": k, "V": v, "DO": do, "Lse": lse,
+              "LseLo": lse if lse_lo is None else lse_lo, "Delta": delta, "DK": dk, "DV": dv,
               "DQ": dq, "DMask": lse if dmask is None else dmask, **feats,
               **_strides(q, "q"), **_strides(k, "k"), **_strides(v, "v"), **_strides(do, "do"),
               **_strides(dk, "dk"), **_strides(dv, "dv"), **_strides(dq, "dq")}
@@ -94,20 +100,33 @@ def _arch_for(t: torch.Tensor) -> int | None:
     return None if is_interpreted(_attn_fwd) else device_arch(t)
 
 
+def lse_residual_for(dtype: torch.dtype) -> bool:
+    """Whether the forward keeps lse's fp32 rounding residual for the backward: fp32 inputs
+    only (16-bit gradients are far coarser than 0.5 ulp of lse; their kernels stay as they were)."""
+    return dtype == torch.float32
+
+
 def attention_forward(q, k, v, opts: Options):
-    """out [B, Hq, Nq, D] (q's dtype and layout), lse [B, Hq, Nq] float32 (natural log)."""
+    """out [B, Hq, Nq, D] (q's dtype and layout), lse [B, Hq, Nq] float32 (natural log), and
+    lse_lo: for fp32 inputs lse's rounding residual [B, Hq, Nq] (exact lse = lse + lse_lo, for
+    `attention_backward`), else an empty tensor."""
     q, k, v = (int32_tiles(t) for t in (q, k, v))
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+    lse_lo = (torch.empty_like(lse) if lse_residual_for(q.dtype)
+              else lse.new_empty(0))
     if out.numel():
-        for launch in plan_forward(q, k, v, out, lse, opts, _arch_for(q)):
+        for launch in plan_forward(q, k, v, out, lse, opts, _arch_for(q),
+                                   lse_lo if lse_lo.numel() else None):
             run(launch)
     else:
         lse.fill_(float("-inf"))
-    return out, lse
+        lse_lo.zero_()
+    return out, lse, lse_lo
 
 
-def attention_backward(do, q, k, v, out, lse, opts: Options, dlse=None, mask_grad=False):
+def attention_backward(do, q, k, v, out, lse, opts: Options, dlse=None, mask_grad=False,
+                       lse_lo=None):
     """dq, dk, dv (same shapes, dtypes and layouts as q, k, v) and, with mask_grad, the
     gradient of the additive mask as dense [B, Hq, Nq, Nk] float32 (else an empty tensor).
     Deterministic: no atomics."""
@@ -123,8 +142,12 @@ def attention_backward(do, q, k, v, out, lse, opts: Options, dlse=None, mask_gra
         # layout (an expanded zero has stride 0) or dtype. B*H*N floats: the copy is negligible.
         dlse = dlse.to(torch.float32).contiguous()
     lse = lse.contiguous()
+    if lse_lo is not None and lse_lo.numel() == 0:
+        lse_lo = None  # 16-bit inputs, or a caller without the residual (ring attention's merge)
+    if lse_lo is not None:
+        lse_lo = lse_lo.contiguous()
     for launch in plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts,
-                                _arch_for(q), dmask if mask_grad else None):
+                                _arch_for(q), dmask if mask_grad else None, lse_lo):
         run(launch)
     return dq, dk, dv, dmask
 

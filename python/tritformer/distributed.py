@@ -254,8 +254,9 @@ def _block_fwd(q, k, v, scale, left, right, softcap, ref):
     if ref:  # CPU without Triton's interpreter: the fp32 reference (as tritformer.attention)
         return reference._attention(q.float(), k.float(), v.float(), scale, left, right, True,
                                     softcap=softcap)
+    # (out, lse): the merge and the backward use the merged lse alone (no fp32 residual)
     return torch.ops.tritformer.attention_fwd(q, k, v, None, None, None, None, None, None, scale,
-                                              left, right, softcap, 0.0, 0, 0)
+                                              left, right, softcap, 0.0, 0, 0)[:2]
 
 
 def _block_bwd(do, q, k, v, out, lse, dlse, scale, left, right, softcap, ref):

@@ -282,9 +282,16 @@ def _attention_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool,
     scale = head_dim ** -0.5
     cap = ARCHES[arch]
     opts = K.Options(scale=scale, right=0 if causal else None)
-    return (K.plan_forward(q, k, v, o, lse, opts, cap)
+    lo = _lse_lo(K, lse, dtype)
+    return (K.plan_forward(q, k, v, o, lse, opts, cap, lo)
             + K.plan_backward(do, q, k, v, o, lse, None, delta, q.clone(), k.clone(), v.clone(),
-                              opts, cap))
+                              opts, cap, None, lo))
+
+
+def _lse_lo(K, lse, dtype):
+    """The lse residual buffer the ops pass for this dtype (fp32), so that the kernels compiled
+    here are the ones that run."""
+    return torch.empty_like(lse) if K.lse_residual_for(dtype) else None
 
 
 def _masked_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool, heads: str = "mha"):
@@ -302,9 +309,10 @@ def _masked_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool, he
                      seed=1234)
     cap = ARCHES[arch]
     dmask = torch.empty(B, H, N, N, device="meta")
-    return (K.plan_forward(q, k, v, o, lse, opts, cap)
+    lo = _lse_lo(K, lse, dtype)
+    return (K.plan_forward(q, k, v, o, lse, opts, cap, lo)
             + K.plan_backward(do, q, k, v, o, lse, None, torch.empty_like(lse), q.clone(),
-                              k.clone(), v.clone(), opts, cap, dmask)[1:])
+                              k.clone(), v.clone(), opts, cap, dmask, lo)[1:])
 
 
 def _varlen_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool, heads: str = "gqa4"):
@@ -322,9 +330,10 @@ def _varlen_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool, he
     opts = K.Options(scale=head_dim ** -0.5, right=0 if causal else None, cu_seqlens_q=cu,
                      cu_seqlens_k=cu, max_seqlen_q=2048, max_seqlen_k=2048, seqlens_checked=True)
     cap = ARCHES[arch]
-    return (K.plan_forward(q, k, v, o, lse, opts, cap)
+    lo = _lse_lo(K, lse, dtype)
+    return (K.plan_forward(q, k, v, o, lse, opts, cap, lo)
             + K.plan_backward(do, q, k, v, o, lse, None, torch.empty_like(lse), q.clone(),
-                              k.clone(), v.clone(), opts, cap)[1:])
+                              k.clone(), v.clone(), opts, cap, None, lo)[1:])
 
 
 def _softmax_plans(arch: str, dtype: torch.dtype, n_cols: int, causal: bool, _heads: str = "-"):

@@ -56,8 +56,11 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    cu_seqlens_k: Optional[torch.Tensor], seed: Optional[torch.Tensor],
                    scale: Optional[float], left: Optional[int], right: Optional[int], softcap: float,
                    dropout_p: float, max_seqlen_q: int, max_seqlen_k: int,
-                   seqlens_checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (varlen: B = 1, N = total tokens, cu_seqlens set);
+                   seqlens_checked: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """out, lse, and lse_lo: lse's rounding residual for the backward (fp32 inputs; else empty).
+
+    q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (varlen: B = 1, N = total tokens, cu_seqlens set);
     attn_mask expanded to [B, Hq, Nq, Nk] (a stride-0 view where broadcast). seqlens_checked:
     (varlen) max_seqlen_* are known to bound every sequence (checked on the host); when not
     (under torch.compile) the kernels loop over tiles past them."""
@@ -70,7 +73,10 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @_attention_fwd.register_fake
 def _(q, k, v, attn_mask, key_padding_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed,
       scale, left, right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, seqlens_checked=False):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    lse_lo = (torch.empty_like(lse) if _kernels().lse_residual_for(q.dtype)
+              else lse.new_empty(0))
+    return torch.empty_like(q), lse, lse_lo
 
 
 @torch.library.custom_op("tritformer::attention_bwd", mutates_args=())
@@ -81,19 +87,19 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                    cu_seqlens_k: Optional[torch.Tensor], seed: Optional[torch.Tensor],
                    scale: Optional[float], left: Optional[int], right: Optional[int], softcap: float,
                    dropout_p: float, max_seqlen_q: int, max_seqlen_k: int, mask_grad: bool,
-                   seqlens_checked: bool = False
+                   seqlens_checked: bool = False, lse_lo: Optional[torch.Tensor] = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv, and d(attn_mask) [B, Hq, Nq, Nk] float32 when mask_grad (else empty)."""
     opts = _options(_default_scale(q, scale), left, right, attn_mask, key_padding_mask,
                     alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, softcap, dropout_p,
                     max_seqlen_q, max_seqlen_k, seqlens_checked)
-    return _kernels().attention_backward(do, q, k, v, out, lse, opts, dlse, mask_grad)
+    return _kernels().attention_backward(do, q, k, v, out, lse, opts, dlse, mask_grad, lse_lo)
 
 
 @_attention_bwd.register_fake
 def _(do, q, k, v, out, lse, dlse, attn_mask, key_padding_mask, alibi_slopes, cu_seqlens_q,
       cu_seqlens_k, seed, scale, left, right, softcap, dropout_p, max_seqlen_q, max_seqlen_k,
-      mask_grad, seqlens_checked=False):
+      mask_grad, seqlens_checked=False, lse_lo=None):
     dmask = (q.new_empty((*q.shape[:3], k.shape[2]), dtype=torch.float32) if mask_grad
              else q.new_empty(0, dtype=torch.float32))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
@@ -101,21 +107,21 @@ def _(do, q, k, v, out, lse, dlse, attn_mask, key_padding_mask, alibi_slopes, cu
 
 def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, kpm, alibi, cu_q, cu_k, seed = inputs[:9]
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, kpm, alibi, cu_q, cu_k, seed)
+    out, lse, lse_lo = output
+    ctx.save_for_backward(q, k, v, out, lse, lse_lo, attn_mask, kpm, alibi, cu_q, cu_k, seed)
     ctx.scalars = inputs[9:]
     ctx.mask_grad = (attn_mask is not None and attn_mask.dtype != torch.bool
                      and ctx.needs_input_grad[3])
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, attn_mask, kpm, alibi, cu_q, cu_k, seed = ctx.saved_tensors
+def _backward(ctx, dout, dlse, _dlse_lo):
+    q, k, v, out, lse, lse_lo, attn_mask, kpm, alibi, cu_q, cu_k, seed = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     *scalars, seqlens_checked = ctx.scalars
     dq, dk, dv, dmask = torch.ops.tritformer.attention_bwd(
         dout, q, k, v, out, lse, dlse, attn_mask, kpm, alibi, cu_q, cu_k, seed, *scalars,
-        ctx.mask_grad, seqlens_checked)
+        ctx.mask_grad, seqlens_checked, lse_lo)
     dmask = dmask.to(attn_mask.dtype) if ctx.mask_grad else None
     return (dq, dk, dv, dmask) + (None,) * 13
 
@@ -164,7 +170,7 @@ def _attention(q, k, v, scale, left, right, return_lse=False, attn_mask=None,
         return (out, lse) if return_lse else out
     mask = None if attn_mask is None else attn_mask.expand(B, Hq, Nq, Nk)
     slopes = None if alibi_slopes is None else alibi_slopes.float().expand(B, Hq).contiguous()
-    out, lse = torch.ops.tritformer.attention_fwd(
+    out, lse, _ = torch.ops.tritformer.attention_fwd(
         q, k, v, mask, key_padding_mask, slopes, None, None, seed, scale, left, right, softcap,
         dropout_p, 0, 0)
     return (out, lse) if return_lse else out
@@ -292,7 +298,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         slopes = alibi_slopes.float().expand(n_seq, q.shape[1]).contiguous()
     # [T, H, D] viewed as [1, H, T, D]: the kernels read the packed tokens through strides
     view = lambda t: t.transpose(0, 1).unsqueeze(0)
-    out, lse = torch.ops.tritformer.attention_fwd(
+    out, lse, _ = torch.ops.tritformer.attention_fwd(
         view(q), view(k), view(v), None, None, slopes, cu_seqlens_q, cu_seqlens_k, seed, scale,
         left, right, softcap, dropout_p, int(max_seqlen_q), int(max_seqlen_k),
         not torch.compiler.is_compiling())  # checked by check_varlen_inputs unless compiling
