@@ -250,7 +250,30 @@ def _merge(acc_out, acc_lse, out_b, lse_b):
     acc_lse.copy_(new)
 
 
+def _cpu_flash(q, k, left, right, softcap) -> bool:
+    """Whether a CPU block runs on torch's CPU flash kernel (O(n) memory, no [n, n] scores): no
+    softcap, and either no mask or the causal diagonal of a square block (no row without a
+    key). Other blocks (windows' edges, softcap) take the fp32 reference."""
+    return (q.device.type == "cpu" and not softcap and left is None
+            and (right is None or (right == 0 and q.shape[2] == k.shape[2])))
+
+
+def _heads_like(t, q):
+    """k / v with their heads repeated up to q's (GQA / MQA) for the CPU flash kernel."""
+    return t if t.shape[1] == q.shape[1] else t.repeat_interleave(q.shape[1] // t.shape[1], 1)
+
+
+def _heads_sum(g, t):
+    """The gradient of `_heads_like(t, q)` summed back to t's heads."""
+    B, H, n, D = t.shape
+    return g if g.shape[1] == H else g.view(B, H, g.shape[1] // H, n, D).sum(2)
+
+
 def _block_fwd(q, k, v, scale, left, right, softcap, ref):
+    if ref and _cpu_flash(q, k, left, right, softcap):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.float(), _heads_like(k, q).float(), _heads_like(v, q).float(), 0.0, right == 0,
+            scale=scale)
     if ref:  # CPU without Triton's interpreter: the fp32 reference (as tritformer.attention)
         return reference._attention(q.float(), k.float(), v.float(), scale, left, right, True,
                                     softcap=softcap)
@@ -266,6 +289,13 @@ def _block_bwd(do, q, k, v, out, lse, dlse, scale, left, right, softcap, ref):
             do, q, k, v, out, lse, dlse, None, None, None, None, None, None, scale, left, right,
             softcap, 0.0, 0, 0, False)
         return dq, dk, dv
+    if dlse is None and _cpu_flash(q, k, left, right, softcap):
+        # torch's CPU flash backward takes (out, lse) as the fused one does: the global ones
+        # give this block's exact share of dq / dk / dv (D = rowsum(dout * out) is global)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do.float(), q.float(), _heads_like(k, q).float(), _heads_like(v, q).float(),
+            out.float(), lse, 0.0, right == 0, scale=scale)
+        return dq, _heads_sum(dk, k), _heads_sum(dv, v)
     # reference backend: differentiate the block's (out_b, lse_b) with the merge's chain rule:
     # out = sum_b w_b out_b, w_b = exp(lse_b - lse), so dL/dout_b = w_b dout and
     # dL/dlse_b = w_b (rowsum(dout * (out_b - out)) + dlse)
