@@ -234,12 +234,21 @@ def test_an_op_failure_leaves_a_partial_report_and_the_other_ops_run(tmp_path, m
     assert "4x less (4 MiB)" in ffn and "2x less (2 MiB)" in ffn
 
 
-def test_sigint_leaves_the_rows_so_far_and_a_partial_report(tmp_path):
+@pytest.mark.parametrize("reexec", [
+    False,  # TRITON_INTERPRET=1 set: the bench runs in the process that gets the signal
+    True,   # unset on CPU: cli.py re-runs itself with the interpreter in a child process; a
+            # terminal's Ctrl-C reaches the whole process group (killpg below), and the parent
+            # must wait for the child's partial report, then exit 130 without a traceback
+])
+def test_sigint_leaves_the_rows_so_far_and_a_partial_report(tmp_path, reexec):
     out = tmp_path / "res"
     env = {**os.environ, "TRITON_INTERPRET": "1", "TRITFORMER_BENCH_MIN_RUN_TIME": "0.02"}
+    if reexec:
+        env.pop("TRITON_INTERPRET")
     proc = subprocess.Popen([sys.executable, "-m", "tritformer", "bench", "--quick", "--op",
                              "attention", "--providers", "naive", "tritformer", "--out", str(out)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
@@ -247,7 +256,7 @@ def test_sigint_leaves_the_rows_so_far_and_a_partial_report(tmp_path):
                 break
             time.sleep(0.1)
         assert proc.poll() is None, "the run ended before the first row: " + proc.stderr.read()
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

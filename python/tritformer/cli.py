@@ -92,9 +92,18 @@ def _interpreter_rerun(command: str, argv) -> int | None:
     if (command not in ("validate", "bench") or torch.cuda.is_available()
             or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
         return None
+    import signal
     argv = sys.argv[1:] if argv is None else list(argv)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    return subprocess.run([sys.executable, "-m", "tritformer", *argv], env=env).returncode
+    proc = subprocess.Popen([sys.executable, "-m", "tritformer", *argv], env=env)
+    # Ctrl-C reaches the child too (same process group): let it write its partial report and
+    # exit 130, rather than subprocess.run killing it 0.25 s later and printing a traceback
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code = proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, old)
+    return 128 - code if code < 0 else code
 
 
 def main(argv=None) -> int:
