@@ -10,8 +10,8 @@
   ranks' collectives a timeout (TRITFORMER_DIST_TIMEOUT): a rank waiting for a peer that never
   comes fails instead of hanging.
 
-The ranks run without TRITON_INTERPRET (the torch fallback; the ring's blocks on the fp32
-reference) and the tiny GPT's attention / MLP backends are "naive" / "torch", so the
+The ranks run without TRITON_INTERPRET (the torch fallback; the ring's blocks on torch's CPU
+flash kernel) and the tiny GPT's attention / MLP backends are "naive" / "torch", so the
 single-process references here run plain PyTorch too: the kernels across ranks are
 tests/test_distributed.py's subject.
 """
@@ -32,7 +32,8 @@ from tritformer.models import GPT
 
 pytestmark = pytest.mark.integration  # spawned, model-level (pyproject.toml)
 
-# seconds for one spawn (all ranks). Measured on 2 busy cores: ~25 s for the 4-rank run
+# seconds for one spawn (all ranks). Measured on 2 busy cores: 15-30 s for the 4-rank run, the
+# whole file 35-70 s wall (42 s CPU)
 TIMEOUT = 240
 TINY = ["--block-size", "32", "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
         "--attn-backend", "naive", "--mlp-backend", "torch"]
