@@ -130,7 +130,7 @@ def test_cp_x_dp_fsdp_step_equals_the_single_process_step(corpus, fsdp_run):
     argv, out, log = fsdp_run
     assert "FSDP, context parallel 2 (ring) x data parallel 2" in log, log
     assert "global batch 4 x 32" in log, log
-    assert os.path.isfile(out / "ckpt_dcp" / "train_state.json") and not os.path.exists(out / "ckpt.pt")
+    assert os.path.isfile(out / "ckpt_dcp" / "train_state.json")
     args = _args(*argv)
     config = train.model_config(args, None)
     torch.manual_seed(args.seed)
@@ -146,6 +146,11 @@ def test_cp_x_dp_fsdp_step_equals_the_single_process_step(corpus, fsdp_run):
     _assert_same_params(_state(loaded), _state(single), init, "4-rank CP x DP FSDP vs 1 process")
     # tied embedding stays tied through the DCP round trip
     assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+    # the gathered whole model in ckpt.pt, for generate (no optimiser state)
+    whole = train.load_checkpoint(str(out / "ckpt.pt"), GPT(config))
+    assert whole["step"] == 1 and "optimizer" not in whole
+    for name, p in _state(loaded).items():
+        assert torch.equal(whole["model"][name], p), name
 
 
 def _expected_next_step(corpus, argv, dcp_dir, dp):

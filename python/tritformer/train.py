@@ -29,7 +29,9 @@ shards and the data shards share it, gradients reduce-scattered with the same av
 Its checkpoint is a torch.distributed.checkpoint directory, OUT/ckpt_dcp (every rank writes its
 shards; train_state.json beside them holds step, config, args and log), which `--resume` loads
 on any number of processes, with or without --fsdp or CP (DCP reshards); it is written to
-OUT/ckpt_dcp.tmp and renamed. --resume takes whichever of ckpt.pt and ckpt_dcp is further on.
+OUT/ckpt_dcp.tmp and renamed. At the end rank 0 also writes the gathered whole model to ckpt.pt
+(no optimiser state) for `generate`. --resume takes whichever of ckpt.pt and ckpt_dcp is
+further on (ckpt_dcp on a tie).
 
 Schedule: AdamW (betas 0.9/0.95, weight decay on matrices only), gradient clipping, learning rate
 warm-up then cosine decay to --min-lr (nanoGPT's). Batches are a function of (seed, step, rank),
@@ -637,7 +639,11 @@ def _train(args, config, ckpt, shards, device, rank, world, ckpt_path, cp_group=
     full = None
     if ckpt is not None and "dcp" not in ckpt:  # ckpt.pt: whole tensors into the plain model
         model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        if "optimizer" in ckpt:
+            opt.load_state_dict(ckpt["optimizer"])
+        elif main_rank:  # the end-of-run ckpt.pt of an --fsdp run whose ckpt_dcp is gone
+            print(f"note: {ckpt_path} holds no optimiser state (written for generate by an "
+                  f"--fsdp run); AdamW starts afresh", flush=True)
         if args.fsdp and world > 1:  # FQN-keyed copies, handed to the sharded model below
             from torch.distributed.checkpoint.state_dict import get_state_dict
             full = get_state_dict(model, opt)
@@ -671,11 +677,22 @@ def _train(args, config, ckpt, shards, device, rank, world, ckpt_path, cp_group=
     # the arguments as plain types now: one that a checkpoint cannot hold fails before training
     args_plain = plain(vars(args), "args")
 
-    def checkpoint(step_done: int):
+    def checkpoint(step_done: int, last: bool = False):
         if args.fsdp:  # every rank writes its shards
             meta = {"step": step_done, "config": config.to_dict(), "args": args_plain,
                     "log": rows, "world_size": world}
             save_dcp_checkpoint(model, opt, meta if main_rank else None, args.out)
+            if last:  # the whole model in ckpt.pt for `generate` (no optimiser: --resume takes
+                # ckpt_dcp, which is as far on)
+                weights = model.state_dict()
+                if world > 1:
+                    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                                         get_model_state_dict)
+                    weights = get_model_state_dict(model, options=StateDictOptions(
+                        full_state_dict=True, cpu_offload=True))
+                if main_rank:
+                    _save({"model": weights, "step": step_done, "config": config.to_dict(),
+                           "args": args_plain, "log": rows}, ckpt_path)
         elif main_rank:
             _save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step_done,
                    "config": config.to_dict(), "args": args_plain, "log": rows}, ckpt_path)
@@ -703,7 +720,7 @@ def _train(args, config, ckpt, shards, device, rank, world, ckpt_path, cp_group=
             if val is not None or last:
                 _write_log(rows, args.out)
         if last or (step + 1) % args.ckpt_interval == 0:
-            checkpoint(step + 1)
+            checkpoint(step + 1, last)
     if bar is not None:
         bar.close()
     if main_rank and rows:
