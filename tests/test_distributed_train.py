@@ -226,3 +226,25 @@ def test_parallel_arguments_are_checked_before_any_process_waits():
         train.check_parallel(_args("--context-parallel", "2"), drop, 2)
     with pytest.raises(ValueError, match="--context-parallel must be >= 1"):
         train.check_args(_args("--context-parallel", "0"))
+
+
+@pytest.mark.parametrize("Hkv, nq, nk, right", [(2, 16, 16, 0), (1, 8, 16, None), (2, 16, 8, None)])
+def test_ring_cpu_blocks_on_torch_flash_match_the_reference(Hkv, nq, nk, right):
+    # the ring's CPU block path (torch's flash kernel, GQA by repeated heads, backward from the
+    # global out / lse) against its fp32 reference path, on one block (its own out / lse)
+    from tritformer import distributed as cp
+    g = torch.Generator().manual_seed(Hkv * 100 + nq + nk)
+    q = torch.randn(2, 4, nq, 16, generator=g)
+    k, v = (torch.randn(2, Hkv, nk, 16, generator=g) for _ in range(2))
+    do = torch.randn(2, 4, nq, 16, generator=g)
+    assert cp._cpu_flash(q, k, None, right, 0.0)
+    out, lse = cp._block_fwd(q, k, v, 0.25, None, right, 0.0, True)
+    ref_out, ref_lse = cp.reference._attention(q, k, v, 0.25, None, right, True, softcap=0.0)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    got = cp._block_bwd(do, q, k, v, out, lse, None, 0.25, None, right, 0.0, True)
+    # dlse = 0 (not None) takes the reference path's autograd chain rule
+    want = cp._block_bwd(do, q, k, v, out, lse, torch.zeros_like(lse), 0.25, None, right, 0.0, True)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
