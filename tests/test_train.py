@@ -63,13 +63,29 @@ def test_ddp_two_processes_equal_one_process_on_the_global_batch(corpus, tmp_pat
     train.train_step(model, opt, x, y, train.lr_at(0, args), args.grad_clip)
     single = model.state_dict()
     assert ddp["step"] == 1 and ddp["config"] == config.to_dict()
-    for name, p in single.items():
-        moved = (p - init[name]).abs().max()
-        diff = (ddp["model"][name] - p).abs().max()
-        # Adam's first step moves every parameter with a nonzero gradient by ~lr (m/sqrt(v) =
-        # sign(g)); the two runs differ only by the gradient all-reduce's rounding (measured:
-        # max |diff| 0 on 2 layers' parameters with this seed), far below one step
-        assert diff <= 1e-6, f"{name}: DDP and single-process parameters differ by {diff:.2e} (step moved {moved:.2e})"
+    # The gradients, through AdamW's first moment after one step (m = (1 - beta1) g, in
+    # make_optimizer's parameter order): the two runs differ only by the rounding of the batch
+    # split and the all-reduce, relative to each tensor's largest gradient.
+    beta1 = 0.9
+    lr, eps = train.lr_at(0, args), 1e-8  # AdamW's default eps
+    states = ddp["optimizer"]["state"], opt.state_dict()["state"]
+    params = [p for p in model.parameters() if p.dim() >= 2] + [p for p in model.parameters()
+                                                               if p.dim() < 2]
+    names = {id(p): n for n, p in model.named_parameters()}
+    for i, p in enumerate(params):
+        name = names[id(p)]
+        g_ddp, g_one = (st[i]["exp_avg"] / (1 - beta1) for st in states)
+        dg = (g_ddp - g_one).abs()
+        assert dg.max() <= 1e-5 * g_one.abs().max() + 1e-12, f"{name}: gradients differ by {dg.max():.2e}"
+        # Adam's first step moves a parameter by lr * g / (|g| + eps) (about lr * sign(g)): where
+        # g cancels to ~eps, a gradient rounding dg moves it by up to lr * dg / eps (measured: a
+        # 1.7e-6 parameter difference, 1.7e-3 of the step, on an element whose gradient summed
+        # to ~1e-9 from both ranks' ~1e-4; which element depends on the corpus, this package's
+        # own source). Elsewhere the parameters agree to rounding.
+        bound = lr * torch.clamp(dg / eps, max=2.0) + 1e-6
+        diff = (ddp["model"][name] - single[name]).abs()
+        moved = (single[name] - init[name]).abs().max()
+        assert (diff <= bound).all(), f"{name}: DDP and single-process parameters differ by {diff.max():.2e} (step moved {moved:.2e})"
     assert any((p - init[n]).abs().max() > 1e-4 for n, p in single.items())  # the step did move
 
 
