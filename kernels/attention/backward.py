@@ -112,8 +112,8 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
                         stride_dkz, stride_dkh, stride_dkn, stride_dkd,
                         stride_dvz, stride_dvh, stride_dvn, stride_dvd,
                         stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
-                        H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
-                        dropout_p, seed, DROP_COLS,
+                        H, GROUP, GROUP_SPLIT, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left,
+                        win_right, dropout_p, seed, DROP_COLS,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -122,8 +122,14 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
                         DOT_PRECISION: tl.constexpr):
     # One program owns one K/V tile of one kv head and loops over the query heads of its group
     # and over their query tiles: dK/dV are complete in registers, no atomics (deterministic).
+    # GROUP_SPLIT > 1 (GQA at low parallelism, launch.gqa_split): GROUP_SPLIT programs share a kv
+    # head, each over GROUP / GROUP_SPLIT of its query heads, and store their partial dK/dV at
+    # head index `head` of an fp32 workspace [B, Hkv * GROUP_SPLIT, Nk, D] that the host sums
+    # over the split in a fixed order (still deterministic). GROUP_SPLIT = 1 is today's kernel.
     start_n = tile
-    off_hkv = head  # kv head
+    off_hkv = head // GROUP_SPLIT  # kv head
+    g_per = GROUP // GROUP_SPLIT
+    g0 = (head % GROUP_SPLIT) * g_per
     z, q_start, k_start, n_q, n_kv = _seq_info(CuQ, CuK, seq, N_Q, N_KV, VARLEN)
     diag = n_kv - n_q
 
@@ -170,7 +176,7 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
 
     q_offs = offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd  # [BLOCK_M, BLOCK_D]
     do_offs = offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
-    for g in range(GROUP):
+    for g in range(g0, g0 + g_per):
         off_h = off_hkv * GROUP + g
         q_base = (Q + z64 * stride_qz + off_h.to(tl.int64) * stride_qh
                   + q_start.to(tl.int64) * stride_qm)
@@ -208,9 +214,9 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
                     DROPOUT=DROPOUT, LSE_LO=LSE_LO, DOT_PRECISION=DOT_PRECISION)
 
     dk *= sm_scale
-    tl.store(DK + z64 * stride_dkz + off_hkv.to(tl.int64) * stride_dkh + rows_n * stride_dkn
+    tl.store(DK + z64 * stride_dkz + head.to(tl.int64) * stride_dkh + rows_n * stride_dkn
              + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=mask_nd)
-    tl.store(DV + z64 * stride_dvz + off_hkv.to(tl.int64) * stride_dvh + rows_n * stride_dvn
+    tl.store(DV + z64 * stride_dvz + head.to(tl.int64) * stride_dvh + rows_n * stride_dvn
              + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=mask_nd)
 
 
@@ -223,8 +229,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, LseLo, Delta, DK, DV, Mask, Kpm, Alibi, CuQ
                    stride_dkz, stride_dkh, stride_dkn, stride_dkd,
                    stride_dvz, stride_dvh, stride_dvn, stride_dvd,
                    stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
-                   H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
-                   dropout_p, seed, DROP_COLS, MAX_SEQLEN,
+                   H, GROUP, GROUP_SPLIT, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left,
+                   win_right, dropout_p, seed, DROP_COLS, MAX_SEQLEN,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -232,8 +238,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, LseLo, Delta, DK, DV, Mask, Kpm, Alibi, CuQ
                    DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQ_LOOP: tl.constexpr,
                    LSE_LO: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
-    # program -> (key tile, kv head, sequence)
-    tile, head, seq, n_tiles = _program_tile(MAX_SEQLEN, BLOCK_N, H // GROUP)
+    # program -> (key tile, kv head x split part, sequence)
+    tile, head, seq, n_tiles = _program_tile(MAX_SEQLEN, BLOCK_N, H // GROUP * GROUP_SPLIT)
     if SEQ_LOOP:
         # varlen under torch.compile (max_seqlen not checked against cu_seqlens): a sequence
         # longer than max_seqlen is covered by looping over its tiles, never an unwritten row
@@ -245,8 +251,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, LseLo, Delta, DK, DV, Mask, Kpm, Alibi, CuQ
                                 stride_vd, stride_doz, stride_doh, stride_dom, stride_dod,
                                 stride_dkz, stride_dkh, stride_dkn, stride_dkd, stride_dvz,
                                 stride_dvh, stride_dvn, stride_dvd, stride_mz, stride_mh,
-                                stride_mm, stride_mn, stride_kpz, H, GROUP, N_Q, N_KV, sm_scale,
-                                cap_in, cap_out, win_left, win_right, dropout_p, seed, DROP_COLS,
+                                stride_mm, stride_mn, stride_kpz, H, GROUP, GROUP_SPLIT, N_Q,
+                                N_KV, sm_scale, cap_in, cap_out, win_left, win_right, dropout_p,
+                                seed, DROP_COLS,
                                 HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M,
                                 BLOCK_N=BLOCK_N, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
                                 MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI,
@@ -259,7 +266,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, LseLo, Delta, DK, DV, Mask, Kpm, Alibi, CuQ
                             stride_vd, stride_doz, stride_doh, stride_dom, stride_dod, stride_dkz,
                             stride_dkh, stride_dkn, stride_dkd, stride_dvz, stride_dvh, stride_dvn,
                             stride_dvd, stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz, H,
-                            GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
+                            GROUP, GROUP_SPLIT, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
                             dropout_p, seed, DROP_COLS, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, WIN_LEFT=WIN_LEFT,
                             WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM,

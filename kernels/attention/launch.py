@@ -3,6 +3,8 @@ executes) and the launchers the ops call. Knows nothing of autograd: tensors in,
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -11,7 +13,7 @@ from ._common import _dropout_mask_kernel
 from .backward import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .configs import PREPROCESS_BLOCK_M, _block_d, configs_for
 from .forward import _attn_fwd
-from .options import Options, _dot_precision, _features, _strides
+from .options import Options, _dot_precision, _features, _strides, _variant
 
 
 def _pick(fn, values: dict) -> dict:
@@ -59,8 +61,10 @@ def plan_forward(q, k, v, out, lse, opts: Options, arch: int | None,
 
 def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
                   arch: int | None, dmask: torch.Tensor | None = None,
-                  lse_lo: torch.Tensor | None = None) -> list[Launch]:
-    """lse_lo: the forward's lse residual (fp32), subtracted when P is recomputed."""
+                  lse_lo: torch.Tensor | None = None, split: int = 1) -> list[Launch]:
+    """lse_lo: the forward's lse residual (fp32), subtracted when P is recomputed. split > 1
+    (GQA, `gqa_split`): dk / dv are fp32 workspaces [B, Hkv * split, Nk, D] of partial sums
+    that the caller reduces over the split (`attention_backward`)."""
     B, H, N_Q, D = q.shape
     block_d = _block_d(D)
     feats, flags, n_z, variant = _features(q, k, opts, lse)
@@ -83,10 +87,12 @@ def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
               **_strides(q, "q"), **_strides(k, "k"), **_strides(v, "v"), **_strides(do, "do"),
               **_strides(dk, "dk"), **_strides(dv, "dv"), **_strides(dq, "dq")}
     dkdv = Launch(
-        "attn_bwd_dkdv", _attn_bwd_dkdv, _pick(_attn_bwd_dkdv, {**values, "MAX_SEQLEN": n_k}),
+        "attn_bwd_dkdv", _attn_bwd_dkdv,
+        _pick(_attn_bwd_dkdv, {**values, "MAX_SEQLEN": n_k, "GROUP_SPLIT": split}),
         constexprs,
-        lambda meta: flat_grid(triton.cdiv(n_k, meta["BLOCK_N"]), n_z, k.shape[1]),
-        configs_for("bwd_dkdv", arch, block_d, q.element_size(), variant), tune_key, _BUCKETED)
+        lambda meta: flat_grid(triton.cdiv(n_k, meta["BLOCK_N"]), n_z, k.shape[1] * split),
+        configs_for("bwd_dkdv", arch, block_d, q.element_size(), variant),
+        tune_key + ["GROUP_SPLIT"], _BUCKETED)
     dq_launch = Launch(
         "attn_bwd_dq", _attn_bwd_dq, _pick(_attn_bwd_dq, {**values, "MAX_SEQLEN": n_q}),
         {**constexprs, "MASK_GRAD": dmask is not None},
@@ -98,6 +104,59 @@ def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
 
 def _arch_for(t: torch.Tensor) -> int | None:
     return None if is_interpreted(_attn_fwd) else device_arch(t)
+
+
+# GQA backward parallelism. The dK/dV grid runs over (key tile, kv head, sequence): each program
+# loops over its group's query heads, so a GQA model launches `group` times fewer programs than
+# the same model with MHA (Llama-3-70B: 8x). At small batch and long context that leaves most
+# SMs idle. Splitting each group over `split` programs restores the parallelism; the partial
+# dK/dV go to an fp32 workspace [B, Hkv * split, Nk, D] (2 * 4 * B * Hkv * split * Nk * D bytes
+# for dK and dV) summed over the split in a fixed order (deterministic, no atomics). The
+# choice: the smallest split (a divisor of the group) that gives at least GQA_SPLIT_WAVES
+# programs per SM, within GQA_SPLIT_BUDGET bytes of workspace (plus q's own size); no split
+# where the unsplit grid already fills the GPU (then the split only adds traffic and memory).
+# FlashAttention-2 always expands (dk/dv per query head in the input dtype, summed by torch).
+GQA_SPLIT_WAVES = 2
+GQA_SPLIT_BUDGET = 256 * 2 ** 20
+
+
+def gqa_split(programs: int, group: int, sm_count: int | None, part_bytes: int,
+              budget: int) -> int:
+    """How many programs share one kv head's dK/dV tile (a divisor of `group`; 1 = no split).
+
+    programs: the unsplit dK/dV grid size; sm_count: the GPU's SMs (None off CUDA: no split);
+    part_bytes: the workspace one split part costs (dK + dV in fp32); budget: bytes allowed."""
+    if group <= 1 or not sm_count or programs >= GQA_SPLIT_WAVES * sm_count:
+        return 1
+    best = 1
+    for s in range(2, group + 1):
+        if group % s:
+            continue
+        if s * part_bytes > budget:
+            break
+        best = s
+        if programs * s >= GQA_SPLIT_WAVES * sm_count:
+            break
+    return best
+
+
+def _gqa_split_for(q, k, opts: Options, arch: int | None, n_z: int, n_k: int) -> int:
+    group = q.shape[1] // k.shape[1]
+    forced = os.environ.get("TRITFORMER_GQA_SPLIT")
+    if forced:  # benchmarks and tests: a fixed split (must divide the group)
+        split = int(forced)
+        if split < 1 or group % split:
+            raise ValueError(f"TRITFORMER_GQA_SPLIT={forced} must divide the GQA group size {group}")
+        return split
+    if is_interpreted(_attn_fwd) or q.device.type != "cuda":
+        return 1
+    sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
+    configs = configs_for("bwd_dkdv", arch, _block_d(q.shape[3]), q.element_size(),
+                          _variant(opts))
+    block_n = max(c.kwargs.get("BLOCK_N", 64) for c in configs) if configs else 64
+    programs = triton.cdiv(n_k, block_n) * n_z * k.shape[1]
+    part_bytes = 2 * 4 * n_z * k.shape[1] * k.shape[2] * k.shape[3]
+    return gqa_split(programs, group, sm_count, part_bytes, GQA_SPLIT_BUDGET + q.nbytes)
 
 
 def lse_residual_for(dtype: torch.dtype) -> bool:
@@ -146,9 +205,22 @@ def attention_backward(do, q, k, v, out, lse, opts: Options, dlse=None, mask_gra
         lse_lo = None  # 16-bit inputs, or a caller without the residual (ring attention's merge)
     if lse_lo is not None:
         lse_lo = lse_lo.contiguous()
-    for launch in plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts,
-                                _arch_for(q), dmask if mask_grad else None, lse_lo):
+    arch = _arch_for(q)
+    n_z = opts.cu_seqlens_q.shape[0] - 1 if opts.varlen else q.shape[0]
+    n_k = _grid_len(opts.max_seqlen_k) if opts.varlen else k.shape[2]
+    split = _gqa_split_for(q, k, opts, arch, n_z, n_k)
+    if split > 1:  # partial sums per split part, reduced below (see gqa_split)
+        B, H_KV, N_KV, D = k.shape
+        ws_k = torch.empty(B, H_KV * split, N_KV, D, device=k.device, dtype=torch.float32)
+        ws_v = torch.empty_like(ws_k)
+    else:
+        ws_k, ws_v = dk, dv
+    for launch in plan_backward(do, q, k, v, out, lse, dlse, delta, dq, ws_k, ws_v, opts,
+                                arch, dmask if mask_grad else None, lse_lo, split):
         run(launch)
+    if split > 1:
+        dk.copy_(ws_k.view(B, H_KV, split, N_KV, D).sum(2))
+        dv.copy_(ws_v.view(B, H_KV, split, N_KV, D).sum(2))
     return dq, dk, dv, dmask
 
 

@@ -126,7 +126,13 @@ def _features(q, k, opts: Options, dummy: torch.Tensor):
         "SEQ_LOOP": opts.varlen and not opts.seqlens_checked,
     }
     n_z = opts.cu_seqlens_q.shape[0] - 1 if opts.varlen else B
-    heavy = (constexprs["MASK_KIND"] or kpm is not None or slopes is not None or opts.softcap
-             or opts.dropout_p > 0 or opts.left is not None)
-    variant = "masked" if heavy else ("varlen" if opts.varlen else "plain")
-    return args, constexprs, n_z, variant
+    return args, constexprs, n_z, _variant(opts)
+
+
+def _variant(opts: Options) -> str:
+    """The config table a launch uses: "masked" with any mask, bias, softcap, dropout or left
+    window; else "varlen" or "plain"."""
+    heavy = (opts.attn_mask is not None or opts.key_padding_mask is not None
+             or opts.alibi_slopes is not None or opts.softcap or opts.dropout_p > 0
+             or opts.left is not None)
+    return "masked" if heavy else ("varlen" if opts.varlen else "plain")

@@ -1,0 +1,97 @@
+"""GQA backward parallelism (kernels/attention/launch.py: gqa_split): the dK/dV grid split over
+each kv head's query-head group, partial sums in an fp32 workspace reduced in a fixed order.
+
+The split is chosen from the GPU's SM count, so on CPU it is forced with TRITFORMER_GQA_SPLIT:
+every split must meet the criterion, and dQ (its own kernel, untouched) must not move a bit.
+"""
+import pytest
+import torch
+
+import tritformer
+from tritformer.kernels import attention as KA
+from tritformer.kernels.attention import launch as L
+from tritformer.numerics import assert_checks
+from tritformer.testing import check_attention, check_varlen_attention
+
+MiB = 2 ** 20
+
+
+@pytest.mark.parametrize("programs, group, sms, part, budget, want", [
+    (300, 8, 132, MiB, 256 * MiB, 1),   # the unsplit grid already fills 2 waves: no split
+    (64, 8, 132, MiB, 256 * MiB, 8),    # 64 x 8 = 512 >= 264: the whole group (smallest that fills)
+    (100, 8, 132, MiB, 256 * MiB, 4),   # 100 x 4 = 400 >= 264 first at 4
+    (100, 6, 132, MiB, 256 * MiB, 3),   # divisors of 6 only: 2 (200), 3 (300 >= 264)
+    (10, 8, 132, 100 * MiB, 256 * MiB, 2),  # the workspace budget stops at 2 parts (200 MiB)
+    (10, 1, 132, MiB, 256 * MiB, 1),    # MHA: nothing to split
+    (10, 8, None, MiB, 256 * MiB, 1),   # off CUDA (interpreter, CPU): no split
+])
+def test_split_choice(programs, group, sms, part, budget, want):
+    assert L.gqa_split(programs, group, sms, part, budget) == want
+
+
+def test_split_grid_and_workspace_plan():
+    # the dK/dV grid grows by the split; the kernel gets GROUP_SPLIT and the workspace strides
+    meta = lambda *s, dtype=torch.float16: torch.empty(*s, device="meta", dtype=dtype)
+    B, Hq, Hkv, N, D = 2, 8, 2, 256, 64
+    q, o, do = (meta(B, Hq, N, D) for _ in range(3))
+    k, v = (meta(B, Hkv, N, D) for _ in range(2))
+    ws = meta(B, Hkv * 4, N, D, dtype=torch.float32)
+    lse = meta(B, Hq, N, dtype=torch.float32)
+    opts = KA.Options(scale=0.125, right=0)
+    for split, dk in ((1, k), (4, ws)):
+        _, dkdv, _ = KA.plan_backward(do, q, k, v, o, lse, None, lse, q, dk, dk, opts, 90,
+                                      split=split)
+        assert dkdv.args["GROUP_SPLIT"] == split and dkdv.args["stride_dkh"] == dk.stride(1)
+        for cfg in dkdv.configs:
+            assert dkdv.grid(cfg.kwargs) == ((N // cfg.kwargs["BLOCK_N"]) * B * Hkv * split,)
+
+
+def test_forced_split_must_divide_the_group(monkeypatch):
+    monkeypatch.setenv("TRITFORMER_GQA_SPLIT", "3")
+    q = torch.randn(1, 4, 16, 16, requires_grad=True)
+    k, v = (torch.randn(1, 1, 16, 16, requires_grad=True) for _ in range(2))
+    with pytest.raises(ValueError, match="TRITFORMER_GQA_SPLIT=3 must divide the GQA group size 4"):
+        tritformer.attention(q, k, v).sum().backward()
+
+
+def _grads(monkeypatch, split, q, k, v, **kw):
+    monkeypatch.setenv("TRITFORMER_GQA_SPLIT", str(split))
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(0)
+    out = tritformer.attention(*leaves, **kw)
+    out.backward(torch.ones_like(out))
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("split, dtype, kw", [
+    (4, torch.float16, dict(causal=True)),   # one query head per program; plain table, ragged N
+    (4, torch.float32, dict(causal=False)),  # fp32 (with the lse residual in the backward)
+    (2, torch.float16, dict(causal=True, dropout_p=0.25, alibi_slopes=torch.rand(8),
+                            key_padding_mask=torch.arange(40) % 7 == 3)),  # 2 heads; masked table
+])
+def test_split_matches_the_criterion_and_leaves_dq_alone(monkeypatch, split, dtype, kw):
+    g = torch.Generator().manual_seed(split)
+    q = torch.randn(2, 8, 33, 16, generator=g).to(dtype)   # Hq = 8, Hkv = 2: group 4
+    k, v = (torch.randn(2, 2, 40, 16, generator=g).to(dtype) for _ in range(2))
+    kpm = kw.get("key_padding_mask")
+    if kpm is not None:
+        kw = {**kw, "key_padding_mask": kpm.expand(2, 40)}
+    monkeypatch.setenv("TRITFORMER_GQA_SPLIT", str(split))
+    assert_checks(check_attention(q, k, v, **kw), (split, dtype))
+    dq1, dk1, dv1 = _grads(monkeypatch, 1, q, k, v, **kw)
+    dqs, dks, dvs = _grads(monkeypatch, split, q, k, v, **kw)
+    assert torch.equal(dq1, dqs)  # the dQ kernel does not see the split
+    # dK/dV: the same terms, summed in another order (fp32 partials, one rounding at the end)
+    tol = dict(rtol=2e-3, atol=2e-3) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dks, dk1, **tol)
+    torch.testing.assert_close(dvs, dv1, **tol)
+
+
+def test_split_varlen(monkeypatch):
+    # packed sequences: the workspace is [1, Hkv * split, total, D] like the [1, Hkv, T, D] view
+    monkeypatch.setenv("TRITFORMER_GQA_SPLIT", "2")
+    g = torch.Generator().manual_seed(1)
+    cu = torch.tensor([0, 5, 5, 37, 50], dtype=torch.int32)
+    q = torch.randn(50, 4, 16, generator=g)
+    k, v = (torch.randn(50, 2, 16, generator=g) for _ in range(2))
+    assert_checks(check_varlen_attention(q, k, v, cu, cu, 32, 32, causal=True, return_lse=True))
