@@ -22,13 +22,15 @@ setup(
         # `python -m tritformer bench` (plots: matplotlib) and benchmarks/ (pytest-benchmark)
         "bench": ["matplotlib", "pytest-benchmark"],
         # transformers: below the next major version, since the integration uses semi-internal
-        # names (AttentionInterface, masking utilities); 5.25+ also brings Hugging Face's
+        # names (AttentionInterface, masking utilities); 5.4 is the oldest that passes the HF
+        # tests (5.3: mask functions take other arguments; 4.x: no is_tracing), and CI runs them
+        # on 5.4.0 (.ci/run); 5.25+ also brings Hugging Face's
         # `kernels` package, which this package's own kernels/ does not shadow
-        "hf": ["transformers>=4.56,<6", "safetensors"],
+        "hf": ["transformers>=5.4,<6", "safetensors"],
         # hypothesis pinned: CI's fuzz tests draw derandomized examples, which a new release
         # may change; a deeper search is TRITFORMER_FUZZ_EXAMPLES (README)
         "test": ["pytest>=8", "pytest-xdist", "expecttest", "pytest-benchmark", "matplotlib",
-                 "hypothesis==6.170.15", "transformers>=4.56,<6", "safetensors",
+                 "hypothesis==6.170.15", "transformers>=5.4,<6", "safetensors",
                  "ruff==0.14.0"],
     },
     entry_points={"console_scripts": ["tritformer=tritformer.cli:main"]},

@@ -18,6 +18,7 @@ eager a uniform average of the values; neither reaches a real token (no real que
 padding key), so logits are compared at real tokens only.
 """
 import copy
+import inspect
 import subprocess
 import sys
 import warnings
@@ -214,7 +215,10 @@ def test_chunked_prefill_is_bottom_right_causal(fused):
     with torch.no_grad():
         for m in (ours, base, ref):
             past = m(ids[:, :7], use_cache=True).past_key_values
-            logits.append(m(ids[:, 7:], cache=past, use_cache=True).logits)
+            # the cache argument's name: `cache` in recent transformers, `past_key_values` before
+            # (an unknown keyword is swallowed by **kwargs, i.e. silently no cache)
+            name = "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"
+            logits.append(m(ids[:, 7:], use_cache=True, **{name: past}).logits)
     chunk = [c for c in fused if c["nq"] == 5]
     assert len(chunk) == LAYERS and all(c["nk"] == 12 and c["causal"] and not c["mask"] for c in chunk)
     out, base_out, ref_out = logits

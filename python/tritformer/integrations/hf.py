@@ -66,7 +66,7 @@ try:
     from transformers.utils.import_utils import is_torchdynamo_exporting, is_tracing
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "tritformer.integrations.hf needs Hugging Face transformers >= 4.56: "
+        "tritformer.integrations.hf needs Hugging Face transformers >= 5.4: "
         "pip install transformers (or pip install tritformer[hf])") from e
 
 import torch
