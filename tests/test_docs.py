@@ -34,7 +34,7 @@ def _has(module):
 
 def test_docs_have_examples():
     pages = {p.name for p in DOCS.glob("*.md")}
-    assert {"swap-into-a-model.md", "validate.md"} <= pages
+    assert {"swap-into-a-model.md", "validate.md", "benchmarking.md"} <= pages
     assert all("```python" in (DOCS / p).read_text(encoding="utf-8") for p in pages)
 
 
