@@ -318,3 +318,24 @@ def test_ffn_bytes():
     # M = 4 tokens, d = 2, weights of 10 elements, fp32
     assert bench.ffn_bytes(4, [6, 4], 2, 4) == {"fwd": (8 + 10 + 8) * 4, "bwd": (24 + 20) * 4,
                                                 "fwd_bwd": (26 + 44) * 4}
+
+
+# ---------------------------------------------------------------------------------------------
+# ring op (context parallelism on Gloo processes)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.integration  # spawns 13 processes (about half a minute)
+def test_ring_rows_memory_per_rank_falls_with_world_size():
+    steps = []
+    rows, skipped = bench.run(ops=("ring",), quick=True, out_dir=None, progress=steps.append)
+    assert len(steps) == bench.planned_cases(("ring",), "cpu", True, bench.PROVIDERS) == 5
+    peak = {r["provider"]: r["value"] for r in rows if r["metric"] == "peak_memory"}
+    sent = {r["provider"]: r["value"] for r in rows if r["metric"] == "comm_bytes"}
+    assert set(peak) == {"tritformer", "ring_w2", "ring_w4", "ulysses_w2", "ulysses_w4"}
+    assert {r["x_value"] for r in rows} == {2048} and {r["op"] for r in rows} == {"ring"}
+    # per rank: each doubling of the world size shrinks what a rank holds
+    assert peak["ring_w4"] < peak["ring_w2"] and peak["ulysses_w4"] < peak["ulysses_w2"]
+    assert peak["ulysses_w4"] < peak["tritformer"]
+    # ring: k/v forward and back (W-1 hops each) and the fp32 dK/dV (W hops), per rank
+    shard = 1 * 4 * (2048 // 4) * 64 * 4
+    assert sent["ring_w4"] == 2 * 3 * 2 * shard + 4 * 2 * shard
+    assert not skipped

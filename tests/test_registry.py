@@ -27,7 +27,7 @@ def test_every_reference_resolves():
 def test_the_tools_iterate_the_registry():
     from tritformer import bench, cli, inspect, validate
     assert bench.OPS == registry.names("bench") == (
-        "attention", "masked", "varlen", "softmax", "ffn", "gated_ffn", "gpt")
+        "attention", "masked", "varlen", "softmax", "ffn", "gated_ffn", "gpt", "ring")
     assert inspect.ALL_OPS == tuple(inspect.PLANS) == registry.names("inspect") == (
         "attention", "masked", "varlen", "softmax", "ffn", "decode")
     assert registry.names("validate") == ("attention", "masked", "varlen", "softmax", "ffn", "decode")

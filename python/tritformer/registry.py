@@ -154,6 +154,8 @@ OPS = (
        inspect=Inspect(f"{_PLANS}:_decode_plans", causal=(True,), heads=("gqa8",))),
     Op("gpt",  # the reference GPT end to end: bench only (its kernels are the ops above)
        bench=Bench("tritformer.bench.gpt:bench_gpt", kernels=("attention", "decode", "ffn"))),
+    Op("ring",  # context-parallel attention (tritformer.distributed) on Gloo: bench only
+       bench=Bench("tritformer.bench.ring:bench_ring", kernels=("attention",))),
 )
 
 REGISTRY = {op.name: op for op in OPS}

@@ -49,7 +49,7 @@ table, plots with captions, report.md / index.html) and one module per op (`atte
 `softmax`, `ffn` (ffn and gated_ffn), `gpt`), each with its sweep function; `run` iterates the
 ops' `bench` declarations in tritformer.registry. Every name is re-exported here.
 """
-from . import attention, core, ffn, gpt, masked, report, softmax, varlen
+from . import attention, core, ffn, gpt, masked, report, ring, softmax, varlen
 from .attention import (_FLEX, _MODE_FACTOR, INTERPRETER_TILES, AttentionSweep, _attention_call,
                         _SDPA_BACKENDS, _cu_seqlens, _flash_attn, _flex,
                         _large_interpreter_tiles, _max_error, _naive, _qkv, _reference64, _sdpa,
@@ -70,6 +70,7 @@ from .masked import (MaskCase, _masked_flash_attn, _masked_flex, _masked_naive, 
                      masked_visible_pairs, padded_lengths)
 from .report import (STYLES, caption, format_table, headlines, plot_results, skip_lines,
                      summary_lines, write_report)
+from .ring import bench_ring
 from .softmax import bench_softmax
 from .varlen import (Packing, _packed_qkv, _varlen_flash_attn, _varlen_flex, _varlen_naive,
                      _varlen_sdpa, _varlen_tritformer, bench_varlen, packing, varlen_flops,
