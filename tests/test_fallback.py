@@ -198,3 +198,25 @@ def test_fallback_faster_than_naive_reference():
     ratio = min(t_naive) / min(t_fast)
     print(f"fallback {min(t_fast) * 1e3:.1f} ms, naive reference {min(t_naive) * 1e3:.1f} ms: {ratio:.2f}x")
     assert ratio > 1.15, (t_fast, t_naive)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("gqa", [False, True])
+def test_rows_without_finite_score_from_the_data(torch_backend, causal, gqa):
+    # the kernels' rule (tests/test_empty_rows.py) on the fallback: a key of -inf with positive
+    # queries makes every score of that head -inf; SDPA's backward gave NaN in dq there
+    g = torch.Generator().manual_seed(0)
+    Hkv = 1 if gqa else 2
+    q = torch.randn(2, 2, 24, 16, generator=g).abs() + 0.1
+    k, v = (torch.randn(2, Hkv, 40, 16, generator=g) for _ in range(2))
+    k[0, Hkv - 1] = float("-inf")  # batch 0: every score of the last kv head's group is -inf
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = tritformer.attention(*leaves, causal=causal, return_lse=True)
+    dead = slice(1, 2) if not gqa else slice(0, 2)  # the query heads reading that kv head
+    assert torch.isneginf(lse[0, dead]).all() and torch.equal(out[0, dead], torch.zeros_like(out[0, dead]))
+    (out.sum() + lse[torch.isfinite(lse)].sum()).backward()
+    for name, t in zip("qkv", leaves):
+        assert torch.isfinite(t.grad).all(), name
+    assert torch.equal(leaves[0].grad[0, dead], torch.zeros_like(leaves[0].grad[0, dead]))
+    ref = tritformer.reference.attention(q[1:], k[1:], v[1:], causal=causal)
+    torch.testing.assert_close(out[1:], ref, rtol=1e-5, atol=1e-6)

@@ -95,6 +95,32 @@ def _lse(q, k, scale, mask, is_causal):
     return lse.masked_fill(empty[..., 0], float("-inf"))
 
 
+def _nonfinite_attention(q, k, v, scale, mask, is_causal):
+    """(out, lse) by dense scores with the kernels' rule for rows whose scores are all -inf
+    (from the mask or from the data): out 0, lse -inf, and zero gradient. Such a row's query is
+    replaced by 0 before the product (its gradient is masked to 0), so no 0 * inf reaches the
+    backward of the whole head; keys of -inf seen by other rows give NaN in those rows' dq, as
+    in the kernels (a 0 * -inf in the dot)."""
+    group = q.shape[1] // max(k.shape[1], 1)
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+    def scores(qq):
+        s = torch.matmul(qq * scale, k.transpose(-2, -1))
+        if is_causal:
+            keep = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+            s = s.masked_fill(~keep, float("-inf"))
+        elif mask is not None:
+            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+        return s
+    with torch.no_grad():
+        empty = torch.isneginf(scores(q)).all(-1, keepdim=True)  # [B, H, Nq, 1]
+    s = scores(q.masked_fill(empty, 0.0)).masked_fill(empty, 0.0)
+    p = torch.softmax(s, dim=-1).masked_fill(empty, 0.0)
+    lse = torch.logsumexp(s, dim=-1).masked_fill(empty[..., 0], float("-inf"))
+    return torch.matmul(p, v), lse
+
+
 def attention(q, k, v, scale=None, left=None, right=None, return_lse=False, attn_mask=None,
               key_padding_mask=None, dropout_p=0.0, alibi_slopes=None, softcap=None,
               dropout_mask=None):
@@ -114,6 +140,14 @@ def attention(q, k, v, scale=None, left=None, right=None, return_lse=False, attn
         return out.to(q.dtype), (lse.float() if return_lse else None)
     qc, kc, vc = q.to(dt), k.to(dt), v.to(dt)
     is_causal, mask = _masks(qc, kc, left, right, attn_mask, key_padding_mask, alibi_slopes, dt)
+    if not torch.compiler.is_compiling() and not (bool(torch.isfinite(qc).all())
+                                                  and bool(torch.isfinite(kc).all())):
+        # an infinite q or k can make a row's scores all -inf from the data: SDPA's backward
+        # then turns it into NaN gradients for the whole head (P = exp(-inf - -inf)). The
+        # kernels' rule instead: output 0, lse -inf, zero gradient (tests/test_fallback.py).
+        # Dense scores, for such inputs only (the check is O(N D); skipped under torch.compile)
+        out, lse = _nonfinite_attention(qc, kc, vc, scale, mask, is_causal)
+        return out.to(q.dtype), (lse.float() if return_lse else None)
     empty = None if is_causal else _empty_rows(mask)
     sdpa_mask = mask
     if empty is not None:  # lift the mask of rows without a key (their output is zeroed below)
