@@ -95,3 +95,28 @@ def test_split_varlen(monkeypatch):
     q = torch.randn(50, 4, 16, generator=g)
     k, v = (torch.randn(50, 2, 16, generator=g) for _ in range(2))
     assert_checks(check_varlen_attention(q, k, v, cu, cu, 32, 32, causal=True, return_lse=True))
+
+
+def test_split_for_a_cuda_launch(monkeypatch):
+    # the CUDA branch of the choice, on stand-ins (no GPU here): SM count from the device, the
+    # unsplit grid from the widest BLOCK_N of the table, the workspace shaped like k
+    import types
+    monkeypatch.delenv("TRITFORMER_GQA_SPLIT", raising=False)
+    monkeypatch.setattr(L, "is_interpreted", lambda fn: False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda dev: types.SimpleNamespace(multi_processor_count=132))
+    cuda = types.SimpleNamespace(type="cuda")
+    fake = lambda *shape: types.SimpleNamespace(shape=shape, device=cuda, nbytes=2 * shape[0]
+                                                * shape[1] * shape[2] * shape[3],
+                                                element_size=lambda: 2)
+    # varlen: [1, H, T, D] views, 8 sequences of up to 128 keys; Llama-3-70B-like heads (8:1)
+    q, k = fake(1, 64, 2048, 128), fake(1, 8, 2048, 128)
+    opts = KA.Options(scale=0.1, right=0, cu_seqlens_q=torch.zeros(9), cu_seqlens_k=torch.zeros(9),
+                      max_seqlen_q=128, max_seqlen_k=128, seqlens_checked=True)
+    block_n = max(c.kwargs["BLOCK_N"] for c in KA.configs_for("bwd_dkdv", 90, 128, 2, "varlen"))
+    programs = (128 // block_n) * 8 * 8
+    part = 2 * 4 * 1 * 8 * 2048 * 128  # the workspace per split part: k's shape, fp32, dK + dV
+    want = L.gqa_split(programs, 8, 132, part, L.GQA_SPLIT_BUDGET + q.nbytes)
+    # 128 programs: split 4 fills 2 waves (a workspace sized by the 8 sequences instead of
+    # k's one packed batch would stop at 2 on the budget)
+    assert want == 4 and L._gqa_split_for(q, k, opts, 90, 8, 128) == want

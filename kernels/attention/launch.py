@@ -155,7 +155,8 @@ def _gqa_split_for(q, k, opts: Options, arch: int | None, n_z: int, n_k: int) ->
                           _variant(opts))
     block_n = max(c.kwargs.get("BLOCK_N", 64) for c in configs) if configs else 64
     programs = triton.cdiv(n_k, block_n) * n_z * k.shape[1]
-    part_bytes = 2 * 4 * n_z * k.shape[1] * k.shape[2] * k.shape[3]
+    # the workspace is shaped like k with Hkv * split heads (varlen: B = 1, N = total tokens)
+    part_bytes = 2 * 4 * k.shape[0] * k.shape[1] * k.shape[2] * k.shape[3]
     return gqa_split(programs, group, sm_count, part_bytes, GQA_SPLIT_BUDGET + q.nbytes)
 
 
