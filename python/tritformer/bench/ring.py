@@ -35,28 +35,6 @@ import tempfile
 import time
 
 
-def _peak_bytes(fn) -> int:
-    """Peak bytes `fn` allocates beyond what was live before (CPU allocator, via the profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)  # the profiler's C++ side prints start/stop lines on fd 2
-    try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return int(peak)
-
-
 def _inputs(spec, rank, world):
     import torch
     from tritformer.distributed import _shard
@@ -101,7 +79,8 @@ def worker(spec_path: str, rank, world, out_path: str) -> None:
         dist.barrier()
     sent[0] = 0
     t0 = time.perf_counter()
-    peak = _peak_bytes(step)
+    from tritformer.bench.core import peak_bytes  # the profiler measure every CPU row uses
+    peak = peak_bytes(step, "cpu")
     ms = (time.perf_counter() - t0) * 1e3
     with open(out_path, "w") as f:
         json.dump({"rank": rank, "peak_bytes": peak, "sent_bytes": sent[0], "ms": ms}, f)
