@@ -36,6 +36,7 @@ import triton.language as tl
 
 from ._launch import Launch, arch_family, device_arch, flat_grid, int32_tiles, is_interpreted, run
 from ._constants import LN2, LOG2E
+from ._math import tanh as _tanh
 from .attention import _block_d, _dot_precision
 
 
@@ -44,25 +45,61 @@ from .attention import _block_d, _dot_precision
 # Kernel 1: one KV head's query group against one chunk of the cache
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _decode_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn,
-                  lo, hi, i, offs_n, mask_d, n_kv, diag, qk_scale,
-                  BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _decode_inner(acc, l_i, m_i, q, k_head, v_head, k_offs, v_offs, offs_d, stride_kz,
+                  stride_kn, stride_kd, stride_vz, stride_vn, stride_vd, bt_row, stride_btn, PAGE,
+                  MAX_BLOCKS, N_CACHE, lo, hi, i, offs_n, mask_d, k_lo, n_kv, diag, slope,
+                  qk_scale, sm_scale, cap_in, cap_out, win_left, win_right,
+                  BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, PAGED: tl.constexpr,
+                  HAS_LEFTPAD: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
+                  HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # BOUNDARY=False: every key of every tile in [lo, hi) is valid and visible to every row,
-    # so neither the length bound nor the causal diagonal is evaluated (the fast path).
-    k_base += tl.cast(lo, tl.int64) * stride_kn
-    v_base += tl.cast(lo, tl.int64) * stride_vn
+    # so neither the length bound, the left padding nor the window is evaluated (the fast
+    # path). k_head / v_head: the cache at this KV head (and batch row, unless PAGED).
+    k_base = k_head + tl.cast(lo, tl.int64) * stride_kn  # not PAGED: position lo of the row
+    v_base = v_head + tl.cast(lo, tl.int64) * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
         j = start_n + offs_n  # [BLOCK_N] key positions
-        # -- load K^T tile [BLOCK_D, BLOCK_N]; keys past the length are never read ----
-        if BOUNDARY:
-            k = tl.load(k_base + k_offs, mask=mask_d[:, None] & (j[None, :] < n_kv), other=0.0)
+        # -- key rows: position j of the sequence, or slot j % PAGE of block table[j // PAGE] --
+        if PAGED:
+            # clamped: the host checks the table, except while torch.compile traces
+            page = tl.minimum(j // PAGE, MAX_BLOCKS - 1)
+            blk = tl.load(bt_row + page * stride_btn, mask=j < n_kv, other=0)
+            blk = tl.minimum(tl.maximum(blk, 0), N_CACHE - 1).to(tl.int64)
+            k_row = blk * stride_kz + (j % PAGE) * stride_kn
+            v_row = blk * stride_vz + (j % PAGE) * stride_vn
+            k_ptrs = k_head + k_row[None, :] + offs_d[:, None] * stride_kd
+            v_ptrs = v_head + v_row[:, None] + offs_d[None, :] * stride_vd
         else:
-            k = tl.load(k_base + k_offs, mask=mask_d[:, None], other=0.0)
-        # log2 units: qk_scale = scale * log2(e), one multiply (see _decode_split)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+            k_ptrs = k_base + k_offs
+            v_ptrs = v_base + v_offs
+        # -- load K^T tile [BLOCK_D, BLOCK_N]; keys outside [k_lo, n_kv) are never read ----
         if BOUNDARY:
-            # causal: row with query i sees j <= len - Nq + i (which also bounds j < len)
-            s = tl.where(j[None, :] <= i + diag, s, float("-inf"))
+            kv_ok = j < n_kv
+            if HAS_LEFTPAD:
+                kv_ok = kv_ok & (j >= k_lo)
+            k = tl.load(k_ptrs, mask=mask_d[:, None] & kv_ok[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=mask_d[:, None], other=0.0)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        if SOFTCAP or HAS_ALIBI:
+            # natural units as attention's _scores (same formulas), then to log2 units
+            if SOFTCAP:
+                s = _tanh(qk * cap_in) * cap_out  # cap_in = scale / softcap, cap_out = softcap
+            else:
+                s = qk * sm_scale
+            if HAS_ALIBI:
+                s += slope * (-tl.abs(i + diag - j[None, :])).to(tl.float32)
+            s = s * LOG2E
+        else:
+            # log2 units: qk_scale = scale * log2(e), one multiply (see _decode_split)
+            s = qk * qk_scale  # [BLOCK_M, BLOCK_N]
+        if BOUNDARY:
+            keep = kv_ok[None, :]  # keys before the left padding's end are not the row's
+            if WIN_RIGHT:    # causal: right = 0, query i sees j <= len - Nq + i
+                keep = keep & (j[None, :] <= i + diag + win_right)
+            if WIN_LEFT:
+                keep = keep & (j[None, :] >= i + diag - win_left)
+            s = tl.where(keep, s, float("-inf"))
         # -- online softmax update ----
         m_ij = tl.maximum(m_i, tl.max(s, 1))
         # a row with no finite score so far (no visible key, or keys of -inf in the cache: on
@@ -71,12 +108,12 @@ def _decode_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, s
         p = tl.math.exp2(s - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        # -- accumulate p @ v; V rows past the length load as 0 (garbage, even NaN, never
-        # meets a zero probability) ----
+        # -- accumulate p @ v; V rows outside [k_lo, n_kv) load as 0 (garbage, even NaN,
+        # never meets a zero probability) ----
         if BOUNDARY:
-            v = tl.load(v_base + v_offs, mask=(j[:, None] < n_kv) & mask_d[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=kv_ok[:, None] & mask_d[None, :], other=0.0)
         else:
-            v = tl.load(v_base + v_offs, mask=mask_d[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_ij
@@ -86,20 +123,27 @@ def _decode_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, s
 
 
 @triton.jit
-def _decode_split(Q, K, V, SeqLens, Out, Lse, OPart, LsePart,
+def _decode_split(Q, K, V, SeqLens, LeftPad, BatchIdx, BlockTable, Alibi, Out, Lse, OPart,
+                  LsePart,
                   stride_qz, stride_qh, stride_qm, stride_qd,
                   stride_kz, stride_kh, stride_kn, stride_kd,
                   stride_vz, stride_vh, stride_vn, stride_vd,
                   stride_oz, stride_oh, stride_om, stride_od,
-                  HQ, HKV, GROUP, N_Q, N_MAX, NUM_SPLITS, qk_scale,
+                  stride_btz, stride_btn, stride_az, stride_ah,
+                  HQ, HKV, GROUP, N_Q, N_MAX, NUM_SPLITS, N_CACHE, PAGE, MAX_BLOCKS,
+                  qk_scale, sm_scale, cap_in, cap_out, win_left, win_right,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, HAS_SEQLENS: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  HAS_LEFTPAD: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr,
+                  WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                  SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # Scores are in log2 units, s = q k^T * (scale * log2 e), so p = exp2(s - m) (FlashAttention-2's
     # folding): one rounding per score fewer than natural units' exp2((s - m) * log2 e), where
     # rounding the product moves p by up to |s - m| ulp. attention.py keeps natural units for
-    # its backward, which recomputes P from a stored lse; nothing is recomputed here. The
-    # workspace lse stays in log2 units for the combine; the returned lse is a natural log.
+    # its backward, which recomputes P from a stored lse; nothing is recomputed here. With
+    # softcap or ALiBi the score is built in natural units (attention's formulas) and then
+    # converted. The workspace lse stays in log2 units for the combine; the returned lse is a
+    # natural log.
     # program -> (split, row block, kv head, batch) on grid axis 0 (CUDA's axes 1 and 2 stop at
     # 65,535: B * Hkv passes that in large-batch serving), splits fastest
     n_row_blocks = tl.cdiv(GROUP * N_Q, BLOCK_M)
@@ -110,19 +154,37 @@ def _decode_split(Q, K, V, SeqLens, Out, Lse, OPart, LsePart,
     b = bh // HKV
     off_hkv = bh % HKV
 
-    # -- this program's key range: split `split` of batch b's valid keys ----
+    # -- this batch row's keys: [k_lo, n_kv) (left padding, length), all clamped: the host
+    # checks them, except while torch.compile traces ----
     if HAS_SEQLENS:
-        # clamped: lengths are checked on the host, except while torch.compile traces
         n_kv = tl.minimum(tl.maximum(tl.load(SeqLens + b), 0), N_MAX)
     else:
         n_kv = N_MAX + b * 0
-    chunk = tl.cdiv(tl.cdiv(n_kv, NUM_SPLITS), BLOCK_N) * BLOCK_N  # a whole number of tiles
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, n_kv)  # lo >= hi: past this sequence's end, nothing to visit
-    diag = n_kv - N_Q                  # query i sees keys j <= diag + i
-    # keys < diag + 1 are visible to every row: whole tiles below it need no mask
-    full_hi = (tl.maximum(diag + 1, 0) // BLOCK_N) * BLOCK_N
-    mid = tl.minimum(tl.maximum(full_hi, lo), hi)
+    if HAS_LEFTPAD:
+        k_lo = tl.minimum(tl.maximum(tl.load(LeftPad + b), 0), n_kv)
+    else:
+        k_lo = b * 0
+    diag = n_kv - N_Q  # query i sits at position diag + i (bottom-right alignment)
+    # keys some row of the tile sees: [vis_lo, vis_hi); every row sees [all_lo, all_hi)
+    vis_lo = k_lo
+    vis_hi = n_kv
+    all_lo = k_lo
+    all_hi = n_kv
+    if WIN_LEFT:   # row i sees j >= diag + i - left: row 0 the most, row Nq - 1 the least
+        vis_lo = tl.maximum(vis_lo, diag - win_left)
+        all_lo = tl.maximum(all_lo, diag + N_Q - 1 - win_left)
+    if WIN_RIGHT:  # row i sees j <= diag + i + right (causal: right = 0)
+        vis_hi = tl.minimum(vis_hi, tl.maximum(diag + N_Q + win_right, 0))
+        all_hi = tl.minimum(all_hi, tl.maximum(diag + 1 + win_right, 0))
+    vis_lo = (tl.minimum(vis_lo, vis_hi) // BLOCK_N) * BLOCK_N
+    # split `split` of the visible range: a whole number of tiles per split
+    chunk = tl.cdiv(tl.cdiv(vis_hi - vis_lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = vis_lo + split * chunk
+    hi = tl.minimum(lo + chunk, vis_hi)  # lo >= hi: past this sequence's end, nothing to visit
+    # whole tiles every row sees entirely: [full_lo, full_hi), inside [lo, hi)
+    full_lo = tl.minimum(tl.maximum(tl.cdiv(all_lo, BLOCK_N) * BLOCK_N, lo), tl.maximum(hi, lo))
+    full_hi = tl.minimum(tl.maximum((tl.maximum(all_hi, 0) // BLOCK_N) * BLOCK_N, full_lo),
+                         tl.maximum(hi, full_lo))
 
     # -- rows: the GROUP query heads of this KV head times the Nq queries ----
     offs_r = row_block * BLOCK_M + tl.arange(0, BLOCK_M)  # row in the group tile
@@ -138,10 +200,23 @@ def _decode_split(Q, K, V, SeqLens, Out, Lse, OPart, LsePart,
     b64 = b.to(tl.int64)
     q_ptrs = (Q + b64 * stride_qz + off_h[:, None] * stride_qh + i * stride_qm
               + offs_d[None, :] * stride_qd)
-    k_base = K + b64 * stride_kz + off_hkv.to(tl.int64) * stride_kh
-    v_base = V + b64 * stride_vz + off_hkv.to(tl.int64) * stride_vh
+    if HAS_BATCH_IDX:  # batch row b reads cache row BatchIdx[b]
+        cb = tl.minimum(tl.maximum(tl.load(BatchIdx + b), 0), N_CACHE - 1).to(tl.int64)
+    else:
+        cb = b64
+    if PAGED:  # the block index is per key (_decode_inner); the row's block table
+        k_head = K + off_hkv.to(tl.int64) * stride_kh
+        v_head = V + off_hkv.to(tl.int64) * stride_vh
+    else:
+        k_head = K + cb * stride_kz + off_hkv.to(tl.int64) * stride_kh
+        v_head = V + cb * stride_vz + off_hkv.to(tl.int64) * stride_vh
     k_offs = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # K^T tile [BLOCK_D, BLOCK_N]
     v_offs = offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # V tile [BLOCK_N, BLOCK_D]
+    bt_row = BlockTable + b64 * stride_btz
+    slope = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
+    if HAS_ALIBI:  # per row: the rows of the tile are different query heads
+        slope = tl.load(Alibi + b64 * stride_az + off_h[:, None] * stride_ah, mask=mask_r[:, None],
+                        other=0.0).to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -149,14 +224,27 @@ def _decode_split(Q, K, V, SeqLens, Out, Lse, OPart, LsePart,
     # the query tile (the whole group) stays on chip for the whole loop
     q = tl.load(q_ptrs, mask=mask_r[:, None] & mask_d[None, :], other=0.0)
 
-    # whole tiles every row sees entirely
-    acc, l_i, m_i = _decode_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs,
-                                  stride_kn, stride_vn, lo, mid, i, offs_n, mask_d, n_kv, diag,
-                                  qk_scale, BLOCK_N, False, DOT_PRECISION)
-    # tiles crossing the causal diagonal (Nq > 1) and the ragged tail of the sequence
-    acc, l_i, m_i = _decode_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs,
-                                  stride_kn, stride_vn, mid, hi, i, offs_n, mask_d, n_kv, diag,
-                                  qk_scale, BLOCK_N, True, DOT_PRECISION)
+    # three key ranges: [lo, full_lo) crosses the left padding or the window's left edge,
+    # [full_lo, full_hi) is seen whole by every row (no mask), [full_hi, hi) crosses the causal
+    # diagonal / window's right edge and holds the ragged tail of the sequence
+    for part in tl.static_range(3):
+        if part != 0 or HAS_LEFTPAD or WIN_LEFT:
+            if part == 0:
+                part_lo = lo
+                part_hi = full_lo
+            elif part == 1:
+                part_lo = full_lo
+                part_hi = full_hi
+            else:
+                part_lo = full_hi
+                part_hi = hi
+            acc, l_i, m_i = _decode_inner(
+                acc, l_i, m_i, q, k_head, v_head, k_offs, v_offs, offs_d, stride_kz, stride_kn,
+                stride_kd, stride_vz, stride_vn, stride_vd, bt_row, stride_btn, PAGE, MAX_BLOCKS,
+                N_CACHE, part_lo, part_hi, i, offs_n, mask_d, k_lo, n_kv, diag, slope, qk_scale,
+                sm_scale, cap_in, cap_out, win_left, win_right, BLOCK_N=BLOCK_N, BOUNDARY=part != 1, PAGED=PAGED,
+                HAS_LEFTPAD=HAS_LEFTPAD, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
+                HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DOT_PRECISION=DOT_PRECISION)
 
     # -- epilogue: normalise; rows with no visible key give 0 and lse = -inf ----
     empty = l_i == 0.0
@@ -370,12 +458,15 @@ def _block_m(rows: int, arch: int | None, block_d: int, elem_bytes: int) -> int:
     return min(cap, max(MIN_BLOCK_M, triton.next_power_of_2(rows)))
 
 
-def default_num_splits(q: torch.Tensor, k_cache: torch.Tensor, arch: int | None) -> int:
+def default_num_splits(q: torch.Tensor, k_cache: torch.Tensor, arch: int | None,
+                       n_max: int | None = None) -> int:
     """num_splits_heuristic for these shapes: the cache's tiles counted with the first candidate
     config's BLOCK_N, lengths taken as Nmax (no device sync; splits past a shorter sequence's
-    end exit at once)."""
+    end exit at once). n_max: the cache's capacity per row (default k_cache.shape[2]; paged:
+    blocks per row x page size)."""
     B, Hq, Nq, D = q.shape
-    Hkv, n_max = k_cache.shape[1], k_cache.shape[2]
+    Hkv = k_cache.shape[1]
+    n_max = k_cache.shape[2] if n_max is None else n_max
     rows = (Hq // Hkv) * Nq
     block_d, nbytes = _block_d(D), q.element_size()
     block_m = _block_m(rows, arch, block_d, nbytes)
@@ -392,34 +483,60 @@ def _strides(t: torch.Tensor, prefix: str, axes: str) -> dict:
 
 
 def plan_decode(q, k_cache, v_cache, cache_seqlens, out, lse, o_part, lse_part, scale: float,
-                num_splits: int, arch: int | None) -> list[Launch]:
+                num_splits: int, arch: int | None, *, window: tuple = (None, 0), alibi_slopes=None,
+                softcap: float | None = None, block_table=None, cache_leftpad=None,
+                cache_batch_idx=None) -> list[Launch]:
     """The split kernel, and the combine kernel when num_splits > 1 (o_part [B, Hq, Nq, S, D]
-    and lse_part [B, Hq, Nq, S] float32 contiguous; unused with one split)."""
+    and lse_part [B, Hq, Nq, S] float32 contiguous; unused with one split). Options as
+    decode_forward's."""
     B, Hq, Nq, D = q.shape
-    Hkv, n_max = k_cache.shape[1], k_cache.shape[2]
+    paged = block_table is not None
+    Hkv = k_cache.shape[1]
+    n_max = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
     group = Hq // Hkv
     block_d, nbytes = _block_d(D), q.element_size()
     block_m = _block_m(group * Nq, arch, block_d, nbytes)
     single = num_splits == 1
+    left, right = window
+    if right is not None and Nq == 1 and right >= 0:
+        right = None  # one query: j <= len - 1 + right holds for every key it has
     dummy = lse
+    # small index tensors are read as X + b: dense (a strided [B] view is copied, B int32s)
+    dense = lambda t: dummy if t is None else t.contiguous()  # noqa: E731
+    bt = dummy if block_table is None else block_table
+    slopes = dummy if alibi_slopes is None else alibi_slopes
+    slope_strides = (0, 0)
+    if alibi_slopes is not None:  # [Hq] or [B, Hq]
+        slope_strides = ((0, alibi_slopes.stride(0)) if alibi_slopes.dim() == 1
+                         else tuple(alibi_slopes.stride()))
     split = Launch(
         "decode_split", _decode_split,
-        {"Q": q, "K": k_cache, "V": v_cache,
-         # read as SeqLens + b: dense (a strided [B] view is copied, B int32s)
-         "SeqLens": dummy if cache_seqlens is None else cache_seqlens.contiguous(),
-         "Out": out, "Lse": lse, "OPart": dummy if single else o_part,
+        {"Q": q, "K": k_cache, "V": v_cache, "SeqLens": dense(cache_seqlens),
+         "LeftPad": dense(cache_leftpad), "BatchIdx": dense(cache_batch_idx), "BlockTable": bt,
+         "Alibi": slopes, "Out": out, "Lse": lse, "OPart": dummy if single else o_part,
          "LsePart": dummy if single else lse_part,
          **_strides(q, "q", "zhmd"), **_strides(k_cache, "k", "zhnd"),
          **_strides(v_cache, "v", "zhnd"), **_strides(out, "o", "zhmd"),
+         "stride_btz": bt.stride(0) if paged else 0, "stride_btn": bt.stride(1) if paged else 0,
+         "stride_az": slope_strides[0], "stride_ah": slope_strides[1],
          "HQ": Hq, "HKV": Hkv, "GROUP": group, "N_Q": Nq, "N_MAX": n_max,
-         "NUM_SPLITS": num_splits, "qk_scale": scale * LOG2E.value},
+         "NUM_SPLITS": num_splits, "N_CACHE": k_cache.shape[0],
+         "PAGE": k_cache.shape[2] if paged else 1,
+         "MAX_BLOCKS": block_table.shape[1] if paged else 1,
+         "qk_scale": scale * LOG2E.value, "sm_scale": scale,
+         "cap_in": scale / softcap if softcap else 1.0, "cap_out": softcap or 1.0,
+         "win_left": left or 0, "win_right": right or 0},
         {"HEAD_DIM": D, "BLOCK_D": block_d, "BLOCK_M": block_m,
          "HAS_SEQLENS": cache_seqlens is not None, "SINGLE_SPLIT": single,
+         "HAS_LEFTPAD": cache_leftpad is not None, "HAS_BATCH_IDX": cache_batch_idx is not None,
+         "PAGED": paged, "WIN_LEFT": left is not None, "WIN_RIGHT": right is not None,
+         "HAS_ALIBI": alibi_slopes is not None, "SOFTCAP": bool(softcap),
          # fp32 D <= 16: exact FMA dots (attention's _dot_precision; tests/test_decode.py FP32 D=1)
          "DOT_PRECISION": _dot_precision(q.dtype, block_d)},
         lambda meta: flat_grid(num_splits, triton.cdiv(group * Nq, block_m), B * Hkv),
         configs_for("split", arch, block_d, nbytes, block_m),
-        ["HQ", "HKV", "N_Q", "N_MAX", "NUM_SPLITS", "HEAD_DIM", "HAS_SEQLENS", "SINGLE_SPLIT"],
+        ["HQ", "HKV", "N_Q", "N_MAX", "NUM_SPLITS", "HEAD_DIM", "HAS_SEQLENS", "SINGLE_SPLIT",
+         "HAS_LEFTPAD", "HAS_BATCH_IDX", "PAGED", "WIN_LEFT", "WIN_RIGHT", "HAS_ALIBI", "SOFTCAP"],
         ("N_MAX", "NUM_SPLITS"))  # the cache length (and the split count it sets), bucketed
     if single:
         return [split]
@@ -438,24 +555,36 @@ def _arch_for(t: torch.Tensor) -> int | None:
     return None if is_interpreted(_decode_split) else device_arch(t)
 
 
-def decode_forward(q, k_cache, v_cache, cache_seqlens, scale: float, num_splits: int | None = None):
+def decode_forward(q, k_cache, v_cache, cache_seqlens, scale: float, num_splits: int | None = None,
+                   *, window: tuple = (None, 0), alibi_slopes=None, softcap: float | None = None,
+                   block_table=None, cache_leftpad=None, cache_batch_idx=None):
     """out [B, Hq, Nq, D] (q's dtype and layout), lse [B, Hq, Nq] float32 (natural log).
 
-    cache_seqlens: int32 [B] or None (all Nmax keys valid). num_splits: None = the heuristic."""
+    cache_seqlens: int32 [B] or None (all Nmax keys valid). num_splits: None = the heuristic.
+    window: (left, right) key offsets from the bottom-right diagonal, None = unbounded (the
+    default (None, 0) is causal). alibi_slopes [Hq] or [B, Hq]; softcap None or > 0.
+    block_table int32 [B, max_blocks]: k_cache / v_cache are paged [num_blocks, Hkv, page, D]
+    (position p of row b in block block_table[b, p // page], slot p % page). cache_leftpad
+    int32 [B]: row b's keys start there. cache_batch_idx int32 [B]: row b reads cache row
+    cache_batch_idx[b]. Arguments are checked by the caller; indices are clamped in the kernel."""
     q, k_cache, v_cache = (int32_tiles(t) for t in (q, k_cache, v_cache))
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
-    if out.numel() == 0 or k_cache.shape[2] == 0:  # nothing to compute, or no key at all
+    paged = block_table is not None
+    n_max = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
+    if out.numel() == 0 or n_max == 0 or k_cache.shape[0] == 0:  # nothing to compute, no key
         return out.zero_(), lse.fill_(float("-inf"))
     arch = _arch_for(q)
     if num_splits is None:
-        num_splits = default_num_splits(q, k_cache, arch)
+        num_splits = default_num_splits(q, k_cache, arch, n_max)
     o_part = lse_part = None
     if num_splits > 1:
         o_part = torch.empty((*q.shape[:3], num_splits, q.shape[3]), device=q.device,
                              dtype=torch.float32)
         lse_part = torch.empty((*q.shape[:3], num_splits), device=q.device, dtype=torch.float32)
     for launch in plan_decode(q, k_cache, v_cache, cache_seqlens, out, lse, o_part, lse_part,
-                              scale, num_splits, arch):
+                              scale, num_splits, arch, window=window, alibi_slopes=alibi_slopes,
+                              softcap=softcap, block_table=block_table,
+                              cache_leftpad=cache_leftpad, cache_batch_idx=cache_batch_idx):
         run(launch)
     return out, lse

@@ -143,9 +143,9 @@ def test_strided_cache_is_read_in_place(dtype, monkeypatch):
     seen = {}
     real = K.decode_forward
 
-    def spy(q_, k_, v_, *args):
+    def spy(q_, k_, v_, *args, **kwargs):
         seen.update(q=q_.data_ptr(), k=k_.data_ptr(), v=v_.data_ptr(), strides=k_.stride())
-        return real(q_, k_, v_, *args)
+        return real(q_, k_, v_, *args, **kwargs)
 
     monkeypatch.setattr(K, "decode_forward", spy)
     out = check_decode(q, k, v, seqlens)[0]
@@ -293,8 +293,11 @@ def test_requires_grad_is_refused():
 
 def test_opcheck():
     q, k, v, seqlens = make_cache(2, 4, 2, 2, 16, torch.float32, lens=[20, 50], garbage=0.0)
+    # (..., scale, num_splits, window_left, window_right (0: causal), alibi_slopes, softcap,
+    # block_table, cache_leftpad, cache_batch_idx); tests/test_decode_features.py checks the
+    # schema with every option set
     torch.library.opcheck(torch.ops.tritformer.decode_attention.default,
-                          (q, k, v, seqlens, 0.25, 2))
+                          (q, k, v, seqlens, 0.25, 2, None, 0, None, None, None, None, None))
 
 
 def test_compile_fullgraph():

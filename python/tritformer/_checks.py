@@ -74,9 +74,11 @@ def check_scale(scale) -> None:
     check_real("scale", scale, allow_none=True)
 
 
-def check_attention_inputs(q, k, v, scale, names=("k", "v"), kv_layout="[B, Hkv, Nk, D]") -> None:
+def check_attention_inputs(q, k, v, scale, names=("k", "v"), kv_layout="[B, Hkv, Nk, D]",
+                           same_batch: bool = True) -> None:
     """q [B, Hq, Nq, D] and k, v [B, Hkv, N, D] (called `names`: decode's are k_cache and
-    v_cache): dtypes, devices, batch, head dim, head counts and scale."""
+    v_cache): dtypes, devices, batch (unless not same_batch: paged or batch-indexed caches),
+    head dim, head counts and scale."""
     kn, vn = names
     check_tensor("q", q, 4, "[B, Hq, Nq, D]")
     check_tensor(kn, k, 4, kv_layout)
@@ -88,7 +90,7 @@ def check_attention_inputs(q, k, v, scale, names=("k", "v"), kv_layout="[B, Hkv,
             raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
     B, Hq, _, D = q.shape
     for name, x in ((kn, k), (vn, v)):
-        if x.shape[0] != B:
+        if same_batch and x.shape[0] != B:
             raise ValueError(f"{name} must have q's batch size {B}, got shape {tuple(x.shape)}")
         if x.shape[3] != D:
             raise ValueError(f"{name} must have q's head dim D={D}, got shape {tuple(x.shape)}")
@@ -325,30 +327,83 @@ def check_activation(activation) -> None:
 # ---------------------------------------------------------------------------------------------
 # decode_attention
 # ---------------------------------------------------------------------------------------------
-def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, scale, num_splits, return_lse) -> None:
+def _check_index(name, t, shape: tuple, layout: str, q) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32 (FlashAttention's convention), got {_dtype_name(t.dtype)}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {layout} = {list(shape)}, got {tuple(t.shape)}")
+    if t.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+
+
+def _first_bad(bad: torch.Tensor) -> tuple:
+    return tuple(int(x) for x in bad.nonzero()[0])
+
+
+def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, scale, num_splits, return_lse, *,
+                        causal=True, window=None, alibi_slopes=None, softcap=None,
+                        block_table=None, cache_leftpad=None, cache_batch_idx=None) -> None:
     """decode_attention's arguments, before any launch; errors name the argument. The contents
-    of cache_seqlens are checked too (one device sync), except while torch.compile traces."""
-    check_attention_inputs(q, k_cache, v_cache, scale, ("k_cache", "v_cache"), "[B, Hkv, Nmax, D]")
-    B, n_max = q.shape[0], k_cache.shape[2]
+    of the index tensors (cache_seqlens, cache_leftpad, cache_batch_idx, the block_table entries
+    the lengths use) are checked too (a device sync each), except while torch.compile traces
+    (the kernel clamps them there)."""
+    paged = block_table is not None
+    layout = "[num_blocks, Hkv, page_size, D] (paged: block_table given)" if paged else "[B, Hkv, Nmax, D]"
+    check_attention_inputs(q, k_cache, v_cache, scale, ("k_cache", "v_cache"), layout,
+                           same_batch=not paged and cache_batch_idx is None)
+    B, Hq = q.shape[0], q.shape[1]
     check_integer("num_splits", num_splits, allow_none=True, lo=1)
     check_flag("return_lse", return_lse)
-    if cache_seqlens is None:
-        return
-    if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(f"cache_seqlens must be a torch.Tensor or None, got {type(cache_seqlens).__name__}")
-    if cache_seqlens.dtype != torch.int32:
-        raise TypeError("cache_seqlens must be int32 (FlashAttention's convention), got "
-                        f"{_dtype_name(cache_seqlens.dtype)}")
-    if tuple(cache_seqlens.shape) != (B,):
-        raise ValueError(f"cache_seqlens must have shape [B] = [{B}], got {tuple(cache_seqlens.shape)}")
-    if cache_seqlens.device != q.device:
-        raise ValueError(f"cache_seqlens must be on q's device {q.device}, got {cache_seqlens.device}")
+    check_attention_options(q, k_cache, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
+                            batch=B, heads=Hq, causal=causal)
+    if paged and cache_batch_idx is not None:
+        raise ValueError("cache_batch_idx cannot be combined with block_table (the block table "
+                         "already maps each batch row to its cache blocks)")
+    n_max = k_cache.shape[2]
+    if paged:
+        if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
+            raise ValueError("block_table must be an int32 tensor [B, max_blocks], got "
+                             f"{getattr(block_table, 'shape', type(block_table).__name__)}")
+        _check_index("block_table", block_table, (B, block_table.shape[1]), "[B, max_blocks]", q)
+        n_max = block_table.shape[1] * k_cache.shape[2]  # the capacity of a row
+    what = {"cache_seqlens": cache_seqlens, "cache_leftpad": cache_leftpad,
+            "cache_batch_idx": cache_batch_idx}
+    for name, t in what.items():
+        if t is not None:
+            _check_index(name, t, (B,), "[B]", q)
     if torch.compiler.is_compiling() or B == 0:
         return
-    lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
-    if lo < 0 or hi > n_max:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"cache_seqlens values must be in [0, Nmax={n_max}] (k_cache.shape[2]), got {bad}")
+    if cache_seqlens is not None:
+        lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
+        if lo < 0 or hi > n_max:
+            cap = (f"{n_max}] (the paged capacity: block_table.shape[1] x page size)" if paged
+                   else f"Nmax={n_max}] (k_cache.shape[2])")
+            raise ValueError(f"cache_seqlens values must be in [0, {cap}, got {lo if lo < 0 else hi}")
+    lens = (cache_seqlens.long() if cache_seqlens is not None
+            else torch.full((B,), n_max, dtype=torch.long, device=q.device))
+    if cache_leftpad is not None:
+        bad = (cache_leftpad < 0) | (cache_leftpad.long() > lens)
+        if bool(bad.any()):
+            b, = _first_bad(bad)
+            raise ValueError(f"cache_leftpad[{b}] = {int(cache_leftpad[b])} must be in [0, "
+                             f"cache_seqlens[{b}] = {int(lens[b])}]")
+    if cache_batch_idx is not None:
+        bad = (cache_batch_idx < 0) | (cache_batch_idx >= k_cache.shape[0])
+        if bool(bad.any()):
+            b, = _first_bad(bad)
+            raise ValueError(f"cache_batch_idx[{b}] = {int(cache_batch_idx[b])} must be a row of "
+                             f"k_cache, in [0, {k_cache.shape[0]})")
+    if paged and block_table.numel():
+        page = k_cache.shape[2]
+        used = torch.arange(block_table.shape[1], device=q.device)[None, :] * page < lens[:, None]
+        bad = used & ((block_table < 0) | (block_table >= k_cache.shape[0]))
+        if bool(bad.any()):
+            b, n = _first_bad(bad)
+            raise ValueError(f"block_table[{b}, {n}] = {int(block_table[b, n])} must be a block of "
+                             f"k_cache, in [0, num_blocks={k_cache.shape[0]}) (row {b} holds "
+                             f"{int(lens[b])} keys)")
 
 
 def check_inference_only(q, k_cache, v_cache) -> None:

@@ -253,22 +253,63 @@ def ffn_backward(dy, x, w_gate, b_gate, w_down, h, pre, activation: str, recompu
 # --------------------------------------------------------------------------------------------
 # Decoding with a KV cache
 # --------------------------------------------------------------------------------------------
-def decode_attention(q, k_cache, v_cache, cache_seqlens=None, *, scale=None, return_lse=False):
-    """`tritformer.decode_attention`: q [B, Hq, Nq, D] against the first cache_seqlens[b] keys
-    of k_cache/v_cache [B, Hkv, Nmax, D] (None: all Nmax); query i sees key j iff
-    j <= cache_seqlens[b] - Nq + i. Cache entries past the length are replaced by 0 before any
-    arithmetic (torch.where), so garbage there, even NaN, cannot reach the result. No
-    data-dependent shapes (traceable). Computes in the inputs' dtype."""
-    B, _, Nq, _ = q.shape
+def decode_inputs(q, k_cache, v_cache, cache_seqlens=None, *, causal=True, window=None,
+                  alibi_slopes=None, block_table=None, cache_leftpad=None,
+                  cache_batch_idx=None):
+    """`tritformer.decode_attention`'s keys as dense tensors and its mask: (k, v, mask).
+
+    k, v [B, Hkv, Nmax, D]: the caches gathered in torch (block_table: paged caches
+    [num_blocks, Hkv, page, D], row b's position p in block block_table[b, p // page];
+    cache_batch_idx: row b reads cache row cache_batch_idx[b]), with every position outside
+    [cache_leftpad[b], cache_seqlens[b]) replaced by 0 (garbage there, even NaN, cannot reach
+    the result). mask: bool [B, 1, Nq, Nmax] (True = attend), or with alibi_slopes a float
+    [B, Hq, Nq, Nmax] bias in q's dtype, -inf where masked. Query i sits at position
+    cache_seqlens[b] - Nq + i (bottom-right alignment): causal / window / ALiBi as `attention`'s.
+    No data-dependent shapes (traceable)."""
+    B, Hq, Nq, _ = q.shape
+    if block_table is not None:  # [B, max_blocks, Hkv, page, D] -> [B, Hkv, max_blocks * page, D]
+        gather = lambda c: c[block_table.long()].transpose(1, 2).flatten(2, 3)  # noqa: E731
+        k_cache, v_cache = gather(k_cache), gather(v_cache)
+    elif cache_batch_idx is not None:
+        k_cache = k_cache.index_select(0, cache_batch_idx.long())
+        v_cache = v_cache.index_select(0, cache_batch_idx.long())
     n_max = k_cache.shape[2]
+    dev = q.device
     if cache_seqlens is None:
-        lens = torch.full((B,), n_max, device=q.device, dtype=torch.long)
+        lens = torch.full((B,), n_max, device=dev, dtype=torch.long)
     else:
-        lens = cache_seqlens.to(device=q.device, dtype=torch.long)
-    j = torch.arange(n_max, device=q.device)
-    valid = (j[None, :] < lens[:, None])[:, None, :, None]  # (B, 1, Nmax, 1)
-    k = torch.where(valid, k_cache, torch.zeros((), dtype=k_cache.dtype, device=q.device))
-    v = torch.where(valid, v_cache, torch.zeros((), dtype=v_cache.dtype, device=q.device))
-    i = torch.arange(Nq, device=q.device)
-    keep = j[None, None, :] <= (lens[:, None, None] - Nq + i[None, :, None])  # (B, Nq, Nmax)
-    return _attention(q, k, v, scale, None, None, return_lse, attn_mask=keep[:, None])
+        lens = cache_seqlens.to(device=dev, dtype=torch.long)
+    lp = torch.zeros_like(lens) if cache_leftpad is None else cache_leftpad.to(dev, torch.long)
+    j = torch.arange(n_max, device=dev)
+    valid = (j[None, :] < lens[:, None]) & (j[None, :] >= lp[:, None])  # (B, Nmax)
+    zero = torch.zeros((), dtype=k_cache.dtype, device=dev)
+    k = torch.where(valid[:, None, :, None], k_cache, zero)
+    v = torch.where(valid[:, None, :, None], v_cache, zero)
+    pos = (lens[:, None] - Nq + torch.arange(Nq, device=dev)[None, :])[:, :, None]  # (B, Nq, 1)
+    left, right = window_bounds(bool(causal), window)
+    keep = valid[:, None, :].expand(B, Nq, n_max)
+    if right is not None:
+        keep = keep & (j <= pos + right)
+    if left is not None:
+        keep = keep & (j >= pos - left)
+    keep = keep[:, None]  # (B, 1, Nq, Nmax)
+    if alibi_slopes is None:
+        return k, v, keep
+    slopes = alibi_slopes.reshape(-1, Hq).to(q.dtype)[:, :, None, None]  # (1 or B, Hq, 1, 1)
+    bias = -slopes * (pos - j).abs()[:, None].to(q.dtype)
+    return k, v, bias.masked_fill(~keep, float("-inf"))
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens=None, *, scale=None, return_lse=False,
+                     causal=True, window=None, alibi_slopes=None, softcap=None, block_table=None,
+                     cache_leftpad=None, cache_batch_idx=None):
+    """`tritformer.decode_attention`: q [B, Hq, Nq, D] against row b's keys
+    [cache_leftpad[b], cache_seqlens[b]) of k_cache/v_cache [B, Hkv, Nmax, D] (None: all Nmax;
+    paged / cache_batch_idx: `decode_inputs`); causal (default): query i sees key j iff
+    j <= cache_seqlens[b] - Nq + i; window / alibi_slopes / softcap as `attention`'s,
+    bottom-right aligned to each row's length. No data-dependent shapes (traceable). Computes
+    in the inputs' dtype."""
+    k, v, mask = decode_inputs(q, k_cache, v_cache, cache_seqlens, causal=causal, window=window,
+                               alibi_slopes=alibi_slopes, block_table=block_table,
+                               cache_leftpad=cache_leftpad, cache_batch_idx=cache_batch_idx)
+    return _attention(q, k, v, scale, None, None, return_lse, attn_mask=mask, softcap=softcap)

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .. import fallback
+from .. import fallback, reference
 from .._autocast import autocast
 from .._checks import check_decode_inputs, check_inference_only
 from ..backend import backend_for, is_torch
@@ -30,15 +30,25 @@ def _kernels():
 @torch.library.custom_op("tritformer::decode_attention", mutates_args=())
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       cache_seqlens: Optional[torch.Tensor], scale: Optional[float],
-                      num_splits: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                      num_splits: Optional[int], window_left: Optional[int],
+                      window_right: Optional[int], alibi_slopes: Optional[torch.Tensor],
+                      softcap: Optional[float], block_table: Optional[torch.Tensor],
+                      cache_leftpad: Optional[torch.Tensor],
+                      cache_batch_idx: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """out [B, Hq, Nq, D] (q's layout), lse [B, Hq, Nq] float32; num_splits None = heuristic;
-    scale None = 1/sqrt(D), computed here: a SymFloat argument would specialise a dynamic graph."""
+    scale None = 1/sqrt(D), computed here: a SymFloat argument would specialise a dynamic graph.
+    window_left / window_right: key offsets from the bottom-right diagonal, None = unbounded."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _kernels().decode_forward(q, k_cache, v_cache, cache_seqlens, scale, num_splits)
+    return _kernels().decode_forward(q, k_cache, v_cache, cache_seqlens, scale, num_splits,
+                                     window=(window_left, window_right),
+                                     alibi_slopes=alibi_slopes, softcap=softcap,
+                                     block_table=block_table, cache_leftpad=cache_leftpad,
+                                     cache_batch_idx=cache_batch_idx)
 
 
 @_decode_attention.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, scale, num_splits):
+def _(q, k_cache, v_cache, cache_seqlens, scale, num_splits, window_left, window_right,
+      alibi_slopes, softcap, block_table, cache_leftpad, cache_batch_idx):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -49,51 +59,94 @@ def _(q, k_cache, v_cache, cache_seqlens, scale, num_splits):
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      cache_seqlens: Optional[torch.Tensor] = None, *,
                      scale: float | None = None, num_splits: int | None = None,
-                     return_lse: bool = False):
+                     return_lse: bool = False, causal: bool = True,
+                     window: Optional[tuple[int, int]] = None,
+                     alibi_slopes: Optional[torch.Tensor] = None, softcap: float | None = None,
+                     block_table: Optional[torch.Tensor] = None,
+                     cache_leftpad: Optional[torch.Tensor] = None,
+                     cache_batch_idx: Optional[torch.Tensor] = None):
     """Attention of new queries against a KV cache, flash-decoding style (split-KV).
 
     Args:
         q: [B, Hq, Nq, D] queries, the LAST Nq positions of each sequence (Nq = 1: one token
-            per step; a few more, e.g. speculative decoding, also work). float16, bfloat16 or
-            float32; any strides (a [B, N, H, D] tensor's ``.transpose(1, 2)`` view is read in
-            place).
+            per step; a few more, e.g. speculative decoding or chunked prefill, also work).
+            float16, bfloat16 or float32; any strides (a [B, N, H, D] tensor's
+            ``.transpose(1, 2)`` view is read in place).
         k_cache: [B, Hkv, Nmax, D] preallocated key cache, q's dtype and device, any strides.
             Hq must be a multiple of Hkv (MHA, GQA, MQA: query head h reads kv head
-            h // (Hq // Hkv)).
-        v_cache: [B, Hkv, Nmax, D] value cache.
-        cache_seqlens: int32 [B]: batch b's cache holds cache_seqlens[b] valid keys (0..Nmax),
-            which already include the Nq new tokens. Positions past it are never read and may
-            hold anything (even NaN). None: all Nmax positions are valid.
+            h // (Hq // Hkv)). With ``block_table``: paged, [num_blocks, Hkv, page_size, D]
+            (FlashAttention's / vLLM's [num_blocks, page_size, Hkv, D] storage passes as its
+            ``.transpose(1, 2)`` view); with ``cache_batch_idx``: [B_cache, Hkv, Nmax, D].
+        v_cache: the value cache, k_cache's shape.
+        cache_seqlens: int32 [B]: batch b's cache holds cache_seqlens[b] valid keys (0..Nmax,
+            paged: 0..max_blocks * page_size), which already include the Nq new tokens.
+            Positions past it are never read and may hold anything (even NaN). None: all Nmax
+            positions are valid.
         scale: multiplier of q kᵀ before the softmax; default 1/sqrt(D).
         num_splits: chunks the keys of each sequence are split into, each handled by its own
             programs and merged by their log-sum-exp (flash-decoding); None picks enough to
             fill the GPU when B * Hkv alone does not. The result does not depend on it beyond
             rounding.
         return_lse: also return the log-sum-exp of the visible scores.
+        causal: query i sees keys up to its own position (default True; with Nq = 1 every
+            valid key either way). False: every query sees all of the row's keys.
+        window: (left, right) as `tritformer.attention`'s (FlashAttention's window_size, -1 =
+            unbounded), relative to each query's position; causal sets right = 0.
+        alibi_slopes: [Hq] or [B, Hq] float: bias -slope * |pos(i) - j| (FlashAttention's).
+        softcap: scores become softcap * tanh(scores / softcap) (None or 0: off).
+        block_table: int32 [B, max_blocks]: position p of row b lives in cache block
+            block_table[b, p // page_size], slot p % page_size. Any page size; entries past a
+            row's length are never read (and not checked).
+        cache_leftpad: int32 [B]: row b's keys start at position cache_leftpad[b] (left padding:
+            positions before it are never read); query positions stay cache_seqlens[b] - Nq + i.
+        cache_batch_idx: int32 [B]: row b reads cache row cache_batch_idx[b] (not with
+            block_table).
 
-    Masking: with L = cache_seqlens[b], query i sees key j iff j <= L - Nq + i (causal,
-    bottom-right aligned as `tritformer.attention(..., causal=True)` on the first L keys).
-    With Nq=2, L=5, Nmax=7 (1 = attend, x = never read)::
+    Masking: with L = cache_seqlens[b], query i sits at position L - Nq + i (bottom-right
+    aligned as `tritformer.attention(..., causal=True)` on the first L keys) and, causal, sees
+    key j iff j <= L - Nq + i. With Nq=2, L=5, Nmax=7 (1 = attend, x = never read)::
 
         1 1 1 1 0 x x
         1 1 1 1 1 x x
 
     A query row that sees no key (L < Nq - i, e.g. L = 0) outputs 0 with lse = -inf.
 
+    Appending new tokens (with rotary embeddings) to the cache before attending: see
+    `tritformer.kvcache_append` and `tritformer.flash_attn.flash_attn_with_kvcache`.
+
     Returns:
         out [B, Hq, Nq, D] in q's dtype (and q's memory layout); with ``return_lse`` also
         lse [B, Hq, Nq] float32, natural log.
 
     Inference only: raises if grad mode is on and an input requires grad (use
-    `tritformer.attention` for training). D may be 1..256. Where this runs: see
+    `tritformer.attention` for training). D may be 1..256. Index tensors are checked before
+    the launch (one device sync each), except under torch.compile, where the kernel clamps
+    them so that it never reads outside the cache. Where this runs: see
     ``tritformer.backend_for``.
     """
-    check_decode_inputs(q, k_cache, v_cache, cache_seqlens, scale, num_splits, return_lse)
+    check_decode_inputs(q, k_cache, v_cache, cache_seqlens, scale, num_splits, return_lse,
+                        causal=causal, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
+                        block_table=block_table, cache_leftpad=cache_leftpad,
+                        cache_batch_idx=cache_batch_idx)
     check_inference_only(q, k_cache, v_cache)
     scale = None if scale is None else float(scale)
+    softcap = float(softcap) if softcap else None
+    left, right = reference.window_bounds(bool(causal), window)
+    plain = (left is None and right == 0 and alibi_slopes is None and softcap is None
+             and block_table is None and cache_leftpad is None and cache_batch_idx is None)
     if is_torch(backend_for(q)):  # CPU fallback: torch's SDPA (tritformer.fallback)
-        out, lse = fallback.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, return_lse)
+        if plain:
+            out, lse = fallback.decode_attention(q, k_cache, v_cache, cache_seqlens, scale,
+                                                 return_lse)
+        else:  # the caches gathered and the mask built in torch, then SDPA
+            k, v, mask = reference.decode_inputs(
+                q, k_cache, v_cache, cache_seqlens, causal=causal, window=window,
+                alibi_slopes=alibi_slopes, block_table=block_table, cache_leftpad=cache_leftpad,
+                cache_batch_idx=cache_batch_idx)
+            out, lse = fallback.attention(q, k, v, scale, None, None, return_lse, attn_mask=mask,
+                                          softcap=softcap)
     else:
-        out, lse = torch.ops.tritformer.decode_attention(q, k_cache, v_cache, cache_seqlens,
-                                                         scale, num_splits)
+        out, lse = torch.ops.tritformer.decode_attention(
+            q, k_cache, v_cache, cache_seqlens, scale, num_splits, left, right, alibi_slopes,
+            softcap, block_table, cache_leftpad, cache_batch_idx)
     return (out, lse) if return_lse else out

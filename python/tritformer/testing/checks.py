@@ -200,16 +200,23 @@ def check_sdpa(q, k, v, attn_mask=None, *, grads=True, **kw) -> list[numerics.Ch
 
 
 def check_decode_attention(q, k_cache, v_cache, cache_seqlens=None, *, num_splits=None,
-                           scale=None) -> list[numerics.Check]:
+                           scale=None, **options) -> list[numerics.Check]:
     """tritformer.decode_attention (out, lse) against float64 (reference.decode_attention),
-    bounded by PyTorch's own error in q's dtype. Forward only: decoding has no backward."""
+    bounded by PyTorch's own error in q's dtype. Forward only: decoding has no backward.
+    options: decode_attention's (causal, window, alibi_slopes, softcap, block_table,
+    cache_leftpad, cache_batch_idx), given to the reference too (which gathers paged caches
+    in torch)."""
     from ..ops.decode import decode_attention
     out, lse = decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale,
-                                num_splits=num_splits, return_lse=True)
+                                num_splits=num_splits, return_lse=True, **options)
+    ref_options = dict(options)
+    if options.get("alibi_slopes") is not None:
+        ref_options["alibi_slopes"] = options["alibi_slopes"].double()
     ref, ref_lse = reference.decode_attention(q.double(), k_cache.double(), v_cache.double(),
-                                              cache_seqlens, scale=scale, return_lse=True)
+                                              cache_seqlens, scale=scale, return_lse=True,
+                                              **ref_options)
     base, base_lse = reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale,
-                                                return_lse=True)
+                                                return_lse=True, **options)
     return [numerics.check("out", out, ref, base),
             numerics.check("lse", lse, ref_lse, base_lse, eps_dtype=q.dtype)]
 
