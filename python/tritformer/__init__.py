@@ -15,6 +15,7 @@ _EXPORTS = {
     "attention": (".ops.attention", "attention"),
     "varlen_attention": (".ops.attention", "varlen_attention"),
     "decode_attention": (".ops.decode", "decode_attention"),
+    "kvcache_append": (".ops.kvcache", "kvcache_append"),
     "ffn": (".ops.ffn", "ffn"), "gated_ffn": (".ops.ffn", "gated_ffn"),
     "scaled_dot_product_attention": (".ops.sdpa", "scaled_dot_product_attention"),
     "softmax": (".ops.softmax", "softmax"),
