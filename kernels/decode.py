@@ -50,8 +50,9 @@ def _decode_inner(acc, l_i, m_i, q, k_head, v_head, k_offs, v_offs, offs_d, stri
                   MAX_BLOCKS, N_CACHE, lo, hi, i, offs_n, mask_d, k_lo, n_kv, diag, slope,
                   qk_scale, sm_scale, cap_in, cap_out, win_left, win_right,
                   BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, PAGED: tl.constexpr,
-                  HAS_LEFTPAD: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
-                  HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  HAS_LEFTPAD: tl.constexpr, CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr,
+                  WIN_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
     # BOUNDARY=False: every key of every tile in [lo, hi) is valid and visible to every row,
     # so neither the length bound, the left padding nor the window is evaluated (the fast
     # path). k_head / v_head: the cache at this KV head (and batch row, unless PAGED).
@@ -74,10 +75,14 @@ def _decode_inner(acc, l_i, m_i, q, k_head, v_head, k_offs, v_offs, offs_d, stri
             v_ptrs = v_base + v_offs
         # -- load K^T tile [BLOCK_D, BLOCK_N]; keys outside [k_lo, n_kv) are never read ----
         if BOUNDARY:
-            kv_ok = j < n_kv
+            # the row's keys [k_lo, n_kv), as a [1, BLOCK_N] row and a [BLOCK_N, 1] column
+            # (each built from j in its own layout: no layout conversion)
+            ok_n = j[None, :] < n_kv
+            ok_v = j[:, None] < n_kv
             if HAS_LEFTPAD:
-                kv_ok = kv_ok & (j >= k_lo)
-            k = tl.load(k_ptrs, mask=mask_d[:, None] & kv_ok[None, :], other=0.0)
+                ok_n = ok_n & (j[None, :] >= k_lo)
+                ok_v = ok_v & (j[:, None] >= k_lo)
+            k = tl.load(k_ptrs, mask=mask_d[:, None] & ok_n, other=0.0)
         else:
             k = tl.load(k_ptrs, mask=mask_d[:, None], other=0.0)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
@@ -94,8 +99,10 @@ def _decode_inner(acc, l_i, m_i, q, k_head, v_head, k_offs, v_offs, offs_d, stri
             # log2 units: qk_scale = scale * log2(e), one multiply (see _decode_split)
             s = qk * qk_scale  # [BLOCK_M, BLOCK_N]
         if BOUNDARY:
-            keep = kv_ok[None, :]  # keys before the left padding's end are not the row's
-            if WIN_RIGHT:    # causal: right = 0, query i sees j <= len - Nq + i
+            keep = ok_n  # keys before the left padding's end are not the row's
+            if CAUSAL:       # query i sees j <= len - Nq + i
+                keep = keep & (j[None, :] <= i + diag)
+            if WIN_RIGHT:    # a right window edge > 0
                 keep = keep & (j[None, :] <= i + diag + win_right)
             if WIN_LEFT:
                 keep = keep & (j[None, :] >= i + diag - win_left)
@@ -111,7 +118,7 @@ def _decode_inner(acc, l_i, m_i, q, k_head, v_head, k_offs, v_offs, offs_d, stri
         # -- accumulate p @ v; V rows outside [k_lo, n_kv) load as 0 (garbage, even NaN,
         # never meets a zero probability) ----
         if BOUNDARY:
-            v = tl.load(v_ptrs, mask=kv_ok[:, None] & mask_d[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=ok_v & mask_d[None, :], other=0.0)
         else:
             v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
         acc = acc * alpha[:, None]
@@ -135,7 +142,7 @@ def _decode_split(Q, K, V, SeqLens, LeftPad, BatchIdx, BlockTable, Alibi, Out, L
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, HAS_SEQLENS: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
                   HAS_LEFTPAD: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr,
-                  WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                  CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
                   SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # Scores are in log2 units, s = q k^T * (scale * log2 e), so p = exp2(s - m) (FlashAttention-2's
     # folding): one rounding per score fewer than natural units' exp2((s - m) * log2 e), where
@@ -165,26 +172,44 @@ def _decode_split(Q, K, V, SeqLens, LeftPad, BatchIdx, BlockTable, Alibi, Out, L
     else:
         k_lo = b * 0
     diag = n_kv - N_Q  # query i sits at position diag + i (bottom-right alignment)
-    # keys some row of the tile sees: [vis_lo, vis_hi); every row sees [all_lo, all_hi)
-    vis_lo = k_lo
-    vis_hi = n_kv
-    all_lo = k_lo
-    all_hi = n_kv
-    if WIN_LEFT:   # row i sees j >= diag + i - left: row 0 the most, row Nq - 1 the least
-        vis_lo = tl.maximum(vis_lo, diag - win_left)
-        all_lo = tl.maximum(all_lo, diag + N_Q - 1 - win_left)
-    if WIN_RIGHT:  # row i sees j <= diag + i + right (causal: right = 0)
-        vis_hi = tl.minimum(vis_hi, tl.maximum(diag + N_Q + win_right, 0))
-        all_hi = tl.minimum(all_hi, tl.maximum(diag + 1 + win_right, 0))
-    vis_lo = (tl.minimum(vis_lo, vis_hi) // BLOCK_N) * BLOCK_N
-    # split `split` of the visible range: a whole number of tiles per split
-    chunk = tl.cdiv(tl.cdiv(vis_hi - vis_lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = vis_lo + split * chunk
-    hi = tl.minimum(lo + chunk, vis_hi)  # lo >= hi: past this sequence's end, nothing to visit
-    # whole tiles every row sees entirely: [full_lo, full_hi), inside [lo, hi)
-    full_lo = tl.minimum(tl.maximum(tl.cdiv(all_lo, BLOCK_N) * BLOCK_N, lo), tl.maximum(hi, lo))
-    full_hi = tl.minimum(tl.maximum((tl.maximum(all_hi, 0) // BLOCK_N) * BLOCK_N, full_lo),
-                         tl.maximum(hi, full_lo))
+    if HAS_LEFTPAD or WIN_LEFT or WIN_RIGHT:
+        # keys some row of the tile sees: [vis_lo, vis_hi); every row sees [all_lo, all_hi)
+        vis_lo = k_lo
+        vis_hi = n_kv
+        all_lo = k_lo
+        all_hi = n_kv
+        if WIN_LEFT:   # row i sees j >= diag + i - left: row 0 the most, row Nq - 1 the least
+            vis_lo = tl.maximum(vis_lo, diag - win_left)
+            all_lo = tl.maximum(all_lo, diag + N_Q - 1 - win_left)
+        if CAUSAL:     # row i sees j <= diag + i
+            vis_hi = tl.minimum(vis_hi, tl.maximum(diag + N_Q, 0))
+            all_hi = tl.minimum(all_hi, tl.maximum(diag + 1, 0))
+        if WIN_RIGHT:  # row i sees j <= diag + i + right
+            vis_hi = tl.minimum(vis_hi, tl.maximum(diag + N_Q + win_right, 0))
+            all_hi = tl.minimum(all_hi, tl.maximum(diag + 1 + win_right, 0))
+        vis_lo = (tl.minimum(vis_lo, vis_hi) // BLOCK_N) * BLOCK_N
+        # split `split` of the visible range: a whole number of tiles per split
+        chunk = tl.cdiv(tl.cdiv(vis_hi - vis_lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = vis_lo + split * chunk
+        hi = tl.minimum(lo + chunk, vis_hi)  # lo >= hi: past the row's keys, nothing to visit
+        # whole tiles every row sees entirely: [full_lo, full_hi), inside [lo, hi)
+        full_lo = tl.minimum(tl.maximum(tl.cdiv(all_lo, BLOCK_N) * BLOCK_N, lo),
+                             tl.maximum(hi, lo))
+        full_hi = tl.minimum(tl.maximum((tl.maximum(all_hi, 0) // BLOCK_N) * BLOCK_N, full_lo),
+                             tl.maximum(hi, full_lo))
+    else:
+        # keys [0, n_kv), causal or not: the plain decode step, with the range arithmetic of
+        # the kernel before the serving options (the general form above moved ptxas's
+        # register allocation: sm_80 fp32 D=64 32 rows from 220 regs to 168 + 8 B spilled)
+        chunk = tl.cdiv(tl.cdiv(n_kv, NUM_SPLITS), BLOCK_N) * BLOCK_N  # whole tiles
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, n_kv)  # lo >= hi: past this sequence's end
+        if CAUSAL:  # keys < diag + 1 are visible to every row
+            all_tiles = (tl.maximum(diag + 1, 0) // BLOCK_N) * BLOCK_N
+        else:
+            all_tiles = (n_kv // BLOCK_N) * BLOCK_N
+        full_lo = lo
+        full_hi = tl.minimum(tl.maximum(all_tiles, lo), hi)
 
     # -- rows: the GROUP query heads of this KV head times the Nq queries ----
     offs_r = row_block * BLOCK_M + tl.arange(0, BLOCK_M)  # row in the group tile
@@ -227,24 +252,28 @@ def _decode_split(Q, K, V, SeqLens, LeftPad, BatchIdx, BlockTable, Alibi, Out, L
     # three key ranges: [lo, full_lo) crosses the left padding or the window's left edge,
     # [full_lo, full_hi) is seen whole by every row (no mask), [full_hi, hi) crosses the causal
     # diagonal / window's right edge and holds the ragged tail of the sequence
-    for part in tl.static_range(3):
-        if part != 0 or HAS_LEFTPAD or WIN_LEFT:
-            if part == 0:
-                part_lo = lo
-                part_hi = full_lo
-            elif part == 1:
-                part_lo = full_lo
-                part_hi = full_hi
-            else:
-                part_lo = full_hi
-                part_hi = hi
-            acc, l_i, m_i = _decode_inner(
-                acc, l_i, m_i, q, k_head, v_head, k_offs, v_offs, offs_d, stride_kz, stride_kn,
-                stride_kd, stride_vz, stride_vn, stride_vd, bt_row, stride_btn, PAGE, MAX_BLOCKS,
-                N_CACHE, part_lo, part_hi, i, offs_n, mask_d, k_lo, n_kv, diag, slope, qk_scale,
-                sm_scale, cap_in, cap_out, win_left, win_right, BLOCK_N=BLOCK_N, BOUNDARY=part != 1, PAGED=PAGED,
-                HAS_LEFTPAD=HAS_LEFTPAD, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
-                HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DOT_PRECISION=DOT_PRECISION)
+    if HAS_LEFTPAD or WIN_LEFT:
+        acc, l_i, m_i = _decode_inner(
+            acc, l_i, m_i, q, k_head, v_head, k_offs, v_offs, offs_d, stride_kz, stride_kn,
+            stride_kd, stride_vz, stride_vn, stride_vd, bt_row, stride_btn, PAGE, MAX_BLOCKS,
+            N_CACHE, lo, full_lo, i, offs_n, mask_d, k_lo, n_kv, diag, slope, qk_scale,
+            sm_scale, cap_in, cap_out, win_left, win_right, BLOCK_N=BLOCK_N, BOUNDARY=True,
+            PAGED=PAGED, HAS_LEFTPAD=HAS_LEFTPAD, CAUSAL=CAUSAL, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
+            HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DOT_PRECISION=DOT_PRECISION)
+    acc, l_i, m_i = _decode_inner(
+        acc, l_i, m_i, q, k_head, v_head, k_offs, v_offs, offs_d, stride_kz, stride_kn,
+        stride_kd, stride_vz, stride_vn, stride_vd, bt_row, stride_btn, PAGE, MAX_BLOCKS,
+        N_CACHE, full_lo, full_hi, i, offs_n, mask_d, k_lo, n_kv, diag, slope, qk_scale,
+        sm_scale, cap_in, cap_out, win_left, win_right, BLOCK_N=BLOCK_N, BOUNDARY=False,
+        PAGED=PAGED, HAS_LEFTPAD=HAS_LEFTPAD, CAUSAL=CAUSAL, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
+        HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DOT_PRECISION=DOT_PRECISION)
+    acc, l_i, m_i = _decode_inner(
+        acc, l_i, m_i, q, k_head, v_head, k_offs, v_offs, offs_d, stride_kz, stride_kn,
+        stride_kd, stride_vz, stride_vn, stride_vd, bt_row, stride_btn, PAGE, MAX_BLOCKS,
+        N_CACHE, full_hi, hi, i, offs_n, mask_d, k_lo, n_kv, diag, slope, qk_scale,
+        sm_scale, cap_in, cap_out, win_left, win_right, BLOCK_N=BLOCK_N, BOUNDARY=True,
+        PAGED=PAGED, HAS_LEFTPAD=HAS_LEFTPAD, CAUSAL=CAUSAL, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
+        HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DOT_PRECISION=DOT_PRECISION)
 
     # -- epilogue: normalise; rows with no visible key give 0 and lse = -inf ----
     empty = l_i == 0.0
@@ -354,7 +383,9 @@ INTERPRETER_MAX_BLOCK_M = 64
 SPLIT_CONFIGS = {
     # 128/4/3 read from Triton's own ptxas run (inspect since 821e9fd): 16-row single-split
     # capped at 128 regs, 8 B spilled (3.9); 128/8/3 is 162 regs x 256 threads (1/SM)
-    90: [(64, 2, 32, [_cfg(64, 4, 3)]),    # 126 regs, 40 KB
+    90: [(64, 2, 16, [_cfg(64, 4, 2)]),    # 80 regs, 20 KB (64/4/3: 'all' serving variant
+         #                                   spilled 24 B on 3.9)
+         (64, 2, 32, [_cfg(64, 4, 3)]),    # 126 regs, 40 KB
          (64, 2, 64, [_cfg(64, 4, 3)]),    # 167 regs, 56 KB
          (128, 2, 16, [_cfg(128, 4, 2)]),  # 186 regs, 72 KB
          (128, 2, 64, [_cfg(32, 4, 3)]),   # 187 regs, 64 KB
@@ -376,9 +407,21 @@ SPLIT_CONFIGS = {
          (64, 4, 16, [_cfg(64, 4, 3)]),    # 3xTF32 dots: 230 regs, 80 KB
          (64, 4, 32, [_cfg(32, 4, 2)]),    # 220 regs, 40 KB
          (64, 4, 64, [_cfg(16, 8, 2)]),    # 167 regs, 40 KB: 1/SM
-         (128, 4, 16, [_cfg(32, 4, 3)]),   # FMA dots: 128 regs, 74 KB
+         (128, 4, 16, [_cfg(64, 8, 2)]),   # FMA dots: 106 regs, 76 KB (32/4/3 was capped
+         #                                   at 128 regs and spilled 32-40 B on both versions)
          (128, 4, 32, [_cfg(16, 8, 2)]),   # 80 regs, 34 KB
          (256, 4, 16, [_cfg(32, 8, 2)])],  # 107 regs, 82 KB: 1/SM (just over half of 163 KB)
+}
+# The serving variants (paged cache, left padding, window, ALiBi, softcap: anything beyond the
+# plain causal step) compile to different register allocations. Where a plain entry's config
+# spilled in one of them (`inspect --op decode`: the "+paged" and "+all" rows, both Triton
+# versions), the variants take this entry instead; measured spill-free for plain, paged and all
+# options, single and split, on 3.7.1 and 3.9.
+SERVING_CONFIGS = {
+    # 128/4/2 with every option: 255 regs + 24 B (3.9); 64/4/2 148-162 regs, 38 KB
+    90: [(128, 2, 16, [_cfg(64, 4, 2)]),
+         # 64/4/2 paged: 255 regs + 1,588-1,704 B; 64/8/2 80-111 regs, 76 KB (1/SM)
+         (128, 4, 16, [_cfg(64, 8, 2)])],
 }
 # sm_86/sm_89 and sm_120 (99 KB per block): sm_80's entries (same shared memory on these targets,
 # measured: tests/data/config_smem.json) except the D=256 32-row one, 151,552 B on all three
@@ -405,13 +448,20 @@ def max_block_m(arch: int | None, block_d: int, elem_bytes: int) -> int:
 
 
 def configs_for(kernel: str, arch: int | None, block_d: int, elem_bytes: int,
-                block_m: int = MIN_BLOCK_M) -> list:
+                block_m: int = MIN_BLOCK_M, serving: bool = False) -> list:
     """Candidate configs of `kernel` ("split" or "combine") for a compute capability (None:
-    the interpreter) and, for the split kernel, its query tile of block_m rows."""
+    the interpreter) and, for the split kernel, its query tile of block_m rows; serving: a
+    variant with options beyond the plain causal step (SERVING_CONFIGS first)."""
     if arch is None:
         return [INTERPRETER_CONFIGS[kernel]]
     if kernel == "combine":
         return [COMBINE_CONFIG]
+    if serving:
+        bucket = min((e[0] for e in SPLIT_CONFIGS[arch_family(arch)]
+                      if e[1] == elem_bytes and block_d <= e[0]), default=None)
+        for max_d, nbytes, max_m, cfgs in SERVING_CONFIGS.get(arch_family(arch), []):
+            if (max_d, nbytes) == (bucket, elem_bytes) and block_m <= max_m:
+                return cfgs
     for max_m, cfgs in _split_entries(arch, block_d, elem_bytes):
         if block_m <= max_m:
             return cfgs
@@ -498,8 +548,15 @@ def plan_decode(q, k_cache, v_cache, cache_seqlens, out, lse, o_part, lse_part, 
     block_m = _block_m(group * Nq, arch, block_d, nbytes)
     single = num_splits == 1
     left, right = window
-    if right is not None and Nq == 1 and right >= 0:
-        right = None  # one query: j <= len - 1 + right holds for every key it has
+    if Nq == 1 and (right is None or right > 0):
+        # one query sits at the last key: every right bound >= 0 is the causal one. Always
+        # causal then: the unbounded form compiled to 255 registers + 20 B spilled (sm_90,
+        # fp16, D=128, 16-row tile, 128/4/2) against 178 for the causal one
+        right = 0
+    causal = right == 0
+    serving = (paged or left is not None or (right is not None and not causal)
+               or alibi_slopes is not None or bool(softcap) or cache_leftpad is not None
+               or cache_batch_idx is not None or right is None)
     dummy = lse
     # small index tensors are read as X + b: dense (a strided [B] view is copied, B int32s)
     dense = lambda t: dummy if t is None else t.contiguous()  # noqa: E731
@@ -525,18 +582,19 @@ def plan_decode(q, k_cache, v_cache, cache_seqlens, out, lse, o_part, lse_part, 
          "MAX_BLOCKS": block_table.shape[1] if paged else 1,
          "qk_scale": scale * LOG2E.value, "sm_scale": scale,
          "cap_in": scale / softcap if softcap else 1.0, "cap_out": softcap or 1.0,
-         "win_left": left or 0, "win_right": right or 0},
+         "win_left": left or 0, "win_right": 0 if causal else (right or 0)},
         {"HEAD_DIM": D, "BLOCK_D": block_d, "BLOCK_M": block_m,
          "HAS_SEQLENS": cache_seqlens is not None, "SINGLE_SPLIT": single,
          "HAS_LEFTPAD": cache_leftpad is not None, "HAS_BATCH_IDX": cache_batch_idx is not None,
-         "PAGED": paged, "WIN_LEFT": left is not None, "WIN_RIGHT": right is not None,
+         "PAGED": paged, "CAUSAL": causal, "WIN_LEFT": left is not None,
+         "WIN_RIGHT": right is not None and not causal,
          "HAS_ALIBI": alibi_slopes is not None, "SOFTCAP": bool(softcap),
          # fp32 D <= 16: exact FMA dots (attention's _dot_precision; tests/test_decode.py FP32 D=1)
          "DOT_PRECISION": _dot_precision(q.dtype, block_d)},
         lambda meta: flat_grid(num_splits, triton.cdiv(group * Nq, block_m), B * Hkv),
-        configs_for("split", arch, block_d, nbytes, block_m),
+        configs_for("split", arch, block_d, nbytes, block_m, serving=serving),
         ["HQ", "HKV", "N_Q", "N_MAX", "NUM_SPLITS", "HEAD_DIM", "HAS_SEQLENS", "SINGLE_SPLIT",
-         "HAS_LEFTPAD", "HAS_BATCH_IDX", "PAGED", "WIN_LEFT", "WIN_RIGHT", "HAS_ALIBI", "SOFTCAP"],
+         "HAS_LEFTPAD", "HAS_BATCH_IDX", "PAGED", "CAUSAL", "WIN_LEFT", "WIN_RIGHT", "HAS_ALIBI", "SOFTCAP"],
         ("N_MAX", "NUM_SPLITS"))  # the cache length (and the split count it sets), bucketed
     if single:
         return [split]

@@ -40,13 +40,12 @@ What differs from FlashAttention (README, "Coming from FlashAttention"):
 - The softmax_lse returned by the dense / varlen functions carries a gradient (FlashAttention's
   does not), and ``deterministic`` is accepted and has nothing to switch: the backward kernels
   are deterministic (bitwise repeatable) always.
-- `flash_attn_with_kvcache`: appending k / v (written into k_cache / v_cache in place at
-  cache_seqlens, as FlashAttention), rotary embedding, cache_batch_idx, cache_leftpad and
-  block_table (paged caches) run as torch passes before the attention kernel, not inside it:
-  same results, extra memory traffic. A causal (or one-query) call without window, ALiBi,
-  softcap and cache_leftpad runs the split-KV decode kernel (`tritformer.decode_attention`);
-  anything else runs the varlen kernel over each batch row's valid keys, read in place from the
-  cache where its batch and sequence dims flatten into one.
+- `flash_attn_with_kvcache` is two launches: appending k / v (written into k_cache / v_cache
+  in place at cache_seqlens, as FlashAttention) with the rotary embedding of k and q is one
+  kernel (`tritformer.kvcache_append`), then the split-KV decode kernel
+  (`tritformer.decode_attention`) reads the caches in place: paged through block_table, rows
+  through cache_batch_idx, from cache_leftpad on, with causal / window / ALiBi / softcap and any
+  Nq. FlashAttention fuses the append into its attention kernel.
 
 Errors: argument errors raise before anything runs (no launch, no cache write), naming the
 argument; where FlashAttention raises RuntimeError the error here is a `FlashAttnError`
@@ -64,6 +63,7 @@ from ._checks import (MAX_HEAD_DIM, SUPPORTED_DTYPES, _dtype_name, check_flag, c
                       check_real)
 from .ops.attention import attention, varlen_attention
 from .ops.decode import decode_attention
+from .ops.kvcache import kvcache_append
 
 __all__ = [
     "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
@@ -437,9 +437,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     - num_splits: 0 = heuristic, 1 = no split, n = n splits (decode kernel only).
 
     Returns out [B, Nq, Hq, D] (and softmax_lse [B, Hq, Nq] with ``return_softmax_lse``).
-    The k/v append, rotary, cache_batch_idx, cache_leftpad and block_table gathers are torch
-    passes before the kernel (module docstring); every argument is checked before the caches
-    are written.
+    The k/v append and rotary run in one kernel launch before the decode kernel, which reads
+    paged / batch-indexed / left-padded caches in place (module docstring); every argument is
+    checked before the caches are written.
     """
     paged = block_table is not None
     cache_layout = "[num_blocks, page_block_size, Hkv, D]" if paged else "[B_cache, Nmax, Hkv, D]"
@@ -564,65 +564,25 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             raise FlashAttnError(f"rotary_cos has {rotary_cos.shape[0]} positions (seqlen_ro); "
                                  f"positions up to {need - 1} are needed")
 
+    # the append + rotary launch (tritformer.kvcache_append), then the split-KV decode kernel
+    # reading the caches in place: paged through the block table, rows through
+    # cache_batch_idx, from cache_leftpad on; FA's [.., N, H, D] tensors as head-major views
+    hm = lambda x: None if x is None else x.transpose(1, 2)  # noqa: E731
     with torch.no_grad():
-        ar = lambda n: torch.arange(n, device=dev)
         if k is not None:
-            pos = cache_seqlens.long()[:, None] + ar(n_new)  # [B, Nnew] absolute positions
-            k_new = apply_rotary(k, rotary_cos, rotary_sin, pos, rotary_interleaved) if rotary else k
-            if paged:
-                rows = block_table.long().gather(1, pos // page)
-                k_cache[rows, pos % page] = k_new
-                v_cache[rows, pos % page] = v
-            else:
-                bidx = (ar(B) if cache_batch_idx is None else cache_batch_idx.long())[:, None]
-                k_cache[bidx, pos] = k_new
-                v_cache[bidx, pos] = v
-        if rotary:
-            qpos = cache_seqlens.long()[:, None] + (ar(Nq) if (is_causal or is_local) else ar(Nq) * 0)
-            q = apply_rotary(q, rotary_cos, rotary_sin, qpos, rotary_interleaved)
-        if paged:  # [B, max_blocks * page, Hkv, D]
-            kc = k_cache[block_table.long()].flatten(1, 2)
-            vc = v_cache[block_table.long()].flatten(1, 2)
-        elif cache_batch_idx is not None:
-            kc = k_cache.index_select(0, cache_batch_idx.long())
-            vc = v_cache.index_select(0, cache_batch_idx.long())
-        else:
-            kc, vc = k_cache, v_cache
-        plain = (left < 0 and alibi_slopes is None and softcap is None and cache_leftpad is None
-                 and (right == 0 or (Nq == 1 and right < 0)))
-        if plain:
-            lens = None
-            if cache_seqlens is not None:
-                lens = cache_seqlens + n_new if n_new else cache_seqlens
-            out, lse = decode_attention(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
-                                        lens, scale=softmax_scale,
-                                        num_splits=num_splits or None, return_lse=True)
-            out = out.transpose(1, 2)
-        else:
-            out, lse = _kvcache_varlen(q, kc, vc, totals, lefts, n_max, softmax_scale, causal,
-                                       window, alibi_slopes, softcap)
+            q_rot = kvcache_append(hm(k_cache), hm(v_cache), hm(k), hm(v), cache_seqlens, q=hm(q),
+                                   rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                                   rotary_interleaved=rotary_interleaved,
+                                   q_positions="causal" if (is_causal or is_local) else "start",
+                                   block_table=block_table, cache_batch_idx=cache_batch_idx)
+            q = q_rot.transpose(1, 2)
+        lens = None
+        if cache_seqlens is not None:
+            lens = cache_seqlens + n_new if n_new else cache_seqlens
+        out, lse = decode_attention(hm(q), hm(k_cache), hm(v_cache), lens, scale=softmax_scale,
+                                    num_splits=num_splits or None, return_lse=True,
+                                    causal=causal, window=window, alibi_slopes=alibi_slopes,
+                                    softcap=softcap, block_table=block_table,
+                                    cache_leftpad=cache_leftpad, cache_batch_idx=cache_batch_idx)
+    out = out.transpose(1, 2)
     return (out, lse) if return_softmax_lse else out
-
-
-def _kvcache_varlen(q, kc, vc, totals, lefts, n_max, scale, causal, window, alibi_slopes,
-                    softcap):
-    """Row b's keys kc[b, lefts[b]:totals[b]] as one varlen sequence, bottom-right aligned to
-    them. The cache [B, Nmax, Hkv, D] is read as [B * Nmax, Hkv, D] (a view where its strides
-    allow) with zero-query sequences covering the keys before lefts[b] and after totals[b], so
-    no key is copied."""
-    B, Nq, Hq, D = q.shape
-    lens_q, lens_k = [], []
-    for t, lp in zip(totals, lefts):
-        lens_q += [0, Nq, 0]
-        lens_k += [lp, t - lp, n_max - t]
-    cu = lambda lens: torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(
-        device=q.device, dtype=torch.int32)
-    slopes = alibi_slopes
-    if alibi_slopes is not None and alibi_slopes.dim() == 2:
-        slopes = alibi_slopes.repeat_interleave(3, dim=0)
-    flat = lambda x: x.reshape(B * x.shape[1], *x.shape[2:])
-    out, lse = varlen_attention(flat(q), flat(kc), flat(vc), cu(lens_q), cu(lens_k), Nq,
-                                max(lens_k, default=0), causal=causal, scale=scale,
-                                window=window, alibi_slopes=slopes, softcap=softcap,
-                                return_lse=True)
-    return out.view(B, Nq, Hq, D), lse.view(Hq, B, Nq).transpose(0, 1)

@@ -387,6 +387,19 @@ def _decode_plans(arch: str, dtype: torch.dtype, head_dim: int, _causal: bool, _
                     plans.append(dataclasses.replace(launch, name=launch.name + tag))
                 elif n_q == 1:  # the combine kernel does not depend on the query tile
                     plans.append(launch)
+        # serving variants of the split kernel (#19): a paged cache (256-key pages, vLLM's
+        # [num_blocks, page, Hkv, D] storage read through its transpose view), and every
+        # option at once (paged, left padding, sliding window, ALiBi, softcap)
+        pages = torch.empty(B * N_MAX // 256, 256, H_KV, head_dim, **meta).transpose(1, 2)
+        table = torch.empty(B, N_MAX // 256, device="meta", dtype=torch.int32)
+        serving = {"paged": dict(block_table=table),
+                   "all": dict(block_table=table, cache_leftpad=seqlens, window=(1024, 0),
+                               alibi_slopes=torch.empty(H, device="meta"), softcap=30.0)}
+        for tag, opts in serving.items():
+            launch = K.plan_decode(q, pages, pages, seqlens, torch.empty_like(q), lse, o_part,
+                                   lse_part, head_dim ** -0.5, S, cap, **opts)[0]
+            name = f"{launch.name}+m{launch.constexprs['BLOCK_M']}+{tag}"
+            plans.append(dataclasses.replace(launch, name=name))
     return plans
 
 
