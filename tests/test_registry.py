@@ -27,7 +27,7 @@ def test_every_reference_resolves():
 def test_the_tools_iterate_the_registry():
     from tritformer import bench, cli, inspect, validate
     assert bench.OPS == registry.names("bench") == (
-        "attention", "masked", "varlen", "softmax", "ffn", "gated_ffn", "gpt", "ring")
+        "attention", "masked", "varlen", "softmax", "ffn", "gated_ffn", "decode", "gpt", "ring")
     assert inspect.ALL_OPS == tuple(inspect.PLANS) == registry.names("inspect") == (
         "attention", "masked", "varlen", "softmax", "ffn", "decode")
     assert registry.names("validate") == ("attention", "masked", "varlen", "softmax", "ffn", "decode")
@@ -36,8 +36,9 @@ def test_the_tools_iterate_the_registry():
     parser = cli._parser()
     args = parser.parse_args(["inspect"])
     assert tuple(args.op) == registry.names("inspect")
+    assert parser.parse_args(["bench", "--op", "decode"]).op == ["decode"]
     with pytest.raises(SystemExit):
-        parser.parse_args(["bench", "--op", "decode"])  # decode has no benchmark
+        parser.parse_args(["bench", "--op", "rope"])  # no such op
     assert bench.INSPECT_OPS["gpt"] == ("attention", "decode", "ffn")
 
 

@@ -151,7 +151,8 @@ OPS = (
                   (3, 8, 1, 1, 64, (0, 1, 64), 40, 3)),     # MQA, empty and single-key caches, odd D
            quick=1, run=f"{_CASES}:run_decode", checks=("check_decode_attention",)),
        # causal by construction (Nq > 1: the last Nq positions), GQA 8:1
-       inspect=Inspect(f"{_PLANS}:_decode_plans", causal=(True,), heads=("gqa8",))),
+       inspect=Inspect(f"{_PLANS}:_decode_plans", causal=(True,), heads=("gqa8",)),
+       bench=Bench("tritformer.bench.decode:bench_decode", kernels=("decode",))),
     Op("gpt",  # the reference GPT end to end: bench only (its kernels are the ops above)
        bench=Bench("tritformer.bench.gpt:bench_gpt", kernels=("attention", "decode", "ffn"))),
     Op("ring",  # context-parallel attention (tritformer.distributed) on Gloo: bench only

@@ -41,15 +41,22 @@ FLOP counts (FlashAttention's benchmark convention):
 Bytes for GB/s (the minimum a kernel must move): softmax forward reads x (+ the mask as
 stored) and writes y; backward reads y and dy and writes dx. FFN forward reads x [M, d] and
 the weights W (all matrices and biases) and writes y [M, d]: (2·M·d + W)·itemsize; backward
-reads dy, x, W and writes dx and dW: (3·M·d + 2·W)·itemsize.
+reads dy, x, W and writes dx and dW: (3·M·d + 2·W)·itemsize. Decode (memory-bound: GB/s is
+its throughput, no TFLOP/s) reads K and V of each row's valid keys and q, and writes out:
+    decode forward      (2 * sum_b L_b * Hkv * D + 2 * B * Hq * Nq * D) * itemsize
+                                                L_b = cache_seqlens[b] (not the allocated
+                                                Nmax: keys past L_b are never read); paged or
+                                                contiguous alike; the int32 cache_seqlens and
+                                                block table are not counted
 
 The harness is a package: `core` (timing, memory, the row stream to CSV/JSON, providers'
 plumbing, device setup, `run`/`bench_run`/`main`), `report` (the summary, skips, the full
-table, plots with captions, report.md / index.html) and one module per op (`attention`, `masked`, `varlen`,
-`softmax`, `ffn` (ffn and gated_ffn), `gpt`), each with its sweep function; `run` iterates the
-ops' `bench` declarations in tritformer.registry. Every name is re-exported here.
+table, plots with captions, report.md / index.html) and one module per op (`attention`,
+`masked`, `varlen`, `softmax`, `ffn` (ffn and gated_ffn), `decode`, `gpt`, `ring`), each with
+its sweep function; `run` iterates the ops' `bench` declarations in tritformer.registry. Every
+name is re-exported here.
 """
-from . import attention, core, ffn, gpt, masked, report, ring, softmax, varlen
+from . import attention, core, decode, ffn, gpt, masked, report, ring, softmax, varlen
 from .attention import (_FLEX, _MODE_FACTOR, INTERPRETER_TILES, AttentionSweep, _attention_call,
                         _SDPA_BACKENDS, _cu_seqlens, _flash_attn, _flex,
                         _large_interpreter_tiles, _max_error, _naive, _qkv, _reference64, _sdpa,
@@ -62,6 +69,9 @@ from .core import (COLUMNS, CPU_MIN_RUN_TIME, DEVICE_PEAKS, DTYPES, INSPECT_OPS,
                    _quiet_native_stderr, _sweep_rows, _timed_rows, adaptive_timing, bench_run,
                    device_peak, finish_report, inspect_command, machine_info, main, peak_bytes,
                    planned_cases, run, run_inspect, setup_device, time_ms, write_results)
+from .decode import (DecodeCase, DecodeSweep, bench_decode, decode_bytes, decode_case,
+                     decode_lengths, decode_providers, decode_reference64, decode_sweep,
+                     page_count)
 from .ffn import bench_ffn, ffn_bytes, saved_bytes
 from .gpt import GPT_PROVIDERS, bench_gpt, gpt_flops, gpt_shape
 from .masked import (MaskCase, _masked_flash_attn, _masked_flex, _masked_naive, _masked_sdpa,

@@ -21,11 +21,16 @@ from typing import Optional
 
 SUBJECT = "tritformer"
 # other subjects, for the metrics that are their point
-EXTRA_SUBJECTS = {"tritformer_recompute": ("saved_bytes",)}
+EXTRA_SUBJECTS = {"tritformer_recompute": ("saved_bytes",),
+                  "tritformer_paged": ("peak_memory", "latency", "tflops", "gbps")}
 BASELINES = ("naive", "sdpa")
 HEADLINE_MODES = ("fwd", "fwd_bwd", "decode")
 # the columns that make two rows one measurement point (provider and backend aside)
 POINT = ("op", "metric", "mode", "x_value", "batch", "heads", "head_dim", "causal", "dtype")
+# ops whose sweep is a grid over batch and x: one plot per batch size, B shown in the table
+BATCH_GRID_OPS = ("decode",)
+# ops without a causal switch
+NO_CAUSAL_OPS = ("softmax", "gpt", "ffn", "gated_ffn", "decode")
 
 
 def interpreted(row: dict) -> bool:
@@ -55,7 +60,7 @@ def _point_text(r: dict) -> str:
         bits.append(f"H={r['heads']}")
     if r["head_dim"] is not None:
         bits.append(("d" if r["op"] in ("ffn", "gated_ffn") else "D") + f"={r['head_dim']}")
-    if r["causal"] is not None and r["op"] not in ("softmax", "gpt"):
+    if r["causal"] is not None and r["op"] not in NO_CAUSAL_OPS:
         bits.append("causal" if r["causal"] else "non-causal")
     return " ".join(bits)
 
@@ -199,11 +204,13 @@ def format_table(rows: list[dict]) -> str:
             ratio = f"{r['value'] / naive[_key(r)]:.3f}x"
         spread = ("-" if r["p20"] is None else
                   f"{fmt_value(r['p20'], r['unit'])}..{fmt_value(r['p80'], r['unit'])}")
+        x = f"{r['x_name']}={r['x_value']}"
+        if r["op"] in BATCH_GRID_OPS:
+            x += f" B={r['batch']}"
         out.append((r["op"], r["provider"], r["backend"] or "", r["mode"],
                     "-" if r["head_dim"] is None else str(r["head_dim"]),
                     "-" if r["causal"] is None else str(r["causal"]),
-                    f"{r['x_name']}={r['x_value']}", r["metric"], fmt_value(r["value"], r["unit"]),
-                    spread, ratio))
+                    x, r["metric"], fmt_value(r["value"], r["unit"]), spread, ratio))
     widths = [max([len(c)] + [len(t[i]) for t in out]) for i, c in enumerate(cols)]
     right = {4, 8, 9, 10}
     line = lambda t: "  ".join(c.rjust(w) if i in right else c.ljust(w)
@@ -226,7 +233,9 @@ STYLES = {
     "sdpa_cudnn": ("tab:gray", ">", 5, True, ":", 1.5),
     "tritformer": ("tab:green", "D", 6, True, "-", 1.8),
     "tritformer_recompute": ("tab:olive", "P", 7, True, "--", 1.5),
+    "tritformer_paged": ("tab:olive", "P", 7, True, "--", 1.5),
     "flash_attn": ("tab:orange", "X", 6, True, "-.", 1.5),
+    "flash_attn_paged": ("tab:pink", "d", 6, True, ":", 1.5),
     "flex": ("tab:brown", "*", 8, True, ":", 1.5),
 }
 _DRAW_ORDER = list(STYLES)
@@ -245,6 +254,9 @@ _OP_NOTES = {
     "gated_ffn": "SwiGLU, d = model dim",
     "gpt": "the whole model (every layer, lm_head, loss)",
     "softmax": "causal scaled softmax",
+    "decode": "one new query per row (Nq = 1) against a KV cache; Hkv = H/4 (GQA); valid keys "
+              "per row: the first row cache_len, the others uniform in [cache_len/2, cache_len]; "
+              "*_paged: the same keys in a paged cache (block_table)",
 }
 
 
@@ -272,7 +284,7 @@ def caption(rs: list[dict], tag: str = "") -> str:
     if _constant(rs, "head_dim") is not None:
         fixed.append(("d" if op in ("ffn", "gated_ffn") else "D") + f"={r0['head_dim']}")
     causal = {r["causal"] for r in rs}
-    if op not in ("softmax", "gpt", "ffn", "gated_ffn"):
+    if op not in NO_CAUSAL_OPS:
         fixed.append("causal" if causal == {True} else "non-causal" if causal == {False}
                      else "causal and non-causal lines")
     fixed.append(str(r0["dtype"]))
@@ -285,7 +297,7 @@ def caption(rs: list[dict], tag: str = "") -> str:
     text += "; " + ", ".join(fixed)
     if _OP_NOTES.get(op):
         text += f"; {_OP_NOTES[op]}"
-    if tag:
+    if tag == "seqlen_sweep":
         text += "; one sequence, one head: the memory sweep"
     if r0["metric"] == "latency" and any(interpreted(r) for r in rs):
         text += ("; tritformer rows are Triton-interpreter times on CPU, not GPU speed; "
@@ -299,7 +311,10 @@ def plot_groups(rows: list[dict]) -> dict[tuple, list[dict]]:
         if r["metric"] == "max_error" or r["value"] is None:
             continue
         memory_sweep = r["metric"] == "peak_memory" and r["batch"] == 1 and r["heads"] == 1
-        key = (r["op"], r["metric"], r["mode"], r["head_dim"], "seqlen_sweep" if memory_sweep else "")
+        tag = "seqlen_sweep" if memory_sweep else ""
+        if r["op"] in BATCH_GRID_OPS:
+            tag = f"b{r['batch']}"
+        key = (r["op"], r["metric"], r["mode"], r["head_dim"], tag)
         groups.setdefault(key, []).append(r)
     return dict(sorted(groups.items(), key=str))
 
@@ -365,8 +380,8 @@ def plot_results(rows: list[dict], out_dir: str, progress=None) -> list[tuple[st
         ax.set_ylabel(f"{metric} ({unit})")
         dim = "" if d is None else (" d=" if op in ("ffn", "gated_ffn") else " D=") + str(d)
         at = f" at {rs[0]['x_name']}={rs[0]['x_value']}" if single else ""
-        ax.set_title(f"{op} {mode} {metric}{dim}{at}" + (" (B=1 H=1)" if tag else ""),
-                     fontsize=10)
+        note = {"seqlen_sweep": " (B=1 H=1)"}.get(tag, f" B={rs[0]['batch']}" if tag else "")
+        ax.set_title(f"{op} {mode} {metric}{dim}{at}{note}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         path = os.path.join(out_dir, name)
         fig.tight_layout()
