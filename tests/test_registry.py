@@ -29,7 +29,7 @@ def test_the_tools_iterate_the_registry():
     assert bench.OPS == registry.names("bench") == (
         "attention", "masked", "varlen", "softmax", "ffn", "gated_ffn", "decode", "gpt", "ring")
     assert inspect.ALL_OPS == tuple(inspect.PLANS) == registry.names("inspect") == (
-        "attention", "masked", "varlen", "softmax", "ffn", "decode")
+        "attention", "masked", "varlen", "softmax", "ffn", "decode", "kvcache")
     assert registry.names("validate") == ("attention", "masked", "varlen", "softmax", "ffn", "decode")
     assert [c[0] for c in validate.grid(["fp16"], True)] == (
         ["attention"] * 3 + ["masked"] * 2 + ["varlen"] + ["softmax"] * 2 + ["ffn"] * 2 + ["decode"])

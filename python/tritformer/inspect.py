@@ -229,8 +229,10 @@ def compile_launch(launch, cfg, arch: str) -> Compiled:
     signature, constexprs, attrs = _signature(launch, cfg)
     src = ASTSource(fn=launch.fn, signature=signature, constexprs=constexprs, attrs=attrs)
     with _observed_ptxas() as spy:
-        ck = triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        if "enable_fp_fusion" in launch.constexprs:  # a compile option, as the JIT takes it
+            options["enable_fp_fusion"] = launch.constexprs["enable_fp_fusion"]
+        ck = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
     runs = [(cmd, log) for cmd, log in spy.calls if any(a.startswith("--gpu-name") for a in cmd)]
     if len(runs) != 1:
         raise RuntimeError(f"expected one ptxas run by Triton, saw {len(runs)}")
@@ -400,6 +402,40 @@ def _decode_plans(arch: str, dtype: torch.dtype, head_dim: int, _causal: bool, _
                                    lse_part, head_dim ** -0.5, S, cap, **opts)[0]
             name = f"{launch.name}+m{launch.constexprs['BLOCK_M']}+{tag}"
             plans.append(dataclasses.replace(launch, name=name))
+    return plans
+
+
+def _kvcache_plans(arch: str, dtype: torch.dtype, head_dim: int, _causal: bool, _heads: str = "-"):
+    """KV-cache append + rotary (kvcache_append), a decode step of 8 rows x 8 kv heads (32 query
+    heads): the contiguous head-major cache with NeoX rotary (keys and queries), the paged cache
+    in FlashAttention's [num_blocks, page, Hkv, D] layout with GPT-J (interleaved) rotary, and
+    the plain append into a batch-indexed cache (no rotary, no queries)."""
+    from tritformer.kernels import kvcache as K
+    cap = ARCHES[arch]
+    B, H_KV, H, N_MAX, PAGE = 8, 8, 32, 4096, 256
+
+    def e(*shape, dt=dtype):
+        return torch.empty(*shape, device="meta", dtype=dt)
+
+    def fa(*s):  # [B, N, H, D] storage viewed as [B, H, N, D]
+        return e(s[0], s[2], s[1], s[3]).transpose(1, 2)
+
+    lens, table, bidx = e(B, dt=torch.int32), e(B, 16, dt=torch.int32), e(B, dt=torch.int32)
+    cos = e(N_MAX, head_dim // 2)
+    variants = (
+        ("+neox", e(B, H_KV, N_MAX, head_dim), e(B, H, 1, head_dim), True, False, None, None),
+        ("+paged+gptj", fa(1024, H_KV, PAGE, head_dim), fa(B, H, 1, head_dim), True, True, table,
+         None),
+        ("+plain", e(B, H_KV, N_MAX, head_dim), None, False, False, None, bidx),
+    )
+    plans = []
+    for tag, cache, q, rotary, interleaved, bt, bi in variants:
+        k = e(B, H_KV, 1, head_dim)
+        (launch,) = K.plan_append(cache, torch.empty_like(cache), k, k.clone(), lens, q,
+                                  None if q is None else torch.empty_like(q),
+                                  cos if rotary else None, cos if rotary else None, interleaved,
+                                  True, bt, bi, cap)
+        plans.append(dataclasses.replace(launch, name=launch.name + tag))
     return plans
 
 

@@ -153,6 +153,8 @@ OPS = (
        # causal by construction (Nq > 1: the last Nq positions), GQA 8:1
        inspect=Inspect(f"{_PLANS}:_decode_plans", causal=(True,), heads=("gqa8",)),
        bench=Bench("tritformer.bench.decode:bench_decode", kernels=("decode",))),
+    Op("kvcache",  # kvcache_append: the append + rotary launch before decode (#19)
+       inspect=Inspect(f"{_PLANS}:_kvcache_plans", causal=(False,))),
     Op("gpt",  # the reference GPT end to end: bench only (its kernels are the ops above)
        bench=Bench("tritformer.bench.gpt:bench_gpt", kernels=("attention", "decode", "ffn"))),
     Op("ring",  # context-parallel attention (tritformer.distributed) on Gloo: bench only
