@@ -249,3 +249,83 @@ def test_compile_fullgraph_paged():
     compiled = torch.compile(step, fullgraph=True)  # a graph break would raise here
     torch.testing.assert_close(compiled(q, kp, vp, lens, table), step(q, kp, vp, lens, table),
                                rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode_attention(k_new=, v_new=, rotary_*): append (tritformer.kvcache_append) then attend
+# ---------------------------------------------------------------------------------------------
+def _rotary(n, rotary_dim, dtype=torch.float32):
+    angles = torch.arange(n)[:, None] * (1.0 / 10000 ** (torch.arange(0, rotary_dim, 2) / rotary_dim))
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+@pytest.mark.parametrize("paged, causal, interleaved", [
+    (False, True, False),   # contiguous cache, q rotated per row (causal positions)
+    (True, False, True),    # paged, non-causal Nq > 1: q rotated at the row's start, GPT-J pairs
+])
+def test_append_then_attend(paged, causal, interleaved):
+    dtype = torch.float16
+    k, v, lens = _cache(64, dtype, [40, 17, 0], garbage=0.0)
+    opts = {}
+    if paged:
+        k, v, opts["block_table"] = _paged(k, v, 16)
+    q = torch.randn(B, HQ, 3, D, dtype=dtype)
+    k_new = torch.randn(B, HKV, 3, D, dtype=dtype)
+    v_new = torch.randn(B, HKV, 3, D, dtype=dtype)
+    cos, sin = _rotary(64, 16)
+    rot = dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved)
+    k2, v2 = k.clone(), v.clone()
+    out = tritformer.decode_attention(q, k, v, lens, k_new=k_new, v_new=v_new, causal=causal,
+                                      **rot, **opts)
+    # the same two steps by hand: bitwise
+    q_rot = tritformer.kvcache_append(k2, v2, k_new, v_new, lens, q=q, **rot,
+                                      q_positions="causal" if causal else "start", **opts)
+    same = dict(rtol=0, atol=0, equal_nan=True)  # unused pages hold NaN
+    torch.testing.assert_close(k, k2, **same)
+    torch.testing.assert_close(v, v2, **same)
+    ref = tritformer.decode_attention(q_rot, k2, v2, lens + 3, causal=causal, **opts)
+    assert torch.equal(out, ref)
+    assert_checks(check_decode_attention(q_rot, k2, v2, lens + 3, causal=causal, **opts), "append")
+
+
+def test_append_refused_before_any_write():
+    k, v, lens = _cache(32, torch.float16, [30, 10, 0], garbage=0.0)
+    k0 = k.clone()
+    q = torch.randn(B, HQ, 1, D, dtype=torch.float16)
+    new = torch.randn(B, HKV, 3, D, dtype=torch.float16)
+    with pytest.raises(ValueError, match="k_new and v_new must be given together"):
+        tritformer.decode_attention(q, k, v, lens, k_new=new)
+    with pytest.raises(ValueError, match="cache_seqlens is required"):
+        tritformer.decode_attention(q, k, v, k_new=new, v_new=new)
+    # a decode-side error (bad slopes) and an append-side one (30 + 3 > 32): nothing written
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        tritformer.decode_attention(q, k, v, lens * 0, k_new=new, v_new=new,
+                                    alibi_slopes=torch.ones(HQ + 1))
+    with pytest.raises(ValueError):
+        tritformer.decode_attention(q, k, v, lens, k_new=new, v_new=new)
+    assert torch.equal(k, k0)
+
+
+def test_flash_attn_with_kvcache_is_the_native_call():
+    # FA's layout [B, N, H, D] (pages [num_blocks, page, Hkv, D]) on the same storage as
+    # the native call's transposed views: bitwise equal outputs and caches
+    from tritformer.flash_attn import flash_attn_with_kvcache
+    dtype = torch.bfloat16
+    k, v, lens = _cache(64, dtype, [40, 17, 5], garbage=0.0)
+    kp, vp, table = _paged(k, v, 16)
+    kp_fa, vp_fa = kp.transpose(1, 2).contiguous(), vp.transpose(1, 2).contiguous()
+    q = torch.randn(B, 2, HQ, D, dtype=dtype)
+    k_new, v_new = torch.randn(B, 2, HKV, D, dtype=dtype), torch.randn(B, 2, HKV, D, dtype=dtype)
+    cos, sin = _rotary(64, 24)
+    slopes = torch.rand(HQ)
+    kw = dict(rotary_cos=cos, rotary_sin=sin, block_table=table, alibi_slopes=slopes,
+              window_size=(20, 0), softcap=5.0, cache_leftpad=torch.tensor([2, 0, 1], dtype=torch.int32))
+    out_fa = flash_attn_with_kvcache(q, kp_fa, vp_fa, k_new, v_new, cache_seqlens=lens,
+                                     rotary_interleaved=False, **kw)
+    kw["window"] = kw.pop("window_size")
+    out = tritformer.decode_attention(q.transpose(1, 2), kp, vp, lens, k_new=k_new.transpose(1, 2),
+                                      v_new=v_new.transpose(1, 2), **kw)
+    assert torch.equal(out_fa, out.transpose(1, 2))
+    same = dict(rtol=0, atol=0, equal_nan=True)  # unused pages hold NaN
+    torch.testing.assert_close(kp_fa.transpose(1, 2), kp, **same)
+    torch.testing.assert_close(vp_fa.transpose(1, 2), vp, **same)

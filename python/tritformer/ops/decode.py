@@ -17,6 +17,7 @@ from .. import fallback, reference
 from .._autocast import autocast
 from .._checks import check_decode_inputs, check_inference_only
 from ..backend import backend_for, is_torch
+from .kvcache import check_kvcache_append_inputs, kvcache_append
 
 
 def _kernels():
@@ -55,7 +56,6 @@ def _(q, k_cache, v_cache, cache_seqlens, scale, num_splits, window_left, window
 # ---------------------------------------------------------------------------------------------
 # Public function
 # ---------------------------------------------------------------------------------------------
-@autocast("q", "k_cache", "v_cache")  # as SDPA: torch's lower-precision list
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      cache_seqlens: Optional[torch.Tensor] = None, *,
                      scale: float | None = None, num_splits: int | None = None,
@@ -64,7 +64,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      alibi_slopes: Optional[torch.Tensor] = None, softcap: float | None = None,
                      block_table: Optional[torch.Tensor] = None,
                      cache_leftpad: Optional[torch.Tensor] = None,
-                     cache_batch_idx: Optional[torch.Tensor] = None):
+                     cache_batch_idx: Optional[torch.Tensor] = None,
+                     k_new: Optional[torch.Tensor] = None, v_new: Optional[torch.Tensor] = None,
+                     rotary_cos: Optional[torch.Tensor] = None,
+                     rotary_sin: Optional[torch.Tensor] = None, rotary_interleaved: bool = False):
     """Attention of new queries against a KV cache, flash-decoding style (split-KV).
 
     Args:
@@ -101,6 +104,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             positions before it are never read); query positions stay cache_seqlens[b] - Nq + i.
         cache_batch_idx: int32 [B]: row b reads cache row cache_batch_idx[b] (not with
             block_table).
+        k_new, v_new: [B, Hkv, Nnew, D] new tokens, appended first (FlashAttention's
+            flash_attn_with_kvcache k / v): written into the caches IN PLACE at positions
+            cache_seqlens[b] .. cache_seqlens[b] + Nnew - 1 by `tritformer.kvcache_append`
+            (one launch), then attended to. With them cache_seqlens counts the keys BEFORE
+            the append (required; not modified: the caller advances it, as with
+            FlashAttention) and row b sees cache_seqlens[b] + Nnew keys.
+        rotary_cos, rotary_sin: [seqlen_ro, rotary_dim / 2] (need k_new): k_new is rotated at
+            its positions before it is written, and q at cache_seqlens[b] + i (causal or with
+            a window) or cache_seqlens[b] (otherwise), as FlashAttention. rotary_interleaved:
+            GPT-J pairs (0, 1), (2, 3) ..; default GPT-NeoX (i, i + rotary_dim / 2).
 
     Masking: with L = cache_seqlens[b], query i sits at position L - Nq + i (bottom-right
     aligned as `tritformer.attention(..., causal=True)` on the first L keys) and, causal, sees
@@ -111,19 +124,58 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     A query row that sees no key (L < Nq - i, e.g. L = 0) outputs 0 with lse = -inf.
 
-    Appending new tokens (with rotary embeddings) to the cache before attending: see
-    `tritformer.kvcache_append` and `tritformer.flash_attn.flash_attn_with_kvcache`.
+    Appending new tokens (with rotary embeddings) before attending: ``k_new`` / ``v_new``
+    below (`tritformer.kvcache_append` then this kernel; FlashAttention's interface:
+    `tritformer.flash_attn.flash_attn_with_kvcache`).
 
     Returns:
         out [B, Hq, Nq, D] in q's dtype (and q's memory layout); with ``return_lse`` also
         lse [B, Hq, Nq] float32, natural log.
 
     Inference only: raises if grad mode is on and an input requires grad (use
-    `tritformer.attention` for training). D may be 1..256. Index tensors are checked before
+    `tritformer.attention` for training). Under torch.autocast the attention follows SDPA's
+    rule (q and the caches cast to the autocast dtype); the append does not (it writes the
+    caches in their own dtype: k_new, v_new and q must have it). D may be 1..256. Index tensors are checked before
     the launch (one device sync each), except under torch.compile, where the kernel clamps
     them so that it never reads outside the cache. Where this runs: see
     ``tritformer.backend_for``.
     """
+    appending = k_new is not None or v_new is not None
+    if appending or rotary_cos is not None or rotary_sin is not None:
+        if k_new is None or v_new is None:
+            raise ValueError("k_new and v_new must be given together (rotary_cos / rotary_sin "
+                             "rotate the appended keys: they need k_new and v_new too)")
+        if cache_seqlens is None:
+            raise ValueError("cache_seqlens is required with k_new / v_new (the keys already "
+                             "in each row's cache, where the new ones are written)")
+        left, right = reference.window_bounds(bool(causal), window)
+        q_positions = "causal" if (right is not None or left is not None) else "start"
+        # every argument of both launches is checked before the caches are written
+        check_kvcache_append_inputs(k_cache, v_cache, k_new, v_new, cache_seqlens, q,
+                                    rotary_cos, rotary_sin, rotary_interleaved, q_positions,
+                                    block_table, cache_batch_idx)
+        lens = cache_seqlens + k_new.shape[2]
+        check_decode_inputs(q, k_cache, v_cache, lens, scale, num_splits, return_lse,
+                            causal=causal, window=window, alibi_slopes=alibi_slopes,
+                            softcap=softcap, block_table=block_table,
+                            cache_leftpad=cache_leftpad, cache_batch_idx=cache_batch_idx)
+        check_inference_only(q, k_cache, v_cache)
+        q = kvcache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, q=q,
+                           rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                           rotary_interleaved=rotary_interleaved, q_positions=q_positions,
+                           block_table=block_table, cache_batch_idx=cache_batch_idx)
+        cache_seqlens = lens
+    return _decode(q, k_cache, v_cache, cache_seqlens, scale=scale, num_splits=num_splits,
+                   return_lse=return_lse, causal=causal, window=window,
+                   alibi_slopes=alibi_slopes, softcap=softcap, block_table=block_table,
+                   cache_leftpad=cache_leftpad, cache_batch_idx=cache_batch_idx)
+
+
+@autocast("q", "k_cache", "v_cache")  # as SDPA: torch's lower-precision list
+def _decode(q, k_cache, v_cache, cache_seqlens=None, *, scale=None, num_splits=None,
+            return_lse=False, causal=True, window=None, alibi_slopes=None, softcap=None,
+            block_table=None, cache_leftpad=None, cache_batch_idx=None):
+    """decode_attention without the append: checks, then the kernel (or the torch backend)."""
     check_decode_inputs(q, k_cache, v_cache, cache_seqlens, scale, num_splits, return_lse,
                         causal=causal, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
                         block_table=block_table, cache_leftpad=cache_leftpad,
