@@ -22,6 +22,10 @@ Key tiles that the window leaves fully masked, and (with a key padding mask) til
 each sequence's first..last valid key, are never visited; tiles fully inside the window run
 without evaluating the window masks.
 
+Forward only (varlen inference): PAGED reads K/V from paged caches [num_blocks, Hkv, page, D]
+through a block table (key j of sequence s: slot j % page of block table[s, j // page]),
+SEQUSED limits sequence s to its first seqused_k[s] keys (options._paging).
+
 Where things live (one room per concern):
     _common.py   the score pipeline, key ranges, sequence bounds, dropout bits, program-id decode
     forward.py   the forward kernel;  backward.py  the three backward kernels

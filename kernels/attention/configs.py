@@ -182,6 +182,17 @@ def parse_table(text: str) -> dict:
 GPU_CONFIGS = parse_table(_PLAIN)
 VARIANT_CONFIGS = {"varlen": parse_table(_VARLEN), "masked": parse_table(_MASKED)}
 
+# The varlen forward over a paged KV cache (block_table; the `inspect --op varlen` plan
+# attn_fwd+paged16): the varlen fwd cells, except these {(arch family, element bytes, BLOCK_D
+# bucket): configs}, where the paged kernel spilled with one of them (AOT, Triton 3.9, page 16,
+# causal and not; sm_80/sm_90 fp16, bf16, fp32 and sm_86/sm_120 fp16, fp32 at D=64/128/256
+# compiled): sm_80 fp32 D=256 32x16/8/1 8 B (causal; 16x32/8/1: 119 regs, 0 B); sm_86 fp32
+# D=64 64x32/4/2 124-180 B (unpaged 0 B; 128x32/8/3: 0 B); sm_120 fp16 D=128 64x64/4/3 268 B
+# (unpaged 88-136 B; 128x32/8/3: 0 B). Unpaged and paged alike spill at sm_120 fp32 D=64
+# (84-516 B, both cells): not fixed here.
+PAGED_FWD = {(80, 4, 256): [_cfg(16, 32, 8, 1)], (86, 4, 64): [_cfg(128, 32, 8, 3)],
+             (120, 2, 128): [_cfg(128, 32, 8, 3)]}
+
 
 def configs_for(kernel: str, arch: int | None, block_d: int, elem_bytes: int,
                 variant: str = "plain") -> list:
@@ -189,9 +200,18 @@ def configs_for(kernel: str, arch: int | None, block_d: int, elem_bytes: int,
 
     variant: "plain" (dense, causal or not), "varlen" (packed sequences) or "masked" (any of
     attn_mask, key padding, ALiBi, softcap, dropout, a left window edge): each has its own
-    spill-free table, the masked one with smaller tiles."""
+    spill-free table, the masked one with smaller tiles. "paged" (the forward only): varlen's,
+    with the PAGED_FWD cells."""
     if arch is None:
         return [INTERPRETER_CONFIGS[kernel]]
+    if variant == "paged":  # the varlen forward through a block table (PAGED_FWD)
+        for max_d in HEAD_DIM_BUCKETS:
+            if block_d <= max_d:
+                cfgs = PAGED_FWD.get((arch_family(arch), elem_bytes, max_d))
+                if cfgs is not None:
+                    return cfgs
+                break
+        variant = "varlen"
     table = GPU_CONFIGS if variant == "plain" else VARIANT_CONFIGS[variant]
     for max_d, nbytes, cfgs in table[kernel][arch_family(arch)]:
         if block_d <= max_d and elem_bytes == nbytes:

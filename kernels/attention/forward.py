@@ -7,6 +7,13 @@ masks), the tiles crossing the right edge (causal diagonal) and the ragged tail.
 of the sweep (`_attn_fwd_inner`), by keyword. The wrapper passes its runtime arguments to the
 tile body in signature order (the names are the same; tests/test_kernel_signatures.py checks
 it) and the constexprs by keyword.
+
+Forward-only switches (varlen inference, no backward kernel reads them): PAGED, K/V read from
+paged caches through a block table (a block id gathered per key, int64 row offsets, table
+index and block id clamped: no read outside k / v whatever the table holds); SEQUSED, each
+sequence's key count cut to SeqUsedK[seq]. Both off, the generated code is the one compiled
+before they existed (the K / V pointers are still formed inside the load calls, in the order
+Triton emits them).
 """
 import triton
 import triton.language as tl
@@ -20,22 +27,39 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
                     lo, hi, i, offs_n, mask_d, n_q, n_kv, diag,
                     m_base, stride_mm, stride_mn, kpm_base, slope, sm_scale, cap_in, cap_out,
                     win_left, win_right, drop_row, DROP_COLS, dropout_p, seed,
+                    bt_row, stride_btb, stride_kz, stride_vz, MAX_BLOCKS, NUM_BLOCKS,
                     BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, WIN_LEFT: tl.constexpr,
                     WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    PAGED: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # BOUNDARY=False: every key tile in [lo, hi) is full and inside every row's window, so
     # neither the key bound nor the window is evaluated (the fast path).
-    k_base += tl.cast(lo, tl.int64) * stride_kn
-    v_base += tl.cast(lo, tl.int64) * stride_vn
+    # PAGED: k_base / v_base point at the kv head; key j is slot j % PAGE of block
+    # bt_row[j // PAGE], gathered per key whatever the page size (k_offs / v_offs hold the
+    # head-dim offsets only). One block id per tile where a page holds whole key tiles was
+    # tried: fewer issue slots (`inspect --perf` sm_90 fp16 D=128 128x64: 936 vs 1156 clocks,
+    # 830 unpaged) but its pipelined scalar load spilled in 8 of the 48 varlen fp16 rows of
+    # sm_80/sm_90 (sm_80 D=128 128x32/8/3: 32-48 B). Table index and block id are clamped, so
+    # no load leaves k / v whatever the table holds (the host checks it, except while
+    # torch.compile traces).
+    if not PAGED:
+        k_base += tl.cast(lo, tl.int64) * stride_kn
+        v_base += tl.cast(lo, tl.int64) * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
         offs_kn = start_n + offs_n
         j = offs_kn[None, :]
         # -- load K^T tile [BLOCK_D, BLOCK_N], compute scores ----
+        # (k_tile + k_offs inside the load call: without PAGED, the IR of before PAGED existed)
+        k_tile = k_base
+        if PAGED:
+            blk = tl.load(bt_row + tl.minimum(offs_kn // PAGE, MAX_BLOCKS - 1) * stride_btb)
+            blk = tl.minimum(tl.maximum(blk, 0), NUM_BLOCKS - 1).to(tl.int64)
+            slot = (offs_kn % PAGE).to(tl.int64)
+            k_tile = k_base + (blk * stride_kz + slot * stride_kn)[None, :]  # [1, BLOCK_N]
         if BOUNDARY:
-            k = tl.load(k_base + k_offs, mask=mask_d[:, None] & (j < n_kv), other=0.0)
+            k = tl.load(k_tile + k_offs, mask=mask_d[:, None] & (j < n_kv), other=0.0)
         else:
-            k = tl.load(k_base + k_offs, mask=mask_d[:, None], other=0.0)
+            k = tl.load(k_tile + k_offs, mask=mask_d[:, None], other=0.0)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
         s, _ = _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope,
                        sm_scale, cap_in, cap_out, win_left, win_right, BOUNDARY=BOUNDARY,
@@ -53,15 +77,19 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, drop_row + i, j, DROP_COLS, dropout_p), p, 0.0)
         # -- accumulate p @ v ----
+        v_tile = v_base
+        if PAGED:
+            v_tile = v_base + (blk * stride_vz + slot * stride_vn)[:, None]  # [BLOCK_N, 1]
         if BOUNDARY:
-            v = tl.load(v_base + v_offs, mask=(offs_kn[:, None] < n_kv) & mask_d[None, :], other=0.0)
+            v = tl.load(v_tile + v_offs, mask=(offs_kn[:, None] < n_kv) & mask_d[None, :], other=0.0)
         else:
-            v = tl.load(v_base + v_offs, mask=mask_d[None, :], other=0.0)
+            v = tl.load(v_tile + v_offs, mask=mask_d[None, :], other=0.0)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_ij
-        k_base += BLOCK_N * stride_kn
-        v_base += BLOCK_N * stride_vn
+        if not PAGED:
+            k_base += BLOCK_N * stride_kn
+            v_base += BLOCK_N * stride_vn
     return acc, l_i, m_i
 
 
@@ -73,17 +101,23 @@ def _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange
                    stride_oz, stride_oh, stride_om, stride_od,
                    stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
                    H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
-                   dropout_p, seed, DROP_COLS,
+                   dropout_p, seed, DROP_COLS, BlockTable, SeqUsedK, stride_btz, stride_btb,
+                   MAX_BLOCKS, NUM_BLOCKS,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
                    HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
                    DROPOUT: tl.constexpr, VARLEN: tl.constexpr, LSE_LO: tl.constexpr,
+                   PAGED: tl.constexpr, SEQUSED: tl.constexpr, PAGE: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
     start_m = tile
     off_h = head
     off_hkv = off_h // GROUP
     z, q_start, k_start, n_q, n_kv = _seq_info(CuQ, CuK, seq, N_Q, N_KV, VARLEN)
+    if SEQUSED:  # FlashAttention-3's seqused_k: the first SeqUsedK[seq] keys of the sequence
+        n_kv = tl.minimum(tl.maximum(tl.load(SeqUsedK + seq), 0), n_kv)
+    if PAGED:  # never past the table's capacity; no key at all without a block
+        n_kv = tl.minimum(n_kv, tl.where(NUM_BLOCKS > 0, MAX_BLOCKS * PAGE, 0))
     diag = n_kv - n_q  # bottom-right alignment of causal / window / ALiBi
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -98,10 +132,19 @@ def _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange
     q_ptrs = (Q + z64 * stride_qz + off_h.to(tl.int64) * stride_qh
               + (q_start + start_m * BLOCK_M).to(tl.int64) * stride_qm
               + tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
-    k_base = K + z64 * stride_kz + off_hkv.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
-    v_base = V + z64 * stride_vz + off_hkv.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
-    k_offs = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # K^T tile [BLOCK_D, BLOCK_N]
-    v_offs = offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # V tile [BLOCK_N, BLOCK_D]
+    if PAGED:  # the kv head of the paged caches; key rows per tile in _attn_fwd_inner
+        k_base = K + off_hkv.to(tl.int64) * stride_kh
+        v_base = V + off_hkv.to(tl.int64) * stride_vh
+        k_offs = offs_d[:, None] * stride_kd  # [BLOCK_D, 1], plus each key's row
+        v_offs = offs_d[None, :] * stride_vd  # [1, BLOCK_D]
+    else:
+        k_base = K + z64 * stride_kz + off_hkv.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
+        v_base = V + z64 * stride_vz + off_hkv.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
+        k_offs = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # K^T tile [BLOCK_D, BLOCK_N]
+        v_offs = offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # V tile [BLOCK_N, BLOCK_D]
+    bt_row = BlockTable  # (unused unless PAGED)
+    if PAGED:  # this sequence's row of the block table
+        bt_row = BlockTable + seq.to(tl.int64) * stride_btz
     m_base = Mask + z64 * stride_mz + off_h.to(tl.int64) * stride_mh
     kpm_base = Kpm + z64 * stride_kpz
     row0 = (z * H + off_h).to(tl.int64) * N_Q + q_start  # lse row of query 0 of this sequence
@@ -139,9 +182,12 @@ def _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange
                 stride_mm=stride_mm, stride_mn=stride_mn, kpm_base=kpm_base, slope=slope,
                 sm_scale=sm_scale, cap_in=cap_in, cap_out=cap_out, win_left=win_left,
                 win_right=win_right, drop_row=row0, DROP_COLS=DROP_COLS, dropout_p=dropout_p,
-                seed=seed, BLOCK_N=BLOCK_N, BOUNDARY=part != 1, WIN_LEFT=WIN_LEFT,
+                seed=seed, bt_row=bt_row, stride_btb=stride_btb, stride_kz=stride_kz,
+                stride_vz=stride_vz, MAX_BLOCKS=MAX_BLOCKS, NUM_BLOCKS=NUM_BLOCKS,
+                BLOCK_N=BLOCK_N, BOUNDARY=part != 1, WIN_LEFT=WIN_LEFT,
                 WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI,
-                SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, DOT_PRECISION=DOT_PRECISION)
+                SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, PAGED=PAGED, PAGE=PAGE,
+                DOT_PRECISION=DOT_PRECISION)
 
     # -- epilogue: one normalisation; rows with no visible key give 0 and lse = -inf ----
     empty = l_i == 0.0
@@ -177,12 +223,14 @@ def _attn_fwd(Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
               stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
               H, GROUP, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
               dropout_p, seed, DROP_COLS, MAX_SEQLEN,
+              BlockTable, SeqUsedK, stride_btz, stride_btb, MAX_BLOCKS, NUM_BLOCKS,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
               HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
               DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQ_LOOP: tl.constexpr,
-              LSE_LO: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              LSE_LO: tl.constexpr, PAGED: tl.constexpr, SEQUSED: tl.constexpr,
+              PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # program -> (query tile, head, sequence)
     tile, head, seq, n_tiles = _program_tile(MAX_SEQLEN, BLOCK_M, H)
     if SEQ_LOOP:
@@ -198,11 +246,12 @@ def _attn_fwd(Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
                            stride_oz, stride_oh, stride_om, stride_od, stride_mz, stride_mh,
                            stride_mm, stride_mn, stride_kpz, H, GROUP, N_Q, N_KV, sm_scale,
                            cap_in, cap_out, win_left, win_right, dropout_p, seed, DROP_COLS,
+                           BlockTable, SeqUsedK, stride_btz, stride_btb, MAX_BLOCKS, NUM_BLOCKS,
                            HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                            WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
                            HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
-                           DROPOUT=DROPOUT, VARLEN=VARLEN, LSE_LO=LSE_LO,
-                           DOT_PRECISION=DOT_PRECISION)
+                           DROPOUT=DROPOUT, VARLEN=VARLEN, LSE_LO=LSE_LO, PAGED=PAGED,
+                           SEQUSED=SEQUSED, PAGE=PAGE, DOT_PRECISION=DOT_PRECISION)
     else:
         _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
                        stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh,
@@ -210,7 +259,9 @@ def _attn_fwd(Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
                        stride_oz, stride_oh, stride_om, stride_od, stride_mz, stride_mh,
                        stride_mm, stride_mn, stride_kpz, H, GROUP, N_Q, N_KV, sm_scale, cap_in,
                        cap_out, win_left, win_right, dropout_p, seed, DROP_COLS,
+                       BlockTable, SeqUsedK, stride_btz, stride_btb, MAX_BLOCKS, NUM_BLOCKS,
                        HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                        WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
                        HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT,
-                       VARLEN=VARLEN, LSE_LO=LSE_LO, DOT_PRECISION=DOT_PRECISION)
+                       VARLEN=VARLEN, LSE_LO=LSE_LO, PAGED=PAGED, SEQUSED=SEQUSED, PAGE=PAGE,
+                       DOT_PRECISION=DOT_PRECISION)

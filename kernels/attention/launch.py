@@ -13,7 +13,7 @@ from ._common import _dropout_mask_kernel
 from .backward import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .configs import PREPROCESS_BLOCK_M, _block_d, configs_for
 from .forward import _attn_fwd
-from .options import Options, _dot_precision, _features, _strides, _variant
+from .options import Options, _dot_precision, _features, _paging, _strides, _variant
 
 
 def _pick(fn, values: dict) -> dict:
@@ -45,17 +45,21 @@ def plan_forward(q, k, v, out, lse, opts: Options, arch: int | None,
     H, D = q.shape[1], q.shape[3]
     block_d = _block_d(D)
     feats, flags, n_z, variant = _features(q, k, opts, lse)
+    paging, paging_flags = _paging(k, opts, lse)
     n_q = _grid_len(opts.max_seqlen_q) if opts.varlen else q.shape[2]
     args = _pick(_attn_fwd, {"Q": q, "K": k, "V": v, "Out": out, "Lse": lse,
                              "LseLo": lse if lse_lo is None else lse_lo, **feats,
-                             "MAX_SEQLEN": n_q,
+                             "MAX_SEQLEN": n_q, **paging,
                              **_strides(q, "q"), **_strides(k, "k"), **_strides(v, "v"),
                              **_strides(out, "o")})
     constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, **flags, "LSE_LO": lse_lo is not None,
-                  "DOT_PRECISION": _dot_precision(q.dtype, block_d, variant)}
+                  **paging_flags, "DOT_PRECISION": _dot_precision(q.dtype, block_d, variant)}
+    # a paged cache without masked switches: varlen's tiles where they stay spill-free
+    # (configs.PAGED_FWD); the dot precision keeps the variant's (the packed run's arithmetic)
+    table = "paged" if paging_flags["PAGED"] and variant == "varlen" else variant
     return [Launch("attn_fwd", _attn_fwd, args, constexprs,
                    lambda meta: flat_grid(triton.cdiv(n_q, meta["BLOCK_M"]), n_z, H),
-                   configs_for("fwd", arch, block_d, q.element_size(), variant),
+                   configs_for("fwd", arch, block_d, q.element_size(), table),
                    _tune_key(constexprs), _BUCKETED)]
 
 
@@ -65,6 +69,8 @@ def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
     """lse_lo: the forward's lse residual (fp32), subtracted when P is recomputed. split > 1
     (GQA, `gqa_split`): dk / dv are fp32 workspaces [B, Hkv * split, Nk, D] of partial sums
     that the caller reduces over the split (`attention_backward`)."""
+    if opts.block_table is not None or opts.seqused_k is not None:
+        raise ValueError("block_table / seqused_k are forward-only: no backward kernel reads them")
     B, H, N_Q, D = q.shape
     block_d = _block_d(D)
     feats, flags, n_z, variant = _features(q, k, opts, lse)
@@ -169,11 +175,15 @@ def lse_residual_for(dtype: torch.dtype) -> bool:
 def attention_forward(q, k, v, opts: Options):
     """out [B, Hq, Nq, D] (q's dtype and layout), lse [B, Hq, Nq] float32 (natural log), and
     lse_lo: for fp32 inputs lse's rounding residual [B, Hq, Nq] (exact lse = lse + lse_lo, for
-    `attention_backward`), else an empty tensor."""
+    `attention_backward`), else an empty tensor (also with block_table / seqused_k, which have
+    no backward). Paged (opts.block_table): k, v are the caches viewed [num_blocks, Hkv, page,
+    D], q [1, Hq, total_q, D]."""
     q, k, v = (int32_tiles(t) for t in (q, k, v))
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
-    lse_lo = (torch.empty_like(lse) if lse_residual_for(q.dtype)
+    # block_table / seqused_k are forward-only (inference): no backward reads the residual
+    forward_only = opts.block_table is not None or opts.seqused_k is not None
+    lse_lo = (torch.empty_like(lse) if lse_residual_for(q.dtype) and not forward_only
               else lse.new_empty(0))
     if out.numel():
         for launch in plan_forward(q, k, v, out, lse, opts, _arch_for(q),

@@ -32,6 +32,10 @@ class Options:
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
     seqlens_checked: bool = False  # varlen: max_seqlen_* known to bound every sequence
+    # varlen, forward only: block_table int32 [num_seqs, max_blocks] (k/v then paged caches
+    # viewed [num_blocks, Hkv, page, D]) and seqused_k int32 [num_seqs] (keys used per sequence)
+    block_table: Optional[torch.Tensor] = None
+    seqused_k: Optional[torch.Tensor] = None
 
     @property
     def varlen(self) -> bool:
@@ -127,6 +131,32 @@ def _features(q, k, opts: Options, dummy: torch.Tensor):
     }
     n_z = opts.cu_seqlens_q.shape[0] - 1 if opts.varlen else B
     return args, constexprs, n_z, _variant(opts)
+
+
+def _paging(k, opts: Options, dummy: torch.Tensor):
+    """(runtime args, constexprs) of the forward kernel's paged-KV and seqused_k switches.
+
+    PAGED: k/v are paged caches viewed [num_blocks, Hkv, PAGE, D] (stride_kz: one block);
+    key j of sequence s is slot j % PAGE of block BlockTable[s, j // PAGE]. The kernel clamps
+    the table index into [0, MAX_BLOCKS) and the block id into [0, NUM_BLOCKS) (the host checks
+    the table's contents, except while torch.compile traces), so it never reads outside k/v.
+    SEQUSED: sequence s uses its first SeqUsedK[s] keys (clamped into [0, its cu_seqlens_k
+    length]). Off (dummies; PAGE 1): the kernel is the one compiled before these switches."""
+    bt = opts.block_table
+    used = _dense(opts.seqused_k)
+    args = {
+        "BlockTable": dummy if bt is None else bt,
+        "SeqUsedK": dummy if used is None else used,
+        "stride_btz": 0 if bt is None else bt.stride(0),
+        "stride_btb": 0 if bt is None else bt.stride(1),
+        "MAX_BLOCKS": 1 if bt is None else bt.shape[1],
+        "NUM_BLOCKS": 1 if bt is None else k.shape[0],
+    }
+    # PAGE a constexpr: j // PAGE and j % PAGE per key become shifts / multiplies (a runtime
+    # divisor: 1258 issue clocks per iteration instead of 1156, `inspect --perf` sm_90 fp16
+    # D=128 128x64/8); one kernel per page size, which a serving engine fixes once
+    return args, {"PAGED": bt is not None, "SEQUSED": used is not None,
+                  "PAGE": 1 if bt is None else k.shape[2]}
 
 
 def _variant(opts: Options) -> str:

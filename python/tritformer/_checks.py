@@ -272,21 +272,37 @@ def check_attention_options(q, k, *, attn_mask=None, key_padding_mask=None, drop
     check_real("softcap", softcap, lo=0.0, allow_none=True)
 
 
-def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale) -> None:
-    """varlen_attention's tensors. The cu_seqlens contents are checked too (a device sync),
-    except while torch.compile traces, where they are data the graph cannot inspect."""
+def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                        block_table=None, seqused_k=None) -> None:
+    """varlen_attention's tensors. The contents of cu_seqlens (and of block_table and seqused_k)
+    are checked too, with one device sync, except while torch.compile traces, where they are
+    data the graph cannot inspect (the kernel then clamps every paged read into k / v).
+
+    block_table: k / v are paged caches [num_blocks, page_block_size, Hkv, D]; sequence s's
+    keys are at block_table[s, j // page], slot j % page, for j below its length (seqused_k[s]
+    if given, else its cu_seqlens_k length). Entries past the blocks a sequence uses are never
+    read and not checked (padding such as -1 is fine)."""
+    paged = block_table is not None
     check_tensor("q", q, 3, "[total_q, Hq, D]")
-    check_tensor("k", k, 3, "[total_k, Hkv, D]")
-    check_tensor("v", v, 3, "[total_k, Hkv, D]")
+    kv_layout = ("[num_blocks, page_block_size, Hkv, D] (paged: block_table given)" if paged
+                 else "[total_k, Hkv, D]")
+    check_tensor("k", k, 4 if paged else 3, kv_layout)
+    check_tensor("v", v, 4 if paged else 3, kv_layout)
     # shapes named in varlen's layout first; the other rules of attention on [1, H, T, D] views
     for name, x in (("k", k), ("v", v)):
-        if x.shape[2] != q.shape[2]:
+        if x.shape[-1] != q.shape[2]:
             raise ValueError(f"{name} must have q's head dim D={q.shape[2]}, got shape {tuple(x.shape)}")
     if k.shape != v.shape:
-        raise ValueError(f"v must have k's shape [total_k, Hkv, D] = {tuple(k.shape)}, got {tuple(v.shape)}")
-    check_attention_inputs(q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2),
-                           v.unsqueeze(0).transpose(1, 2), scale)
-    totals = {"cu_seqlens_q": q.shape[0], "cu_seqlens_k": k.shape[0]}
+        raise ValueError(f"v must have k's shape {kv_layout.split(' (')[0]} = {tuple(k.shape)}, got {tuple(v.shape)}")
+    if paged:
+        if k.shape[1] < 1:
+            raise ValueError(f"k's page_block_size (dim 1 of the paged cache) must be >= 1, got shape {tuple(k.shape)}")
+        # the dtype / device / head rules on one block (an empty view with no block at all)
+        kv = [(x[:1] if x.shape[0] else x.new_empty((1, *x.shape[1:]))).permute(0, 2, 1, 3)
+              for x in (k, v)]
+    else:
+        kv = [x.unsqueeze(0).transpose(1, 2) for x in (k, v)]
+    check_attention_inputs(q.unsqueeze(0).transpose(1, 2), *kv, scale)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
@@ -301,20 +317,105 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
                          f"got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
     check_integer("max_seqlen_q", max_seqlen_q, lo=0)
     check_integer("max_seqlen_k", max_seqlen_k, lo=0)
+    n_seq = cu_seqlens_q.shape[0] - 1
+    if paged:
+        _check_int32_tensor("block_table", block_table, 2, "[num_seqs, max_blocks]", q)
+        if block_table.shape[0] != n_seq:
+            raise ValueError(f"block_table must be [num_seqs, max_blocks] with num_seqs = {n_seq} "
+                             f"(cu_seqlens_q), got shape {tuple(block_table.shape)}")
+    if seqused_k is not None:
+        _check_int32_tensor("seqused_k", seqused_k, 1, "[num_seqs]", q)
+        if seqused_k.shape[0] != n_seq:
+            raise ValueError(f"seqused_k must have shape [num_seqs] = [{n_seq}], got {tuple(seqused_k.shape)}")
     if torch.compiler.is_compiling():
         return
-    for (name, cu), m_name, m in ((("cu_seqlens_q", cu_seqlens_q), "max_seqlen_q", max_seqlen_q),
-                                  (("cu_seqlens_k", cu_seqlens_k), "max_seqlen_k", max_seqlen_k)):
-        c = cu.tolist()
+    _check_varlen_contents(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           block_table, seqused_k)
+
+
+def _check_int32_tensor(name, x, ndim, layout, q) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+    if x.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32 (FlashAttention's convention), got {_dtype_name(x.dtype)}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(x.shape)}")
+    if x.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+
+
+def _check_varlen_contents(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           block_table, seqused_k) -> None:
+    """The contents of varlen_attention's index tensors, read with one device sync."""
+    paged = block_table is not None
+    n_seq = cu_seqlens_q.shape[0] - 1
+    parts = [cu_seqlens_q.long(), cu_seqlens_k.long()]
+    if seqused_k is not None:
+        parts.append(seqused_k.long())
+    if paged and block_table.numel():
+        # the first out-of-range entry among those a sequence uses (its first
+        # ceil(used / page) blocks): [found, flat index, value], computed on the device
+        lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+        used = lens if seqused_k is None else seqused_k.long()
+        n_blocks = (used.clamp(min=0) + k.shape[1] - 1) // k.shape[1]
+        cols = torch.arange(block_table.shape[1], device=block_table.device)
+        bt = block_table.long()
+        bad = (cols[None, :] < n_blocks[:, None]) & ((bt < 0) | (bt >= k.shape[0]))
+        first = bad.flatten().to(torch.int8).argmax()
+        parts.append(torch.stack([bad.any().long(), first, bt.flatten()[first]]))
+    flat = torch.cat(parts).tolist()  # the one sync
+    cq, flat = flat[:n_seq + 1], flat[n_seq + 1:]
+    ck, flat = flat[:n_seq + 1], flat[n_seq + 1:]
+    used = None
+    if seqused_k is not None:
+        used, flat = flat[:n_seq], flat[n_seq:]
+    totals = {"cu_seqlens_q": q.shape[0], "cu_seqlens_k": None if paged else k.shape[0]}
+    lengths = {}
+    for (name, c), m_name, m in ((("cu_seqlens_q", cq), "max_seqlen_q", max_seqlen_q),
+                                 (("cu_seqlens_k", ck), "max_seqlen_k", max_seqlen_k)):
         if c[0] != 0:
             raise ValueError(f"{name} must start at 0, got {c[0]}")
-        lengths = [b - a for a, b in zip(c, c[1:])]
-        if any(n < 0 for n in lengths):
+        lens = [b - a for a, b in zip(c, c[1:])]
+        if any(n < 0 for n in lens):
             raise ValueError(f"{name} must be non-decreasing, got {c}")
-        if c[-1] != totals[name]:
+        if totals[name] is not None and c[-1] != totals[name]:
             raise ValueError(f"{name} must end at the total length {totals[name]}, got {c[-1]}")
-        if lengths and max(lengths) > m:
-            raise ValueError(f"{m_name}={m} is smaller than the longest sequence ({max(lengths)}) in {name}")
+        if lens and max(lens) > m:
+            raise ValueError(f"{m_name}={m} is smaller than the longest sequence ({max(lens)}) in {name}")
+        lengths[name] = lens
+    need = lengths["cu_seqlens_k"]
+    if used is not None:
+        for s, (u, n) in enumerate(zip(used, need)):
+            if u < 0:
+                raise ValueError(f"seqused_k values must be >= 0, got seqused_k[{s}] = {u}")
+            if u > n:
+                raise ValueError(f"seqused_k[{s}] = {u} is more than sequence {s}'s {n} keys "
+                                 f"(its cu_seqlens_k length)")
+        need = used
+    if not paged:
+        return
+    page, max_blocks = k.shape[1], block_table.shape[1]
+    for s, n in enumerate(need):
+        if n > max_blocks * page:
+            raise ValueError(f"block_table has {max_blocks} blocks of {page} keys per sequence, "
+                             f"fewer than sequence {s}'s {n} keys need")
+    if flat and flat[0]:
+        s, b = divmod(flat[1], max_blocks)
+        raise ValueError(f"block_table[{s}, {b}] = {flat[2]} is not a block of k/v: block "
+                         f"indices must be in [0, num_blocks={k.shape[0]})")
+
+
+def check_varlen_inference_only(q, k, v, block_table, seqused_k) -> None:
+    """varlen_attention with block_table or seqused_k has no backward: refuse inputs that
+    require grad while grad mode is on."""
+    if block_table is None and seqused_k is None:
+        return
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        name = "block_table" if block_table is not None else "seqused_k"
+        raise RuntimeError(
+            f"varlen_attention with {name} is inference-only (no backward): q, k or v requires "
+            "grad while grad mode is on. Run it under torch.no_grad() / torch.inference_mode(), "
+            f"or pass packed k/v without {name} for training.")
 
 
 def check_activation(activation) -> None:

@@ -169,10 +169,14 @@ def attention(q, k, v, scale=None, left=None, right=None, return_lse=False, attn
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None, left=None, right=None,
                      return_lse=False, dropout_p=0.0, alibi_slopes=None, softcap=None,
-                     dropout_mask=None):
+                     dropout_mask=None, block_table=None, seqused_k=None):
     """`tritformer.varlen_attention` on the "torch" backend: `attention` per packed sequence
     (q [Tq, Hq, D], k/v [Tk, Hkv, D]; alibi_slopes [Hq] or [num_seqs, Hq]; dropout_mask bool
-    [Hq, Tq, max_seqlen_k]). Returns (out [Tq, Hq, D], lse [Hq, Tq] float32 or None)."""
+    [Hq, Tq, max_seqlen_k]). With block_table (k/v paged caches [num_blocks, page, Hkv, D])
+    and/or seqused_k, the keys each sequence uses are first gathered packed, in torch
+    (`reference.varlen_kv_used`). Returns (out [Tq, Hq, D], lse [Hq, Tq] float32 or None)."""
+    if block_table is not None or seqused_k is not None:
+        k, v, cu_seqlens_k = reference.varlen_kv_used(k, v, cu_seqlens_k, block_table, seqused_k)
     outs, lses = [], []
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for s in range(len(cq) - 1):

@@ -335,7 +335,29 @@ def _varlen_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool, he
     lo = _lse_lo(K, lse, dtype)
     return (K.plan_forward(q, k, v, o, lse, opts, cap, lo)
             + K.plan_backward(do, q, k, v, o, lse, None, torch.empty_like(lse), q.clone(),
-                              k.clone(), v.clone(), opts, cap, None, lo)[1:])
+                              k.clone(), v.clone(), opts, cap, None, lo)[1:]
+            + _paged_varlen_plans(K, q, o, lse, opts, dtype, head_dim, heads, cap))
+
+
+# the paged plan's page: 16 (vLLM's default). PAGE is a constexpr (shifts for powers of two),
+# so each page size is its own kernel; they differ only in those integer ops
+PAGE_BLOCK_SIZE = 16
+
+
+def _paged_varlen_plans(K, q, o, lse, opts, dtype, head_dim: int, heads: str, cap: int):
+    """The varlen forward over a paged KV cache (block_table, FlashAttention's layout
+    [num_blocks, page, Hkv, D] viewed [num_blocks, Hkv, page, D]) with seqused_k: forward only
+    (inference), no lse residual. Named attn_fwd+paged16 (the page size)."""
+    T, H_KV, page = q.shape[2], q.shape[1] // GROUPS[heads], PAGE_BLOCK_SIZE
+    n_seq = opts.cu_seqlens_q.shape[0] - 1
+    kc, vc = (torch.empty(2 * T // page, page, H_KV, head_dim, device="meta",
+                          dtype=dtype).permute(0, 2, 1, 3) for _ in range(2))
+    paged = dataclasses.replace(
+        opts, seqused_k=torch.empty(n_seq, device="meta", dtype=torch.int32),
+        block_table=torch.empty(n_seq, opts.max_seqlen_k // page, device="meta",
+                                dtype=torch.int32))
+    return [dataclasses.replace(launch, name=f"{launch.name}+paged{page}")
+            for launch in K.plan_forward(q, kc, vc, o, lse, paged, cap)]
 
 
 def _softmax_plans(arch: str, dtype: torch.dtype, n_cols: int, causal: bool, _heads: str = "-"):

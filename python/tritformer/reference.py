@@ -145,6 +145,32 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     return (out, lse) if return_lse else out
 
 
+def varlen_kv_used(k, v, cu_seqlens_k, block_table=None, seqused_k=None):
+    """The keys varlen_attention reads with block_table and/or seqused_k, gathered packed:
+    (k [total_used, Hkv, D], v, cu_seqlens_k [num_seqs + 1] int32 of the used lengths).
+
+    k/v: packed [total_k, Hkv, D], or with block_table [num_seqs, max_blocks] paged caches
+    [num_blocks, page, Hkv, D] where key j of sequence s is k[block_table[s, j // page], j %
+    page]. Sequence s uses its cu_seqlens_k length, or its first seqused_k[s] keys."""
+    ck = cu_seqlens_k.tolist()
+    used = [b - a for a, b in zip(ck, ck[1:])]
+    if seqused_k is not None:
+        used = seqused_k.tolist()
+    dev = k.device
+    if block_table is None:
+        rows = [torch.arange(a, a + n, device=dev) for a, n in zip(ck, used)]
+        flat_k, flat_v = k, v
+    else:
+        page, bt = k.shape[1], block_table.long()
+        rows = [bt[s, torch.arange(n, device=dev) // page] * page + torch.arange(n, device=dev) % page
+                for s, n in enumerate(used)]
+        flat_k, flat_v = k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])
+    idx = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=dev)
+    cu = torch.tensor([0, *torch.tensor(used, dtype=torch.long).cumsum(0).tolist()],
+                      dtype=torch.int32, device=cu_seqlens_k.device)
+    return flat_k.index_select(0, idx), flat_v.index_select(0, idx), cu
+
+
 def softmax(x: torch.Tensor, dim: int = -1, *, scale: float = 1.0, mask: torch.Tensor | None = None,
             causal: bool = False) -> torch.Tensor:
     """softmax(scale * x + mask) along `dim`, in x's dtype (PyTorch's own same-dtype math).

@@ -20,7 +20,8 @@ import torch
 
 from .. import fallback, reference
 from .._autocast import autocast
-from .._checks import check_attention_inputs, check_attention_options, check_varlen_inputs
+from .._checks import (check_attention_inputs, check_attention_options, check_varlen_inference_only,
+                       check_varlen_inputs)
 from ..backend import backend_for, is_torch
 
 
@@ -127,6 +128,32 @@ def _backward(ctx, dout, dlse, _dlse_lo):
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("tritformer::varlen_paged_fwd", mutates_args=())
+def _varlen_paged_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                      block_table: Optional[torch.Tensor], seqused_k: Optional[torch.Tensor],
+                      alibi_slopes: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                      scale: Optional[float], left: Optional[int], right: Optional[int],
+                      softcap: float, dropout_p: float, max_seqlen_q: int, max_seqlen_k: int,
+                      seqlens_checked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """varlen forward over a paged KV cache and/or seqused_k (inference: no autograd formula).
+
+    q [1, Hq, total_q, D]; k/v [num_blocks, Hkv, page, D] views of the paged caches when
+    block_table is given (else [1, Hkv, total_k, D]). Returns out and lse [1, Hq, total_q]."""
+    opts = _options(_default_scale(q, scale), left, right, None, None, alibi_slopes,
+                    cu_seqlens_q, cu_seqlens_k, seed, softcap, dropout_p, max_seqlen_q,
+                    max_seqlen_k, seqlens_checked)
+    opts.block_table, opts.seqused_k = block_table, seqused_k
+    out, lse, _ = _kernels().attention_forward(q, k, v, opts)
+    return out, lse
+
+
+@_varlen_paged_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqused_k, alibi_slopes, seed, scale,
+      left, right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, seqlens_checked):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +294,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      scale: float | None = None, dropout_p: float = 0.0,
                      window: Optional[tuple[int, int]] = None,
                      alibi_slopes: Optional[torch.Tensor] = None,
-                     softcap: Optional[float] = None, return_lse: bool = False):
+                     softcap: Optional[float] = None,
+                     block_table: Optional[torch.Tensor] = None,
+                     seqused_k: Optional[torch.Tensor] = None, return_lse: bool = False):
     """Attention over packed variable-length sequences (FlashAttention's varlen convention).
 
     q [total_q, Hq, D], k/v [total_k, Hkv, D]; sequence s holds query rows
@@ -277,13 +306,26 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     the launch grid). causal / window / alibi_slopes ([Hq] or [num_seqs, Hq]) / softcap /
     dropout_p as in `attention`, aligned bottom-right within each sequence.
 
+    Paged KV cache (prefill over a cache, FlashAttention's ``block_table``): with block_table
+    int32 [num_seqs, max_blocks], k/v are the caches [num_blocks, page_block_size, Hkv, D]
+    (any page size >= 1) and key j of sequence s is k[block_table[s, j // page], j % page];
+    cu_seqlens_k still gives each sequence's length (FlashAttention 2's meaning; it need not
+    end at any total). The kernel reads the pages in place, no gather. seqused_k int32
+    [num_seqs] (FlashAttention 3's meaning, with or without block_table): sequence s uses only
+    its first seqused_k[s] keys (at most its cu_seqlens_k length); causal / window / ALiBi
+    align to that length. Table entries past the blocks a sequence uses are never read.
+    Both are inference-only: there is no backward, and a call where q, k or v requires grad
+    while grad mode is on raises RuntimeError (use torch.no_grad() or inference_mode()).
+
     Returns out [total_q, Hq, D] (and lse [Hq, total_q] float32 with ``return_lse``).
     """
-    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
+    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                        block_table, seqused_k)
     n_seq = cu_seqlens_q.shape[0] - 1
     check_attention_options(q, k, dropout_p=dropout_p, window=window, alibi_slopes=alibi_slopes,
                             softcap=softcap, batch=n_seq, heads=q.shape[1], causal=causal,
                             return_lse=return_lse)
+    check_varlen_inference_only(q, k, v, block_table, seqused_k)
     left, right = reference.window_bounds(bool(causal), window)
     scale, softcap, dropout_p, seed = _scalars(q, scale, softcap, dropout_p)
     if is_torch(backend_for(q)):  # CPU fallback: torch's SDPA per sequence (tritformer.fallback)
@@ -291,16 +333,26 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                        q.device)
         out, lse = fallback.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left,
                                              right, return_lse, dropout_p, alibi_slopes, softcap,
-                                             keep)
+                                             keep, block_table=block_table, seqused_k=seqused_k)
         return (out, lse) if return_lse else out
     slopes = None
     if alibi_slopes is not None:
         slopes = alibi_slopes.float().expand(n_seq, q.shape[1]).contiguous()
     # [T, H, D] viewed as [1, H, T, D]: the kernels read the packed tokens through strides
     view = lambda t: t.transpose(0, 1).unsqueeze(0)
-    out, lse, _ = torch.ops.tritformer.attention_fwd(
-        view(q), view(k), view(v), None, None, slopes, cu_seqlens_q, cu_seqlens_k, seed, scale,
-        left, right, softcap, dropout_p, int(max_seqlen_q), int(max_seqlen_k),
-        not torch.compiler.is_compiling())  # checked by check_varlen_inputs unless compiling
+    # max_seqlen_* checked by check_varlen_inputs unless compiling
+    checked = not torch.compiler.is_compiling()
+    if block_table is not None or seqused_k is not None:
+        # paged caches [num_blocks, page, Hkv, D] viewed [num_blocks, Hkv, page, D]: the
+        # kernel's stride_kz steps one block
+        kv = (lambda t: t.permute(0, 2, 1, 3)) if block_table is not None else view
+        out, lse = torch.ops.tritformer.varlen_paged_fwd(
+            view(q), kv(k), kv(v), cu_seqlens_q, cu_seqlens_k, block_table, seqused_k, slopes,
+            seed, scale, left, right, softcap, dropout_p, int(max_seqlen_q), int(max_seqlen_k),
+            checked)
+    else:
+        out, lse, _ = torch.ops.tritformer.attention_fwd(
+            view(q), view(k), view(v), None, None, slopes, cu_seqlens_q, cu_seqlens_k, seed,
+            scale, left, right, softcap, dropout_p, int(max_seqlen_q), int(max_seqlen_k), checked)
     out = out[0].transpose(0, 1)
     return (out, lse[0]) if return_lse else out
