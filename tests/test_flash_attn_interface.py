@@ -374,7 +374,19 @@ def test_varlen_paged_equals_packed():
             vp[table[s, t // page], t % page] = v[a + t]
     c = cu(lens)
     ref = flash_attn_varlen_func(q, k, v, c, c, 13, 13, causal=True)
+    # no gradient needed: the forward kernel reads the pages through the table
     assert torch.equal(flash_attn_varlen_func(q, kp, vp, c, c, 13, 13, causal=True, block_table=table), ref)
+    # a gradient needed (the paged kernel is inference-only): the keys gathered in torch first,
+    # gradients flowing back into the pages they came from
+    kp.requires_grad_(True)
+    out = flash_attn_varlen_func(q, kp, vp, c, c, 13, 13, causal=True, block_table=table)
+    assert torch.equal(out.detach(), ref)
+    out.float().sum().backward()
+    k.requires_grad_(True)
+    flash_attn_varlen_func(q, k, v, c, c, 13, 13, causal=True).float().sum().backward()
+    for s_, (a, n) in enumerate(zip([0, 13], lens)):
+        for t in range(n):
+            assert torch.equal(kp.grad[table[s_, t // page], t % page], k.grad[a + t])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -266,9 +266,10 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
 # ---------------------------------------------------------------------------------------------
 # Varlen
 # ---------------------------------------------------------------------------------------------
-def _paged_varlen_kv(k, v, block_table, cu_seqlens_k, max_seqlen_k):
-    """Paged k/v [num_blocks, page, Hkv, D] + block_table [num_seqs, max_blocks]: the packed
-    [total_k, Hkv, D] keys of each sequence (cu_seqlens_k lengths), gathered in torch."""
+def _paged_varlen_kv(k, v, block_table, cu_seqlens_k, max_seqlen_k, gather=True):
+    """Paged k/v [num_blocks, page, Hkv, D] + block_table [num_seqs, max_blocks], checked with
+    FlashAttention's wording; gather: the packed [total_k, Hkv, D] keys of each sequence
+    (cu_seqlens_k lengths), gathered in torch (else k, v as they are)."""
     _tensor("k", k, 4, "[num_blocks, page_block_size, Hkv, D] (paged, block_table given)")
     _tensor("v", v, 4, "[num_blocks, page_block_size, Hkv, D] (paged, block_table given)")
     if k.shape != v.shape:
@@ -290,6 +291,8 @@ def _paged_varlen_kv(k, v, block_table, cu_seqlens_k, max_seqlen_k):
     if total and int(pos.max()) >= block_table.shape[1] * page:
         raise FlashAttnError(f"block_table has {block_table.shape[1]} blocks of {page} keys per "
                              f"sequence, fewer than a sequence of cu_seqlens_k needs")
+    if not gather:
+        return k, v
     rows = block_table.long()[seq, pos // page] * page + pos % page
     flat = lambda x: x.reshape(-1, *x.shape[2:])
     return flat(k).index_select(0, rows), flat(v).index_select(0, rows)
@@ -316,7 +319,7 @@ def _block_table(block_table, batch, cache, page):
 
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
             softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-            return_attn_probs):
+            return_attn_probs, block_table=None):
     _common(dropout_p, deterministic, return_attn_probs)
     check_integer("max_seqlen_q", max_seqlen_q, lo=0)
     check_integer("max_seqlen_k", max_seqlen_k, lo=0)
@@ -324,7 +327,7 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
     res = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            causal=causal, scale=softmax_scale, dropout_p=dropout_p,
                            window=window, alibi_slopes=alibi_slopes, softcap=_softcap(softcap),
-                           return_lse=return_attn_probs)
+                           return_lse=return_attn_probs, block_table=block_table)
     return _with_probs(res, q, return_attn_probs)
 
 
@@ -338,14 +341,21 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     [total_q, Hq, D]; with ``return_attn_probs`` (out, softmax_lse [Hq, total_q], S_dmask).
     With ``block_table`` [num_seqs, max_blocks] (int32), k/v are paged caches
     [num_blocks, page_block_size, Hkv, D] and sequence s reads its cu_seqlens_k length from
-    its blocks (gathered in torch before the kernel). Runs `tritformer.varlen_attention`."""
+    its blocks: read through the table inside the forward kernel (varlen_attention's
+    block_table), or, when a gradient is needed (the paged kernel is inference-only, as
+    FlashAttention's), gathered in torch first. Runs `tritformer.varlen_attention`."""
+    paged = None
     if block_table is not None:
         _tensor("q", q, 3, "[total_q, Hq, D]")
-        k, v = _paged_varlen_kv(k, v, block_table, cu_seqlens_k, max_seqlen_k)
-    _check_qkv(q, k, v, dense=False)
+        grad = torch.is_grad_enabled() and any(
+            isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v))
+        k, v = _paged_varlen_kv(k, v, block_table, cu_seqlens_k, max_seqlen_k, gather=grad)
+        paged = None if grad else block_table
+    flat = (lambda x: x.flatten(0, 1)) if paged is not None else (lambda x: x)
+    _check_qkv(q, flat(k), flat(v), dense=False)
     return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                    softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                   return_attn_probs)
+                   return_attn_probs, block_table=paged)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
