@@ -512,3 +512,33 @@ def test_layout_argument_and_ambiguous_shapes(no_launch):
     # wrong in both layouts: the op's own message
     with pytest.raises(ValueError, match=r"^k must have q's head dim"):
         tritformer.attention(bnhd(1, 2, 8, 16), bnhd(1, 2, 8, 8), bnhd(1, 2, 8, 8), layout="bnhd")
+
+
+def test_private_varlen_forward_paged_seqused():
+    # FlashAttention's private _flash_attn_varlen_forward (its test_flash_attn.py calls it):
+    # paged k/v with seqused_k, one query per sequence; num_splits 0 = default, > 1 refused
+    from tritformer.flash_attn_interface import _flash_attn_varlen_forward
+    H, Hkv, D, page = 4, 2, 32, 16
+    lens = [20, 37]
+    kp, vp = torch.randn(8, page, Hkv, D, dtype=F16), torch.randn(8, page, Hkv, D, dtype=F16)
+    table = torch.tensor([[3, 0, 6, 1], [7, 2, 5, 4]], dtype=torch.int32)
+    q = torch.randn(2, H, D, dtype=F16)
+    cu_q = torch.arange(3, dtype=torch.int32)
+    used = torch.tensor(lens, dtype=torch.int32)
+    cu_k = torch.tensor([0, 64, 128], dtype=torch.int32)  # allocated 64 keys each, lens used
+    kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=1, max_seqlen_k=64,
+              dropout_p=0.0, softmax_scale=None, causal=False, window_size_left=-1,
+              window_size_right=0, block_table=table, seqused_k=used)
+    out, lse, s_dmask, rng = _flash_attn_varlen_forward(q, kp, vp, **kw)
+    assert torch.equal(out, _flash_attn_varlen_forward(q, kp, vp, **kw, num_splits=0)[0])
+    assert lse.shape == (H, 2) and s_dmask.numel() == 0 and rng.dtype == torch.int64
+    for s, n in enumerate(lens):  # sequence s: its first n keys, gathered by hand
+        pos = torch.arange(n)
+        ks = kp[table[s, pos // page].long(), pos % page].transpose(0, 1)[None]
+        vs = vp[table[s, pos // page].long(), pos % page].transpose(0, 1)[None]
+        qs = q[s][None, :, None]
+        numerics.assert_close(f"seq {s}", out[s][None, :, None],
+                              reference.attention(qs.double(), ks.double(), vs.double()),
+                              reference.attention(qs, ks, vs))
+    with pytest.raises(RuntimeError, match="num_splits > 1 is not supported"):
+        _flash_attn_varlen_forward(q, kp, vp, **kw, num_splits=2)

@@ -596,3 +596,45 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                     cache_leftpad=cache_leftpad, cache_batch_idx=cache_batch_idx)
     out = out.transpose(1, 2)
     return (out, lse) if return_softmax_lse else out
+
+
+# ---------------------------------------------------------------------------------------------
+# FlashAttention's private varlen forward (its own tests and some serving code call it)
+# ---------------------------------------------------------------------------------------------
+def _flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               dropout_p, softmax_scale, causal, window_size_left=-1,
+                               window_size_right=-1, softcap=0.0, alibi_slopes=None,
+                               return_softmax=False, block_table=None, leftpad_k=None,
+                               seqused_k=None, zero_tensors=False, num_splits=0):
+    """``flash_attn.flash_attn_interface._flash_attn_varlen_forward``: the forward only,
+    returning (out, softmax_lse [Hq, total_q], S_dmask, rng_state). block_table: paged k/v
+    [num_blocks, page, Hkv, D] read in the kernel; seqused_k: keys used per sequence. Not
+    here: leftpad_k (NotImplementedError), num_splits > 1 (FlashAttention's varlen refuses it
+    too, with this message). S_dmask is the empty tensor (return_softmax with dropout raises as
+    flash_attn_varlen_func's); rng_state is a zero int64 pair (the dropout seed is drawn from
+    torch's generator, not returned)."""
+    check_integer("num_splits", num_splits, lo=0)
+    if num_splits > 1:
+        raise FlashAttnError("num_splits > 1 is not supported for varlen attention (tritformer: "
+                             "the varlen kernel does not split the keys)")
+    if leftpad_k is not None:
+        raise NotImplementedError("leftpad_k: not supported by tritformer's varlen kernel "
+                                  "(flash_attn_with_kvcache takes cache_leftpad)")
+    _common(dropout_p, False, return_softmax)
+    if block_table is None:
+        _check_qkv(q, k, v, dense=False)
+    else:
+        _tensor("q", q, 3, "[total_q, Hq, D]")
+        _paged_varlen_kv(k, v, block_table, cu_seqlens_k, max_seqlen_k, gather=False)
+        _check_qkv(q, k.flatten(0, 1), v.flatten(0, 1), dense=False)
+    check_integer("max_seqlen_q", max_seqlen_q, lo=0)
+    check_integer("max_seqlen_k", max_seqlen_k, lo=0)
+    causal, window = _window((window_size_left, window_size_right), causal, max_seqlen_q,
+                             max_seqlen_k, alibi_slopes)
+    out, lse = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                causal=causal, scale=softmax_scale, dropout_p=dropout_p,
+                                window=window, alibi_slopes=alibi_slopes,
+                                softcap=_softcap(softcap), block_table=block_table,
+                                seqused_k=seqused_k, return_lse=True)
+    s_dmask = torch.empty((0,), dtype=q.dtype, device=q.device)
+    return out, lse, s_dmask, torch.zeros(2, dtype=torch.int64, device=q.device)
