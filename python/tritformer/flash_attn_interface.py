@@ -63,6 +63,7 @@ from ._checks import (MAX_HEAD_DIM, SUPPORTED_DTYPES, _dtype_name, check_flag, c
                       check_real)
 from .ops.attention import attention, varlen_attention
 from .ops.decode import decode_attention
+from .ops.kvcache import apply_rotary as _apply_rotary_bhnd
 from .ops.kvcache import kvcache_append
 
 __all__ = [
@@ -395,17 +396,7 @@ def apply_rotary(x, cos, sin, positions, interleaved):
     cos/sin[positions[b, s]] (positions [B, S] long), computed in float32 and rounded to x's
     dtype (as FlashAttention's rotary kernel). interleaved: pairs (0, 1), (2, 3), ... (GPT-J);
     else (0, rd/2), (1, rd/2 + 1), ... (GPT-NeoX)."""
-    rd = 2 * cos.shape[1]
-    c = cos[positions].float()[:, :, None, :]  # [B, S, 1, rd/2]
-    s = sin[positions].float()[:, :, None, :]
-    xr = x[..., :rd].float()
-    if interleaved:
-        x1, x2 = xr[..., 0::2], xr[..., 1::2]
-        out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
-    else:
-        x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
-        out = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
-    return torch.cat((out.to(x.dtype), x[..., rd:]), dim=-1)
+    return _apply_rotary_bhnd(x.transpose(1, 2), cos, sin, positions, interleaved).transpose(1, 2)
 
 
 def _int32_vector(name, x, batch, device):

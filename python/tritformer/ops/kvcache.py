@@ -31,8 +31,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position
                  interleaved: bool) -> torch.Tensor:
     """x [B, H, S, D] (head-major) with its first rotary_dim = 2 * cos.shape[1] dims rotated by
     cos/sin[positions[b, s]] (positions [B, S] long), computed in float32 and rounded once to
-    x's dtype: flash_attn_interface.apply_rotary's formula on the head-major layout. A new
-    tensor."""
+    x's dtype, as FlashAttention's rotary kernel (flash_attn_interface.apply_rotary is this on
+    the [B, S, H, D] layout). A new tensor."""
     rd = 2 * cos.shape[1]
     c = cos[positions].float()[:, None]  # [B, 1, S, rd/2]
     s = sin[positions].float()[:, None]
