@@ -323,19 +323,36 @@ def test_ffn_bytes():
 # ---------------------------------------------------------------------------------------------
 # ring op (context parallelism on Gloo processes)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.integration  # spawns 13 processes (about half a minute)
+@pytest.mark.integration  # spawns 19 processes (about a minute)
 def test_ring_rows_memory_per_rank_falls_with_world_size():
     steps = []
     rows, skipped = bench.run(ops=("ring",), quick=True, out_dir=None, progress=steps.append)
-    assert len(steps) == bench.planned_cases(("ring",), "cpu", True, bench.PROVIDERS) == 5
+    assert len(steps) == bench.planned_cases(("ring",), "cpu", True, bench.PROVIDERS) == 7
     peak = {r["provider"]: r["value"] for r in rows if r["metric"] == "peak_memory"}
     sent = {r["provider"]: r["value"] for r in rows if r["metric"] == "comm_bytes"}
-    assert set(peak) == {"tritformer", "ring_w2", "ring_w4", "ulysses_w2", "ulysses_w4"}
+    assert set(peak) == {"tritformer", "ring_w2", "ring_w4", "ring_c8_w2", "ring_c8_w4",
+                         "ulysses_w2", "ulysses_w4"}
     assert {r["x_value"] for r in rows} == {2048} and {r["op"] for r in rows} == {"ring"}
     # per rank: each doubling of the world size shrinks what a rank holds
-    assert peak["ring_w4"] < peak["ring_w2"] and peak["ulysses_w4"] < peak["ulysses_w2"]
+    for p in ("ring", "ring_c8", "ulysses"):
+        assert peak[f"{p}_w4"] < peak[f"{p}_w2"], p
     assert peak["ulysses_w4"] < peak["tritformer"]
-    # ring: k/v forward and back (W-1 hops each) and the fp32 dK/dV (W hops), per rank
+    # the pieces: at most 13/8 of the ~13 transient shard-sized buffers on top of the four
+    # output/gradient shards (out, dq, dk, dv); measured 2.6 MB against 6.0 MB (whole shards)
     shard = 1 * 4 * (2048 // 4) * 64 * 4
-    assert sent["ring_w4"] == 2 * 3 * 2 * shard + 4 * 2 * shard
+    assert peak["ring_c8_w4"] < 0.5 * peak["ring_w4"]
+    assert peak["ring_c8_w4"] < 6 * shard
+    # ring: k/v forward and back (W-1 hops each) and the fp32 dK/dV (W hops), per rank; the
+    # same bytes in pieces
+    assert sent["ring_w4"] == sent["ring_c8_w4"] == 2 * 3 * 2 * shard + 4 * 2 * shard
     assert not skipped
+
+
+def test_ring_on_cuda_without_two_gpus_is_skipped_with_its_reason():
+    from tritformer.bench import ring
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has GPUs for the NCCL sweep")
+    assert ring.ring_cases("cuda", True, ["tritformer"]) == 0
+    rows, skipped = [], {}
+    ring.bench_ring("cuda", True, ["tritformer"], rows.append, lambda m: None, skipped)
+    assert rows == [] and "2 GPUs" in skipped["ring"]

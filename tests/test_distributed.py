@@ -43,6 +43,12 @@ CASES_2 = {
     "ring-zigzag-window-both-sides": dict(RING, seed=5, N=32, window=(10, 5), return_lse=True),
     "ring-contiguous-window-fp32": dict(RING, seed=6, N=32, layout="contiguous", window=(5, 3),
                                         dtype="float32"),
+    # chunks > 1: the shards travel as pieces (zigzag: 3 even pieces of each 12-position run;
+    # contiguous: 16 positions in uneven pieces 5, 5, 6), queries in blocks of a piece's runs
+    "ring-zigzag-causal-chunks3-lse": dict(RING, seed=10, N=48, causal=True, chunks=3,
+                                           return_lse=True),
+    "ring-contiguous-window-chunks3-fp32": dict(RING, seed=11, N=32, layout="contiguous",
+                                                window=(5, 3), dtype="float32", chunks=3),
     "ulysses-zigzag-causal-gqa-lse": dict(RING, seed=7, kind="ulysses", N=32, causal=True, Hq=4,
                                           return_lse=True),
     "ulysses-contiguous-mqa-alibi-fp32": dict(RING, seed=8, kind="ulysses", N=32,
@@ -54,6 +60,8 @@ CASES_2 = {
 }
 CASES_4 = {  # one 4-process case (interpreter time), plus an argument error raised on all ranks
     "ring-zigzag-causal-gqa-lse": dict(RING, seed=0, B=1, N=64, causal=True, Hq=4, return_lse=True),
+    # pieces of GQA k/v (Hkv 2 < Hq 4) travelling 3 hops, their dK/dV accumulators 4 (home)
+    "ring-zigzag-causal-gqa-chunks2": dict(RING, seed=1, B=1, N=64, causal=True, Hq=4, chunks=2),
     "ulysses-heads-not-divisible": dict(kind="error"),
 }
 # CPU without TRITON_INTERPRET: the fused ops fall back to the fp32 reference; the ring's
@@ -63,6 +71,10 @@ CASES_REF = {
                                        return_lse=True),
     "ring-contiguous-window": dict(RING, seed=1, N=32, layout="contiguous", window=(4, 2),
                                    dtype="float32", return_lse=True),
+    # the memory-lean ring on torch's CPU flash kernel: square causal diagonal blocks, full
+    # off-diagonal ones (the `bench --op ring` path)
+    "ring-zigzag-causal-chunks4": dict(RING, seed=2, N=64, causal=True, dtype="float32",
+                                       chunks=4),
 }
 
 
@@ -283,6 +295,35 @@ def test_plan_matches_the_global_mask():
                 assert got.max() <= 1 and torch.equal(got.bool(), want), (world, layout, r, src)
 
 
+@pytest.mark.parametrize("world,n,layout,left,right,chunks", [
+    (2, 16, "zigzag", None, 0, 2),      # causal: square diagonal blocks, full or skipped others
+    (4, 12, "zigzag", None, 0, 3),
+    (3, 10, "contiguous", None, 0, 3),  # uneven pieces (3, 3, 4)
+    (2, 16, "zigzag", 5, 2, 4),         # a window: edge blocks with local bounds
+    (3, 8, "contiguous", None, None, 8),  # one position per piece, no mask
+])
+def test_chunked_plan_covers_the_global_mask_once(world, n, layout, left, right, chunks):
+    # over every ring step, the calls of a rank's query blocks against the pieces it holds
+    # cover exactly the global mask restricted to its queries, each pair once
+    N = world * n
+    glob = reference.window_keep(N, N, left, right)
+    pos = lambda r: torch.cat([torch.arange(g, g + m) for _, g, m in
+                               cp._shard_ranges(r, world, n, layout)])
+    for r in range(world):
+        got = torch.zeros(n, N, dtype=torch.int64)
+        for t in range(world * chunks):
+            src, p = (r - t % world) % world, t // world
+            runs = cp._piece(src, world, n, layout, chunks, p)
+            kpos = torch.cat([torch.arange(g, g + m) for _, g, m, _ in runs])
+            assert len(kpos) == cp._piece_len(world, n, layout, chunks, p)
+            for qruns in cp._query_blocks(r, world, n, layout, chunks):
+                for qs, ks, lb, rb in cp._plan_runs(qruns, [x[:3] for x in runs], left, right):
+                    block = reference.window_keep(qs.stop - qs.start, ks.stop - ks.start, lb, rb)
+                    assert block.any()
+                    got[qs.start:qs.stop, kpos[ks]] += block.long()
+        assert got.max() <= 1 and torch.equal(got.bool(), glob[pos(r)]), (r, world, layout)
+
+
 @pytest.fixture
 def world_of_one(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
@@ -318,6 +359,9 @@ def test_errors_name_the_argument(world_of_one):
             fn(q, q[:, :, :4], q[:, :, :4])
         with pytest.raises(TypeError, match="causal"):
             fn(q, q, q, causal=1)
+    for bad in (0, 5, 1.5, True):  # 8 positions, zigzag: runs of 4
+        with pytest.raises(ValueError, match="chunks"):
+            cp.ring_attention(q, q, q, chunks=bad)
         with pytest.raises(ValueError, match="window"):
             fn(q, q, q, window=(-2, 0))
     with pytest.raises(NotImplementedError, match="alibi_slopes"):
@@ -328,12 +372,13 @@ def test_errors_name_the_argument(world_of_one):
         cp.unshard_sequence(q, layout="striped")
 
 
-def test_world_of_one_is_plain_attention(world_of_one):
+@pytest.mark.parametrize("chunks", [1, 3])  # 3: pieces of 2+2, 3+3, 3+3 (zigzag runs of 8)
+def test_world_of_one_is_plain_attention(world_of_one, chunks):
     # the degenerate ring (no communication) on the interpreter's kernels, forward and backward
     spec = dict(RING, N=16, causal=True, return_lse=True)
     t = _inputs(spec, 7)
     leaves = [t[n].clone().requires_grad_() for n in ("q", "k", "v")]
-    out, lse = cp.ring_attention(*leaves, causal=True, return_lse=True)
+    out, lse = cp.ring_attention(*leaves, causal=True, return_lse=True, chunks=chunks)
     torch.autograd.backward([out, lse], [t["dout"], t["dlse"]])
     res = {"out": out, "lse": lse, "dq": leaves[0].grad, "dk": leaves[1].grad,
            "dv": leaves[2].grad}
@@ -369,6 +414,8 @@ def _run_case(spec, t, rank, world):
               softcap=spec["softcap"], layout=layout, return_lse=True)
     if "alibi" in t:
         kw["alibi_slopes"] = t["alibi"]
+    if "chunks" in spec:
+        kw["chunks"] = spec["chunks"]
     out, lse = fn(*leaves, **kw)
     outs, grads = [out], [cp.shard_sequence(t["dout"], layout=layout)]
     if spec["return_lse"]:

@@ -8,7 +8,9 @@ Two schemes, both on plain ``torch.distributed`` (NCCL on GPUs, Gloo on CPU):
   again; each key/value shard's dK/dV accumulator travels with it and arrives home after
   ``world`` hops. Per block the fused backward is called with the *global* output and lse
   (ring-flash-attention's formulation): P = exp(S - lse) is then the block's slice of the global
-  softmax, so the block's dQ/dK/dV are its exact share of the gradient.
+  softmax, so the block's dQ/dK/dV are its exact share of the gradient. With ``chunks > 1`` the
+  shards travel as ``chunks`` pieces, one after another (per rank: one piece held and one in
+  flight instead of whole shards, and query blocks of a piece's size).
 - `ulysses_attention`: two all-to-alls turn sequence-sharded q/k/v into head-sharded
   full-sequence tensors, one ordinary `tritformer.attention` call runs on them, and one
   all-to-all shards the output by sequence again. Needs the head count divisible by the world
@@ -173,10 +175,11 @@ def unshard_sequence(x: torch.Tensor, dim: int = 2, group=None, layout: str = "z
 # Ring attention
 # ---------------------------------------------------------------------------------------------
 def _pair(qp, kp, left, right):
-    """The kernel call for query piece qp against key piece kp (global window (left, right),
-    None = unbounded): (q slice, k slice, left_b, right_b) in the kernel's bottom-right-aligned
-    local offsets, or None when no query of qp sees any key of kp. A side that masks nothing in
-    this block becomes None (no masked tiles)."""
+    """The kernel call for query run qp against key run kp, each (local start, global start,
+    length), under the global window (left, right) (None = unbounded): (q slice, k slice,
+    left_b, right_b) in the kernel's bottom-right-aligned local offsets, or None when no query
+    of qp sees any key of kp. A side that masks nothing in this block becomes None (no masked
+    tiles)."""
     lq0, gq0, n_q = qp
     lk0, gk0, n_k = kp
     if n_q == 0 or n_k == 0:
@@ -192,29 +195,78 @@ def _pair(qp, kp, left, right):
     return slice(lq0, lq0 + n_q), slice(lk0, lk0 + n_k), left_b, right_b
 
 
-def _plan(rank, src, world, n, layout, left, right):
-    """Kernel calls of `rank`'s queries against the key/value shard of rank `src`."""
-    qps = _shard_ranges(rank, world, n, layout)
-    kps = _shard_ranges(src, world, n, layout)
-    grid = [[_pair(a, b, left, right) for b in kps] for a in qps]
+def _span(runs):
+    """The local slice covering adjacent runs (local start, global start, length)."""
+    return slice(runs[0][0], runs[-1][0] + runs[-1][2])
+
+
+def _plan_runs(qruns, kruns, left, right):
+    """Kernel calls of the query runs `qruns` against the key runs `kruns` (each a list of
+    adjacent (local start, global start, length) runs in increasing global order): the
+    block-pair calls, merged into one call where a merged call masks the same pairs."""
+    grid = [[_pair(a, b, left, right) for b in kruns] for a in qruns]
     calls = [p for row in grid for p in row if p is not None]
     if len(calls) <= 1:
         return calls
-    everything = slice(0, n)
+    qall, kall = _span(qruns), _span(kruns)
     full = lambda p: p is not None and p[2] is None and p[3] is None
     if all(full(p) for row in grid for p in row):
-        return [(everything, everything, None, None)]
-    if src == rank and left is None and right == 0:
-        # the diagonal shard under plain causal: local order is global order, so one causal
-        # call over the whole shard (zigzag's second chunk sees all of the first)
-        return [(everything, everything, None, 0)]
-    for a in range(2):  # one query chunk sees both key chunks fully, the other sees nothing
-        if all(full(p) for p in grid[a]) and all(p is None for p in grid[1 - a]):
-            return [(grid[a][0][0], everything, None, None)]
-    for b in range(2):  # one key chunk seen fully by both query chunks, the other by none
-        if all(full(row[b]) for row in grid) and all(row[1 - b] is None for row in grid):
-            return [(everything, grid[0][b][1], None, None)]
+        return [(qall, kall, None, None)]
+    same = [r[1:] for r in qruns] == [r[1:] for r in kruns] and qall.start == kall.start == 0
+    if same and left is None and right == 0:
+        # the same positions on both sides under plain causal: local order is global order,
+        # so one causal call (zigzag's second chunk sees all of the first)
+        return [(qall, kall, None, 0)]
+    for a, row in enumerate(grid):  # one query run sees every key fully, the others nothing
+        if all(full(p) for p in row) and all(p is None for i, r in enumerate(grid) if i != a
+                                             for p in r):
+            return [(row[0][0], kall, None, None)]
+    for b in range(len(kruns)):  # one key run seen fully by every query, the others by none
+        if all(full(row[b]) for row in grid) and all(p is None for row in grid
+                                                       for j, p in enumerate(row) if j != b):
+            return [(qall, grid[0][b][1], None, None)]
     return calls
+
+
+def _plan(rank, src, world, n, layout, left, right):
+    """Kernel calls of `rank`'s queries against the key/value shard of rank `src` (whole
+    shards: chunks=1)."""
+    return _plan_runs(_shard_ranges(rank, world, n, layout), _shard_ranges(src, world, n, layout),
+                      left, right)
+
+
+def _piece(src, world, n, layout, chunks, p):
+    """Piece p of `src`'s shard cut into `chunks` pieces: the p-th sub-run of each of the
+    shard's runs, concatenated. Returns [(offset in the piece, global start, length, local start
+    in src's shard)]; every source's piece p has the same length."""
+    runs, off = [], 0
+    for lo, g, m in _shard_ranges(src, world, n, layout):
+        a, b = m * p // chunks, m * (p + 1) // chunks
+        runs.append((off, g + a, b - a, lo + a))
+        off += b - a
+    return runs
+
+
+def _query_blocks(rank, world, n, layout, chunks):
+    """The query runs of one kernel-call group: the whole shard when chunks = 1, else each
+    sub-run alone (as many rows as a key piece's sub-run: diagonal blocks stay square)."""
+    runs = _shard_ranges(rank, world, n, layout)
+    if chunks == 1:
+        return [runs]
+    return [[(lo + m * p // chunks, g + m * p // chunks, m * (p + 1) // chunks - m * p // chunks)]
+            for lo, g, m in runs for p in range(chunks)]
+
+
+def _gather(t, runs, chunks):
+    """The contiguous piece of shard `t` (dim 2) made of `runs` (from `_piece`)."""
+    if chunks == 1:
+        return t.contiguous()
+    return torch.cat([t.narrow(2, lo, m) for _, _, m, lo in runs], 2)
+
+
+def _scatter_add(dst, piece, runs):
+    for off, _, m, lo in runs:
+        dst.narrow(2, lo, m).add_(piece.narrow(2, off, m))
 
 
 class _Ring:
@@ -223,15 +275,12 @@ class _Ring:
         self.next = dist.get_global_rank(group, (rank + 1) % world)
         self.prev = dist.get_global_rank(group, (rank - 1) % world)
 
-    def shift(self, tensors, tag):
-        """Start sending `tensors` to the next rank and receiving the previous rank's into new
-        buffers; returns (buffers, requests)."""
-        recv = [torch.empty_like(t) for t in tensors]
-        ops = []
-        for t, r in zip(tensors, recv):
-            ops.append(dist.P2POp(dist.isend, t, self.next, self.group, tag))
-            ops.append(dist.P2POp(dist.irecv, r, self.prev, self.group, tag))
-        return recv, dist.batch_isend_irecv(ops)
+    def exchange(self, send, recv, tag):
+        """Start sending the tensors `send` to the next rank and receiving the previous rank's
+        into the buffers `recv`; returns the requests."""
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag) for t in send]
+        ops += [dist.P2POp(dist.irecv, r, self.prev, self.group, tag) for r in recv]
+        return dist.batch_isend_irecv(ops) if ops else []
 
 
 def _wait(reqs):
@@ -317,77 +366,149 @@ def _seq(t, s):
 
 
 class _RingAttention(torch.autograd.Function):
+    """Ring steps t = 0 .. world * chunks - 1: at step t this rank computes with piece t // world
+    of the shard of rank (rank - t % world); a piece is its home rank's own at t % world = 0,
+    else received from the previous rank, which computed with it one step before. A piece thus
+    travels world - 1 hops (its dK/dV accumulator one more: home), and each rank holds one piece
+    plus the one in flight instead of whole shards when chunks > 1."""
+
     @staticmethod
-    def forward(ctx, q, k, v, group, rank, world, layout, scale, left, right, softcap):
+    def forward(ctx, q, k, v, group, rank, world, layout, scale, left, right, softcap, chunks):
         ref = backend_for(q) in ("reference", "torch")  # the CPU fallback (either name)
         ring = _Ring(group, rank, world)
         n = q.shape[2]
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
-        kv = [k.contiguous(), v.contiguous()]
-        for step in range(world):
-            if step + 1 < world:  # the next shard is in flight while this one is computed
-                nxt, reqs = ring.shift(kv, _KV_TAG)
-            src = (rank - step) % world
-            for qs, ks, lb, rb in _plan(rank, src, world, n, layout, left, right):
-                o_b, l_b = _block_fwd(_seq(q, qs), _seq(kv[0], ks), _seq(kv[1], ks),
-                                      scale, lb, rb, softcap, ref)
-                _merge(_seq(out, qs), lse[:, :, qs], o_b, l_b)
-            if step + 1 < world:
+        qblocks = _query_blocks(rank, world, n, layout, chunks)
+        steps = world * chunks
+        own = _piece(rank, world, n, layout, chunks, 0)
+        kv = [_gather(k, own, chunks), _gather(v, own, chunks)]
+        for t in range(steps):
+            s, p = t % world, t // world
+            if s + 1 < world:  # the next holder's piece is in flight while this one is computed
+                nxt = [torch.empty_like(x) for x in kv]
+                reqs = ring.exchange(kv, nxt, _KV_TAG)
+            kruns = [r[:3] for r in _piece((rank - s) % world, world, n, layout, chunks, p)]
+            for qruns in qblocks:
+                for qs, ks, lb, rb in _plan_runs(qruns, kruns, left, right):
+                    o_b, l_b = _block_fwd(_seq(q, qs), _seq(kv[0], ks), _seq(kv[1], ks),
+                                          scale, lb, rb, softcap, ref)
+                    _merge(_seq(out, qs), lse[:, :, qs], o_b, l_b)
+                    del o_b, l_b
+            if s + 1 < world:
                 _wait(reqs)
                 kv = nxt
+            elif t + 1 < steps:  # this rank's next own piece starts its round
+                own = _piece(rank, world, n, layout, chunks, p + 1)
+                kv = None
+                kv = [_gather(k, own, chunks), _gather(v, own, chunks)]
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = group, rank, world, layout, scale, left, right, softcap, ref
+        ctx.args = group, rank, world, layout, scale, left, right, softcap, ref, chunks
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        group, rank, world, layout, scale, left, right, softcap, ref = ctx.args
+        group, rank, world, layout, scale, left, right, softcap, ref, chunks = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
         ring = _Ring(group, rank, world)
         n = q.shape[2]
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        kv = [k.contiguous(), v.contiguous()]
-        acc, acc_reqs = None, []  # (dk, dv) float32 accumulators of the shard held, received from prev rank
-        for step in range(world):
-            if step + 1 < world:
-                nxt, reqs = ring.shift(kv, _KV_TAG)
-            src = (rank - step) % world
-            dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-            dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-            for qs, ks, lb, rb in _plan(rank, src, world, n, layout, left, right):
-                dq_b, dk_b, dv_b = _block_bwd(
-                    _seq(dout, qs), _seq(q, qs), _seq(kv[0], ks), _seq(kv[1], ks),
-                    _seq(out, qs), lse[:, :, qs], None if dlse is None else dlse[:, :, qs],
-                    scale, lb, rb, softcap, ref)
-                _seq(dq, qs).add_(dq_b.float())
-                _seq(dk, ks).add_(dk_b.float())
-                _seq(dv, ks).add_(dv_b.float())
-            if acc is not None:  # the accumulated dK/dV of this shard from the ranks before
+        home = None  # this shard's dK/dV (float32), filled as its pieces' accumulators return
+        qblocks = _query_blocks(rank, world, n, layout, chunks)
+        steps = world * chunks
+        own = _piece(rank, world, n, layout, chunks, 0)
+        kv = [_gather(k, own, chunks), _gather(v, own, chunks)]
+        sent, sent_bufs = [], []  # the previous step's dK/dV accumulator, on its way onward
+
+        def arrive(acc, p):  # piece p's accumulator is home after `world` hops
+            nonlocal home
+            if chunks == 1:
+                home = acc
+                return
+            if home is None:
+                home = [torch.zeros(k.shape, dtype=torch.float32, device=k.device),
+                        torch.zeros(v.shape, dtype=torch.float32, device=v.device)]
+            runs = _piece(rank, world, n, layout, chunks, p)
+            _scatter_add(home[0], acc[0], runs)
+            _scatter_add(home[1], acc[1], runs)
+
+        for t in range(steps):
+            s, p = t % world, t // world
+            if s + 1 < world:
+                nxt = [torch.empty_like(x) for x in kv]
+                reqs = ring.exchange(kv, nxt, _KV_TAG)
+            if t > 0 and world > 1:
+                # from the previous rank: the accumulator of the piece held now (s > 0), or this
+                # rank's piece p - 1 coming home (s = 0); same shape as that piece's k
+                m = kv[0].shape[2] if s > 0 else _piece_len(world, n, layout, chunks, p - 1)
+                acc = [_f32(k, m), _f32(v, m)]
+                acc_reqs = ring.exchange([], acc, _DKV_TAG)
+            kruns = [r[:3] for r in _piece((rank - s) % world, world, n, layout, chunks, p)]
+            dk, dv = _f32(k, kv[0].shape[2]).zero_(), _f32(v, kv[1].shape[2]).zero_()
+            for qruns in qblocks:
+                for qs, ks, lb, rb in _plan_runs(qruns, kruns, left, right):
+                    dq_b, dk_b, dv_b = _block_bwd(
+                        _seq(dout, qs), _seq(q, qs), _seq(kv[0], ks), _seq(kv[1], ks),
+                        _seq(out, qs), lse[:, :, qs], None if dlse is None else dlse[:, :, qs],
+                        scale, lb, rb, softcap, ref)
+                    _seq(dq, qs).add_(dq_b.float())
+                    _seq(dk, ks).add_(dk_b.float())
+                    _seq(dv, ks).add_(dv_b.float())
+                    del dq_b, dk_b, dv_b
+            if t > 0 and world > 1:
                 _wait(acc_reqs)
-                dk.add_(acc[0])
-                dv.add_(acc[1])
-            if world > 1:  # pass them on; after `world` hops they are home
-                acc, acc_reqs = ring.shift([dk, dv], _DKV_TAG)
+                if s > 0:  # the contributions of the ranks this piece visited before
+                    dk.add_(acc[0])
+                    dv.add_(acc[1])
+                else:
+                    arrive(acc, p - 1)
+                acc = None
+            _wait(sent)
+            if world > 1:  # pass the accumulator on (home after the last holder, s = world - 1)
+                sent_bufs = [dk, dv]
+                sent = ring.exchange(sent_bufs, [], _DKV_TAG)
             else:
-                acc, acc_reqs = [dk, dv], []
-            if step + 1 < world:
+                arrive([dk, dv], p)
+            del dk, dv
+            if s + 1 < world:
                 _wait(reqs)
                 kv = nxt
-        _wait(acc_reqs)
-        return (dq.to(q.dtype), acc[0].to(k.dtype), acc[1].to(v.dtype)) + (None,) * 8
+            elif t + 1 < steps:
+                own = _piece(rank, world, n, layout, chunks, p + 1)
+                kv = None
+                kv = [_gather(k, own, chunks), _gather(v, own, chunks)]
+        if world > 1:  # the last piece's accumulator comes home
+            acc = [_f32(k, _piece_len(world, n, layout, chunks, chunks - 1)),
+                   _f32(v, _piece_len(world, n, layout, chunks, chunks - 1))]
+            acc_reqs = ring.exchange([], acc, _DKV_TAG)
+            _wait(acc_reqs)
+            arrive(acc, chunks - 1)
+            _wait(sent)
+            del sent_bufs
+        return (dq.to(q.dtype), home[0].to(k.dtype), home[1].to(v.dtype)) + (None,) * 9
+
+
+def _piece_len(world, n, layout, chunks, p):
+    """The length of piece p (the same for every rank's shard)."""
+    return sum(r[2] for r in _piece(0, world, n, layout, chunks, p))
+
+
+def _f32(t, m):
+    """An uninitialised float32 buffer shaped like t with m positions along dim 2."""
+    return torch.empty(t.shape[0], t.shape[1], m, t.shape[3], dtype=torch.float32,
+                       device=t.device)
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
                    causal: bool = False, scale: Optional[float] = None,
                    window: Optional[tuple[int, int]] = None, softcap: Optional[float] = None,
                    alibi_slopes: Optional[torch.Tensor] = None, return_lse: bool = False,
-                   layout: str = "zigzag", dropout_p: float = 0.0, attn_mask=None,
-                   key_padding_mask=None):
+                   layout: str = "zigzag", chunks: int = 1, dropout_p: float = 0.0,
+                   attn_mask=None, key_padding_mask=None):
     """Attention over a sequence sharded across `group`'s ranks, keys/values passed round a ring.
 
     Args:
@@ -399,6 +520,13 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
             whole sequence is both queries and keys, so causal is j <= i).
         return_lse: also return this rank's rows of the global lse [B, Hq, n] float32.
         layout: "zigzag" (default; balances causal work) or "contiguous".
+        chunks: cut each shard into this many pieces (each of the layout's runs into `chunks`
+            sub-runs) that travel the ring one at a time, and the queries into blocks of the
+            same size. Per-rank memory beyond the outputs and gradients falls from about 13
+            shard-sized buffers (two k/v shards, one in flight, dK/dV accumulators travelling
+            and arriving, block gradients) to about 13 / chunks; the price is world * chunks
+            ring steps of smaller kernel calls and messages. 1 (default): whole shards, the
+            fewest and largest calls (the choice on GPUs unless memory is what runs out).
 
     Returns out [B, Hq, n, D] in q's dtype (and lse). Gradients flow to q, k, v and through lse.
 
@@ -412,10 +540,16 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
         raise ValueError(f"ring_attention: with layout='zigzag' each rank holds two equal chunks, "
                          f"so q's local length must be even, got {q.shape[2]} (q shape "
                          f"{tuple(q.shape)})")
+    runs = 2 if layout == "zigzag" else 1
+    if (isinstance(chunks, bool) or not isinstance(chunks, numbers.Integral) or chunks < 1
+            or chunks > q.shape[2] // runs):
+        raise ValueError(f"ring_attention: chunks must be an int in [1, {q.shape[2] // runs}] "
+                         f"(each of the {runs} run(s) of a local shard of {q.shape[2]} positions "
+                         f"cut into non-empty pieces), got {chunks!r}")
     left, right = reference.window_bounds(causal, window)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, lse = _RingAttention.apply(q, k, v, group, rank, world, layout, scale, left, right,
-                                    float(softcap) if softcap else 0.0)
+                                    float(softcap) if softcap else 0.0, int(chunks))
     return (out, lse) if return_lse else out
 
 
