@@ -153,6 +153,24 @@ def test_cp_x_dp_fsdp_step_equals_the_single_process_step(corpus, fsdp_run):
         assert torch.equal(whole["model"][name], p), name
 
 
+def test_generate_reads_the_dcp_checkpoint(fsdp_run, tmp_path):
+    # `generate --checkpoint` on the sharded ckpt_dcp/ itself, and on a run folder whose
+    # ckpt_dcp is the further on: the same weights as the gathered ckpt.pt, the same text
+    from tritformer import generate
+    _, out, _ = fsdp_run
+    whole, _, _ = generate.load_model(str(out / "ckpt.pt"), attn_backend="sdpa")
+    here = tmp_path / "run"
+    shutil.copytree(out, here)
+    os.remove(here / "ckpt.pt")  # only the DCP shards left
+    for path in (here / "ckpt_dcp", here):
+        model, encode, _ = generate.load_model(str(path), attn_backend="sdpa")
+        for name, p in _state(whole).items():
+            assert torch.equal(_state(model)[name], p), (path, name)
+        idx = torch.tensor([encode("ab")])
+        assert torch.equal(model.generate(idx, 8, temperature=0.0),
+                           whole.generate(idx, 8, temperature=0.0))
+
+
 def _expected_next_step(corpus, argv, dcp_dir, dp):
     """The model and optimiser state loaded from `dcp_dir`, one more single-process step on the
     global batch of step 1 with dp data-parallel groups: (before, after) parameters."""

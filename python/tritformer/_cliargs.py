@@ -119,7 +119,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
-                   help="ckpt.pt from `tritformer train` (or its --out folder), or a GPT-2 directory")
+                   help="ckpt.pt or ckpt_dcp/ from `tritformer train` (or its --out folder: the "
+                        "further-on of the two), or a GPT-2 directory")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")

@@ -1,7 +1,8 @@
 """`python -m tritformer generate`: stream text from a trained checkpoint or a GPT-2 directory.
 
---checkpoint is a checkpoint written by `tritformer train` (the ckpt.pt file or its --out
-folder; byte-level, the prompt is encoded as UTF-8 bytes; plain types only, read by
+--checkpoint is a checkpoint written by `tritformer train` (the ckpt.pt file, a ckpt_dcp/
+directory of an --fsdp run, or the --out folder, which gives whichever of the two is further on,
+as --resume does; byte-level, the prompt is encoded as UTF-8 bytes; plain types only, read by
 `train.load_checkpoint` with torch.load(weights_only=True), so it cannot run code), or a local
 GPT-2 directory (config.json + model.safetensors / pytorch_model.bin, loaded by `GPT.from_hf`)
 whose tokenizer files (tokenizer.json, or vocab.json + merges.txt) are read with transformers'
@@ -25,16 +26,24 @@ def load_model(path: str, attn_backend: str = "tritformer"):
         model = GPT.from_hf(path, attn_backend=attn_backend)
         tok = _hf_tokenizer(path)
         return model, (lambda s: tok.encode(s)), _TokenDecoder(tok)
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    if not os.path.isfile(path):
+    from .train import (CKPT_NAME, DCP_META, DCP_NAME, find_resume, load_checkpoint,
+                        load_dcp_checkpoint, read_dcp_meta)
+    if os.path.isfile(os.path.join(path, DCP_META)):  # a ckpt_dcp directory itself
+        ckpt = read_dcp_meta(path)
+    elif os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
+                                     for f in (CKPT_NAME, DCP_NAME)):
+        ckpt = find_resume(path)  # a run directory: the further-on of ckpt.pt and ckpt_dcp
+    elif os.path.isfile(path):
+        ckpt = load_checkpoint(path)
+    else:
         raise FileNotFoundError(f"--checkpoint: {path!r} is neither a checkpoint file nor a "
-                                "directory with ckpt.pt or a GPT-2 config.json")
-    from .train import load_checkpoint
-    ckpt = load_checkpoint(path)
+                                f"directory with {CKPT_NAME}, {DCP_NAME}/ or a GPT-2 config.json")
     config = GPTConfig.from_dict(dict(ckpt["config"], attn_backend=attn_backend, dropout=0.0))
     model = GPT(config)  # built from the checkpoint's own config: its weights fit
-    model.load_state_dict(ckpt["model"])
+    if "dcp" in ckpt:  # torch.distributed.checkpoint shards (an --fsdp run), read on one process
+        load_dcp_checkpoint(ckpt["dcp"], model)
+    else:
+        model.load_state_dict(ckpt["model"])
     if config.vocab_size != 256:
         raise ValueError(f"--checkpoint: vocab_size {config.vocab_size}; training checkpoints "
                          "are byte-level (256)")
