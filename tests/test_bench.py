@@ -64,6 +64,22 @@ def test_fused_forward_memory_is_linear_naive_quadratic():
     assert n1 >= 256 * 256 * 4 and 3.5 < n2 / n1 < 4.5, (n1, n2)
 
 
+@pytest.mark.integration  # one interpreted forward in a fresh process (~10 s)
+def test_pytest_benchmarks_alone_sets_the_interpreter_up(tmp_path):
+    # `pytest benchmarks/` without tests/conftest.py: benchmarks/conftest.py must set
+    # TRITON_INTERPRET before triton is imported, or the kernels' tl.zeros fails ("Cannot call
+    # @triton.jit'd outside of the scope of a kernel"), as it did
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "--benchmark-disable", "--rootdir", root,
+                          os.path.join(root, "benchmarks", "test_bench_attention.py")
+                          + "::test_attention[tritformer-fwd-full]"],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0 and "1 passed" in res.stdout, res.stdout[-3000:]
+
+
 def test_bench_cli_writes_tidy_rows_and_plots(tmp_path):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the CLI sets the interpreter up itself on CPU
