@@ -43,12 +43,10 @@ CASES_2 = {
     "ring-zigzag-window-both-sides": dict(RING, seed=5, N=32, window=(10, 5), return_lse=True),
     "ring-contiguous-window-fp32": dict(RING, seed=6, N=32, layout="contiguous", window=(5, 3),
                                         dtype="float32"),
-    # chunks > 1: the shards travel as pieces (zigzag: 3 even pieces of each 12-position run;
-    # contiguous: 16 positions in uneven pieces 5, 5, 6), queries in blocks of a piece's runs
+    # chunks > 1: the shards travel as pieces (3 even pieces of each 12-position zigzag run),
+    # queries in blocks of a piece's runs; windows and uneven pieces: CASES_REF
     "ring-zigzag-causal-chunks3-lse": dict(RING, seed=10, N=48, causal=True, chunks=3,
                                            return_lse=True),
-    "ring-contiguous-window-chunks3-fp32": dict(RING, seed=11, N=32, layout="contiguous",
-                                                window=(5, 3), dtype="float32", chunks=3),
     "ulysses-zigzag-causal-gqa-lse": dict(RING, seed=7, kind="ulysses", N=32, causal=True, Hq=4,
                                           return_lse=True),
     "ulysses-contiguous-mqa-alibi-fp32": dict(RING, seed=8, kind="ulysses", N=32,
@@ -75,6 +73,10 @@ CASES_REF = {
     # off-diagonal ones (the `bench --op ring` path)
     "ring-zigzag-causal-chunks4": dict(RING, seed=2, N=64, causal=True, dtype="float32",
                                        chunks=4),
+    # uneven pieces (16 positions: 5, 5, 6) and a window's edge blocks, with lse
+    "ring-contiguous-window-chunks3": dict(RING, seed=3, N=32, layout="contiguous",
+                                           window=(5, 3), dtype="float32", chunks=3,
+                                           return_lse=True),
 }
 
 
@@ -184,13 +186,13 @@ def _check_case(spec, t, ranks):
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    return _spawn(tmp_path_factory.mktemp("cp2"), CASES_2, 2)
+def two_ranks(run_once):  # one spawn per session, however many xdist workers draw its tests
+    return run_once("cp2", lambda d: _spawn(d, CASES_2, 2))
 
 
 @pytest.fixture(scope="module")
-def four_ranks(tmp_path_factory):
-    return _spawn(tmp_path_factory.mktemp("cp4"), CASES_4, 4)
+def four_ranks(run_once):
+    return run_once("cp4", lambda d: _spawn(d, CASES_4, 4))
 
 
 @spawned
@@ -372,13 +374,15 @@ def test_errors_name_the_argument(world_of_one):
         cp.unshard_sequence(q, layout="striped")
 
 
-@pytest.mark.parametrize("chunks", [1, 3])  # 3: pieces of 2+2, 3+3, 3+3 (zigzag runs of 8)
-def test_world_of_one_is_plain_attention(world_of_one, chunks):
+# chunks=2: two pieces of 8 whose dK/dV go straight home (no ring), query blocks of 8
+@pytest.mark.parametrize("chunks,layout", [(1, "zigzag"), (2, "contiguous")])
+def test_world_of_one_is_plain_attention(world_of_one, chunks, layout):
     # the degenerate ring (no communication) on the interpreter's kernels, forward and backward
-    spec = dict(RING, N=16, causal=True, return_lse=True)
+    spec = dict(RING, N=16, causal=True, return_lse=True, layout=layout)
     t = _inputs(spec, 7)
     leaves = [t[n].clone().requires_grad_() for n in ("q", "k", "v")]
-    out, lse = cp.ring_attention(*leaves, causal=True, return_lse=True, chunks=chunks)
+    out, lse = cp.ring_attention(*leaves, causal=True, return_lse=True, chunks=chunks,
+                                 layout=layout)
     torch.autograd.backward([out, lse], [t["dout"], t["dlse"]])
     res = {"out": out, "lse": lse, "dq": leaves[0].grad, "dk": leaves[1].grad,
            "dv": leaves[2].grad}

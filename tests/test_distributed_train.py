@@ -18,6 +18,7 @@ tests/test_distributed.py's subject.
 from __future__ import annotations
 
 import os
+import pathlib
 import shutil
 import socket
 import subprocess
@@ -116,14 +117,18 @@ def _state(model):
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(corpus, tmp_path_factory):
-    """torchrun --nproc_per_node=4 -m tritformer train --context-parallel 2 --fsdp, 1 step."""
-    out = tmp_path_factory.mktemp("fsdp") / "out"
-    argv = ["--data", corpus, "--steps", "1", "--out", str(out), "--context-parallel", "2",
-            "--fsdp", *COMMON]
-    codes, logs = launch(4, argv)
-    _ok(codes, logs)
-    return argv, out, logs[0]
+def fsdp_run(corpus, run_once):
+    """torchrun --nproc_per_node=4 -m tritformer train --context-parallel 2 --fsdp, 1 step (once
+    per session; the tests copy the run directory before changing it)."""
+    def produce(work):
+        out = work / "out"
+        argv = ["--data", corpus, "--steps", "1", "--out", str(out), "--context-parallel", "2",
+                "--fsdp", *COMMON]
+        codes, logs = launch(4, argv)
+        _ok(codes, logs)
+        return argv, str(out), logs[0]
+    argv, out, log = run_once("fsdp", produce)
+    return argv, pathlib.Path(out), log
 
 
 def test_cp_x_dp_fsdp_step_equals_the_single_process_step(corpus, fsdp_run):
