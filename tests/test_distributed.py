@@ -43,6 +43,14 @@ CASES_2 = {
     "ring-zigzag-window-both-sides": dict(RING, seed=5, N=32, window=(10, 5), return_lse=True),
     "ring-contiguous-window-fp32": dict(RING, seed=6, N=32, layout="contiguous", window=(5, 3),
                                         dtype="float32"),
+    # key padding travelling with the keys (random, ~40% padded: rows with no visible key give
+    # 0 / lse -inf); packed documents (cu_seqlens, every document sharded like a sequence)
+    "ring-zigzag-causal-kpm-gqa-lse": dict(RING, seed=12, N=32, causal=True, Hq=4, kpm=True,
+                                           return_lse=True),
+    "ring-zigzag-varlen-causal-lse": dict(RING, seed=13, N=64, causal=True, B=1,
+                                          docs=[0, 16, 24, 48, 64], return_lse=True),
+    "ring-contiguous-varlen-gqa": dict(RING, seed=14, N=32, layout="contiguous", B=1, Hq=4,
+                                       docs=[0, 6, 20, 32]),
     # chunks > 1: the shards travel as pieces (3 even pieces of each 12-position zigzag run),
     # queries in blocks of a piece's runs; windows and uneven pieces: CASES_REF
     "ring-zigzag-causal-chunks3-lse": dict(RING, seed=10, N=48, causal=True, chunks=3,
@@ -60,6 +68,9 @@ CASES_4 = {  # one 4-process case (interpreter time), plus an argument error rai
     "ring-zigzag-causal-gqa-lse": dict(RING, seed=0, B=1, N=64, causal=True, Hq=4, return_lse=True),
     # pieces of GQA k/v (Hkv 2 < Hq 4) travelling 3 hops, their dK/dV accumulators 4 (home)
     "ring-zigzag-causal-gqa-chunks2": dict(RING, seed=1, B=1, N=64, causal=True, Hq=4, chunks=2),
+    # packed documents over 4 ranks (lengths 32, 8, 24: multiples of 2 * 4)
+    "ring-zigzag-varlen-causal-gqa": dict(RING, seed=2, B=1, N=64, causal=True, Hq=4,
+                                          docs=[0, 32, 40, 64]),
     "ulysses-heads-not-divisible": dict(kind="error"),
 }
 # CPU without TRITON_INTERPRET: the fused ops fall back to the fp32 reference; the ring's
@@ -77,6 +88,11 @@ CASES_REF = {
     "ring-contiguous-window-chunks3": dict(RING, seed=3, N=32, layout="contiguous",
                                            window=(5, 3), dtype="float32", chunks=3,
                                            return_lse=True),
+    # key padding (pieces carry their mask) and packed documents on the fp32 reference
+    "ring-zigzag-causal-kpm-chunks2": dict(RING, seed=4, N=32, causal=True, dtype="float32",
+                                           kpm=True, chunks=2, return_lse=True),
+    "ring-zigzag-varlen-causal": dict(RING, seed=5, N=32, B=1, causal=True, dtype="float32",
+                                      docs=[0, 8, 12, 32], return_lse=True),
 }
 
 
@@ -94,16 +110,27 @@ def _inputs(spec, seed):
          "dlse": torch.randn(B, Hq, N, generator=g)}
     if spec.get("alibi"):
         t["alibi"] = torch.rand(Hq, generator=g) * 0.5
+    if spec.get("kpm"):
+        t["kpm"] = torch.rand(B, N, generator=g) < 0.4
+    if spec.get("docs"):
+        t["cu"] = torch.tensor(spec["docs"], dtype=torch.int32)
     return t
 
 
 def _full(spec, t, dtype):
     """Single-process reference over the full sequence in `dtype`: out, lse, dq, dk, dv."""
     leaves = [t[n].detach().to(dtype).requires_grad_() for n in ("q", "k", "v")]
-    out, lse = reference.attention(*leaves, causal=spec["causal"], scale=spec["scale"],
-                                   window=spec["window"], softcap=spec["softcap"],
-                                   alibi_slopes=t["alibi"].to(dtype) if "alibi" in t else None,
-                                   return_lse=True)
+    kw = dict(causal=spec["causal"], scale=spec["scale"], window=spec["window"],
+              softcap=spec["softcap"], return_lse=True,
+              alibi_slopes=t["alibi"].to(dtype) if "alibi" in t else None,
+              key_padding_mask=t.get("kpm"))
+    if "cu" in t:  # packed documents: each attends within itself
+        cu = t["cu"].tolist()
+        parts = [reference.attention(*(x[:, :, a:b] for x in leaves), **kw)
+                 for a, b in zip(cu, cu[1:])]
+        out, lse = torch.cat([o for o, _ in parts], 2), torch.cat([m for _, m in parts], 2)
+    else:
+        out, lse = reference.attention(*leaves, **kw)
     loss = (out.double() * t["dout"].double()).sum()
     if spec["return_lse"]:
         loss = loss + (lse.double() * t["dlse"].double()).sum()
@@ -155,14 +182,21 @@ def _spawn(tmp_path, cases, world, interpret=True):
     return {name: [res[name] for res in per_rank] for name in cases}, inputs
 
 
-def _assemble(shards, layout):
-    """The full-sequence tensor (dim 2) from every rank's shard, by `_my_shard`'s positions."""
+def _my_positions(N, rank, world, layout, docs=None):
+    """The global positions rank r holds: each document (default: one of length N) sharded as
+    `_my_shard` shards a sequence, in document order."""
+    docs = docs or [0, N]
+    return torch.cat([_my_shard(torch.arange(a, b), 0, rank, world, layout)
+                      for a, b in zip(docs, docs[1:])])
+
+
+def _assemble(shards, layout, docs=None):
+    """The full-sequence tensor (dim 2) from every rank's shard, by `_my_positions`."""
     world = len(shards)
     N = shards[0].shape[2] * world
-    pos = torch.arange(N)
     full = shards[0].new_empty(*shards[0].shape[:2], N, *shards[0].shape[3:])
     for r, s in enumerate(shards):
-        full[:, :, _my_shard(pos, 0, r, world, layout)] = s
+        full[:, :, _my_positions(N, r, world, layout, docs)] = s
     return full
 
 
@@ -179,7 +213,7 @@ def _check_case(spec, t, ranks):
     for name in names:
         for r, res in enumerate(ranks):
             assert res[name].dtype == (torch.float32 if name == "lse" else dt), (r, name)
-        got = _assemble([res[name] for res in ranks], spec["layout"])
+        got = _assemble([res[name] for res in ranks], spec["layout"], spec.get("docs"))
         factor = numerics.FORWARD_FACTOR if name in ("out", "lse") else numerics.GRAD_FACTOR
         checks.append(numerics.check(name, got, ref[name], base[name], factor))
     return checks
@@ -216,6 +250,10 @@ def test_shard_unshard_roundtrip_and_gradient(two_ranks):
             w = torch.arange(8, dtype=torch.float32)
             want = _my_shard((w * 2).expand(2, 3, 8), 2, r, 2, layout)
             torch.testing.assert_close(res[f"{layout}-grad"], want, rtol=0, atol=0)
+        mine = _my_positions(12, r, 2, "zigzag", [0, 4, 12]).float()
+        torch.testing.assert_close(res["docs-shard"], mine, rtol=0, atol=0)
+        torch.testing.assert_close(res["docs-full"], torch.arange(12.0), rtol=0, atol=0)
+        torch.testing.assert_close(res["docs-grad"], 2 * mine, rtol=0, atol=0)
 
 
 @spawned
@@ -351,8 +389,6 @@ def test_errors_name_the_argument(world_of_one):
             fn(q, q, q, dropout_p=0.1)
         with pytest.raises(NotImplementedError, match="attn_mask"):
             fn(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool))
-        with pytest.raises(NotImplementedError, match="key_padding_mask"):
-            fn(q, q, q, key_padding_mask=torch.zeros(1, 8, dtype=torch.bool))
         with pytest.raises(ValueError, match="layout"):
             fn(q, q, q, layout="striped")
         with pytest.raises(ValueError, match="even"):
@@ -368,6 +404,21 @@ def test_errors_name_the_argument(world_of_one):
             fn(q, q, q, window=(-2, 0))
     with pytest.raises(NotImplementedError, match="alibi_slopes"):
         cp.ring_attention(q, q, q, alibi_slopes=torch.ones(2))
+    with pytest.raises(TypeError, match="key_padding_mask must be bool"):
+        cp.ring_attention(q, q, q, key_padding_mask=torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        cp.ring_attention(q, q, q, key_padding_mask=torch.zeros(1, 7, dtype=torch.bool))
+    cu = torch.tensor([0, 4, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="divisible by 2"):  # zigzag: two chunks per document
+        cp.ring_attention(q, q, q, cu_seqlens=torch.tensor([0, 3, 8], dtype=torch.int32))
+    with pytest.raises(ValueError, match="end at the sequence length 8"):
+        cp.ring_attention(q, q, q, cu_seqlens=torch.tensor([0, 4, 6], dtype=torch.int32))
+    for kw in (dict(window=(2, 0)), dict(chunks=2),
+               dict(key_padding_mask=torch.zeros(1, 8, dtype=torch.bool))):
+        with pytest.raises(NotImplementedError, match="cu_seqlens"):
+            cp.ring_attention(q, q, q, cu_seqlens=cu, **kw)
+    with pytest.raises(NotImplementedError, match="B = 1"):
+        cp.ring_attention(*(torch.randn(2, 2, 8, 16) for _ in "qkv"), cu_seqlens=cu)
     with pytest.raises(ValueError, match="divisible by 2"):
         cp.shard_sequence(torch.randn(1, 2, 7, 16), layout="zigzag")
     with pytest.raises(ValueError, match="layout"):
@@ -409,9 +460,17 @@ def _run_case(spec, t, rank, world):
             (full * torch.arange(8, dtype=torch.float32)).sum().backward()
             res.update({f"{layout}-shard": s.detach(), f"{layout}-full": full.detach(),
                         f"{layout}-grad": s.grad})
+        # packed documents: each of [0, 4) and [4, 12) sharded like a sequence
+        cu = torch.tensor([0, 4, 12], dtype=torch.int32)
+        y = torch.arange(12, dtype=torch.float32)
+        s = cp.shard_sequence(y, dim=0, cu_seqlens=cu).clone().requires_grad_()
+        full = cp.unshard_sequence(s, dim=0, cu_seqlens=cu)
+        (full * torch.arange(12, dtype=torch.float32)).sum().backward()
+        res.update({"docs-shard": s.detach(), "docs-full": full.detach(), "docs-grad": s.grad})
         return res
     layout = spec["layout"]
-    leaves = [cp.shard_sequence(t[n], layout=layout).detach().requires_grad_()
+    cu = t.get("cu")  # global; each rank passes its own (global // world)
+    leaves = [cp.shard_sequence(t[n], layout=layout, cu_seqlens=cu).detach().requires_grad_()
               for n in ("q", "k", "v")]
     fn = cp.ring_attention if spec["kind"] == "ring" else cp.ulysses_attention
     kw = dict(causal=spec["causal"], scale=spec["scale"], window=spec["window"],
@@ -420,11 +479,15 @@ def _run_case(spec, t, rank, world):
         kw["alibi_slopes"] = t["alibi"]
     if "chunks" in spec:
         kw["chunks"] = spec["chunks"]
+    if "kpm" in t:
+        kw["key_padding_mask"] = cp.shard_sequence(t["kpm"], dim=1, layout=layout)
+    if cu is not None:
+        kw["cu_seqlens"] = cu // world
     out, lse = fn(*leaves, **kw)
-    outs, grads = [out], [cp.shard_sequence(t["dout"], layout=layout)]
+    outs, grads = [out], [cp.shard_sequence(t["dout"], layout=layout, cu_seqlens=cu)]
     if spec["return_lse"]:
         outs.append(lse)
-        grads.append(cp.shard_sequence(t["dlse"], layout=layout))
+        grads.append(cp.shard_sequence(t["dlse"], layout=layout, cu_seqlens=cu))
     torch.autograd.backward(outs, grads)
     from tritformer import backend_for
     return {"out": out.detach(), "lse": lse.detach(), "dq": leaves[0].grad,

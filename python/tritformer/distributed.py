@@ -25,6 +25,7 @@ i - l <= j <= i + r (self-attention, so bottom-right and top-left alignment coin
 """
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from typing import Optional
@@ -119,43 +120,82 @@ def _check_shardable(name, x, dim, world, layout):
                          f"divisible by {parts} for layout={layout!r} on {world} rank(s)")
 
 
-def shard_sequence(x: torch.Tensor, dim: int = 2, group=None, layout: str = "zigzag") -> torch.Tensor:
+def _doc_lengths(name, cu_seqlens, total, parts):
+    """The document lengths of a cumulative-lengths tensor over `total` positions, each
+    divisible by `parts` (every document is sharded like a whole sequence)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) \
+            or cu_seqlens.numel() < 2:
+        raise ValueError(f"{name} must be a 1-D int32/int64 tensor of at least 2 cumulative "
+                         f"lengths, got {cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
+    cu = cu_seqlens.tolist()
+    lens = [b - a for a, b in zip(cu, cu[1:])]
+    if cu[0] != 0 or cu[-1] != total or min(lens) < 0:
+        raise ValueError(f"{name} must start at 0, not decrease and end at the sequence length "
+                         f"{total}, got {cu}")
+    bad = [n for n in lens if n % parts]
+    if bad:
+        raise ValueError(f"{name}: every document's length must be divisible by {parts} (each "
+                         f"is sharded like a whole sequence), got lengths {bad[:8]}")
+    return tuple(lens)
+
+
+def _positions(rank, world, layout, doc_lens, device=None):
+    """Global positions of rank's local tokens: each document (global lengths doc_lens) sharded
+    by the layout, the documents' shards concatenated."""
+    pos, start = [], 0
+    for length in doc_lens:
+        pos += [start + g + i for _, g, m in _shard_ranges(rank, world, length // world, layout)
+                for i in range(m)]
+        start += length
+    return torch.tensor(pos, dtype=torch.long, device=device)
+
+
+def shard_sequence(x: torch.Tensor, dim: int = 2, group=None, layout: str = "zigzag",
+                   cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """This rank's shard of the full-sequence tensor `x` (the same on every rank) along `dim`.
 
     layout "contiguous": piece r of world equal pieces; "zigzag": chunks r and 2*world-1-r of
-    2*world equal chunks, concatenated. Differentiable (a slice of x)."""
+    2*world equal chunks, concatenated. cu_seqlens (packed documents, the *global* cumulative
+    lengths along dim): every document is sharded that way, the shards concatenated in document
+    order; this rank's cumulative lengths are then cu_seqlens // world (`ring_attention`'s
+    cu_seqlens). Differentiable (a selection of x)."""
     _check_layout(layout)
     group, rank, world = _group_info(group)
     _check_shardable("x", x, dim, world, layout)
-    return _shard(x, dim % x.dim(), rank, world, layout)
+    dim = dim % x.dim()
+    if cu_seqlens is None:
+        return _shard(x, dim, rank, world, layout)
+    docs = _doc_lengths("cu_seqlens", cu_seqlens, x.shape[dim],
+                        world * (2 if layout == "zigzag" else 1))
+    return x.index_select(dim, _positions(rank, world, layout, docs, x.device))
 
 
 class _Unshard(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, group, rank, world, layout):
-        ctx.args = dim, group, rank, world, layout
+    def forward(ctx, x, dim, group, world, positions):
+        ctx.args = dim, group, positions
         parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(world)]
         dist.all_gather(parts, x.contiguous(), group=group)
-        n = x.shape[dim]
-        pieces = []  # (global start, tensor)
-        for r, p in enumerate(parts):
-            pieces += [(g, p.narrow(dim, lo, length)) for lo, g, length in
-                       _shard_ranges(r, world, n, layout)]
-        return torch.cat([t for _, t in sorted(pieces, key=lambda gp: gp[0])], dim)
+        order = torch.argsort(torch.cat(positions)).to(x.device)  # rank-major -> global
+        return torch.cat(parts, dim).index_select(dim, order)
 
     @staticmethod
     def backward(ctx, g):
         # every rank's gradient of the full tensor, restricted to this rank's shard, summed
         # (all_gather's adjoint is a reduce-scatter; all_to_all + sum works on Gloo too)
-        dim, group, rank, world, layout = ctx.args
-        send = torch.stack([_shard(g, dim, r, world, layout) for r in range(world)]).contiguous()
+        dim, group, positions = ctx.args
+        send = torch.stack([g.index_select(dim, p.to(g.device)) for p in positions]).contiguous()
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=group)
-        return recv.sum(0), None, None, None, None, None
+        return recv.sum(0), None, None, None, None
 
 
-def unshard_sequence(x: torch.Tensor, dim: int = 2, group=None, layout: str = "zigzag") -> torch.Tensor:
-    """The full sequence from every rank's shard `x` (all-gather), in global order.
+def unshard_sequence(x: torch.Tensor, dim: int = 2, group=None, layout: str = "zigzag",
+                     cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The full sequence from every rank's shard `x` (all-gather), in global order; cu_seqlens:
+    the *global* cumulative document lengths `shard_sequence` was given.
 
     Differentiable: the backward sums the gradients every rank computes for this rank's shard
     (all_gather's adjoint), as torch.distributed.nn.functional.all_gather does."""
@@ -165,10 +205,15 @@ def unshard_sequence(x: torch.Tensor, dim: int = 2, group=None, layout: str = "z
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(dim, numbers.Integral) or not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim must be an int in [-{x.dim()}, {x.dim()}), got {dim!r}")
+    dim = dim % x.dim()
     if layout == "zigzag" and x.shape[dim] % 2:
         raise ValueError(f"x: a zigzag shard holds two equal chunks, its length along dim {dim} "
                          f"must be even, got {x.shape[dim]}")
-    return _Unshard.apply(x, dim % x.dim(), group, rank, world, layout)
+    total = x.shape[dim] * world
+    docs = ((total,) if cu_seqlens is None else
+            _doc_lengths("cu_seqlens", cu_seqlens, total, world * (2 if layout == "zigzag" else 1)))
+    positions = [_positions(r, world, layout, docs) for r in range(world)]
+    return _Unshard.apply(x, dim, group, world, positions)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +314,35 @@ def _scatter_add(dst, piece, runs):
         dst.narrow(2, lo, m).add_(piece.narrow(2, off, m))
 
 
+def _own_piece(k, v, kpm, rank, world, n, layout, chunks, p):
+    """[k, v] (and the key padding mask as uint8, when given) of this rank's piece p: what
+    travels the ring."""
+    runs = _piece(rank, world, n, layout, chunks, p)
+    kv = [_gather(k, runs, chunks), _gather(v, runs, chunks)]
+    if kpm is not None:  # [B, n] along dim 1; uint8 on the wire (Gloo has no bool)
+        m = kpm.to(torch.uint8)
+        kv.append(m.contiguous() if chunks == 1 else
+                  torch.cat([m.narrow(1, lo, length) for _, _, length, lo in runs], 1))
+    return kv
+
+
+def _kpm(kv, ks):
+    """The key padding mask of the key slice ks of the held piece (None without one)."""
+    return kv[2][:, ks].bool() if len(kv) > 2 else None
+
+
+def _calls(rank, src, world, n, layout, chunks, p, left, right, doc_lens, device):
+    """[(q slice, k slice, left_b, right_b, _Seg or None)]: the kernel calls of this rank's
+    queries against piece p of src's shard."""
+    if doc_lens is not None:
+        everything = slice(0, n)
+        return [(everything, everything, lb, rb, seg) for seg, lb, rb in
+                _varlen_calls(rank, src, world, layout, doc_lens, left, right, device)]
+    kruns = [r[:3] for r in _piece(src, world, n, layout, chunks, p)]
+    return [(qs, ks, lb, rb, None) for qruns in _query_blocks(rank, world, n, layout, chunks)
+            for qs, ks, lb, rb in _plan_runs(qruns, kruns, left, right)]
+
+
 class _Ring:
     def __init__(self, group, rank, world):
         self.group, self.world = group, world
@@ -318,27 +392,59 @@ def _heads_sum(g, t):
     return g if g.shape[1] == H else g.view(B, H, g.shape[1] // H, n, D).sum(2)
 
 
-def _block_fwd(q, k, v, scale, left, right, softcap, ref):
-    if ref and _cpu_flash(q, k, left, right, softcap):
+class _Seg:
+    """A packed-documents block: one varlen kernel call over the whole local q and key piece,
+    sequence s pairing q rows cu_q[s]:cu_q[s+1] with keys cu_k[s]:cu_k[s+1] (`_varlen_calls`)."""
+
+    def __init__(self, q_lens, k_lens, device):
+        self.q_lens, self.k_lens = q_lens, k_lens
+        cum = lambda lens: torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32,
+                                        device=device)
+        self.cu_q, self.cu_k = cum(q_lens), cum(k_lens)
+        self.max_q, self.max_k = max(q_lens), max(k_lens)
+
+    def keep(self, left, right, device):
+        """The dense bool mask [sum q_lens, sum k_lens] of the call (for the fp32 reference):
+        each sequence's own block, under the window aligned bottom-right within it."""
+        keep = torch.zeros(sum(self.q_lens), sum(self.k_lens), dtype=torch.bool, device=device)
+        i = j = 0
+        for nq, nk in zip(self.q_lens, self.k_lens):
+            if nq and nk:
+                keep[i:i + nq, j:j + nk] = reference.window_keep(nq, nk, left, right, device)
+            i, j = i + nq, j + nk
+        return keep
+
+
+def _block_fwd(q, k, v, scale, left, right, softcap, ref, kpm=None, seg=None):
+    if ref and kpm is None and seg is None and _cpu_flash(q, k, left, right, softcap):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q.float(), _heads_like(k, q).float(), _heads_like(v, q).float(), 0.0, right == 0,
             scale=scale)
     if ref:  # CPU without Triton's interpreter: the fp32 reference (as tritformer.attention)
+        keep = None if seg is None else seg.keep(left, right, q.device)
+        if seg is not None:
+            left = right = None
         return reference._attention(q.float(), k.float(), v.float(), scale, left, right, True,
-                                    softcap=softcap)
+                                    attn_mask=keep, key_padding_mask=kpm, softcap=softcap)
     # (out, lse): the merge and the backward use the merged lse alone (no fp32 residual)
-    return torch.ops.tritformer.attention_fwd(q, k, v, None, None, None, None, None, None, scale,
-                                              left, right, softcap, 0.0, 0, 0)[:2]
+    cu_q, cu_k, mq, mk = (None, None, 0, 0) if seg is None else (seg.cu_q, seg.cu_k, seg.max_q,
+                                                                 seg.max_k)
+    return torch.ops.tritformer.attention_fwd(q, k, v, None, kpm, None, cu_q, cu_k, None, scale,
+                                              left, right, softcap, 0.0, mq, mk, True)[:2]
 
 
-def _block_bwd(do, q, k, v, out, lse, dlse, scale, left, right, softcap, ref):
+def _block_bwd(do, q, k, v, out, lse, dlse, scale, left, right, softcap, ref, kpm=None,
+               seg=None):
     """This block's share of dq, dk, dv given the global out / lse (and dlse, may be None)."""
     if not ref:
+        cu_q, cu_k, mq, mk = (None, None, 0, 0) if seg is None else (seg.cu_q, seg.cu_k,
+                                                                     seg.max_q, seg.max_k)
         dq, dk, dv, _ = torch.ops.tritformer.attention_bwd(
-            do, q, k, v, out, lse, dlse, None, None, None, None, None, None, scale, left, right,
-            softcap, 0.0, 0, 0, False)
+            do, q, k, v, out, lse, dlse, None, kpm, None, cu_q, cu_k, None, scale, left, right,
+            softcap, 0.0, mq, mk, False, True)
         return dq, dk, dv
-    if dlse is None and _cpu_flash(q, k, left, right, softcap):
+    if (dlse is None and kpm is None and seg is None
+            and _cpu_flash(q, k, left, right, softcap)):
         # torch's CPU flash backward takes (out, lse) as the fused one does: the global ones
         # give this block's exact share of dq / dk / dv (D = rowsum(dout * out) is global)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -348,9 +454,13 @@ def _block_bwd(do, q, k, v, out, lse, dlse, scale, left, right, softcap, ref):
     # reference backend: differentiate the block's (out_b, lse_b) with the merge's chain rule:
     # out = sum_b w_b out_b, w_b = exp(lse_b - lse), so dL/dout_b = w_b dout and
     # dL/dlse_b = w_b (rowsum(dout * (out_b - out)) + dlse)
+    keep = None if seg is None else seg.keep(left, right, q.device)
+    if seg is not None:
+        left = right = None
     with torch.enable_grad():
         qb, kb, vb = (t.detach().float().requires_grad_() for t in (q, k, v))
-        ob, lb = reference._attention(qb, kb, vb, scale, left, right, True, softcap=softcap)
+        ob, lb = reference._attention(qb, kb, vb, scale, left, right, True, attn_mask=keep,
+                                      key_padding_mask=kpm, softcap=softcap)
         finite = torch.isfinite(lse)
         w = torch.where(finite, torch.exp(lb.detach() - torch.where(finite, lse, 0.0)), 0.0)
         dof = do.float()
@@ -359,6 +469,33 @@ def _block_bwd(do, q, k, v, out, lse, dlse, scale, left, right, softcap, ref):
             g_lse = g_lse + dlse.float()
         g_lse = torch.where(w > 0, w * g_lse, 0.0)
         return torch.autograd.grad((ob, lb), (qb, kb, vb), (w.unsqueeze(-1) * dof, g_lse))
+
+
+def _varlen_calls(rank, src, world, layout, doc_lens, left, right, device):
+    """Kernel calls of `rank`'s packed documents against `src`'s: [(_Seg, left_b, right_b)].
+
+    Every document is sharded like a whole sequence (its local length doc_lens[d] cut into the
+    layout's runs), so which run of rank sees which run of src fully, causally or not at all is
+    the same for every document; the plan of a unit document (runs of 2) gives it. Each planned
+    call selects runs [i0, i1) of the queries and [a0, a1) of the keys; per document it becomes
+    the sequences (before-q, -), (-, before-k), (q-runs, k-runs), (after-q, -), (-, after-k), so
+    one varlen call covers every document and rows or keys outside the block see nothing."""
+    n_runs = 2 if layout == "zigzag" else 1
+    unit = 2
+    calls = []
+    for qs, ks, lb, rb in _plan_runs(_shard_ranges(rank, world, n_runs * unit, layout),
+                                     _shard_ranges(src, world, n_runs * unit, layout), left, right):
+        i0, i1, a0, a1 = qs.start // unit, qs.stop // unit, ks.start // unit, ks.stop // unit
+        q_lens, k_lens = [], []
+        for length in doc_lens:
+            c = length // n_runs
+            for nq, nk in ((i0 * c, 0), (0, a0 * c), ((i1 - i0) * c, (a1 - a0) * c),
+                           ((n_runs - i1) * c, 0), (0, (n_runs - a1) * c)):
+                if nq or nk:
+                    q_lens.append(nq)
+                    k_lens.append(nk)
+        calls.append((_Seg(q_lens, k_lens, device), lb, rb))
+    return calls
 
 
 def _seq(t, s):
@@ -373,55 +510,50 @@ class _RingAttention(torch.autograd.Function):
     plus the one in flight instead of whole shards when chunks > 1."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, rank, world, layout, scale, left, right, softcap, chunks):
+    def forward(ctx, q, k, v, kpm, group, rank, world, layout, scale, left, right, softcap,
+                chunks, doc_lens):
         ref = backend_for(q) in ("reference", "torch")  # the CPU fallback (either name)
         ring = _Ring(group, rank, world)
         n = q.shape[2]
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
-        qblocks = _query_blocks(rank, world, n, layout, chunks)
         steps = world * chunks
-        own = _piece(rank, world, n, layout, chunks, 0)
-        kv = [_gather(k, own, chunks), _gather(v, own, chunks)]
+        kv = _own_piece(k, v, kpm, rank, world, n, layout, chunks, 0)
         for t in range(steps):
             s, p = t % world, t // world
             if s + 1 < world:  # the next holder's piece is in flight while this one is computed
                 nxt = [torch.empty_like(x) for x in kv]
                 reqs = ring.exchange(kv, nxt, _KV_TAG)
-            kruns = [r[:3] for r in _piece((rank - s) % world, world, n, layout, chunks, p)]
-            for qruns in qblocks:
-                for qs, ks, lb, rb in _plan_runs(qruns, kruns, left, right):
-                    o_b, l_b = _block_fwd(_seq(q, qs), _seq(kv[0], ks), _seq(kv[1], ks),
-                                          scale, lb, rb, softcap, ref)
-                    _merge(_seq(out, qs), lse[:, :, qs], o_b, l_b)
-                    del o_b, l_b
+            for qs, ks, lb, rb, seg in _calls(rank, (rank - s) % world, world, n, layout, chunks,
+                                              p, left, right, doc_lens, q.device):
+                o_b, l_b = _block_fwd(_seq(q, qs), _seq(kv[0], ks), _seq(kv[1], ks), scale, lb,
+                                      rb, softcap, ref, _kpm(kv, ks), seg)
+                _merge(_seq(out, qs), lse[:, :, qs], o_b, l_b)
+                del o_b, l_b
             if s + 1 < world:
                 _wait(reqs)
                 kv = nxt
             elif t + 1 < steps:  # this rank's next own piece starts its round
-                own = _piece(rank, world, n, layout, chunks, p + 1)
                 kv = None
-                kv = [_gather(k, own, chunks), _gather(v, own, chunks)]
+                kv = _own_piece(k, v, kpm, rank, world, n, layout, chunks, p + 1)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = group, rank, world, layout, scale, left, right, softcap, ref, chunks
+        ctx.save_for_backward(q, k, v, kpm, out, lse)
+        ctx.args = group, rank, world, layout, scale, left, right, softcap, ref, chunks, doc_lens
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        group, rank, world, layout, scale, left, right, softcap, ref, chunks = ctx.args
+        q, k, v, kpm, out, lse = ctx.saved_tensors
+        group, rank, world, layout, scale, left, right, softcap, ref, chunks, doc_lens = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
         ring = _Ring(group, rank, world)
         n = q.shape[2]
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         home = None  # this shard's dK/dV (float32), filled as its pieces' accumulators return
-        qblocks = _query_blocks(rank, world, n, layout, chunks)
         steps = world * chunks
-        own = _piece(rank, world, n, layout, chunks, 0)
-        kv = [_gather(k, own, chunks), _gather(v, own, chunks)]
+        kv = _own_piece(k, v, kpm, rank, world, n, layout, chunks, 0)
         sent, sent_bufs = [], []  # the previous step's dK/dV accumulator, on its way onward
 
         def arrive(acc, p):  # piece p's accumulator is home after `world` hops
@@ -447,18 +579,17 @@ class _RingAttention(torch.autograd.Function):
                 m = kv[0].shape[2] if s > 0 else _piece_len(world, n, layout, chunks, p - 1)
                 acc = [_f32(k, m), _f32(v, m)]
                 acc_reqs = ring.exchange([], acc, _DKV_TAG)
-            kruns = [r[:3] for r in _piece((rank - s) % world, world, n, layout, chunks, p)]
             dk, dv = _f32(k, kv[0].shape[2]).zero_(), _f32(v, kv[1].shape[2]).zero_()
-            for qruns in qblocks:
-                for qs, ks, lb, rb in _plan_runs(qruns, kruns, left, right):
-                    dq_b, dk_b, dv_b = _block_bwd(
-                        _seq(dout, qs), _seq(q, qs), _seq(kv[0], ks), _seq(kv[1], ks),
-                        _seq(out, qs), lse[:, :, qs], None if dlse is None else dlse[:, :, qs],
-                        scale, lb, rb, softcap, ref)
-                    _seq(dq, qs).add_(dq_b.float())
-                    _seq(dk, ks).add_(dk_b.float())
-                    _seq(dv, ks).add_(dv_b.float())
-                    del dq_b, dk_b, dv_b
+            for qs, ks, lb, rb, seg in _calls(rank, (rank - s) % world, world, n, layout, chunks,
+                                              p, left, right, doc_lens, q.device):
+                dq_b, dk_b, dv_b = _block_bwd(
+                    _seq(dout, qs), _seq(q, qs), _seq(kv[0], ks), _seq(kv[1], ks),
+                    _seq(out, qs), lse[:, :, qs], None if dlse is None else dlse[:, :, qs],
+                    scale, lb, rb, softcap, ref, _kpm(kv, ks), seg)
+                _seq(dq, qs).add_(dq_b.float())
+                _seq(dk, ks).add_(dk_b.float())
+                _seq(dv, ks).add_(dv_b.float())
+                del dq_b, dk_b, dv_b
             if t > 0 and world > 1:
                 _wait(acc_reqs)
                 if s > 0:  # the contributions of the ranks this piece visited before
@@ -478,9 +609,8 @@ class _RingAttention(torch.autograd.Function):
                 _wait(reqs)
                 kv = nxt
             elif t + 1 < steps:
-                own = _piece(rank, world, n, layout, chunks, p + 1)
                 kv = None
-                kv = [_gather(k, own, chunks), _gather(v, own, chunks)]
+                kv = _own_piece(k, v, kpm, rank, world, n, layout, chunks, p + 1)
         if world > 1:  # the last piece's accumulator comes home
             acc = [_f32(k, _piece_len(world, n, layout, chunks, chunks - 1)),
                    _f32(v, _piece_len(world, n, layout, chunks, chunks - 1))]
@@ -489,7 +619,7 @@ class _RingAttention(torch.autograd.Function):
             arrive(acc, chunks - 1)
             _wait(sent)
             del sent_bufs
-        return (dq.to(q.dtype), home[0].to(k.dtype), home[1].to(v.dtype)) + (None,) * 9
+        return (dq.to(q.dtype), home[0].to(k.dtype), home[1].to(v.dtype)) + (None,) * 11
 
 
 def _piece_len(world, n, layout, chunks, p):
@@ -507,8 +637,10 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
                    causal: bool = False, scale: Optional[float] = None,
                    window: Optional[tuple[int, int]] = None, softcap: Optional[float] = None,
                    alibi_slopes: Optional[torch.Tensor] = None, return_lse: bool = False,
-                   layout: str = "zigzag", chunks: int = 1, dropout_p: float = 0.0,
-                   attn_mask=None, key_padding_mask=None):
+                   layout: str = "zigzag", chunks: int = 1,
+                   key_padding_mask: Optional[torch.Tensor] = None,
+                   cu_seqlens: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                   attn_mask=None):
     """Attention over a sequence sharded across `group`'s ranks, keys/values passed round a ring.
 
     Args:
@@ -527,14 +659,24 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
             and arriving, block gradients) to about 13 / chunks; the price is world * chunks
             ring steps of smaller kernel calls and messages. 1 (default): whole shards, the
             fewest and largest calls (the choice on GPUs unless memory is what runs out).
+        key_padding_mask: bool [B, n], True = padding: this rank's shard of the [B, N] mask
+            (`shard_sequence(mask, dim=1, layout=...)`); it travels with the keys. A row whose
+            keys are all padding gives 0 (lse -inf), as `tritformer.attention`.
+        cu_seqlens: packed documents (B = 1): this rank's cumulative document lengths, int32
+            [num_docs + 1] from 0 to n, the same on every rank: the global ones // world, every
+            document sharded like a whole sequence (`shard_sequence(x, cu_seqlens=global)`,
+            ring-flash-attention's zigzag varlen convention). Attention stays within each
+            document (causal within it). Not with window or chunks > 1.
 
     Returns out [B, Hq, n, D] in q's dtype (and lse). Gradients flow to q, k, v and through lse.
 
-    Not supported (raise NotImplementedError): alibi_slopes, dropout_p, attn_mask,
-    key_padding_mask. Every rank must call this with the same shapes and arguments.
+    Not supported (raise NotImplementedError): alibi_slopes, dropout_p, attn_mask. Every rank
+    must call this with the same shapes and arguments.
     """
-    _check_unsupported("ring_attention", dropout_p, attn_mask, key_padding_mask, alibi_slopes)
+    _check_unsupported("ring_attention", dropout_p, attn_mask, None, alibi_slopes)
     _check_qkv("ring_attention", q, k, v, scale, window, softcap, causal, return_lse, layout)
+    if key_padding_mask is not None:
+        check_attention_options(q, k, key_padding_mask=key_padding_mask)
     group, rank, world = _group_info(group)
     if layout == "zigzag" and q.shape[2] % 2:
         raise ValueError(f"ring_attention: with layout='zigzag' each rank holds two equal chunks, "
@@ -546,10 +688,24 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
         raise ValueError(f"ring_attention: chunks must be an int in [1, {q.shape[2] // runs}] "
                          f"(each of the {runs} run(s) of a local shard of {q.shape[2]} positions "
                          f"cut into non-empty pieces), got {chunks!r}")
+    doc_lens = None
+    if cu_seqlens is not None:
+        for what, bad in (("window", window is not None), ("chunks > 1", chunks != 1),
+                          ("key_padding_mask", key_padding_mask is not None),
+                          (f"a batch of {q.shape[0]} (packed documents are one row: B = 1)",
+                           q.shape[0] != 1)):
+            if bad:
+                raise NotImplementedError(f"ring_attention: cu_seqlens (packed documents) with "
+                                          f"{what} is not supported")
+        if cu_seqlens.device != q.device:
+            raise ValueError(f"cu_seqlens must be on q's device {q.device}, got "
+                             f"{cu_seqlens.device}")
+        doc_lens = _doc_lengths("cu_seqlens", cu_seqlens, q.shape[2], runs)
     left, right = reference.window_bounds(causal, window)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, lse = _RingAttention.apply(q, k, v, group, rank, world, layout, scale, left, right,
-                                    float(softcap) if softcap else 0.0, int(chunks))
+    out, lse = _RingAttention.apply(q, k, v, key_padding_mask, group, rank, world, layout, scale,
+                                    left, right, float(softcap) if softcap else 0.0, int(chunks),
+                                    doc_lens)
     return (out, lse) if return_lse else out
 
 
