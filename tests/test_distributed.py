@@ -62,6 +62,13 @@ CASES_2 = {
                                               alibi=True),
     "ulysses-zigzag-window-softcap-bf16": dict(RING, seed=9, kind="ulysses", N=32, window=(5, 2),
                                                softcap=4.0, dtype="bfloat16"),
+    # the full key padding mask gathered in global order; whole documents per rank, so a
+    # window and ALiBi combine with packed documents here
+    "ulysses-zigzag-causal-kpm-gqa": dict(RING, seed=15, kind="ulysses", N=32, causal=True,
+                                          Hq=4, kpm=True, return_lse=True),
+    "ulysses-zigzag-varlen-window-alibi": dict(RING, seed=16, kind="ulysses", N=64, B=1, Hq=4,
+                                               causal=True, window=(5, 0), alibi=True,
+                                               docs=[0, 16, 24, 48, 64], return_lse=True),
     "shard-roundtrip": dict(kind="shard"),
 }
 CASES_4 = {  # one 4-process case (interpreter time), plus an argument error raised on all ranks
@@ -419,6 +426,9 @@ def test_errors_name_the_argument(world_of_one):
             cp.ring_attention(q, q, q, cu_seqlens=cu, **kw)
     with pytest.raises(NotImplementedError, match="B = 1"):
         cp.ring_attention(*(torch.randn(2, 2, 8, 16) for _ in "qkv"), cu_seqlens=cu)
+    with pytest.raises(NotImplementedError, match="cu_seqlens .* key_padding_mask"):
+        cp.ulysses_attention(q, q, q, cu_seqlens=cu,
+                             key_padding_mask=torch.zeros(1, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="divisible by 2"):
         cp.shard_sequence(torch.randn(1, 2, 7, 16), layout="zigzag")
     with pytest.raises(ValueError, match="layout"):

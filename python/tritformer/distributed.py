@@ -729,25 +729,15 @@ class _AllToAll(torch.autograd.Function):
         return out, None
 
 
-def _rank_major_to_global(world, layout):
-    """Chunk permutation: the rank-major sequence (rank 0's shard, rank 1's, ...) cut into
-    chunks, indexed to give global order; None when they coincide (contiguous)."""
-    if layout == "contiguous":
-        return None
-    order = [c for r in range(world) for c in (r, 2 * world - 1 - r)]  # chunk id at each slot
-    return torch.tensor(sorted(range(2 * world), key=lambda s: order[s]))
-
-
 def _seq_to_heads(x, group, world, perm):
-    """[B, H, n, D] sequence shard -> [B, H/world, N, D] head shard, global order."""
+    """[B, H, n, D] sequence shard -> [B, H/world, N, D] head shard, global order. perm: for
+    each global position, its index in the rank-major sequence (rank 0's shard, rank 1's, ...),
+    None when they coincide (contiguous, one sequence)."""
     B, H, n, D = x.shape
     send = x.reshape(B, world, H // world, n, D).transpose(0, 1)  # [W, B, H/W, n, D]
     recv = _AllToAll.apply(send, group)  # [W (source rank), B, H/W, n, D]
     y = recv.permute(1, 2, 0, 3, 4).reshape(B, H // world, world * n, D)
-    if perm is not None:
-        chunks = y.reshape(B, H // world, 2 * world, n // 2, D)
-        y = chunks[:, :, perm.to(y.device)].reshape(B, H // world, world * n, D)
-    return y
+    return y if perm is None else y.index_select(2, perm.to(y.device))
 
 
 def _heads_to_seq(y, group, world, perm):
@@ -755,31 +745,42 @@ def _heads_to_seq(y, group, world, perm):
     B, h, N, D = y.shape
     n = N // world
     if perm is not None:
-        inv = torch.argsort(perm).to(y.device)
-        y = y.reshape(B, h, 2 * world, n // 2, D)[:, :, inv].reshape(B, h, N, D)
+        y = y.index_select(2, torch.argsort(perm).to(y.device))
     send = y.reshape(B, h, world, n, D).permute(2, 0, 1, 3, 4)  # [W (dest rank), B, h, n, D]
     recv = _AllToAll.apply(send, group)  # [W (source = head group), B, h, n, D]
     return recv.transpose(0, 1).reshape(B, h * world, n, D)
+
+
+def _gather_mask(kpm, group, world, positions):
+    """The full [B, N] key padding mask, global order, from every rank's [B, n] shard."""
+    parts = [torch.empty_like(kpm, dtype=torch.uint8) for _ in range(world)]
+    dist.all_gather(parts, kpm.to(torch.uint8).contiguous(), group=group)
+    order = torch.argsort(torch.cat(positions)).to(kpm.device)
+    return torch.cat(parts, 1).index_select(1, order).bool()
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
                       causal: bool = False, scale: Optional[float] = None,
                       window: Optional[tuple[int, int]] = None, softcap: Optional[float] = None,
                       alibi_slopes: Optional[torch.Tensor] = None, return_lse: bool = False,
-                      layout: str = "zigzag", dropout_p: float = 0.0, attn_mask=None,
-                      key_padding_mask=None):
+                      layout: str = "zigzag", key_padding_mask: Optional[torch.Tensor] = None,
+                      cu_seqlens: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                      attn_mask=None):
     """DeepSpeed-Ulysses attention: sequence-sharded in and out, head-sharded in between.
 
     Arguments as `ring_attention` (q [B, Hq, n, D] and k/v [B, Hkv, n, D] this rank's shards in
-    `layout`), plus alibi_slopes ([Hq] or [B, Hq], the global heads) as `tritformer.attention`.
-    Hq must be divisible by the world size. When Hkv is not, k/v heads are repeated up to
-    lcm(Hkv, world) (a GQA group never straddles two ranks) before the exchange.
+    `layout`; key_padding_mask [B, n] and cu_seqlens, this rank's, as there), plus alibi_slopes
+    ([Hq] or [B, Hq], the global heads; [Hq] with cu_seqlens) as `tritformer.attention`. Each
+    rank sees whole sequences (documents), so windows, softcap and ALiBi combine with packed
+    documents here. Hq must be divisible by the world size. When Hkv is not, k/v heads are
+    repeated up to lcm(Hkv, world) (a GQA group never straddles two ranks) before the exchange.
 
-    Not supported (raise NotImplementedError): dropout_p, attn_mask, key_padding_mask.
+    Not supported (raise NotImplementedError): dropout_p, attn_mask; key_padding_mask together
+    with cu_seqlens.
     """
-    _check_unsupported("ulysses_attention", dropout_p, attn_mask, key_padding_mask)
+    _check_unsupported("ulysses_attention", dropout_p, attn_mask, None)
     _check_qkv("ulysses_attention", q, k, v, scale, window, softcap, causal, return_lse, layout)
-    check_attention_options(q, k, alibi_slopes=alibi_slopes)
+    check_attention_options(q, k, alibi_slopes=alibi_slopes, key_padding_mask=key_padding_mask)
     group, rank, world = _group_info(group)
     Hq, Hkv, n = q.shape[1], k.shape[1], q.shape[2]
     if Hq % world:
@@ -788,18 +789,43 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
     if layout == "zigzag" and n % 2:
         raise ValueError(f"ulysses_attention: with layout='zigzag' each rank holds two equal "
                          f"chunks, so q's local length must be even, got {n}")
+    docs = None
+    if cu_seqlens is not None:
+        if key_padding_mask is not None or q.shape[0] != 1:
+            raise NotImplementedError("ulysses_attention: cu_seqlens (packed documents) with "
+                                      + ("key_padding_mask" if key_padding_mask is not None
+                                         else f"a batch of {q.shape[0]} (B = 1)")
+                                      + " is not supported")
+        if cu_seqlens.device != q.device:
+            raise ValueError(f"cu_seqlens must be on q's device {q.device}, got "
+                             f"{cu_seqlens.device}")
+        docs = tuple(m * world for m in
+                     _doc_lengths("cu_seqlens", cu_seqlens, n, 2 if layout == "zigzag" else 1))
     if Hkv % world:
         rep = math.lcm(Hkv, world) // Hkv
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    perm = _rank_major_to_global(world, layout)
+    positions = [_positions(r, world, layout, docs or (n * world,)) for r in range(world)]
+    perm = (None if layout == "contiguous" and docs is None
+            else torch.argsort(torch.cat(positions)))
     qh, kh, vh = (_seq_to_heads(t, group, world, perm) for t in (q, k, v))
     slopes = None
     if alibi_slopes is not None:
         h = Hq // world
         slopes = alibi_slopes[..., rank * h:(rank + 1) * h]
-    from .ops.attention import attention
-    res = attention(qh, kh, vh, causal=causal, scale=scale, window=window, softcap=softcap,
-                    alibi_slopes=slopes, return_lse=return_lse)
+    from .ops.attention import attention, varlen_attention
+    if docs is not None:  # every rank holds whole documents of its heads: one varlen call
+        cu = torch.tensor([0, *itertools.accumulate(docs)], dtype=torch.int32, device=q.device)
+        packed = lambda t: t[0].transpose(0, 1)  # [1, h, N, D] -> [N, h, D] (a view)
+        res = varlen_attention(packed(qh), packed(kh), packed(vh), cu, cu, max(docs), max(docs),
+                               causal=causal, scale=scale, window=window, softcap=softcap,
+                               alibi_slopes=slopes, return_lse=return_lse)
+        res = ((res[0].transpose(0, 1).unsqueeze(0), res[1].unsqueeze(0)) if return_lse
+               else res.transpose(0, 1).unsqueeze(0))
+    else:
+        kpm = (None if key_padding_mask is None
+               else _gather_mask(key_padding_mask, group, world, positions))
+        res = attention(qh, kh, vh, causal=causal, scale=scale, window=window, softcap=softcap,
+                        alibi_slopes=slopes, key_padding_mask=kpm, return_lse=return_lse)
     if not return_lse:
         return _heads_to_seq(res, group, world, perm)
     out, lse = res
