@@ -62,6 +62,27 @@ def _logits(x_row, m_row, cols, C, i2, D2, stride_xc, stride_mc, scale,
 
 
 @triton.jit
+def _sum_unit(p, BLOCK: tl.constexpr):
+    """sum(p) of a [BLOCK] tile of values in [0, 1] (NaN propagates), within ~1 rounding in any
+    summation order: fp32 softmax rows, whose 1/l is the row max's output.
+
+    Each p splits exactly into hi = (sigma + p) - sigma, a multiple of ulp(sigma) = 2^(c-23)
+    (sigma = 2^c >= BLOCK / 2, and >= 2 so sigma + p stays in sigma's binade), and lo = p - hi
+    (|lo| <= 2^(c-24)). Any sum of at most BLOCK his is a multiple of 2^(c-23) below 2^(c+1),
+    so below 2^24 units: exact, whatever the reduction tree (numpy's 8-lane blocks in the
+    interpreter, the warp shuffles on a GPU). Only the small los' sum and the final add round.
+    Found by the deep fuzz search: 102 values of randn * 3 at scale 1.5 summed to l = 1.1229062
+    in the interpreter's 8-lane order (float64 sum of the same p: 1.12290642, 2 ulp), the row
+    max's y = 1/l 7.6x PyTorch's error; with the split it is 1.1229064, 0.93x."""
+    if BLOCK >= 4:
+        sigma = BLOCK * 0.5
+    else:
+        sigma = 2.0
+    hi = (sigma + p) - sigma
+    return tl.sum(hi, axis=0) + tl.sum(p - hi, axis=0)
+
+
+@triton.jit
 def _softmax_fwd_row(row, X, Mask, Y, D1, D2, C,
                      stride_x0, stride_x1, stride_x2, stride_xc,
                      stride_m0, stride_m1, stride_m2, stride_mc,
@@ -84,7 +105,10 @@ def _softmax_fwd_row(row, X, Mask, Y, D1, D2, C,
         m = tl.max(s, axis=0)
         m = tl.where(m == float("-inf"), 0.0, m)  # fully masked row: every p is 0
         p = tl.math.exp2((s - m) * LOG2E)
-        l = tl.sum(p, axis=0)
+        if X.dtype.element_ty == tl.float32:
+            l = _sum_unit(p, BLOCK)
+        else:
+            l = tl.sum(p, axis=0)
         y = p * (1.0 / tl.where(l == 0.0, 1.0, l))
         tl.store(y_row + cols.to(tl.int64) * stride_yc, y.to(Y.dtype.element_ty), mask=cols < C)
     else:

@@ -396,10 +396,13 @@ def test_fp32_softcap_alibi_lse_rounding():
                                   **opts))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "fp32 softmax over 102 values (scale 1.5, |x| up to 12): the row max's own output 1/l is "
-    "3 ulp off (2.0e-7 vs PyTorch 2.7e-8, 7.6x); the same steps in PyTorch fp32 (exp2 or exp, "
-    "one sum) give 1 ulp, so the kernel's multi-lane sum is the suspect; not isolated yet"))
+# Found by the deep search (was a strict xfail): fp32 softmax over 102 values (scale 1.5, |x| up
+# to 12), the row max's output 1/l 3 ulp off: y 2.0e-7 vs PyTorch 2.7e-8 (7.6x). Isolated to the
+# sum, not exp2: with exact exps (float64, rounded) the interpreter's 8-lane tl.sum still gave
+# l = 1.1229062 where the float64 sum of the same p is 1.12290642 (2 ulp), and the log2-first
+# exponent changed nothing here. The fp32 single-tile sum now splits each p exactly into a
+# part whose sums are exact in any order and a small rest (kernels/softmax.py, _sum_unit):
+# y 2.5e-8, ratio 0.93.
 def test_fp32_softmax_large_logits():
     test_softmax.hypothesis.inner_test(case=([102, 1], 0, False, "none", None),
                                        dtype=torch.float32, scale=1.5, seed=966, transposed=False)
