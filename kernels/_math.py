@@ -19,3 +19,53 @@ def tanh(x):
     big = 1.0 - 2.0 / (1.0 + tl.math.exp2(2.8853900817779268 * ax))  # exp(2|x|)
     r = tl.where(ax < 0.625, small, big)
     return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def _tf32_head(x):
+    """x with its low 13 mantissa bits cleared: exactly a tf32 value, |x - head| < 2^-10 |x|;
+    +-inf and zero unchanged."""
+    return (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tf32_split3(x):
+    """x = x0 + x1 + x2 exactly, each piece a tf32 value (x1 < 2^-10 |x|, x2 < 2^-20 |x|):
+    products of pieces are exact on tensor cores (and in the interpreter's MMA model). inf:
+    (inf, 0, 0); NaN stays NaN in x1 and x2."""
+    x0 = _tf32_head(x)
+    r = tl.where(x == x0, 0.0, x - x0)  # exact for finite x (a truncation's remainder)
+    x1 = _tf32_head(r)
+    return x0, x1, r - x1
+
+
+@triton.jit
+def dot_f32_exact(a, b):
+    """a @ b for fp32 tiles with products exact to ~2^-30 and a bounded summation chain, from a
+    zero accumulator (add the running accumulator after, once).
+
+    Plain tl.dot in fp32 has neither: "tf32x3" (Triton's split) keeps ~22 of the operands' 24
+    bits and drops small*small, so products err by ~2^-21 |a||b| where PyTorch's fp32 products
+    are exact; "ieee" (FMA) makes a sequential chain over K, whose rounding grows with K (the
+    key count, for P @ V) where PyTorch's kernels sum in vector lanes. Here each operand splits
+    exactly into three tf32 pieces (_tf32_split3) and the six products of order <= 2 run as
+    tf32 MMAs: the dropped a1 b2 + a2 b1 + a2 b2 are below 2^-29 |a||b|, and the MMA adds each
+    k-step of 8 products to the accumulator at once, so the chain has K / 8 steps (the
+    interpreter's MMA model sums a step exactly; tensor cores align its products with
+    truncation, still one step per 8 products). Smallest terms first, as Triton's 3xTF32; a
+    NaN from them (an inf operand times a zero piece) falls back to 0, so an inf operand gives
+    inf as the big product alone does (NaN operands give NaN through a0 b0).
+
+    Cost: six MMAs and three pieces per operand live at once; only tiles with registers to
+    spare take it (decode's 16-row fp32 tiles at BLOCK_D <= 64). The attention forward does
+    not: its backward recomputes the scores with DOT_PRECISION, and scores other than the
+    forward's lse skew P (tests/test_fuzz.py, test_fp32_small_head_dim_sequential_pv)."""
+    a0, a1, a2 = _tf32_split3(a)
+    b0, b1, b2 = _tf32_split3(b)
+    small = tl.dot(a1, b1, input_precision="tf32")
+    small = tl.dot(a0, b2, small, input_precision="tf32")
+    small = tl.dot(a2, b0, small, input_precision="tf32")
+    small = tl.dot(a0, b1, small, input_precision="tf32")
+    small = tl.dot(a1, b0, small, input_precision="tf32")
+    small = tl.where(small != small, 0.0, small)
+    return tl.dot(a0, b0, small, input_precision="tf32")

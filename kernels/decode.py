@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ._launch import Launch, arch_family, device_arch, flat_grid, int32_tiles, is_interpreted, run
 from ._constants import LN2, LOG2E
-from ._math import tanh as _tanh
+from ._math import dot_f32_exact, tanh as _tanh
 from .attention import _block_d, _dot_precision
 
 
@@ -56,6 +56,12 @@ def _decode_inner(acc, l_i, m_i, q, k_head, v_head, k_offs, v_offs, offs_d, stri
     # BOUNDARY=False: every key of every tile in [lo, hi) is valid and visible to every row,
     # so neither the length bound, the left padding nor the window is evaluated (the fast
     # path). k_head / v_head: the cache at this KV head (and batch row, unless PAGED).
+    # fp32 scores with exact products in MMA k-steps of 8 (_math.dot_f32_exact) where the
+    # tile affords the split's extra MMAs: 16-row tiles up to BLOCK_D 64 (AOT, Triton 3.9: 32-
+    # and 64-row tiles spilled, sm_80 D=64 'all' serving variant 72 B, 'paged' 64 rows 16 B;
+    # BLOCK_D 128 spilled 204 B at 16 rows). Elsewhere DOT_PRECISION: 3xTF32 products err by
+    # ~2^-21 |q||k|, FMA chains grow with D (tests/test_fuzz.py, the fp32 decode cases)
+    EXACT_QK: tl.constexpr = q.dtype == tl.float32 and q.shape[0] <= 16 and q.shape[1] <= 64
     k_base = k_head + tl.cast(lo, tl.int64) * stride_kn  # not PAGED: position lo of the row
     v_base = v_head + tl.cast(lo, tl.int64) * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
@@ -85,7 +91,10 @@ def _decode_inner(acc, l_i, m_i, q, k_head, v_head, k_offs, v_offs, offs_d, stri
             k = tl.load(k_ptrs, mask=mask_d[:, None] & ok_n, other=0.0)
         else:
             k = tl.load(k_ptrs, mask=mask_d[:, None], other=0.0)
-        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        if EXACT_QK:
+            qk = dot_f32_exact(q, k)
+        else:
+            qk = tl.dot(q, k, input_precision=DOT_PRECISION)
         if SOFTCAP or HAS_ALIBI:
             # natural units as attention's _scores (same formulas), then to log2 units
             if SOFTCAP:

@@ -363,9 +363,12 @@ def test_fp32_large_lse_one_dominant_key():
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "fp32 at D <= 16 uses exact-FMA dots (options._dot_precision, for the one-key dK "
-    "cancellation): P @ V is then a sequential FMA chain over the keys, whose rounding grows "
-    "with the key count where PyTorch's gemv sums in vector lanes. Measured: out 6.0e-7 vs "
-    "PyTorch 1.2e-7 (4.9x) at L=1, S=21, E=8, scale 1"))
+    "cancellation): out 6.0e-7 vs PyTorch 1.2e-7 (4.9x) at L=1, S=21, E=8, scale 1. Mostly the "
+    "scores' FMA chain over D, not only P @ V: measured by dot, exact P @ V alone (the exact "
+    "fp32 dot, _math.dot_f32_exact) 2.97x, exact scores alone 1.99x, both 0.75x. Both exact in "
+    "the forward only broke an explicit example of test_attention_options (D=16, Nk=2, scale "
+    "1.5: dV 6.5x), since the backward then recomputes P from other scores than the forward's "
+    "lse: the backward's score dot (kernels/attention/backward.py) must switch with it"))
 def test_fp32_small_head_dim_sequential_pv():
     g = _gen(0)
     q, k, v = (torch.randn(1, n, 8, generator=g) for n in (1, 21, 21))
@@ -385,9 +388,13 @@ FP32_SOFTCAP_ALIBI_LSE = dict(
     "|q||k| where PyTorch's fp32 product is exact. Here |q|,|k| ~ 4 (D = 33) and the error "
     "reaches lse = 0.38 (a near-cancelling ALiBi row): 3.5e-6 vs PyTorch 1.2e-6 (2.9x). "
     "Measured with exact FMA dots instead: 1.19e-6, ratio 0.99 (the lse formula is not the "
-    "cause: ln(l) in one rounding left 3.43e-6). Exact dots bring back the sequential P @ V "
-    "chain (the two xfails below), so the fix is an fp32 dot with exact products and a "
-    "bounded summation chain, not yet built"))
+    "cause: ln(l) in one rounding left 3.43e-6). The exact fp32 dot that fixed the decode "
+    "D = 64 case (_math.dot_f32_exact: three tf32 pieces per operand, six MMAs) gives lse "
+    "3.7e-7, ratio 0.31, here too, but (1) the backward must recompute the same scores "
+    "(kernels/attention/backward.py; see test_fp32_small_head_dim_sequential_pv) and (2) at "
+    "BLOCK_D 64 it spilled in the forward (AOT, Triton 3.9, masked fwd D=64: sm_80 32x32/8 "
+    "328 B, 32x16/8 152 B, sm_90 76 B / 56 B; plain 64x32/4 sm_80 692 B vs 48 B before), so "
+    "the fp32 D <= 64 tiles need a re-sweep with it (configs.py)"))
 def test_fp32_softcap_alibi_lse_rounding():
     c, seed = FP32_SOFTCAP_ALIBI_LSE, 10734
     q, k, v, opts = _attention_options_inputs(c, seed)
@@ -417,9 +424,13 @@ def test_fp32_ffn_single_product():
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "fp32 decode at D = 100 computes its dots in exact FMA (the decode tables were not swept "
-    "for 3xTF32): P @ V is a sequential chain over the 35 keys; out 1.15e-6 vs PyTorch 3.0e-7 "
-    "(3.85x), the mechanism of test_fp32_small_head_dim_sequential_pv"))
+    "fp32 decode at D = 100 (BLOCK_D 128) computes its dots as exact-FMA chains: out 1.15e-6 vs "
+    "PyTorch 3.0e-7 (3.85x). Not the P @ V chain over the 35 keys as first diagnosed: measured "
+    "by dot, exact P @ V alone 3.45x, exact scores alone 0.80x: the scores' FMA chain over "
+    "D = 100. The exact fp32 dot (_math.dot_f32_exact, used by 16-row decode tiles up to "
+    "BLOCK_D 64) spilled at BLOCK_D 128 (AOT, Triton 3.9, sm_80 16 rows 64/8/2: 204 B), and "
+    "FMA dots with the chain split into 2 or 4 pairwise-summed chunks measured 1.26-1.37x here "
+    "but swung between 0.5x and 6.4x on the other cases (summation-order noise, no margin)"))
 def test_fp32_decode_sequential_pv():
     test_decode_attention.hypothesis.inner_test(B=3, Hkv=2, group=1, Nq=2, n_max=35, D=100,
                                                 dtype=torch.float32, layout="bhnd",
@@ -427,13 +438,11 @@ def test_fp32_decode_sequential_pv():
                                                 seed=1)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "fp32 decode at D = 64 runs 3xTF32 dots (the mechanism of "
-    "test_fp32_softcap_alibi_lse_rounding: Triton's split keeps ~22 of x's 24 bits): out "
-    "2.7e-6 vs PyTorch 7.6e-7 (3.57x) at scale 1.31, 95 keys. Found by a 100-example run of "
-    "test_decode_attention; exact FMA dots there bring back the sequential P @ V chain "
-    "(test_fp32_decode_sequential_pv), so both wait for one fp32 dot with exact products and "
-    "a bounded summation chain"))
+# Found by a 100-example run of test_decode_attention (was a strict xfail): fp32 decode at D = 64
+# ran 3xTF32 dots, whose split keeps ~22 of x's 24 bits and drops small*small: out 2.7e-6 vs
+# PyTorch 7.6e-7 (3.57x) at scale 1.31, 95 keys. Exact score products (_math.dot_f32_exact,
+# 16-row fp32 tiles): out 8.6e-7, ratio 1.12 (P @ V stays 3xTF32: exact P @ V as well measured
+# the same 1.12).
 def test_fp32_decode_tf32x3_products():
     test_decode_attention.hypothesis.inner_test(B=1, Hkv=2, group=2, Nq=3, n_max=95, D=64,
                                                 dtype=torch.float32, layout="bhnd",
