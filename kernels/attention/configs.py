@@ -122,11 +122,70 @@ bwd_dq    120 16b  | 128x32/8/2 64x32/4/2   | 64x64/8/2 64x32/4/2    | 32x32/4/2
 bwd_dq    120 fp32 | 32x16/4/1 64x16/4/2    | 16x64/8/1 16x16/8/1    | 16x32/8/1
 """
 
+# The light switches (key padding, ALiBi, softcap, a left window edge, any subset; no attn_mask,
+# no dropout; dense, not varlen): the plain tiles where they stay clean (AOT, Triton 3.9 and
+# 3.7.1, causal; all four on, MHA and, for dK/dV, GQA 4:1; softcap alone for the 16-bit cells on
+# 3.9; the `inspect --op masked` plans attn_*+light), so sm_90 16-bit keeps wgmma except dK/dV at
+# D=256 (mma.sync, as plain) and a 32x32/8/1 candidate at D=128 (GQA: 212-214 regs, 0 B). Each
+# switch costs instructions, not tiles: on the plain tile the sm_90 fp16 D=128 forward's
+# serialized estimate is 0.55 plain, 0.46 ALiBi, 0.33 softcap (tanh), 0.47 key padding, 0.55
+# window, 0.27 all four (0.17 on the masked table's 32x32/8/1 before). docs/masked-performance.md
+# has the tables.
+# Rejected (spill bytes, Triton 3.9 unless noted): sm_90 fwd D=64 128x128/8/3 592; D=128
+# 64x64/4/3 276 (3.7.1); D=256 64x32/4/2 232, 128x64/8/2 948, 64x64/8/2 64, 128x32/8/2 16.
+# sm_80 fwd D=64 128x64/8/3 and 64x64/4/3 16 with softcap alone; D=128 64x64/4/3 32; D=256
+# 32x32/4/2 32 (softcap alone). dK/dV GQA 4:1: sm_90 D=64 64x64/8/2 556, D=128 16x128/8/2 160
+# (16x64/4/2 376-428, 16x64/4/1 420), D=256 16x32/4/1 52; sm_80 D=64 32x128/8/2 120, D=128
+# 16x128/8/2 272, 32x64/8/2 436, 16x64/8/2 92-100, D=256 16x32/4/1 176. dQ sm_80 D=256 64x64/8/2
+# 16. fp32 at D > 64 keeps the masked variant's exact-FMA dots (options._dot_precision) in FMA
+# tiles: sm_90 fwd D=128 16x32/8/1 16, 32x32/8/1 128; dK/dV D=256 16x32/8/1 224, 32x16/8/1 264;
+# sm_80 fwd D=128 32x32/8/1 24 (3.7.1), 16x64/8/1, 16x32/8/1, 32x16/8/1 16 each; fwd D=64
+# (tf32x3) 64x32/4/2 216, 64x32/8/2 1512, 32x32/4/2 16; dQ D=256 32x16/8/1 24 (3.7.1). Open: fp32
+# dK/dV under GQA 4:1 on sm_90 has no tile clean on both versions (D=64 16x32/4/1 20 B on 3.7.1;
+# D=128 32x16/8/1 168 B on 3.7.1, 16x16/8/1 36 B on 3.9; D=256 16x16/8/1 16-80 B), as in the
+# masked table, whose tiles these launches used before. sm_86/sm_120: sm_80's cells within 99 KB.
+_LIGHT = """
+# kernel  sm  elem | D <= 64                | D <= 128               | D <= 256
+fwd       90  16b  | 128x64/8/3 64x64/4/3   | 128x64/8/3 64x32/4/3   | 64x16/4/2 64x32/8/2
+fwd       90  fp32 | 64x32/4/2              | 16x64/8/1              | 32x16/8/1 16x32/8/1
+fwd       80  16b  | 128x32/8/3 64x32/8/2   | 128x32/8/3 64x32/4/3   | 64x32/8/2
+fwd       80  fp32 | 32x32/8/1              | 16x16/8/1              | 32x16/8/1
+bwd_dkdv  90  16b  | 32x128/8/2             | 16x64/8/2 32x32/8/1    | 16x32/8/1 32x16/8/1
+bwd_dkdv  90  fp32 | 16x32/4/1              | 32x16/8/1 16x16/8/1    | 16x16/8/1
+bwd_dkdv  80  16b  | 16x128/8/2             | 16x64/8/1 32x32/8/1    | 16x32/8/1 32x16/8/1
+bwd_dkdv  80  fp32 | 16x32/4/1              | 32x16/8/1 16x16/8/1    | 32x16/8/1 16x16/8/1
+bwd_dq    90  16b  | 128x32/8/2 128x64/8/2  | 128x32/8/2 64x64/8/2   | 128x32/8/2 64x32/8/2
+bwd_dq    90  fp32 | 64x16/4/2              | 16x64/8/1 16x16/8/1    | 32x32/8/1 16x32/8/1
+bwd_dq    80  16b  | 128x32/8/2 64x32/4/2   | 64x64/8/2 64x32/4/2    | 64x32/8/2 32x32/4/2
+bwd_dq    80  fp32 | 32x16/4/1              | 16x64/8/1 16x16/8/1    | 16x32/8/1
+fwd       86  16b  | 128x32/8/3 64x32/8/2   | 128x32/8/2 64x32/4/3   | 64x32/8/2
+fwd       86  fp32 | 32x32/8/1              | 16x16/8/1              | 32x16/8/1
+bwd_dkdv  86  16b  | 16x128/8/2             | 16x64/8/1 32x32/8/1    | 16x32/8/1 32x16/8/1
+bwd_dkdv  86  fp32 | 16x32/4/1              | 32x16/8/1 16x16/8/1    | 32x16/8/1 16x16/8/1
+bwd_dq    86  16b  | 128x32/8/2 64x32/8/2   | 64x64/8/2 64x32/4/2    | 32x32/4/2
+bwd_dq    86  fp32 | 32x16/4/1              | 16x64/8/1 16x16/8/1    | 16x32/8/1
+fwd       120 16b  | 128x32/8/3 64x32/8/2   | 128x32/8/3 64x32/4/3   | 64x32/8/2
+fwd       120 fp32 | 32x32/8/1              | 16x16/8/1              | 32x16/8/1
+bwd_dkdv  120 16b  | 16x128/8/2             | 16x64/8/1 32x32/8/1    | 16x32/8/1 32x16/8/1
+bwd_dkdv  120 fp32 | 16x32/4/1              | 32x16/8/1 16x16/8/1    | 32x16/8/1 16x16/8/1
+bwd_dq    120 16b  | 128x32/8/2 64x32/4/2   | 64x64/8/2 64x32/4/2    | 32x32/4/2
+bwd_dq    120 fp32 | 32x16/4/1              | 16x64/8/1 16x16/8/1    | 16x32/8/1
+"""
+
 # Any masked switch (attn_mask, key padding, ALiBi, softcap, dropout, a left window edge; the
 # `inspect --op masked` plan has every one on, with the float mask's gradient): register-bound,
 # even 64x32/4 spilled at D=64 fp16 (sm_80, 255 regs + 48 B), so 32-row tiles with 8 warps
-# (e.g. sm_80 fp16 D=128 fwd 32x32/8: 244 regs, 0 B). A kernel with only some switches on uses
-# the same conservative table. sm_90 fp32 D <= 128 (exact-FMA dots): fwd 16x16/8 spilled 32 B and
+# (e.g. sm_80 fp16 D=128 fwd 32x32/8: 244 regs, 0 B). Used with an attn_mask or dropout (any
+# other switch may be on too); the light switches alone take _LIGHT. A dense mask or dropout alone
+# on the plain tiles (AOT, Triton 3.9, causal MHA fp16) spilled: bool mask sm_90 fwd D=128
+# 128x64/8/3 2600 B, D=256 64x32/4/2 1300 B, dq D=256 128x32/8/2 232 B; sm_80 fwd D=128
+# 128x32/8/3 160 B; dropout sm_90 fwd D=64 128x64/8/3 32 B, D=128 396 B; sm_80 dkdv D=128
+# 16x128/8/2 32 B, D=256 16x32/4/1 120 B. With every switch on, wgmma tiles that compile
+# spill-free on sm_90 (3.9; 64x16/4/1 fwd D=64/128, 16x64/4/1 and 32x64/4/1 dkdv D=64, 64x16/4/1
+# dq D=64/128) estimate about what 32x32/8/1's mma.sync does (serialized, fwd D=128: 0.094 vs
+# 0.095; dq D=128 0.158 vs 0.174; dkdv D=64 0.119 vs 0.106, not checked on 3.7.1): the loop is
+# bound by the mask's address arithmetic and the per-element Philox, not the MMA, so the table
+# is kept. sm_90 fp32 D <= 128 (exact-FMA dots): fwd 16x16/8 spilled 32 B and
 # dK/dV 32x16/8 68 B on Triton 3.7.1 (128 regs), dK/dV 16x32/8 48 B on 3.9; fwd 32x32/8: 142-144
 # regs, 16x32/8: 127-128, 0 B on both. No dK/dV tile tried (7) is spill-free on both versions:
 # 16x16/8/1 is on 3.9 (144 regs) and spills 36 B on 3.7.1.
@@ -180,7 +239,8 @@ def parse_table(text: str) -> dict:
 
 
 GPU_CONFIGS = parse_table(_PLAIN)
-VARIANT_CONFIGS = {"varlen": parse_table(_VARLEN), "masked": parse_table(_MASKED)}
+VARIANT_CONFIGS = {"varlen": parse_table(_VARLEN), "light": parse_table(_LIGHT),
+                   "masked": parse_table(_MASKED)}
 
 # The varlen forward over a paged KV cache (block_table; the `inspect --op varlen` plan
 # attn_fwd+paged16): the varlen fwd cells, except these {(arch family, element bytes, BLOCK_D
@@ -198,10 +258,11 @@ def configs_for(kernel: str, arch: int | None, block_d: int, elem_bytes: int,
                 variant: str = "plain") -> list:
     """Candidate configs of `kernel` for a compute capability (None: the interpreter).
 
-    variant: "plain" (dense, causal or not), "varlen" (packed sequences) or "masked" (any of
-    attn_mask, key padding, ALiBi, softcap, dropout, a left window edge): each has its own
-    spill-free table, the masked one with smaller tiles. "paged" (the forward only): varlen's,
-    with the PAGED_FWD cells."""
+    variant: "plain" (dense, causal or not), "varlen" (packed sequences), "light" (key padding,
+    ALiBi, softcap, a left window edge: the plain tiles that stay spill-free with them) or
+    "masked" (an attn_mask or dropout, with any other switch; varlen with any switch): each has
+    its own spill-free table, the masked one with smaller tiles (options._variant). "paged"
+    (the forward only): varlen's, with the PAGED_FWD cells."""
     if arch is None:
         return [INTERPRETER_CONFIGS[kernel]]
     if variant == "paged":  # the varlen forward through a block table (PAGED_FWD)

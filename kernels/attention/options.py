@@ -160,9 +160,18 @@ def _paging(k, opts: Options, dummy: torch.Tensor):
 
 
 def _variant(opts: Options) -> str:
-    """The config table a launch uses: "masked" with any mask, bias, softcap, dropout or left
-    window; else "varlen" or "plain"."""
-    heavy = (opts.attn_mask is not None or opts.key_padding_mask is not None
-             or opts.alibi_slopes is not None or opts.softcap or opts.dropout_p > 0
-             or opts.left is not None)
-    return "masked" if heavy else ("varlen" if opts.varlen else "plain")
+    """The config table a launch uses (configs.py), by what the switches cost in registers:
+    - "masked": an attn_mask (a tile of mask loads with 64-bit addresses) or dropout (Philox
+      bits per element), with any other switch: the small-tile table;
+    - "light": key padding, ALiBi, softcap or a left window edge, any subset, on dense
+      (non-varlen) inputs: the plain tiles that stay spill-free with all four on (wgmma on
+      sm_90 16-bit), so one switch no longer costs the whole masked table;
+    - "varlen" (packed sequences; with any switch: "masked", not measured otherwise) or "plain".
+    """
+    if opts.attn_mask is not None or opts.dropout_p > 0:
+        return "masked"
+    light = (opts.key_padding_mask is not None or opts.alibi_slopes is not None
+             or bool(opts.softcap) or opts.left is not None)
+    if light:
+        return "masked" if opts.varlen else "light"
+    return "varlen" if opts.varlen else "plain"

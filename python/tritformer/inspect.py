@@ -297,24 +297,33 @@ def _lse_lo(K, lse, dtype):
 
 
 def _masked_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool, heads: str = "mha"):
-    """The heaviest masked variant: every switch on (float mask whose gradient the dQ kernel
-    writes, key padding, ALiBi, softcap, dropout, sliding window; right edge 0 when causal)."""
+    """The heaviest kernel of each masked config table (options._variant): "masked", every
+    switch on (float mask whose gradient the dQ kernel writes, key padding, ALiBi, softcap,
+    dropout, sliding window; right edge 0 when causal), named attn_*; and "light", the four
+    switches without a mask or dropout (key padding, ALiBi, softcap, left window edge), named
+    attn_*+light."""
     from tritformer.kernels import attention as K
     meta = dict(device="meta", dtype=dtype)
     B, H, N = 2, 4, 1024
     q, k, v, o, do = (torch.empty(B, H, N, head_dim, **meta) for _ in range(5))
     lse = torch.empty(B, H, N, device="meta", dtype=torch.float32)
-    opts = K.Options(scale=head_dim ** -0.5, left=256, right=0 if causal else 256,
-                     attn_mask=torch.empty(1, H, N, N, **meta).expand(B, H, N, N),
-                     key_padding_mask=torch.empty(B, N, device="meta", dtype=torch.bool),
-                     alibi_slopes=torch.empty(B, H, device="meta"), softcap=30.0, dropout_p=0.1,
-                     seed=1234)
+    light = dict(scale=head_dim ** -0.5, left=256, right=0 if causal else 256,
+                 key_padding_mask=torch.empty(B, N, device="meta", dtype=torch.bool),
+                 alibi_slopes=torch.empty(B, H, device="meta"), softcap=30.0)
+    heavy = K.Options(**light, attn_mask=torch.empty(1, H, N, N, **meta).expand(B, H, N, N),
+                      dropout_p=0.1, seed=1234)
     cap = ARCHES[arch]
     dmask = torch.empty(B, H, N, N, device="meta")
     lo = _lse_lo(K, lse, dtype)
-    return (K.plan_forward(q, k, v, o, lse, opts, cap, lo)
-            + K.plan_backward(do, q, k, v, o, lse, None, torch.empty_like(lse), q.clone(),
-                              k.clone(), v.clone(), opts, cap, dmask, lo)[1:])
+
+    def plans(opts, dm):
+        return (K.plan_forward(q, k, v, o, lse, opts, cap, lo)
+                + K.plan_backward(do, q, k, v, o, lse, None, torch.empty_like(lse), q.clone(),
+                                  k.clone(), v.clone(), opts, cap, dm, lo)[1:])
+
+    return (plans(heavy, dmask)
+            + [dataclasses.replace(launch, name=f"{launch.name}+light")
+               for launch in plans(K.Options(**light), None)])
 
 
 def _varlen_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool, heads: str = "gqa4"):
