@@ -40,7 +40,10 @@ HEAD_DIM_BUCKETS = (64, 128, 256)
 # Dense attention, causal or not. E.g. fwd D=128 fp16 sm_90 128x64/8/3: 232 regs, 128 KB smem,
 # wgmma; 128x64/4 warps spilled 1240 B, so 4-warp 128-row tiles are not shipped at D >= 128.
 # fwd sm_90 D<=128 16b: 128x128/8/3 spilled 16 B (causal, 255 regs) on 3.7.1 and 3.9; 64x64/4/3:
-#   255 regs, 0 B on both.
+#   255 regs, 0 B on both. D<=256: 64x32/4/2 spilled 8 B (255 regs) and 128x64/8/2 64 B on 3.9
+#   (causal MHA; serialized est. 0.55 / 0.65); 64x16/4/2 (234-238 regs, est. 0.43-0.45) and
+#   64x32/8/2 (171-192 regs, est. 0.48-0.53 at replication 1.5) are clean on 3.9 and 3.7.1,
+#   causal and not, MHA and GQA 4:1.
 # fwd sm_80 D<=128 16b: 128x64/8/3 spilled 48 B once the kernel took masks/varlen (causal);
 #   128x32/8/3: 189 regs. D<=256: 64x32/4 spilled 136 B on 3.7.1 (causal); 8 warps: 222 regs.
 # bwd_dkdv sm_90, GQA 4:1 causal: 64x128/8 spilled 80 B at D=64 (64x64/8: 241 regs, 0 B) and
@@ -48,6 +51,13 @@ HEAD_DIM_BUCKETS = (64, 128, 256)
 #   (D=64) and 64x64/8 (D=128) spilled.
 # bwd_dq sm_90 D<=256 16b: 64x16/4 spilled 16-40 B on 3.7.1; 64x32/8: 206 regs. sm_80 D<=128:
 #   128x32/8 spilled 12 B (255 regs) on 3.7.1, causal.
+# bwd_dkdv sm_90 D=256 16b stays mma.sync (16x32/4/1: 241 regs, 0 B, est. 0.58): wgmma needs a
+#   64-row key tile per warpgroup, and the two fp32 [BLOCK_N, 256] accumulators (dK, dV) then
+#   take 128 regs/thread on 8 warps before k, v and the scores. Tried (causal MHA, regs / spill B,
+#   Triton 3.9 | 3.7.1): 16x64/8/2 255/280 | 254/0 (est. 0.35 | 0.42); 16x64/8/1 255/1076 |
+#   255/1876; 32x64/8/1 255/1444 | 255/1412; 64x64/8/1 255/2340 | 255/1968; 16x64/4/1 255/5656;
+#   16x128/8/1 255/5632; 16 warps (128-reg cap) 16x64/16/1 1956, 32x128/16/1 4236. None is clean
+#   on both versions, and the one clean on 3.7.1 estimates below the shipped mma.sync tile.
 # fp32 at D <= 128 (plain, varlen) computes its dots in 3xTF32 on tensor cores
 #   (options._dot_precision), in these tiles from an AOT sweep of the tf32x3 kernels (513
 #   compiles, Triton 3.9 and 3.7.1, causal MHA and GQA 4:1, sm_80 and sm_90): spill-free, no
@@ -59,7 +69,7 @@ HEAD_DIM_BUCKETS = (64, 128, 256)
 #   bwd_dkdv D=256 sm_80 32x16/8: 128 regs, 0 spill; 4 warps spilled 2.4 KB.
 _PLAIN = """
 # kernel  sm  elem | D <= 64                | D <= 128               | D <= 256
-fwd       90  16b  | 128x64/8/3 128x128/8/3 | 128x64/8/3 64x64/4/3   | 64x32/4/2 128x64/8/2
+fwd       90  16b  | 128x64/8/3 128x128/8/3 | 128x64/8/3 64x64/4/3   | 64x16/4/2 64x32/8/2
 fwd       90  fp32 | 64x32/4/2              | 16x64/8/1 16x32/8/1    | 32x16/8/1 16x32/8/1
 fwd       80  16b  | 128x64/8/3 64x64/4/3   | 128x32/8/3 64x64/4/3   | 64x32/8/2 32x32/4/2
 fwd       80  fp32 | 64x32/4/2              | 16x64/8/1 16x32/8/1    | 32x16/8/1 16x32/8/1
