@@ -248,7 +248,11 @@ def test_sigint_leaves_the_rows_so_far_and_a_partial_report(tmp_path, reexec):
     proc = subprocess.Popen([sys.executable, "-m", "tritformer", "bench", "--quick", "--op",
                              "attention", "--providers", "naive", "tritformer", "--out", str(out)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            # a test run launched in the background of a non-interactive shell
+                            # inherits SIGINT ignored, and Python then keeps ignoring it: give
+                            # the bench the disposition a terminal's process has
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
