@@ -57,7 +57,8 @@ def _dot_precision(dtype: torch.dtype, block_d: int, variant: str | None = None)
     - BLOCK_D 32..64: "tf32x3" for every variant.
     - BLOCK_D 128, variant "plain" or "varlen": "tf32x3", in the fp32 tiles of configs.py (AOT
       sweep: spill-free on sm_80/sm_90, Triton 3.9 and 3.7.1). Other callers (variant None:
-      decode; "masked", whose every-switch backward spilled 8-96 B in all 14 tiles tried): "ieee".
+      decode; "masked", whose every-switch backward spilled 8-96 B in all 14 tiles tried; and
+      "light", kept on masked's arithmetic so that its numerics did not move): "ieee".
     - BLOCK_D 256: "ieee" (every tf32x3 backward tile spilled: 180 B to 1 KB at the smallest).
     """
     if dtype != torch.float32:
