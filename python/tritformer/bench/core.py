@@ -454,6 +454,10 @@ def bench_run(ops=("all",), quick=False, out_dir: Optional[str] = None, provider
                                            res.skipped, **dict(spec.kwargs))
                 prog.op_done(True)
             except Exception as e:
+                if _from_interrupt(e):
+                    # Ctrl-C inside a class body or an import surfaces as another exception
+                    # (e.g. "Error calling __set_name__") caused by the KeyboardInterrupt
+                    raise KeyboardInterrupt from e
                 prog.op_done(False)
                 res.failures[op] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
                 if out_dir:
@@ -472,6 +476,17 @@ def bench_run(ops=("all",), quick=False, out_dir: Optional[str] = None, provider
             writer.close()
             finish_report(res, echo=echo, bar=bar)
     return res
+
+
+def _from_interrupt(e: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is in e's chain of causes / contexts."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def run(ops=("all",), quick=False, out_dir: Optional[str] = None, providers=PROVIDERS,
