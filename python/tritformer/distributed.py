@@ -144,12 +144,12 @@ def _doc_lengths(name, cu_seqlens, total, parts):
 def _positions(rank, world, layout, doc_lens, device=None):
     """Global positions of rank's local tokens: each document (global lengths doc_lens) sharded
     by the layout, the documents' shards concatenated."""
-    pos, start = [], 0
+    runs, start = [], 0  # (global start, length) of each run, in local order
     for length in doc_lens:
-        pos += [start + g + i for _, g, m in _shard_ranges(rank, world, length // world, layout)
-                for i in range(m)]
+        runs += [(start + g, m) for _, g, m in _shard_ranges(rank, world, length // world, layout)]
         start += length
-    return torch.tensor(pos, dtype=torch.long, device=device)
+    # one arange per run, not a Python int per position (Ulysses calls this every layer)
+    return torch.cat([torch.arange(g, g + m, dtype=torch.long, device=device) for g, m in runs])
 
 
 def shard_sequence(x: torch.Tensor, dim: int = 2, group=None, layout: str = "zigzag",
