@@ -403,6 +403,12 @@ class _Seg:
         self.cu_q, self.cu_k = cum(q_lens), cum(k_lens)
         self.max_q, self.max_k = max(q_lens), max(k_lens)
 
+    @staticmethod
+    def kernel_args(seg):
+        """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) of the fused ops for a
+        block `seg` (None: a dense block)."""
+        return (None, None, 0, 0) if seg is None else (seg.cu_q, seg.cu_k, seg.max_q, seg.max_k)
+
     def keep(self, left, right, device):
         """The dense bool mask [sum q_lens, sum k_lens] of the call (for the fp32 reference):
         each sequence's own block, under the window aligned bottom-right within it."""
@@ -427,8 +433,7 @@ def _block_fwd(q, k, v, scale, left, right, softcap, ref, kpm=None, seg=None):
         return reference._attention(q.float(), k.float(), v.float(), scale, left, right, True,
                                     attn_mask=keep, key_padding_mask=kpm, softcap=softcap)
     # (out, lse): the merge and the backward use the merged lse alone (no fp32 residual)
-    cu_q, cu_k, mq, mk = (None, None, 0, 0) if seg is None else (seg.cu_q, seg.cu_k, seg.max_q,
-                                                                 seg.max_k)
+    cu_q, cu_k, mq, mk = _Seg.kernel_args(seg)
     return torch.ops.tritformer.attention_fwd(q, k, v, None, kpm, None, cu_q, cu_k, None, scale,
                                               left, right, softcap, 0.0, mq, mk, True)[:2]
 
@@ -437,8 +442,7 @@ def _block_bwd(do, q, k, v, out, lse, dlse, scale, left, right, softcap, ref, kp
                seg=None):
     """This block's share of dq, dk, dv given the global out / lse (and dlse, may be None)."""
     if not ref:
-        cu_q, cu_k, mq, mk = (None, None, 0, 0) if seg is None else (seg.cu_q, seg.cu_k,
-                                                                     seg.max_q, seg.max_k)
+        cu_q, cu_k, mq, mk = _Seg.kernel_args(seg)
         dq, dk, dv, _ = torch.ops.tritformer.attention_bwd(
             do, q, k, v, out, lse, dlse, None, kpm, None, cu_q, cu_k, None, scale, left, right,
             softcap, 0.0, mq, mk, False, True)
