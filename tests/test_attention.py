@@ -171,6 +171,35 @@ def test_custom_scale():
     assert_checks(check_attention(q, k, v, scale=0.37, causal=True))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scale,extra", [
+    (0.3, {}),                                    # log2 units, raw row max: one FFMA per score
+    (0.3, {"key_padding_mask": "pad"}),           # the same path with -inf masking
+    (0.3, {"softcap": 5.0}),                      # log2 units, cap_out folded on the host
+    (0.3, {"alibi_slopes": "slopes"}),            # log2 units, slope folded in the kernel
+    (0.3, {"attn_mask": "float"}),                # log2 units, additive mask scaled per element
+    (-0.3, {}),                                   # scale < 0: natural units (the raw max would
+    (0.0, {}),                                    # be the row min); 0: natural units, uniform
+], ids=["plain", "padding", "softcap", "alibi", "float_mask", "negative_scale", "zero_scale"])
+def test_forward_score_units(dtype, scale, extra):
+    # 16-bit forwards fold log2(e) into the scale (launch.plan_forward: LOG2_UNITS); fp32 and
+    # scale <= 0 keep natural units. Every score path against the float64 reference, with lse.
+    q, k, v = make_qkv(2, 2, 2, 70, 83, 32, dtype)
+    opts = {}
+    for name, what in extra.items():
+        if what == "pad":
+            kpm = torch.zeros(2, 83, dtype=torch.bool)
+            kpm[0, 50:] = True
+            opts[name] = kpm
+        elif what == "slopes":
+            opts[name] = torch.tensor([[0.5, 0.25], [0.125, 1.0]])
+        elif what == "float":
+            opts[name] = torch.randn(2, 1, 70, 83, dtype=dtype)
+        else:
+            opts[name] = what
+    assert_checks(check_attention(q, k, v, causal=True, scale=scale, return_lse=True, **opts))
+
+
 def test_lse_gradient_with_expanded_cotangent():
     # lse.sum() hands the backward a stride-0 dLse (torch.ones expanded); the kernel indexes dLse
     # densely, so the launcher must materialise it (found by opcheck: garbage gradients before)

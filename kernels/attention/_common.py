@@ -3,6 +3,7 @@ dropout bits and the program-id decode. See the package docstring for what each 
 import triton
 import triton.language as tl
 
+from .._constants import LOG2E
 from .._math import tanh as _tanh
 
 
@@ -47,8 +48,11 @@ def _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, s
             sm_scale, cap_in, cap_out, win_left, win_right,
             BOUNDARY: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
             MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr,
-            SOFTCAP: tl.constexpr):
+            SOFTCAP: tl.constexpr, LOG2_UNITS: tl.constexpr = False):
     """Scores of a tile (natural units), -inf where masked, and tanh(.) for the softcap gradient.
+
+    LOG2_UNITS (the 16-bit forward): scores in log2 units, s * log2(e). The caller passes
+    sm_scale, cap_out and slope already multiplied by log2(e); the additive mask is scaled here.
 
     Natural units until the row max / lse is subtracted, then exp2((s - m) * log2(e)): scaling
     s by log2(e) first rounds |s| in the exponent (fp32 at |s| ~ 16: dV 5.9x PyTorch's error
@@ -72,7 +76,10 @@ def _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, s
             keep_m = tl.load(m_ptrs, mask=inb, other=0)
             s = tl.where(keep_m != 0, s, float("-inf"))
         else:
-            s += tl.load(m_ptrs, mask=inb, other=0.0).to(tl.float32)
+            bias = tl.load(m_ptrs, mask=inb, other=0.0).to(tl.float32)
+            if LOG2_UNITS:
+                bias = bias * LOG2E
+            s += bias
     if HAS_KPM:
         pad = tl.load(kpm_base + j, mask=j < n_kv, other=1)
         s = tl.where(pad != 0, float("-inf"), s)

@@ -31,7 +31,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
                     BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, WIN_LEFT: tl.constexpr,
                     WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-                    PAGED: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    PAGED: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    LOG2_UNITS: tl.constexpr):
     # BOUNDARY=False: every key tile in [lo, hi) is full and inside every row's window, so
     # neither the key bound nor the window is evaluated (the fast path).
     # PAGED: k_base / v_base point at the kv head; key j is slot j % PAGE of block
@@ -61,18 +62,36 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
         else:
             k = tl.load(k_tile + k_offs, mask=mask_d[:, None], other=0.0)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
-        s, _ = _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope,
-                       sm_scale, cap_in, cap_out, win_left, win_right, BOUNDARY=BOUNDARY,
-                       WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
-                       HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP)
         # -- online softmax update ----
-        m_ij = tl.maximum(m_i, tl.max(s, 1))
         # a row with no finite score so far (masked, or -inf from the data itself: on every
         # path, the fast one included) keeps m = -inf; subtract 0 instead (exp2(-inf) = 0),
         # not -inf (-inf - -inf = NaN). One select per row per tile.
-        m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-        p = tl.math.exp2((s - m_sub[:, None]) * LOG2E)
-        alpha = tl.math.exp2((m_i - m_sub) * LOG2E)
+        if LOG2_UNITS and not (SOFTCAP or HAS_ALIBI or MASK_KIND == 2):
+            # scores are qk * scale (scale = sm_scale * log2 e > 0, folded on the host) or -inf:
+            # the row max is taken on the raw products and scaled once per row, so each score
+            # costs one FFMA, qk * scale - m, before its EX2
+            s, _ = _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base,
+                           slope, 1.0, cap_in, cap_out, win_left, win_right, BOUNDARY=BOUNDARY,
+                           WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
+                           HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP)
+            m_ij = tl.maximum(m_i, tl.max(s, 1) * sm_scale)
+            m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+            p = tl.math.exp2(s * sm_scale - m_sub[:, None])
+            alpha = tl.math.exp2(m_i - m_sub)
+        else:
+            s, _ = _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base,
+                           slope, sm_scale, cap_in, cap_out, win_left, win_right,
+                           BOUNDARY=BOUNDARY, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
+                           MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI,
+                           SOFTCAP=SOFTCAP, LOG2_UNITS=LOG2_UNITS)
+            m_ij = tl.maximum(m_i, tl.max(s, 1))
+            m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+            if LOG2_UNITS:
+                p = tl.math.exp2(s - m_sub[:, None])
+                alpha = tl.math.exp2(m_i - m_sub)
+            else:
+                p = tl.math.exp2((s - m_sub[:, None]) * LOG2E)
+                alpha = tl.math.exp2((m_i - m_sub) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped entries too
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, drop_row + i, j, DROP_COLS, dropout_p), p, 0.0)
@@ -109,7 +128,7 @@ def _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange
                    HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
                    DROPOUT: tl.constexpr, VARLEN: tl.constexpr, LSE_LO: tl.constexpr,
                    PAGED: tl.constexpr, SEQUSED: tl.constexpr, PAGE: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, LOG2_UNITS: tl.constexpr):
     start_m = tile
     off_h = head
     off_hkv = off_h // GROUP
@@ -151,6 +170,8 @@ def _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Alibi + seq * H + off_h)
+        if LOG2_UNITS:
+            slope = slope * LOG2E
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -187,7 +208,7 @@ def _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange
                 BLOCK_N=BLOCK_N, BOUNDARY=part != 1, WIN_LEFT=WIN_LEFT,
                 WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI,
                 SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, PAGED=PAGED, PAGE=PAGE,
-                DOT_PRECISION=DOT_PRECISION)
+                DOT_PRECISION=DOT_PRECISION, LOG2_UNITS=LOG2_UNITS)
 
     # -- epilogue: one normalisation; rows with no visible key give 0 and lse = -inf ----
     empty = l_i == 0.0
@@ -197,7 +218,10 @@ def _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange
         inv_l = inv_l * (1.0 / (1.0 - dropout_p))
     acc = acc * inv_l[:, None]
     log_l = tl.math.log2(l_safe) * LN2
-    lse = m_i + log_l  # m + ln(l)
+    if LOG2_UNITS:
+        lse = m_i * LN2 + log_l  # m (log2 units) * ln 2 + ln(l)
+    else:
+        lse = m_i + log_l  # m + ln(l)
     if LSE_LO:
         # fp32: the rounding error of that sum (TwoSum, exact), for the backward, which
         # recomputes P = exp((s - lse) - lse_lo): lse alone rounds by up to 0.5 ulp(|lse|), and
@@ -230,7 +254,7 @@ def _attn_fwd(Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
               HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
               DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQ_LOOP: tl.constexpr,
               LSE_LO: tl.constexpr, PAGED: tl.constexpr, SEQUSED: tl.constexpr,
-              PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr, LOG2_UNITS: tl.constexpr):
     # program -> (query tile, head, sequence)
     tile, head, seq, n_tiles = _program_tile(MAX_SEQLEN, BLOCK_M, H)
     if SEQ_LOOP:
@@ -251,7 +275,8 @@ def _attn_fwd(Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
                            WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
                            HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
                            DROPOUT=DROPOUT, VARLEN=VARLEN, LSE_LO=LSE_LO, PAGED=PAGED,
-                           SEQUSED=SEQUSED, PAGE=PAGE, DOT_PRECISION=DOT_PRECISION)
+                           SEQUSED=SEQUSED, PAGE=PAGE, DOT_PRECISION=DOT_PRECISION,
+                           LOG2_UNITS=LOG2_UNITS)
     else:
         _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
                        stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh,
@@ -264,4 +289,4 @@ def _attn_fwd(Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
                        WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
                        HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT,
                        VARLEN=VARLEN, LSE_LO=LSE_LO, PAGED=PAGED, SEQUSED=SEQUSED, PAGE=PAGE,
-                       DOT_PRECISION=DOT_PRECISION)
+                       DOT_PRECISION=DOT_PRECISION, LOG2_UNITS=LOG2_UNITS)

@@ -8,6 +8,7 @@ import os
 import torch
 import triton
 
+from .._constants import LOG2E
 from .._launch import Launch, device_arch, flat_grid, int32_tiles, is_interpreted, run
 from ._common import _dropout_mask_kernel
 from .backward import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
@@ -52,8 +53,18 @@ def plan_forward(q, k, v, out, lse, opts: Options, arch: int | None,
                              "MAX_SEQLEN": n_q, **paging,
                              **_strides(q, "q"), **_strides(k, "k"), **_strides(v, "v"),
                              **_strides(out, "o")})
+    # 16-bit inputs: scores in log2 units, log2(e) folded into the scale (one FFMA per score
+    # before its EX2 instead of FMUL, FADD, FMUL). fp32 keeps natural units: scaling by log2(e)
+    # first rounds |s| in the exponent (forward.py / _common._scores). A scale <= 0 keeps them
+    # too: the log2 fast path takes the row max of the raw products.
+    log2_units = q.dtype != torch.float32 and opts.scale > 0
+    if log2_units:
+        args["sm_scale"] = args["sm_scale"] * LOG2E.value
+        if "cap_out" in args:
+            args["cap_out"] = args["cap_out"] * LOG2E.value
     constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, **flags, "LSE_LO": lse_lo is not None,
-                  **paging_flags, "DOT_PRECISION": _dot_precision(q.dtype, block_d, variant)}
+                  **paging_flags, "DOT_PRECISION": _dot_precision(q.dtype, block_d, variant),
+                  "LOG2_UNITS": log2_units}
     # a paged cache without masked switches: varlen's tiles where they stay spill-free
     # (configs.PAGED_FWD); the dot precision keeps the variant's (the packed run's arithmetic)
     table = "paged" if paging_flags["PAGED"] and variant == "varlen" else variant
