@@ -257,6 +257,11 @@ def _attn_fwd(Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
               PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr, LOG2_UNITS: tl.constexpr):
     # program -> (query tile, head, sequence)
     tile, head, seq, n_tiles = _program_tile(MAX_SEQLEN, BLOCK_M, H)
+    if WIN_RIGHT:
+        # causal / right window: the last query tiles see the most keys; they go first (programs
+        # are dispatched in id order, tiles fastest), so each head's last wave is its shortest
+        # tiles, not its longest (FlashAttention-2's reversed m_block order)
+        tile = n_tiles - 1 - tile
     if SEQ_LOOP:
         # varlen under torch.compile (max_seqlen not checked against cu_seqlens): a sequence
         # longer than max_seqlen is covered by looping over its tiles, never an unwritten row.
