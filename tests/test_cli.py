@@ -2,6 +2,8 @@
 import os
 import re
 import subprocess
+
+import pytest
 import sys
 
 
@@ -13,18 +15,25 @@ def _run(args, interpret: bool, timeout=900):
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_inspect_head_dims_64_128_spill_free_with_tensor_cores():
+@pytest.mark.parametrize("ops", [
+    # one compile job per test, so that pytest-xdist spreads them (together about 7 minutes on
+    # one worker, the 3.7.1 suite's long pole)
+    ["attention"], ["masked"], ["varlen"], ["softmax", "ffn", "decode", "kvcache"],
+], ids=lambda ops: "+".join(ops))
+def test_inspect_head_dims_64_128_spill_free_with_tensor_cores(ops):
     # TRITON_INTERPRET is set in this process: inspect must re-run itself without it
     res = _run(["-m", "tritformer", "inspect", "--arch", "sm_80", "sm_90", "--head-dim", "64", "128",
-                "--dtype", "fp16"], interpret=True)
+                "--dtype", "fp16", "--op", *ops], interpret=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    rows = [line.split() for line in res.stdout.splitlines() if line.startswith("attn_")]
-    assert {r[1] for r in rows} == {"sm_80", "sm_90"}
+    rows = [line.split() for line in res.stdout.splitlines()
+            if line.split() and line.split()[0].startswith(("attn_", "softmax", "ffn", "decode",
+                                                            "kv"))]
+    assert rows and {r[1] for r in rows} == {"sm_80", "sm_90"}, res.stdout[-3000:]
     for r in rows:
         spill, smem, mma = int(r[-4]), int(r[-3]), int(r[-2])
-        assert spill == 0 and smem > 0 and r[-1] == "ok", r
-        if r[0] != "attn_bwd_preprocess":  # the row reduction has no matmul
-            assert mma > 0, r
+        assert spill == 0 and smem >= 0 and r[-1] == "ok", r
+        if r[0].startswith("attn_") and r[0] != "attn_bwd_preprocess":  # preprocess: no matmul
+            assert mma > 0 and smem > 0, r
 
 
 def test_validate_quick():

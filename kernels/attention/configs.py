@@ -266,6 +266,15 @@ PAGED_FWD = {(80, 4, 256): [_cfg(16, 32, 8, 1)], (86, 4, 64): [_cfg(128, 32, 8, 
              (120, 2, 128): [_cfg(128, 32, 8, 3)]}
 
 
+# The sm_90 16-bit forward with K / V through TMA descriptors (launch.use_tma), {(arch family,
+# BLOCK_D, variant): configs}: without the per-thread pointer tensors the 128x128 tile fits
+# (pointer loads: 255 regs and 72-104 B spilled at D=128).
+TMA_FWD = {
+    (90, 128, "plain"): [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3)],
+    (90, 64, "plain"): [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3)],
+}
+
+
 def configs_for(kernel: str, arch: int | None, block_d: int, elem_bytes: int,
                 variant: str = "plain") -> list:
     """Candidate configs of `kernel` for a compute capability (None: the interpreter).

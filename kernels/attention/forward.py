@@ -32,7 +32,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
                     WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
                     PAGED: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    LOG2_UNITS: tl.constexpr):
+                    LOG2_UNITS: tl.constexpr, TMA: tl.constexpr):
     # BOUNDARY=False: every key tile in [lo, hi) is full and inside every row's window, so
     # neither the key bound nor the window is evaluated (the fast path).
     # PAGED: k_base / v_base point at the kv head; key j is slot j % PAGE of block
@@ -43,7 +43,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
     # sm_80/sm_90 (sm_80 D=128 128x32/8/3: 32-48 B). Table index and block id are clamped, so
     # no load leaves k / v whatever the table holds (the host checks it, except while
     # torch.compile traces).
-    if not PAGED:
+    # TMA: k_base / v_base are tensor descriptors of this (sequence, kv head)'s [n_kv, D] rows,
+    # addressed by key row; rows past n_kv read as zero (TMA's out-of-bounds fill)
+    if not PAGED and not TMA:
         k_base += tl.cast(lo, tl.int64) * stride_kn
         v_base += tl.cast(lo, tl.int64) * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
@@ -57,7 +59,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
             blk = tl.minimum(tl.maximum(blk, 0), NUM_BLOCKS - 1).to(tl.int64)
             slot = (offs_kn % PAGE).to(tl.int64)
             k_tile = k_base + (blk * stride_kz + slot * stride_kn)[None, :]  # [1, BLOCK_N]
-        if BOUNDARY:
+        if TMA:
+            k = k_base.load([start_n, 0]).T
+        elif BOUNDARY:
             k = tl.load(k_tile + k_offs, mask=mask_d[:, None] & (j < n_kv), other=0.0)
         else:
             k = tl.load(k_tile + k_offs, mask=mask_d[:, None], other=0.0)
@@ -99,14 +103,16 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
         v_tile = v_base
         if PAGED:
             v_tile = v_base + (blk * stride_vz + slot * stride_vn)[:, None]  # [BLOCK_N, 1]
-        if BOUNDARY:
+        if TMA:
+            v = v_base.load([start_n, 0])
+        elif BOUNDARY:
             v = tl.load(v_tile + v_offs, mask=(offs_kn[:, None] < n_kv) & mask_d[None, :], other=0.0)
         else:
             v = tl.load(v_tile + v_offs, mask=mask_d[None, :], other=0.0)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_ij
-        if not PAGED:
+        if not PAGED and not TMA:
             k_base += BLOCK_N * stride_kn
             v_base += BLOCK_N * stride_vn
     return acc, l_i, m_i
@@ -128,7 +134,7 @@ def _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange
                    HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
                    DROPOUT: tl.constexpr, VARLEN: tl.constexpr, LSE_LO: tl.constexpr,
                    PAGED: tl.constexpr, SEQUSED: tl.constexpr, PAGE: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, LOG2_UNITS: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, LOG2_UNITS: tl.constexpr, TMA: tl.constexpr):
     start_m = tile
     off_h = head
     off_hkv = off_h // GROUP
@@ -156,6 +162,17 @@ def _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange
         v_base = V + off_hkv.to(tl.int64) * stride_vh
         k_offs = offs_d[:, None] * stride_kd  # [BLOCK_D, 1], plus each key's row
         v_offs = offs_d[None, :] * stride_vd  # [1, BLOCK_D]
+    elif TMA:
+        # sm_90: K / V tiles by TMA (launch.tma_layout_ok: last stride 1, 16-byte aligned base
+        # and strides, HEAD_DIM == BLOCK_D): no per-thread pointer tensors, no cp.async fences
+        k_base = tl.make_tensor_descriptor(
+            K + z64 * stride_kz + off_hkv.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn,
+            shape=[n_kv, HEAD_DIM], strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
+        v_base = tl.make_tensor_descriptor(
+            V + z64 * stride_vz + off_hkv.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn,
+            shape=[n_kv, HEAD_DIM], strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_D])
+        k_offs = 0  # (unused)
+        v_offs = 0
     else:
         k_base = K + z64 * stride_kz + off_hkv.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
         v_base = V + z64 * stride_vz + off_hkv.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
@@ -208,7 +225,7 @@ def _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange
                 BLOCK_N=BLOCK_N, BOUNDARY=part != 1, WIN_LEFT=WIN_LEFT,
                 WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI,
                 SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, PAGED=PAGED, PAGE=PAGE,
-                DOT_PRECISION=DOT_PRECISION, LOG2_UNITS=LOG2_UNITS)
+                DOT_PRECISION=DOT_PRECISION, LOG2_UNITS=LOG2_UNITS, TMA=TMA)
 
     # -- epilogue: one normalisation; rows with no visible key give 0 and lse = -inf ----
     empty = l_i == 0.0
@@ -254,7 +271,8 @@ def _attn_fwd(Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
               HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
               DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQ_LOOP: tl.constexpr,
               LSE_LO: tl.constexpr, PAGED: tl.constexpr, SEQUSED: tl.constexpr,
-              PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr, LOG2_UNITS: tl.constexpr):
+              PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr, LOG2_UNITS: tl.constexpr,
+              TMA: tl.constexpr):
     # program -> (query tile, head, sequence)
     tile, head, seq, n_tiles = _program_tile(MAX_SEQLEN, BLOCK_M, H)
     if WIN_RIGHT:
@@ -281,7 +299,7 @@ def _attn_fwd(Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
                            HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
                            DROPOUT=DROPOUT, VARLEN=VARLEN, LSE_LO=LSE_LO, PAGED=PAGED,
                            SEQUSED=SEQUSED, PAGE=PAGE, DOT_PRECISION=DOT_PRECISION,
-                           LOG2_UNITS=LOG2_UNITS)
+                           LOG2_UNITS=LOG2_UNITS, TMA=TMA)
     else:
         _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
                        stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh,
@@ -294,4 +312,4 @@ def _attn_fwd(Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange, Alibi, CuQ, CuK,
                        WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
                        HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT,
                        VARLEN=VARLEN, LSE_LO=LSE_LO, PAGED=PAGED, SEQUSED=SEQUSED, PAGE=PAGE,
-                       DOT_PRECISION=DOT_PRECISION, LOG2_UNITS=LOG2_UNITS)
+                       DOT_PRECISION=DOT_PRECISION, LOG2_UNITS=LOG2_UNITS, TMA=TMA)

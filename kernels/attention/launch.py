@@ -9,10 +9,10 @@ import torch
 import triton
 
 from .._constants import LOG2E
-from .._launch import Launch, device_arch, flat_grid, int32_tiles, is_interpreted, run
+from .._launch import Launch, arch_family, device_arch, flat_grid, int32_tiles, is_interpreted, run
 from ._common import _dropout_mask_kernel
 from .backward import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
-from .configs import PREPROCESS_BLOCK_M, _block_d, configs_for
+from .configs import PREPROCESS_BLOCK_M, TMA_FWD, _block_d, configs_for
 from .forward import _attn_fwd
 from .options import Options, _dot_precision, _features, _paging, _strides, _variant
 
@@ -40,6 +40,47 @@ def _grid_len(max_seqlen: int) -> int:
     return max(int(max_seqlen), 1)
 
 
+def tma_layout_ok(t: torch.Tensor) -> bool:
+    """Whether a [B, H, N, D] k / v tensor can be read by TMA descriptors of its [N, D] rows per
+    (batch, head): last stride 1 and every other stride, and the base address, 16-byte aligned
+    (so each (batch, head) and varlen sequence base stays aligned)."""
+    per16 = 16 // t.element_size()
+    return (t.stride(-1) == 1 and all(s % per16 == 0 for s in t.stride()[:-1])
+            and (t.device.type == "meta" or t.data_ptr() % 16 == 0))
+
+
+def use_tma(q, k, v, opts: Options, arch: int | None, variant: str) -> bool:
+    """The forward loads K / V through TMA tensor descriptors (forward.py, TMA): sm_90, 16-bit,
+    head dim 64 or 128 exactly (the descriptor's box is [BLOCK_N, HEAD_DIM]), the plain or varlen
+    (not paged) variant, layouts tma_layout_ok accepts; pointer loads otherwise. In the
+    interpreter TRITFORMER_TMA=1 turns it on where the rest holds (tests: the descriptor path's
+    numerics), and on a GPU TRITFORMER_TMA=0 turns it off."""
+    forced = os.environ.get("TRITFORMER_TMA", "")
+    if forced == "0":
+        return False
+    on_arch = arch is not None and arch_family(arch) == 90
+    if not (on_arch or (arch is None and forced == "1")):
+        return False
+    D = q.shape[3]
+    return (q.dtype in (torch.float16, torch.bfloat16) and D in (64, 128)
+            and variant in ("plain", "varlen") and opts.block_table is None
+            and tma_layout_ok(k) and tma_layout_ok(v))
+
+
+def _tma_scratch(size: int, alignment: int, stream):
+    """Triton's global-scratch allocator for device-side tensor descriptors (128 B each per
+    program), from torch's caching allocator on the current device."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def _before_launch(launch: Launch, device_type: str) -> None:
+    """A TMA launch on CUDA: Triton's scratch allocator for its descriptors. Triton keeps the
+    allocator per thread (a ContextVar): set for every launch, so that autograd's threads (a
+    forward recomputed in backward) have it too."""
+    if launch.constexprs.get("TMA") and device_type == "cuda":
+        triton.set_allocator(_tma_scratch)
+
+
 def plan_forward(q, k, v, out, lse, opts: Options, arch: int | None,
                  lse_lo: torch.Tensor | None = None) -> list[Launch]:
     """lse_lo (fp32 inputs): also write lse's rounding residual there (forward.py)."""
@@ -65,13 +106,16 @@ def plan_forward(q, k, v, out, lse, opts: Options, arch: int | None,
     constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, **flags, "LSE_LO": lse_lo is not None,
                   **paging_flags, "DOT_PRECISION": _dot_precision(q.dtype, block_d, variant),
                   "LOG2_UNITS": log2_units}
+    constexprs["TMA"] = use_tma(q, k, v, opts, arch, variant)
     # a paged cache without masked switches: varlen's tiles where they stay spill-free
     # (configs.PAGED_FWD); the dot precision keeps the variant's (the packed run's arithmetic)
     table = "paged" if paging_flags["PAGED"] and variant == "varlen" else variant
+    configs = configs_for("fwd", arch, block_d, q.element_size(), table)
+    if constexprs["TMA"] and arch is not None:
+        configs = TMA_FWD.get((arch_family(arch), block_d, variant), configs)
     return [Launch("attn_fwd", _attn_fwd, args, constexprs,
                    lambda meta: flat_grid(triton.cdiv(n_q, meta["BLOCK_M"]), n_z, H),
-                   configs_for("fwd", arch, block_d, q.element_size(), table),
-                   _tune_key(constexprs), _BUCKETED)]
+                   configs, _tune_key(constexprs), _BUCKETED)]
 
 
 def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
@@ -199,6 +243,7 @@ def attention_forward(q, k, v, opts: Options):
     if out.numel():
         for launch in plan_forward(q, k, v, out, lse, opts, _arch_for(q),
                                    lse_lo if lse_lo.numel() else None):
+            _before_launch(launch, q.device.type)
             run(launch)
     else:
         lse.fill_(float("-inf"))
