@@ -2,8 +2,9 @@
 
     python benchmarks/hopper_probe.py --interp      # numerics in Triton's interpreter (CPU tensors)
     python benchmarks/hopper_probe.py               # AOT compiles for sm_90, hot-loop table
+    (--causal: the same, causal, with the diagonal mask on every key tile)
 
-A plain FA2 forward (fp16, non-causal, log2(e) folded into the scale), one program per (query tile,
+A plain FA2 forward (fp16, log2(e) folded into the scale), one program per (query tile,
 batch*head), loading its tiles one of three ways (LOAD, constexpr):
   "ptr"     pointer loads (cp.async after Triton's pipelining), what the shipped forward does;
   "hdesc"   host TensorDescriptor over [B, H, N, D] (4-D, blocks [1, 1, rows, D]);
@@ -64,7 +65,7 @@ def _src(X, z, h, n, stride_z, stride_h, stride_n, BLOCK: tl.constexpr, D: tl.co
 def probe_fwd(Q, K, V, O, Lse, stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
               stride_vz, stride_vh, stride_vn, stride_oz, stride_oh, stride_om, H, N_CTX, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              LOAD: tl.constexpr, WS: tl.constexpr, EVEN_N: tl.constexpr):
+              LOAD: tl.constexpr, WS: tl.constexpr, EVEN_N: tl.constexpr, CAUSAL: tl.constexpr):
     start_m = tl.program_id(0)
     off_hz = tl.program_id(1)
     z = off_hz // H
@@ -79,12 +80,18 @@ def probe_fwd(Q, K, V, O, Lse, stride_qz, stride_qh, stride_qm, stride_kz, strid
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    hi = N_CTX
+    if CAUSAL:
+        hi = tl.minimum(N_CTX, m0 + BLOCK_M)
     # one loop, nothing after it that branches: the shape Hopper's warp specialization accepts
-    for start_n in tl.range(0, N_CTX, BLOCK_N, warp_specialize=WS):
+    for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=WS):
         k = _tile(k_src, z, h, start_n, N_CTX, stride_kn, BLOCK_N, HEAD_DIM, LOAD)
         qk = tl.dot(q, k.T)
         if not EVEN_N:  # -- keys past N_CTX -> -inf ----
             qk = tl.where((start_n + offs_n)[None, :] < N_CTX, qk, float("-inf"))
+        if CAUSAL:  # the diagonal mask on every tile (a separate diagonal loop stops WS)
+            qk = tl.where(offs_m[:, None] >= (start_n + offs_n)[None, :], qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.math.exp2(qk * qk_scale - m_ij[:, None])  # one FFMA per score
         alpha = tl.math.exp2(m_i - m_ij)
@@ -92,7 +99,6 @@ def probe_fwd(Q, K, V, O, Lse, stride_qz, stride_qh, stride_qm, stride_kz, strid
         v = _tile(v_src, z, h, start_n, N_CTX, stride_vn, BLOCK_N, HEAD_DIM, LOAD)
         acc = tl.dot(p.to(tl.float16), v, acc * alpha[:, None])
         m_i = m_ij
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     tl.store(Lse + off_hz.to(tl.int64) * N_CTX + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < N_CTX)
     out = (acc / l_i[:, None]).to(tl.float16)
     if LOAD == "hdesc":
@@ -115,7 +121,7 @@ def launch_args(q, k, v, o, lse, load: str, block_m: int, block_n: int) -> list:
     return [q, k, v, o, lse, *strides, heads, n_ctx, head_dim ** -0.5 * LOG2E]
 
 
-def interp() -> int:
+def interp(causal: bool) -> int:
     import torch
     kernel = probe_fwd
     torch.manual_seed(0)
@@ -129,13 +135,15 @@ def interp() -> int:
         if layout == "bnhd":
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         s = (q.float() @ k.float().transpose(-1, -2)) * D ** -0.5
+        if causal:
+            s = s.masked_fill(torch.ones(N, N, dtype=torch.bool).triu(1), float("-inf"))
         ref_o, ref_lse = torch.softmax(s, -1) @ v.float(), torch.logsumexp(s, -1) / math.log(2)
         for load in ("ptr", "hdesc", "ddesc"):
             for ws in (False, True):
                 o, lse = torch.empty_like(q), torch.empty(B, H, N)
                 kernel[(math.ceil(N / bm), B * H)](*launch_args(q, k, v, o, lse, load, bm, bn),
                                                    HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, LOAD=load, WS=ws,
-                                                   EVEN_N=N % bn == 0)
+                                                   EVEN_N=N % bn == 0, CAUSAL=causal)
                 err_o = (o.float() - ref_o).abs().max().item()
                 err_l = (lse - ref_lse).abs().max().item()
                 ok = err_o < 2e-3 and err_l < 1e-3
@@ -154,7 +162,7 @@ CONFIGS = [  # (LOAD, BLOCK_M, BLOCK_N, num_warps, num_stages, WS)
 ]
 
 
-def compile_table() -> int:
+def compile_table(causal: bool) -> int:
     from types import SimpleNamespace as NS
 
     import torch
@@ -167,7 +175,8 @@ def compile_table() -> int:
     kernel = probe_fwd
     B, H, N, D = 4, 32, 1024, 128
     meta = dict(device="meta", dtype=torch.float16)
-    print(f"Triton {triton.__version__}, sm_90, fp16 [B, H, N, D] = [{B}, {H}, {N}, {D}], non-causal, "
+    mode = "causal" if causal else "non-causal"
+    print(f"Triton {triton.__version__}, sm_90, fp16 [B, H, N, D] = [{B}, {H}, {N}, {D}], {mode}, "
           "hot loop per warp per K/V tile (one consumer warpgroup's loop when WS is on)")
     print("load  tile          ws_req ws_on warps regs stack smem    scratch instr HGMMA UTMALDG LDGSTS nonMMA/MMA")
     for load, bm, bn, w, s, ws in CONFIGS:
@@ -175,7 +184,8 @@ def compile_table() -> int:
         lse = torch.empty(B, H, N, device="meta", dtype=torch.float32)
         args = launch_args(q, k, v, o, lse, load, bm, bn)
         launch = NS(fn=kernel, args=dict(zip(kernel.arg_names, args)),
-                    constexprs=dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, LOAD=load, WS=ws, EVEN_N=True))
+                    constexprs=dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, LOAD=load, WS=ws, EVEN_N=True,
+                                    CAUSAL=causal))
         sig, cx, attrs = I._signature(launch, NS(kwargs={}, num_warps=w, num_stages=s))
         tile = f"{bm}x{bn}/{w}w/{s}s"
         try:
@@ -203,8 +213,9 @@ def compile_table() -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--interp", action="store_true", help="check numerics in Triton's interpreter")
+    ap.add_argument("--causal", action="store_true", help="causal: the diagonal mask on every key tile")
     a = ap.parse_args()
-    return interp() if a.interp else compile_table()
+    return interp(a.causal) if a.interp else compile_table(a.causal)
 
 
 if __name__ == "__main__":
