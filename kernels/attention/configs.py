@@ -266,12 +266,21 @@ PAGED_FWD = {(80, 4, 256): [_cfg(16, 32, 8, 1)], (86, 4, 64): [_cfg(128, 32, 8, 
              (120, 2, 128): [_cfg(128, 32, 8, 3)]}
 
 
-# The sm_90 16-bit forward with K / V through TMA descriptors (launch.use_tma), {(arch family,
-# BLOCK_D, variant): configs}: without the per-thread pointer tensors the 128x128 tile fits
-# (pointer loads: 255 regs and 72-104 B spilled at D=128).
+# The 16-bit forward with K / V through tensor descriptors (launch.use_tma), {(arch family,
+# head dim, variant): configs}; a launch takes descriptors only in these measured cells (AOT,
+# Triton 3.9 and 3.7.1, causal and not, MHA and GQA 4:1, fp16 and bf16: spill-free).
+# sm_90 (TMA): without the per-thread pointer tensors the 128x128 tile fits (pointer loads: 255
+#   regs and 72-104 B spilled at D=128); D=128 128x128/8/3: 191-218 regs, 230,400 B smem,
+#   serialized est. 0.66; 128x64/8/3 0.60-0.62. varlen: its own table's tiles, clean with TMA.
+# sm_80 D=128: descriptors lower to cp.async, and 128x64/8/3 drops from 255 regs + 76-100 B
+#   spilled (pointers) to 213-226 regs, 0 B: est. 0.69 (128x32/8/3: 0.667 with pointers, 0.638
+#   with descriptors). Not at D=64 (128x64/8/3 is clean with pointers), not sm_86/sm_120 (unmeasured).
 TMA_FWD = {
     (90, 128, "plain"): [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3)],
     (90, 64, "plain"): [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3)],
+    (90, 128, "varlen"): [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
+    (90, 64, "varlen"): [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3)],
+    (80, 128, "plain"): [_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3)],
 }
 
 

@@ -50,21 +50,23 @@ def tma_layout_ok(t: torch.Tensor) -> bool:
 
 
 def use_tma(q, k, v, opts: Options, arch: int | None, variant: str) -> bool:
-    """The forward loads K / V through TMA tensor descriptors (forward.py, TMA): sm_90, 16-bit,
-    head dim 64 or 128 exactly (the descriptor's box is [BLOCK_N, HEAD_DIM]), the plain or varlen
-    (not paged) variant, layouts tma_layout_ok accepts; pointer loads otherwise. In the
-    interpreter TRITFORMER_TMA=1 turns it on where the rest holds (tests: the descriptor path's
-    numerics), and on a GPU TRITFORMER_TMA=0 turns it off."""
+    """The forward loads K / V through tensor descriptors (forward.py, TMA): where
+    configs.TMA_FWD has the (arch family, head dim, variant) cell (sm_90: TMA; sm_80 D=128:
+    Triton lowers the descriptors to cp.async with fewer registers than the pointer tensors), for
+    16-bit inputs whose head dim is 64 or 128 exactly (the descriptor's box is [BLOCK_N,
+    HEAD_DIM]), not paged, with k / v layouts tma_layout_ok accepts; pointer loads otherwise. In
+    the interpreter TRITFORMER_TMA=1 turns it on where the rest holds (tests: the descriptor
+    path's numerics); TRITFORMER_TMA=0 turns it off everywhere."""
     forced = os.environ.get("TRITFORMER_TMA", "")
     if forced == "0":
         return False
-    on_arch = arch is not None and arch_family(arch) == 90
-    if not (on_arch or (arch is None and forced == "1")):
-        return False
     D = q.shape[3]
-    return (q.dtype in (torch.float16, torch.bfloat16) and D in (64, 128)
-            and variant in ("plain", "varlen") and opts.block_table is None
-            and tma_layout_ok(k) and tma_layout_ok(v))
+    if arch is None:
+        measured = forced == "1" and variant in ("plain", "varlen")
+    else:
+        measured = (arch_family(arch), D, variant) in TMA_FWD
+    return (measured and q.dtype in (torch.float16, torch.bfloat16) and D in (64, 128)
+            and opts.block_table is None and tma_layout_ok(k) and tma_layout_ok(v))
 
 
 def _tma_scratch(size: int, alignment: int, stream):
@@ -112,7 +114,7 @@ def plan_forward(q, k, v, out, lse, opts: Options, arch: int | None,
     table = "paged" if paging_flags["PAGED"] and variant == "varlen" else variant
     configs = configs_for("fwd", arch, block_d, q.element_size(), table)
     if constexprs["TMA"] and arch is not None:
-        configs = TMA_FWD.get((arch_family(arch), block_d, variant), configs)
+        configs = TMA_FWD[(arch_family(arch), block_d, variant)]
     return [Launch("attn_fwd", _attn_fwd, args, constexprs,
                    lambda meta: flat_grid(triton.cdiv(n_q, meta["BLOCK_M"]), n_z, H),
                    configs, _tune_key(constexprs), _BUCKETED)]
