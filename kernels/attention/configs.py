@@ -31,6 +31,7 @@ def _cfg(block_m, block_n, num_warps, num_stages):
 INTERPRETER_CONFIGS = {
     "fwd": _cfg(64, 32, 4, 1),
     "bwd_dkdv": _cfg(32, 64, 4, 1),  # BLOCK_M: streamed query tile, BLOCK_N: resident key tile
+    "bwd_fused": _cfg(32, 64, 4, 1),  # dK/dV with dQ's atomics (FUSED_DQ): as bwd_dkdv
     "bwd_dq": _cfg(64, 32, 4, 1),    # BLOCK_M: resident query tile, BLOCK_N: streamed key tile
 }
 PREPROCESS_BLOCK_M = 64
@@ -286,6 +287,8 @@ def configs_for(kernel: str, arch: int | None, block_d: int, elem_bytes: int,
                 break
         variant = "varlen"
     table = GPU_CONFIGS if variant == "plain" else VARIANT_CONFIGS[variant]
+    if kernel == "bwd_fused" and arch_family(arch) not in table.get(kernel, {}):
+        kernel = "bwd_dkdv"  # no fused row for this table and arch: the dK/dV kernel's tiles
     for max_d, nbytes, cfgs in table[kernel][arch_family(arch)]:
         if block_d <= max_d and elem_bytes == nbytes:
             return cfgs
