@@ -174,3 +174,15 @@ def test_flash_attn_drop_in_switches_the_path(paths):
     qv, kv, vv = (x[0].detach().requires_grad_() for x in (q, k, v))
     flash_attn_varlen_func(qv, kv, vv, cu, cu, 20, 20, deterministic=True).sum().backward()
     assert paths == [False, True, True]
+
+
+def test_fused_tiles_only_where_shipped():
+    # the fused kernel runs only where its table has a spill-free tile (configs.py, bwd_fused
+    # rows); a "-" cell or a table / arch without the row: the deterministic kernels
+    from tritformer.kernels.attention import configs_for
+    assert configs_for("bwd_fused", 90, 64, 2) and configs_for("bwd_fused", 80, 64, 2)
+    for arch, block_d, elem, variant in ((90, 128, 2, "plain"), (80, 128, 2, "plain"),
+                                         (90, 64, 4, "plain"), (86, 64, 2, "plain"),
+                                         (90, 64, 2, "varlen"), (80, 64, 2, "masked")):
+        assert configs_for("bwd_fused", arch, block_d, elem, variant) == [], (arch, block_d)
+    assert configs_for("bwd_fused", None, 64, 2)  # the interpreter: always the fused kernel

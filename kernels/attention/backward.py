@@ -1,8 +1,12 @@
-"""Attention backward (FlashAttention-2): delta, then dK/dV and dQ in two kernels, no atomics.
+"""Attention backward (FlashAttention-2): delta, then either dK/dV and dQ in two kernels with no
+atomics (deterministic, 7 GEMMs per query tile x key tile pair), or one fused kernel that also
+accumulates dQ with fp32 atomics (FUSED_DQ, 5 GEMMs per pair; launch.plan_backward).
 
 - `_attn_bwd_preprocess`: delta = rowsum(dO * O) - dLse per query row.
 - `_attn_bwd_dkdv`: one program per (key tile, kv head, sequence) owns its dK/dV tile and loops
-  over the query heads of its group and their query tiles (deterministic, no atomics).
+  over the query heads of its group and their query tiles (deterministic, no atomics); with
+  FUSED_DQ it also adds each pair's dS K into an fp32 dQ accumulator (atomics) and writes the
+  mask gradient.
 - `_attn_bwd_dq`: one program per (query tile, head, sequence) loops over the key tiles.
 Both recompute P from the saved lse with the forward's exact score pipeline (`_scores`). Each
 tile body sweeps its loop in three ranges (the window's two edges and the whole tiles between)
@@ -46,7 +50,7 @@ def _attn_bwd_preprocess(Out, DO, DLse, Delta,
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, LseLo, Delta,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, kT, q_base, do_base, q_offs, do_offs, Lse, LseLo, Delta,
                          stride_qm, stride_dom, row0, lo, hi, offs_m, j, mask_d, n_q, n_kv, diag,
                          m_base, stride_mm, stride_mn, kpm_base, slope, sm_scale, cap_in,
                          cap_out, win_left, win_right, DROP_COLS, dropout_p, seed, dq_base,
@@ -107,7 +111,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, Ls
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
         if FUSED_DQ:  # dQ += dS K (unscaled), fp32 atomics into the zeroed accumulator
             if DQ_TRANS:  # dQ^T = K^T dS^T [BLOCK_D, BLOCK_M]: the MMA's M is the head dim
-                dq = tl.dot(tl.trans(k), dsT.to(k.dtype), input_precision=DOT_PRECISION)
+                dq = tl.dot(kT, dsT.to(k.dtype), input_precision=DOT_PRECISION)
                 tl.atomic_add(dq_base + dq_offs, dq, mask=mask_d[:, None] & mask_m[None, :],
                               sem="relaxed")
             else:  # dQ = dS K [BLOCK_M, BLOCK_D]: the MMA's M is the query tile
@@ -207,6 +211,13 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
         dq_offs = offs_d[:, None] * stride_dqd + offs_m[None, :] * stride_dqm
     else:
         dq_offs = offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    kT = k  # unused unless FUSED_DQ and DQ_TRANS
+    if FUSED_DQ and DQ_TRANS:
+        # K^T [BLOCK_D, BLOCK_N] loaded as its own operand (not tl.trans(k): a second,
+        # transposed register copy of k held through the loop)
+        kT = tl.load(K + z64 * stride_kz + off_hkv.to(tl.int64) * stride_kh
+                     + rows_n.reshape(1, BLOCK_N) * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=mask_d[:, None] & (offs_n[None, :] < n_kv), other=0.0)
     for g in range(g0, g0 + g_per):
         off_h = off_hkv * GROUP + g
         q_base = (Q + z64 * stride_qz + off_h.to(tl.int64) * stride_qh
@@ -236,7 +247,7 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
                     part_lo = full_hi
                     part_hi = m_hi
                 dk, dv = _attn_bwd_dkdv_inner(
-                    dk, dv, k, v, q_base=q_base, do_base=do_base, q_offs=q_offs, do_offs=do_offs,
+                    dk, dv, k, v, kT, q_base=q_base, do_base=do_base, q_offs=q_offs, do_offs=do_offs,
                     Lse=Lse, LseLo=LseLo, Delta=Delta, stride_qm=stride_qm, stride_dom=stride_dom, row0=row0,
                     lo=part_lo, hi=part_hi, offs_m=offs_m, j=j, mask_d=mask_d, n_q=n_q,
                     n_kv=n_kv, diag=diag, m_base=m_base, stride_mm=stride_mm,

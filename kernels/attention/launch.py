@@ -239,6 +239,10 @@ def attention_backward(do, q, k, v, out, lse, opts: Options, dlse=None, mask_gra
         ws_v = torch.empty_like(ws_k)
     else:
         ws_k, ws_v = dk, dv
+    # the fused kernel where its table has a tile for this arch, head dim and dtype (none
+    # spill-free: the deterministic kernels, which deterministic=False permits)
+    deterministic = deterministic or not configs_for("bwd_fused", arch, _block_d(q.shape[3]),
+                                                     q.element_size(), _variant(opts))
     # the fused path's dQ accumulator: fp32, zeroed, [B, Hq, Nq, D] contiguous
     dq_acc = dq if deterministic else torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     for launch in plan_backward(do, q, k, v, out, lse, dlse, delta, dq_acc, ws_k, ws_v, opts,

@@ -193,10 +193,13 @@ def _scalars(q, scale, softcap, dropout_p):
 
 # The backward path when a caller does not choose (`deterministic` of `attention` /
 # `varlen_attention`): True, the separate dK/dV and dQ kernels (bitwise reproducible), or
-# False, the fused kernel with dQ's fp32 atomics (5 GEMMs per tile pair instead of 7). Chosen
-# from `inspect --perf`'s estimates (README, "Backward"): the faster path by the model, or the
-# deterministic one when the estimated gap is under 10%.
-DETERMINISTIC_DEFAULT = True
+# False, the fused kernel with dQ's fp32 atomics (5 GEMMs per tile pair instead of 7) where
+# configs.py has a spill-free fused tile (16-bit, D <= 64, sm_80 / sm_90; elsewhere False
+# runs the deterministic kernels). Chosen from `inspect --perf`'s estimates (README,
+# "Backward paths"): the faster path by the model, or the deterministic one when the
+# estimated gap is under 10%. Where the fused kernel runs it is estimated 14-23% faster per
+# tile pair (Triton 3.9 and 3.7.1), so False, as FlashAttention's default.
+DETERMINISTIC_DEFAULT = False
 
 
 def backward_deterministic(deterministic: bool) -> bool:
