@@ -59,10 +59,14 @@ def _qkv(B, Hq, Hkv, Nq, Nk, D, grad=True):
 ATTN_SHAPES = [(2, 6, 3, 5, 7, 16), (3, 8, 4, 9, 6, 8)]
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_attention(causal):
+@pytest.mark.parametrize("causal, deterministic", [
+    (False, True), (True, True),
+    (True, False),  # the fused backward (dQ atomics) traced as well
+])
+def test_attention(causal, deterministic):
     # the failing case: default scale 1/sqrt(D) is a SymFloat, causal window right=0
-    _run(lambda q, k, v: tritformer.attention(q, k, v, causal=causal), ATTN_SHAPES, _qkv)
+    _run(lambda q, k, v: tritformer.attention(q, k, v, causal=causal,
+                                              deterministic=deterministic), ATTN_SHAPES, _qkv)
 
 
 def test_attention_scalar_args_traced():
@@ -78,7 +82,8 @@ def test_attention_scalar_args_traced():
     _run(f, [(2, 6, 3, 5, 7, 16), (3, 8, 4, 6, 9, 8)], make)
 
 
-def test_varlen_attention():
+@pytest.mark.parametrize("deterministic", [True, False])  # the two backward paths
+def test_varlen_attention(deterministic):
     def make(n_seq, H, D):
         lens_q = torch.arange(1, n_seq + 1) * 3
         lens_k = lens_q + 2
@@ -90,7 +95,8 @@ def test_varlen_attention():
                 int(lens_q.max()), int(lens_k.max()))
 
     def f(q, k, v, cu_q, cu_k, max_q, max_k):
-        return tritformer.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal=True)
+        return tritformer.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal=True,
+                                           deterministic=deterministic)
     _run(f, [(2, 3, 16), (3, 4, 8)], make)
 
 

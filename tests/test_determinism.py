@@ -1,6 +1,7 @@
-"""Forward and backward are bitwise identical across repeated runs (no atomics anywhere; the
-dK/dV and dQ kernels own their outputs). Each op runs twice on the same inputs; dropout draws
-its seed from torch's generator, reset to the same state before each run."""
+"""Forward and backward are bitwise identical across repeated runs (no atomics on these paths;
+the dK/dV and dQ kernels own their outputs: attention's deterministic=True, which
+torch.use_deterministic_algorithms(True) also selects). Each op runs twice on the same inputs;
+dropout draws its seed from torch's generator, reset to the same state before each run."""
 import pytest
 import torch
 
@@ -23,6 +24,19 @@ def _twice(fn, *inputs):
     return runs
 
 
+def _torch_deterministic(fn):
+    """fn run with torch.use_deterministic_algorithms(True) (attention picks its backward path
+    when the forward runs: the switch need not be on for the backward itself)."""
+    def run(*args):
+        prev = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            return fn(*args)
+        finally:
+            torch.use_deterministic_algorithms(prev)
+    return run
+
+
 def _qkv(B=2, Hq=4, Hkv=2, Nq=70, Nk=90, D=32, dtype=torch.float16):
     return (torch.randn(B, Hq, Nq, D).to(dtype), torch.randn(B, Hkv, Nk, D).to(dtype),
             torch.randn(B, Hkv, Nk, D).to(dtype))
@@ -30,18 +44,23 @@ def _qkv(B=2, Hq=4, Hkv=2, Nq=70, Nk=90, D=32, dtype=torch.float16):
 
 CASES = {
     # GQA 2:1 (the dK/dV group loop), causal, several tiles both ways
-    "attention": lambda: (lambda q, k, v: tritformer.attention(q, k, v, causal=True, return_lse=True),
+    "attention": lambda: (lambda q, k, v: tritformer.attention(q, k, v, causal=True, return_lse=True,
+                                                               deterministic=True),
                           *_qkv()),
+    # the same through torch's switch (forces deterministic=True over an explicit False)
+    "attention_torch_switch": lambda: (_torch_deterministic(
+        lambda q, k, v: tritformer.attention(q, k, v, causal=True, deterministic=False)), *_qkv()),
     # every option at once, the float mask with its gradient (dS written by the dQ kernel)
     "attention_options": lambda: (
         lambda q, k, v, m: tritformer.attention(
             q, k, v, attn_mask=m, key_padding_mask=(torch.arange(90) > 80).expand(2, 90), window=(40, 5),
-            alibi_slopes=torch.rand(4), softcap=20.0, dropout_p=0.2),
+            alibi_slopes=torch.rand(4), softcap=20.0, dropout_p=0.2, deterministic=True),
         *_qkv(), torch.randn(2, 1, 70, 90)),
     "varlen": lambda: (
         lambda q, k, v: tritformer.varlen_attention(
             q, k, v, torch.tensor([0, 30, 31, 90], dtype=torch.int32),
-            torch.tensor([0, 40, 40, 100], dtype=torch.int32), 59, 60, causal=True),
+            torch.tensor([0, 40, 40, 100], dtype=torch.int32), 59, 60, causal=True,
+            deterministic=True),
         torch.randn(90, 4, 32).half(), torch.randn(100, 2, 32).half(), torch.randn(100, 2, 32).half()),
     "softmax": lambda: (lambda x, m: tritformer.softmax(x, mask=m), torch.randn(6, 300),
                         torch.randn(6, 300)),

@@ -1,8 +1,12 @@
-"""Attention backward (FlashAttention-2): delta, then dK/dV and dQ in two kernels, no atomics.
+"""Attention backward (FlashAttention-2): delta, then either dK/dV and dQ in two kernels with no
+atomics (deterministic, 7 GEMMs per query tile x key tile pair), or one fused kernel that also
+accumulates dQ with fp32 atomics (FUSED_DQ, 5 GEMMs per pair; launch.plan_backward).
 
 - `_attn_bwd_preprocess`: delta = rowsum(dO * O) - dLse per query row.
 - `_attn_bwd_dkdv`: one program per (key tile, kv head, sequence) owns its dK/dV tile and loops
-  over the query heads of its group and their query tiles (deterministic, no atomics).
+  over the query heads of its group and their query tiles (deterministic, no atomics); with
+  FUSED_DQ it also adds each pair's dS K into an fp32 dQ accumulator (atomics) and writes the
+  mask gradient.
 - `_attn_bwd_dq`: one program per (query tile, head, sequence) loops over the key tiles.
 Both recompute P from the saved lse with the forward's exact score pipeline (`_scores`). Each
 tile body sweeps its loop in three ranges (the window's two edges and the whole tiles between)
@@ -46,18 +50,22 @@ def _attn_bwd_preprocess(Out, DO, DLse, Delta,
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, LseLo, Delta,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, kT, q_base, do_base, q_offs, do_offs, Lse, LseLo, Delta,
                          stride_qm, stride_dom, row0, lo, hi, offs_m, j, mask_d, n_q, n_kv, diag,
                          m_base, stride_mm, stride_mn, kpm_base, slope, sm_scale, cap_in,
-                         cap_out, win_left, win_right, DROP_COLS, dropout_p, seed,
+                         cap_out, win_left, win_right, DROP_COLS, dropout_p, seed, dq_base,
+                         dq_offs, stride_dqm, dm_base, stride_dmm,
                          BLOCK_M: tl.constexpr, BOUNDARY: tl.constexpr, WIN_LEFT: tl.constexpr,
                          WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-                         LSE_LO: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         LSE_LO: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_TRANS: tl.constexpr,
+                         MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # Query rows past n_q load as zero with lse = +inf, so they add nothing: no row bound on P.
     # Keys past n_kv (ragged last key tile) produce rows of dK/dV that are never stored.
     q_base += tl.cast(lo, tl.int64) * stride_qm
     do_base += tl.cast(lo, tl.int64) * stride_dom
+    if FUSED_DQ:
+        dq_base += tl.cast(lo, tl.int64) * stride_dqm
     for start_m in range(lo, hi, BLOCK_M):
         offs_qm = start_m + offs_m
         mask_m = offs_qm < n_q
@@ -95,22 +103,37 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_offs, do_offs, Lse, Ls
         # -- dS^T = P^T * (dP^T - delta), dK += dS^T Q ----
         delta = tl.load(Delta + row0 + offs_qm, mask=mask_m, other=0.0)
         dsT = pT * (dpT - delta[None, :])
+        if MASK_GRAD:  # d(additive mask) = dS (before softcap), as the dQ kernel writes it
+            tl.store(dm_base + i.to(tl.int64) * stride_dmm + j, dsT,
+                     mask=(i < n_q) & (j < n_kv))
         if SOFTCAP:  # through softcap * tanh(s / softcap)
             dsT = dsT * (1.0 - tT * tT)
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        if FUSED_DQ:  # dQ += dS K (unscaled), fp32 atomics into the zeroed accumulator
+            if DQ_TRANS:  # dQ^T = K^T dS^T [BLOCK_D, BLOCK_M]: the MMA's M is the head dim
+                dq = tl.dot(kT, dsT.to(k.dtype), input_precision=DOT_PRECISION)
+                tl.atomic_add(dq_base + dq_offs, dq, mask=mask_d[:, None] & mask_m[None, :],
+                              sem="relaxed")
+            else:  # dQ = dS K [BLOCK_M, BLOCK_D]: the MMA's M is the query tile
+                dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PRECISION)
+                tl.atomic_add(dq_base + dq_offs, dq, mask=mask_m[:, None] & mask_d[None, :],
+                              sem="relaxed")
+            dq_base += BLOCK_M * stride_dqm
         q_base += BLOCK_M * stride_qm
         do_base += BLOCK_M * stride_dom
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
+def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV, DQ, Mask, Kpm, Alibi, CuQ, CuK,
+                        DMask,
                         stride_qz, stride_qh, stride_qm, stride_qd,
                         stride_kz, stride_kh, stride_kn, stride_kd,
                         stride_vz, stride_vh, stride_vn, stride_vd,
                         stride_doz, stride_doh, stride_dom, stride_dod,
                         stride_dkz, stride_dkh, stride_dkn, stride_dkd,
                         stride_dvz, stride_dvh, stride_dvn, stride_dvd,
+                        stride_dqz, stride_dqh, stride_dqm, stride_dqd,
                         stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
                         H, GROUP, GROUP_SPLIT, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left,
                         win_right, dropout_p, seed, DROP_COLS,
@@ -119,6 +142,7 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
                         WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
                         HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
                         DROPOUT: tl.constexpr, VARLEN: tl.constexpr, LSE_LO: tl.constexpr,
+                        FUSED_DQ: tl.constexpr, MASK_GRAD: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
     # One program owns one K/V tile of one kv head and loops over the query heads of its group
     # and over their query tiles: dK/dV are complete in registers, no atomics (deterministic).
@@ -126,6 +150,10 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
     # head, each over GROUP / GROUP_SPLIT of its query heads, and store their partial dK/dV at
     # head index `head` of an fp32 workspace [B, Hkv * GROUP_SPLIT, Nk, D] that the host sums
     # over the split in a fixed order (still deterministic). GROUP_SPLIT = 1 is today's kernel.
+    # FUSED_DQ (the non-deterministic path, FlashAttention-2's 5 GEMMs per tile pair): each
+    # query tile's dQ contribution dS K is also formed here and atomically added (fp32,
+    # unscaled) into DQ, a zeroed [B, Hq, Nq, D] fp32 accumulator; the dQ kernel is not run,
+    # and with MASK_GRAD the mask gradient dS is written here instead of by the dQ kernel.
     start_n = tile
     off_hkv = head // GROUP_SPLIT  # kv head
     g_per = GROUP // GROUP_SPLIT
@@ -176,6 +204,20 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
 
     q_offs = offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd  # [BLOCK_M, BLOCK_D]
     do_offs = offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    # dQ's MMA takes the larger of the query tile and the head dim as its M (rows): on sm_90 a
+    # 64-row first operand on 8 warps is computed by both warpgroups (replication)
+    DQ_TRANS: tl.constexpr = BLOCK_D > BLOCK_M
+    if DQ_TRANS:  # dQ^T tile [BLOCK_D, BLOCK_M]
+        dq_offs = offs_d[:, None] * stride_dqd + offs_m[None, :] * stride_dqm
+    else:
+        dq_offs = offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    kT = k  # unused unless FUSED_DQ and DQ_TRANS
+    if FUSED_DQ and DQ_TRANS:
+        # K^T [BLOCK_D, BLOCK_N] loaded as its own operand (not tl.trans(k): a second,
+        # transposed register copy of k held through the loop)
+        kT = tl.load(K + z64 * stride_kz + off_hkv.to(tl.int64) * stride_kh
+                     + rows_n.reshape(1, BLOCK_N) * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=mask_d[:, None] & (offs_n[None, :] < n_kv), other=0.0)
     for g in range(g0, g0 + g_per):
         off_h = off_hkv * GROUP + g
         q_base = (Q + z64 * stride_qz + off_h.to(tl.int64) * stride_qh
@@ -184,6 +226,9 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
                    + q_start.to(tl.int64) * stride_dom)
         row0 = (z * H + off_h).to(tl.int64) * N_Q + q_start
         m_base = Mask + z64 * stride_mz + off_h.to(tl.int64) * stride_mh
+        dq_base = (DQ + z64 * stride_dqz + off_h.to(tl.int64) * stride_dqh
+                   + q_start.to(tl.int64) * stride_dqm)
+        dm_base = DMask + (z * H + off_h).to(tl.int64) * N_Q * N_KV  # dense [B, Hq, Nq, Nk] fp32
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(Alibi + seq * H + off_h)
@@ -202,16 +247,18 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
                     part_lo = full_hi
                     part_hi = m_hi
                 dk, dv = _attn_bwd_dkdv_inner(
-                    dk, dv, k, v, q_base=q_base, do_base=do_base, q_offs=q_offs, do_offs=do_offs,
+                    dk, dv, k, v, kT, q_base=q_base, do_base=do_base, q_offs=q_offs, do_offs=do_offs,
                     Lse=Lse, LseLo=LseLo, Delta=Delta, stride_qm=stride_qm, stride_dom=stride_dom, row0=row0,
                     lo=part_lo, hi=part_hi, offs_m=offs_m, j=j, mask_d=mask_d, n_q=n_q,
                     n_kv=n_kv, diag=diag, m_base=m_base, stride_mm=stride_mm,
                     stride_mn=stride_mn, kpm_base=kpm_base, slope=slope, sm_scale=sm_scale,
                     cap_in=cap_in, cap_out=cap_out, win_left=win_left, win_right=win_right,
-                    DROP_COLS=DROP_COLS, dropout_p=dropout_p, seed=seed, BLOCK_M=BLOCK_M,
-                    BOUNDARY=part != 1, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
+                    DROP_COLS=DROP_COLS, dropout_p=dropout_p, seed=seed, dq_base=dq_base,
+                    dq_offs=dq_offs, stride_dqm=stride_dqm, dm_base=dm_base, stride_dmm=N_KV,
+                    BLOCK_M=BLOCK_M, BOUNDARY=part != 1, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
                     MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
-                    DROPOUT=DROPOUT, LSE_LO=LSE_LO, DOT_PRECISION=DOT_PRECISION)
+                    DROPOUT=DROPOUT, LSE_LO=LSE_LO, FUSED_DQ=FUSED_DQ, DQ_TRANS=DQ_TRANS,
+                    MASK_GRAD=MASK_GRAD, DOT_PRECISION=DOT_PRECISION)
 
     dk *= sm_scale
     tl.store(DK + z64 * stride_dkz + head.to(tl.int64) * stride_dkh + rows_n * stride_dkn
@@ -221,13 +268,14 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, Lse, LseLo, Delta, DK, DV, Mask, Kpm, Alibi, CuQ, CuK,
+def _attn_bwd_dkdv(Q, K, V, DO, Lse, LseLo, Delta, DK, DV, DQ, Mask, Kpm, Alibi, CuQ, CuK, DMask,
                    stride_qz, stride_qh, stride_qm, stride_qd,
                    stride_kz, stride_kh, stride_kn, stride_kd,
                    stride_vz, stride_vh, stride_vn, stride_vd,
                    stride_doz, stride_doh, stride_dom, stride_dod,
                    stride_dkz, stride_dkh, stride_dkn, stride_dkd,
                    stride_dvz, stride_dvh, stride_dvn, stride_dvd,
+                   stride_dqz, stride_dqh, stride_dqm, stride_dqd,
                    stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
                    H, GROUP, GROUP_SPLIT, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left,
                    win_right, dropout_p, seed, DROP_COLS, MAX_SEQLEN,
@@ -236,7 +284,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, LseLo, Delta, DK, DV, Mask, Kpm, Alibi, CuQ
                    WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
                    HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
                    DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQ_LOOP: tl.constexpr,
-                   LSE_LO: tl.constexpr,
+                   LSE_LO: tl.constexpr, FUSED_DQ: tl.constexpr, MASK_GRAD: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
     # program -> (key tile, kv head x split part, sequence)
     tile, head, seq, n_tiles = _program_tile(MAX_SEQLEN, BLOCK_N, H // GROUP * GROUP_SPLIT)
@@ -245,12 +293,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, LseLo, Delta, DK, DV, Mask, Kpm, Alibi, CuQ
         # longer than max_seqlen is covered by looping over its tiles, never an unwritten row
         n_real = tl.load(CuK + seq + 1) - tl.load(CuK + seq)
         for t in range(tile, (n_real + BLOCK_N - 1) // BLOCK_N, n_tiles):
-            _attn_bwd_dkdv_tile(t, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV, Mask, Kpm, Alibi,
-                                CuQ, CuK, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz,
-                                stride_kh, stride_kn, stride_kd, stride_vz, stride_vh, stride_vn,
-                                stride_vd, stride_doz, stride_doh, stride_dom, stride_dod,
-                                stride_dkz, stride_dkh, stride_dkn, stride_dkd, stride_dvz,
-                                stride_dvh, stride_dvn, stride_dvd, stride_mz, stride_mh,
+            _attn_bwd_dkdv_tile(t, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV, DQ, Mask, Kpm,
+                                Alibi, CuQ, CuK, DMask, stride_qz, stride_qh, stride_qm, stride_qd,
+                                stride_kz, stride_kh, stride_kn, stride_kd, stride_vz, stride_vh,
+                                stride_vn, stride_vd, stride_doz, stride_doh, stride_dom,
+                                stride_dod, stride_dkz, stride_dkh, stride_dkn, stride_dkd,
+                                stride_dvz, stride_dvh, stride_dvn, stride_dvd, stride_dqz,
+                                stride_dqh, stride_dqm, stride_dqd, stride_mz, stride_mh,
                                 stride_mm, stride_mn, stride_kpz, H, GROUP, GROUP_SPLIT, N_Q,
                                 N_KV, sm_scale, cap_in, cap_out, win_left, win_right, dropout_p,
                                 seed, DROP_COLS,
@@ -258,20 +307,24 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, LseLo, Delta, DK, DV, Mask, Kpm, Alibi, CuQ
                                 BLOCK_N=BLOCK_N, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
                                 MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI,
                                 SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, VARLEN=VARLEN,
-                                LSE_LO=LSE_LO, DOT_PRECISION=DOT_PRECISION)
+                                LSE_LO=LSE_LO, FUSED_DQ=FUSED_DQ, MASK_GRAD=MASK_GRAD,
+                                DOT_PRECISION=DOT_PRECISION)
     else:
-        _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV, Mask, Kpm, Alibi,
-                            CuQ, CuK, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz,
-                            stride_kh, stride_kn, stride_kd, stride_vz, stride_vh, stride_vn,
-                            stride_vd, stride_doz, stride_doh, stride_dom, stride_dod, stride_dkz,
-                            stride_dkh, stride_dkn, stride_dkd, stride_dvz, stride_dvh, stride_dvn,
-                            stride_dvd, stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz, H,
+        _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV, DQ, Mask, Kpm,
+                            Alibi, CuQ, CuK, DMask, stride_qz, stride_qh, stride_qm, stride_qd,
+                            stride_kz, stride_kh, stride_kn, stride_kd, stride_vz, stride_vh,
+                            stride_vn, stride_vd, stride_doz, stride_doh, stride_dom, stride_dod,
+                            stride_dkz, stride_dkh, stride_dkn, stride_dkd, stride_dvz,
+                            stride_dvh, stride_dvn, stride_dvd, stride_dqz, stride_dqh,
+                            stride_dqm, stride_dqd, stride_mz, stride_mh, stride_mm, stride_mn,
+                            stride_kpz, H,
                             GROUP, GROUP_SPLIT, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
                             dropout_p, seed, DROP_COLS, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, WIN_LEFT=WIN_LEFT,
                             WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM,
                             HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, VARLEN=VARLEN,
-                            LSE_LO=LSE_LO, DOT_PRECISION=DOT_PRECISION)
+                            LSE_LO=LSE_LO, FUSED_DQ=FUSED_DQ, MASK_GRAD=MASK_GRAD,
+                            DOT_PRECISION=DOT_PRECISION)
 
 
 @triton.jit

@@ -31,6 +31,7 @@ def _cfg(block_m, block_n, num_warps, num_stages):
 INTERPRETER_CONFIGS = {
     "fwd": _cfg(64, 32, 4, 1),
     "bwd_dkdv": _cfg(32, 64, 4, 1),  # BLOCK_M: streamed query tile, BLOCK_N: resident key tile
+    "bwd_fused": _cfg(32, 64, 4, 1),  # dK/dV with dQ's atomics (FUSED_DQ): as bwd_dkdv
     "bwd_dq": _cfg(64, 32, 4, 1),    # BLOCK_M: resident query tile, BLOCK_N: streamed key tile
 }
 PREPROCESS_BLOCK_M = 64
@@ -67,17 +68,43 @@ HEAD_DIM_BUCKETS = (64, 128, 256)
 #   at D > 64) keeps exact fp32 FMA dots: no tf32x3 backward tile was spill-free (best dkdv
 #   16x16/8: 464 B sm_80, 996 B sm_90; masked D=128 dkdv 8-96 B). FMA tiles: 8 warps, e.g.
 #   bwd_dkdv D=256 sm_80 32x16/8: 128 regs, 0 spill; 4 warps spilled 2.4 KB.
+# Backward (#17; AOT, `inspect --perf`, Triton 3.9 | 3.7.1, GQA 4:1 causal unless noted):
+# - replication 1.0 everywhere at D <= 128 16-bit: dropped dK/dV sm_90 64x64/8/2 (D=64) and
+#   16x64/8/2 (D=128), sm_80 32x64/8/2 (D=128), all 1.5 (8 warps on a 64-row first operand:
+#   both warpgroups / warp pairs compute the same product); dQ sm_90 D=128 64x64/8/2 (1.67) is
+#   now 128x64/8/2 (210 regs, est. 0.69). One-stage candidates on sm_90 (dK/dV 32x128/8/1 at
+#   D=64: 186 regs, est. 0.53 vs 0.48 two-stage; 16x128/8/1 at D=128: 249 regs, 0.58 vs 0.53;
+#   dQ 128x64/8/1 at D=64: 0.60 vs 0.57) drop the cp.async prefetch from the loop, whose latency
+#   the model does not see, so the two-stage tiles stay and the autotuner picks.
+# - dK/dV query tiles of 32+ rows where they fit; 64 rows do not: sm_90 D=64 64x64/4/2 80 B,
+#   64x64/4/1 40 B, 64x128/8/1 40 B; D=128 32x128/8/1 168 B, 32x64/4/1 192 B, 16x64/4/1 72 B;
+#   sm_80 D=128 32x128/8/1 76 B, 32x64/4/2 348 B (spilled).
+# - bwd_fused (deterministic=False: the dK/dV kernel with FUSED_DQ, dS K atomically added to an
+#   fp32 dQ): sm_90 D=64 32x128/8/1 (243 | 227 regs, 0 B; 32x128/8/2 239 regs, est. 0.47 vs
+#   0.51); sm_80 D=64 16x64/4/1 (254 regs on both; 16x64/4/2 12 B on 3.7.1 GQA not causal,
+#   32x64/4/1 72-104 B on 3.9, 16x128/8/x 0-8 B but replication 1.2). At D=128 every tile tried
+#   spilled, so "-" (the deterministic kernels run): sm_90 16x128/8/1 352-368 B, 16x128/8/2 328,
+#   32x128/8/1 532-556, 16x64/4/x 612-780, 32x64/4/x 924-1092, 64x128/8/x 956-1756, 64x64/4/x
+#   2.1-2.8 KB; sm_80 16x128/8/1 12 B, 32x128/8/1 172, 16x128/8/2 448, 32x64/8/2 724 (repl.
+#   1.8), 64x64/4/2 2.8 KB. The dS K product itself costs the registers (a plain store in place
+#   of the atomics: 416 B vs 448 B, sm_80 16x128/8/2; unmasked atomics 448 B; K^T loaded as its
+#   own operand or dQ formed before dK: no change). fp32, the other architectures and the
+#   varlen / light / masked tables have no bwd_fused row: the deterministic kernels run.
 _PLAIN = """
 # kernel  sm  elem | D <= 64                | D <= 128               | D <= 256
 fwd       90  16b  | 128x64/8/3 128x128/8/3 | 128x64/8/3 64x64/4/3   | 64x16/4/2 64x32/8/2
 fwd       90  fp32 | 64x32/4/2              | 16x64/8/1 16x32/8/1    | 32x16/8/1 16x32/8/1
 fwd       80  16b  | 128x64/8/3 64x64/4/3   | 128x32/8/3 64x64/4/3   | 64x32/8/2 32x32/4/2
 fwd       80  fp32 | 64x32/4/2              | 16x64/8/1 16x32/8/1    | 32x16/8/1 16x32/8/1
-bwd_dkdv  90  16b  | 32x128/8/2 64x64/8/2   | 16x128/8/2 16x64/8/2   | 16x32/4/1
+bwd_dkdv  90  16b  | 32x128/8/2 32x128/8/1  | 16x128/8/2 16x128/8/1  | 16x32/4/1
 bwd_dkdv  90  fp32 | 16x32/4/1              | 32x16/8/1 16x16/8/1    | 16x32/8/1 16x16/8/1
-bwd_dkdv  80  16b  | 32x128/8/2 16x128/8/2  | 16x128/8/2 32x64/8/2   | 16x32/4/1
+bwd_dkdv  80  16b  | 32x128/8/2 16x128/8/2  | 16x128/8/2             | 16x32/4/1
 bwd_dkdv  80  fp32 | 16x32/4/1              | 32x16/8/1 16x16/8/1    | 32x16/8/1 16x16/8/1
-bwd_dq    90  16b  | 128x32/8/2 128x64/8/2  | 128x32/8/2 64x64/8/2   | 128x32/8/2 64x32/8/2
+bwd_fused 90  16b  | 32x128/8/1             | -                      | -
+bwd_fused 90  fp32 | -                      | -                      | -
+bwd_fused 80  16b  | 16x64/4/1              | -                      | -
+bwd_fused 80  fp32 | -                      | -                      | -
+bwd_dq    90  16b  | 128x64/8/2 128x64/8/1 128x32/8/2 | 128x64/8/2 128x32/8/2 | 128x32/8/2 64x32/8/2
 bwd_dq    90  fp32 | 64x16/4/2              | 16x64/8/1 16x16/8/1    | 32x32/8/1 16x32/8/1
 bwd_dq    80  16b  | 128x32/8/2 64x32/4/2   | 64x64/8/2 64x32/4/2    | 64x64/8/2 32x32/4/2
 bwd_dq    80  fp32 | 32x16/4/1              | 16x64/8/1 16x16/8/1    | 32x16/8/1 16x32/8/1
@@ -242,7 +269,9 @@ def parse_table(text: str) -> dict:
         assert len(cells) == len(HEAD_DIM_BUCKETS), line
         rows = table.setdefault(kernel, {}).setdefault(int(arch), [])
         for max_d, cell in zip(HEAD_DIM_BUCKETS, cells):
-            cfgs = [_cfg(*(int(x) for x in c.replace("x", "/").split("/"))) for c in cell.split()]
+            # "-": no config (bwd_fused: no spill-free tile; the deterministic kernels run)
+            cfgs = [_cfg(*(int(x) for x in c.replace("x", "/").split("/")))
+                    for c in cell.split() if c != "-"]
             rows.append((max_d, 4 if elem == "fp32" else 2, cfgs))
     for by_arch in table.values():  # 16-bit buckets before fp32 ones, as configs_for expects
         for arch, rows in by_arch.items():
@@ -292,7 +321,9 @@ def configs_for(kernel: str, arch: int | None, block_d: int, elem_bytes: int,
     ALiBi, softcap, a left window edge: the plain tiles that stay spill-free with them) or
     "masked" (an attn_mask or dropout, with any other switch; varlen with any switch): each has
     its own spill-free table, the masked one with smaller tiles (options._variant). "paged"
-    (the forward only): varlen's, with the PAGED_FWD cells."""
+    (the forward only): varlen's, with the PAGED_FWD cells. "bwd_fused" (the backward's fused
+    dK/dV/dQ kernel): [] where its table has no tile (a "-" cell or no row): the caller then
+    runs the deterministic kernels."""
     if arch is None:
         return [INTERPRETER_CONFIGS[kernel]]
     if variant == "paged":  # the varlen forward through a block table (PAGED_FWD)
@@ -304,6 +335,8 @@ def configs_for(kernel: str, arch: int | None, block_d: int, elem_bytes: int,
                 break
         variant = "varlen"
     table = GPU_CONFIGS if variant == "plain" else VARIANT_CONFIGS[variant]
+    if kernel == "bwd_fused" and arch_family(arch) not in table.get(kernel, {}):
+        return []  # no fused row for this table and arch: the deterministic kernels run
     for max_d, nbytes, cfgs in table[kernel][arch_family(arch)]:
         if block_d <= max_d and elem_bytes == nbytes:
             return cfgs

@@ -122,10 +122,16 @@ def plan_forward(q, k, v, out, lse, opts: Options, arch: int | None,
 
 def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
                   arch: int | None, dmask: torch.Tensor | None = None,
-                  lse_lo: torch.Tensor | None = None, split: int = 1) -> list[Launch]:
+                  lse_lo: torch.Tensor | None = None, split: int = 1,
+                  deterministic: bool = True) -> list[Launch]:
     """lse_lo: the forward's lse residual (fp32), subtracted when P is recomputed. split > 1
     (GQA, `gqa_split`): dk / dv are fp32 workspaces [B, Hkv * split, Nk, D] of partial sums
-    that the caller reduces over the split (`attention_backward`)."""
+    that the caller reduces over the split (`attention_backward`).
+
+    deterministic: [preprocess, dK/dV, dQ] (7 GEMMs per tile pair, bitwise reproducible).
+    Otherwise [preprocess, fused]: the dK/dV kernel with FUSED_DQ (5 GEMMs per tile pair), dq
+    then a zeroed fp32 accumulator [B, Hq, Nq, D] that it atomically adds dS K into (unscaled:
+    the caller multiplies by the scale and casts), and dmask written by the same kernel."""
     if opts.block_table is not None or opts.seqused_k is not None:
         raise ValueError("block_table / seqused_k are forward-only: no backward kernel reads them")
     B, H, N_Q, D = q.shape
@@ -149,13 +155,17 @@ def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
               "DQ": dq, "DMask": lse if dmask is None else dmask, **feats,
               **_strides(q, "q"), **_strides(k, "k"), **_strides(v, "v"), **_strides(do, "do"),
               **_strides(dk, "dk"), **_strides(dv, "dv"), **_strides(dq, "dq")}
+    fused = not deterministic
+    table = "bwd_fused" if fused else "bwd_dkdv"
     dkdv = Launch(
-        "attn_bwd_dkdv", _attn_bwd_dkdv,
+        "attn_bwd_fused" if fused else "attn_bwd_dkdv", _attn_bwd_dkdv,
         _pick(_attn_bwd_dkdv, {**values, "MAX_SEQLEN": n_k, "GROUP_SPLIT": split}),
-        constexprs,
+        {**constexprs, "FUSED_DQ": fused, "MASK_GRAD": fused and dmask is not None},
         lambda meta: flat_grid(triton.cdiv(n_k, meta["BLOCK_N"]), n_z, k.shape[1] * split),
-        configs_for("bwd_dkdv", arch, block_d, q.element_size(), variant),
-        tune_key + ["GROUP_SPLIT"], _BUCKETED)
+        configs_for(table, arch, block_d, q.element_size(), variant),
+        tune_key + ["GROUP_SPLIT", "FUSED_DQ", "MASK_GRAD"], _BUCKETED)
+    if fused:
+        return [preprocess, dkdv]
     dq_launch = Launch(
         "attn_bwd_dq", _attn_bwd_dq, _pick(_attn_bwd_dq, {**values, "MAX_SEQLEN": n_q}),
         {**constexprs, "MASK_GRAD": dmask is not None},
@@ -254,10 +264,13 @@ def attention_forward(q, k, v, opts: Options):
 
 
 def attention_backward(do, q, k, v, out, lse, opts: Options, dlse=None, mask_grad=False,
-                       lse_lo=None):
+                       lse_lo=None, deterministic: bool = True):
     """dq, dk, dv (same shapes, dtypes and layouts as q, k, v) and, with mask_grad, the
     gradient of the additive mask as dense [B, Hq, Nq, Nk] float32 (else an empty tensor).
-    Deterministic: no atomics."""
+
+    deterministic: the dK/dV and dQ kernels (no atomics, bitwise reproducible). Otherwise the
+    fused kernel (`plan_backward`): dQ accumulated with fp32 atomics, so its last bits may
+    differ from run to run (the order of the additions); dK, dV and dmask stay reproducible."""
     do, q, k, v, out = (int32_tiles(t) for t in (do, q, k, v, out))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dmask = (torch.zeros((*q.shape[:3], k.shape[2]), device=q.device, dtype=torch.float32)
@@ -284,9 +297,22 @@ def attention_backward(do, q, k, v, out, lse, opts: Options, dlse=None, mask_gra
         ws_v = torch.empty_like(ws_k)
     else:
         ws_k, ws_v = dk, dv
-    for launch in plan_backward(do, q, k, v, out, lse, dlse, delta, dq, ws_k, ws_v, opts,
-                                arch, dmask if mask_grad else None, lse_lo, split):
+    # the fused kernel where its table has a tile for this arch, head dim and dtype (none
+    # spill-free: the deterministic kernels, which deterministic=False permits)
+    deterministic = deterministic or not configs_for("bwd_fused", arch, _block_d(q.shape[3]),
+                                                     q.element_size(), _variant(opts))
+    # the fused path's dQ accumulator: fp32, zeroed, [B, Hq, Nq, D] contiguous
+    dq_acc = dq if deterministic else torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    for launch in plan_backward(do, q, k, v, out, lse, dlse, delta, dq_acc, ws_k, ws_v, opts,
+                                arch, dmask if mask_grad else None, lse_lo, split,
+                                deterministic=deterministic):
         run(launch)
+    if not deterministic:
+        # scale once here; a row with no finite score (lse = -inf) has a constant output: zero
+        # gradient, even where a key of -inf met its zero dS in the dot (0 * -inf = NaN), as
+        # the dQ kernel does
+        dq_acc.mul_(opts.scale).masked_fill_(torch.isneginf(lse)[..., None], 0.0)
+        dq.copy_(dq_acc)
     if split > 1:
         dk.copy_(ws_k.view(B, H_KV, split, N_KV, D).sum(2))
         dv.copy_(ws_v.view(B, H_KV, split, N_KV, D).sum(2))

@@ -38,8 +38,9 @@ What differs from FlashAttention (README, "Coming from FlashAttention"):
   softcap together with dropout, ALiBi slopes in any float dtype, paged blocks of any size and
   rotary dims that are not multiples of 16 work here (FlashAttention refuses them).
 - The softmax_lse returned by the dense / varlen functions carries a gradient (FlashAttention's
-  does not), and ``deterministic`` is accepted and has nothing to switch: the backward kernels
-  are deterministic (bitwise repeatable) always.
+  does not). ``deterministic`` selects the backward as FlashAttention's does: False (its
+  default) the fused kernel that accumulates dQ with fp32 atomics, True the separate dK/dV and
+  dQ kernels (bitwise repeatable); ``torch.use_deterministic_algorithms(True)`` forces True.
 - `flash_attn_with_kvcache` is two launches: appending k / v (written into k_cache / v_cache
   in place at cache_seqlens, as FlashAttention) with the rotary embedding of k and q is one
   kernel (`tritformer.kvcache_append`), then the split-KV decode kernel
@@ -220,7 +221,8 @@ def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
     causal, window = _window(window_size, causal, q.shape[1], k.shape[1], alibi_slopes)
     res = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
                     scale=softmax_scale, return_lse=return_attn_probs, dropout_p=dropout_p,
-                    window=window, alibi_slopes=alibi_slopes, softcap=_softcap(softcap))
+                    window=window, alibi_slopes=alibi_slopes, softcap=_softcap(softcap),
+                    deterministic=deterministic)
     res = (res[0].transpose(1, 2), res[1]) if return_attn_probs else res.transpose(1, 2)
     return _with_probs(res, q, return_attn_probs)
 
@@ -328,7 +330,8 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
     res = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            causal=causal, scale=softmax_scale, dropout_p=dropout_p,
                            window=window, alibi_slopes=alibi_slopes, softcap=_softcap(softcap),
-                           return_lse=return_attn_probs, block_table=block_table)
+                           return_lse=return_attn_probs, block_table=block_table,
+                           deterministic=deterministic)
     return _with_probs(res, q, return_attn_probs)
 
 

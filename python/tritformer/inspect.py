@@ -287,7 +287,16 @@ def _attention_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool,
     lo = _lse_lo(K, lse, dtype)
     return (K.plan_forward(q, k, v, o, lse, opts, cap, lo)
             + K.plan_backward(do, q, k, v, o, lse, None, delta, q.clone(), k.clone(), v.clone(),
-                              opts, cap, None, lo))
+                              opts, cap, None, lo)
+            + _fused_backward(K, do, q, k, v, o, lse, delta, opts, cap, None, lo))
+
+
+def _fused_backward(K, do, q, k, v, o, lse, delta, opts, cap, dmask, lo):
+    """The non-deterministic backward's fused kernel (attn_bwd_fused: dK/dV with dQ's fp32
+    atomics into an fp32 accumulator), without the preprocess the deterministic plan has."""
+    acc = torch.empty(q.shape, device="meta", dtype=torch.float32)
+    return K.plan_backward(do, q, k, v, o, lse, None, delta, acc, k.clone(), v.clone(), opts,
+                           cap, dmask, lo, deterministic=False)[1:]
 
 
 def _lse_lo(K, lse, dtype):
@@ -319,7 +328,9 @@ def _masked_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool, he
     def plans(opts, dm):
         return (K.plan_forward(q, k, v, o, lse, opts, cap, lo)
                 + K.plan_backward(do, q, k, v, o, lse, None, torch.empty_like(lse), q.clone(),
-                                  k.clone(), v.clone(), opts, cap, dm, lo)[1:])
+                                  k.clone(), v.clone(), opts, cap, dm, lo)[1:]
+                + _fused_backward(K, do, q, k, v, o, lse, torch.empty_like(lse), opts, cap, dm,
+                                  lo))
 
     return (plans(heavy, dmask)
             + [dataclasses.replace(launch, name=f"{launch.name}+light")
@@ -345,6 +356,7 @@ def _varlen_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool, he
     return (K.plan_forward(q, k, v, o, lse, opts, cap, lo)
             + K.plan_backward(do, q, k, v, o, lse, None, torch.empty_like(lse), q.clone(),
                               k.clone(), v.clone(), opts, cap, None, lo)[1:]
+            + _fused_backward(K, do, q, k, v, o, lse, torch.empty_like(lse), opts, cap, None, lo)
             + _paged_varlen_plans(K, q, o, lse, opts, dtype, head_dim, heads, cap))
 
 

@@ -321,7 +321,8 @@ def useful_flops(kernel: str, kwargs: dict, constexprs: dict) -> int:
     """MMA flops one hot-loop iteration must do for the config (0: no matrix product).
 
     attn_fwd: QK^T and PV per K/V tile, 2 x 2*BM*BN*D. attn_bwd_dkdv (per streamed Q tile):
-    QK^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q: 4 x 2*BM*BN*D. attn_bwd_dq (per streamed
+    QK^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q: 4 x 2*BM*BN*D. attn_bwd_fused (the same
+    with dQ's dS K, atomically added): 5 x 2*BM*BN*D. attn_bwd_dq (per streamed
     K/V tile): QK^T, dP, dQ += dS K: 3 x 2*BM*BN*D. decode split: QK^T and PV per K/V tile,
     BLOCK_M (padded) rows. FFN GEMM: 2*BM*BN*BK per K step, twice for the gated (dual) GEMM."""
     d = constexprs.get("HEAD_DIM", 0)
@@ -331,6 +332,8 @@ def useful_flops(kernel: str, kwargs: dict, constexprs: dict) -> int:
         return 4 * bm * bn * d
     if base == "attn_bwd_dkdv":
         return 8 * bm * bn * d
+    if base == "attn_bwd_fused":
+        return 10 * bm * bn * d
     if base == "attn_bwd_dq":
         return 6 * bm * bn * d
     if base == "decode_split":

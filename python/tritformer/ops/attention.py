@@ -20,8 +20,8 @@ import torch
 
 from .. import fallback, reference
 from .._autocast import autocast
-from .._checks import (check_attention_inputs, check_attention_options, check_varlen_inference_only,
-                       check_varlen_inputs)
+from .._checks import (check_attention_inputs, check_attention_options, check_flag,
+                       check_varlen_inference_only, check_varlen_inputs)
 from ..backend import backend_for, is_torch
 
 
@@ -57,9 +57,10 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    cu_seqlens_k: Optional[torch.Tensor], seed: Optional[torch.Tensor],
                    scale: Optional[float], left: Optional[int], right: Optional[int], softcap: float,
                    dropout_p: float, max_seqlen_q: int, max_seqlen_k: int,
-                   seqlens_checked: bool = False
+                   seqlens_checked: bool = False, deterministic: bool = True
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """out, lse, and lse_lo: lse's rounding residual for the backward (fp32 inputs; else empty).
+    deterministic: the backward's path (read by the autograd formula, not the forward).
 
     q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (varlen: B = 1, N = total tokens, cu_seqlens set);
     attn_mask expanded to [B, Hq, Nq, Nk] (a stride-0 view where broadcast). seqlens_checked:
@@ -73,7 +74,8 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @_attention_fwd.register_fake
 def _(q, k, v, attn_mask, key_padding_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed,
-      scale, left, right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, seqlens_checked=False):
+      scale, left, right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, seqlens_checked=False,
+      deterministic=True):
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     lse_lo = (torch.empty_like(lse) if _kernels().lse_residual_for(q.dtype)
               else lse.new_empty(0))
@@ -88,19 +90,23 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                    cu_seqlens_k: Optional[torch.Tensor], seed: Optional[torch.Tensor],
                    scale: Optional[float], left: Optional[int], right: Optional[int], softcap: float,
                    dropout_p: float, max_seqlen_q: int, max_seqlen_k: int, mask_grad: bool,
-                   seqlens_checked: bool = False, lse_lo: Optional[torch.Tensor] = None
+                   seqlens_checked: bool = False, lse_lo: Optional[torch.Tensor] = None,
+                   deterministic: bool = True
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv, and d(attn_mask) [B, Hq, Nq, Nk] float32 when mask_grad (else empty)."""
+    """dq, dk, dv, and d(attn_mask) [B, Hq, Nq, Nk] float32 when mask_grad (else empty).
+    deterministic: separate dK/dV and dQ kernels (bitwise reproducible); else one fused kernel
+    with dQ accumulated by fp32 atomics (kernels.attention.plan_backward)."""
     opts = _options(_default_scale(q, scale), left, right, attn_mask, key_padding_mask,
                     alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, softcap, dropout_p,
                     max_seqlen_q, max_seqlen_k, seqlens_checked)
-    return _kernels().attention_backward(do, q, k, v, out, lse, opts, dlse, mask_grad, lse_lo)
+    return _kernels().attention_backward(do, q, k, v, out, lse, opts, dlse, mask_grad, lse_lo,
+                                         deterministic)
 
 
 @_attention_bwd.register_fake
 def _(do, q, k, v, out, lse, dlse, attn_mask, key_padding_mask, alibi_slopes, cu_seqlens_q,
       cu_seqlens_k, seed, scale, left, right, softcap, dropout_p, max_seqlen_q, max_seqlen_k,
-      mask_grad, seqlens_checked=False, lse_lo=None):
+      mask_grad, seqlens_checked=False, lse_lo=None, deterministic=True):
     dmask = (q.new_empty((*q.shape[:3], k.shape[2]), dtype=torch.float32) if mask_grad
              else q.new_empty(0, dtype=torch.float32))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
@@ -110,7 +116,8 @@ def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, kpm, alibi, cu_q, cu_k, seed = inputs[:9]
     out, lse, lse_lo = output
     ctx.save_for_backward(q, k, v, out, lse, lse_lo, attn_mask, kpm, alibi, cu_q, cu_k, seed)
-    ctx.scalars = inputs[9:]
+    # scale .. max_seqlen_k, seqlens_checked, deterministic (defaults filled in when omitted)
+    ctx.scalars = tuple(inputs[9:]) + (False, True)[len(inputs) - 16:]
     ctx.mask_grad = (attn_mask is not None and attn_mask.dtype != torch.bool
                      and ctx.needs_input_grad[3])
 
@@ -119,12 +126,12 @@ def _backward(ctx, dout, dlse, _dlse_lo):
     q, k, v, out, lse, lse_lo, attn_mask, kpm, alibi, cu_q, cu_k, seed = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    *scalars, seqlens_checked = ctx.scalars
+    *scalars, seqlens_checked, deterministic = ctx.scalars
     dq, dk, dv, dmask = torch.ops.tritformer.attention_bwd(
         dout, q, k, v, out, lse, dlse, attn_mask, kpm, alibi, cu_q, cu_k, seed, *scalars,
-        ctx.mask_grad, seqlens_checked, lse_lo)
+        ctx.mask_grad, seqlens_checked, lse_lo, deterministic)
     dmask = dmask.to(attn_mask.dtype) if ctx.mask_grad else None
-    return (dq, dk, dv, dmask) + (None,) * 13
+    return (dq, dk, dv, dmask) + (None,) * 14
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -184,8 +191,27 @@ def _scalars(q, scale, softcap, dropout_p):
     return scale, float(softcap) if softcap else 0.0, float(dropout_p), _dropout_seed(dropout_p)
 
 
+# The backward path when a caller does not choose (`deterministic` of `attention` /
+# `varlen_attention`): True, the separate dK/dV and dQ kernels (bitwise reproducible), or
+# False, the fused kernel with dQ's fp32 atomics (5 GEMMs per tile pair instead of 7) where
+# configs.py has a spill-free fused tile (16-bit, D <= 64, sm_80 / sm_90; elsewhere False
+# runs the deterministic kernels). Chosen from `inspect --perf`'s estimates (README,
+# "Backward paths"): the faster path by the model, or the deterministic one when the
+# estimated gap is under 10%. Where the fused kernel runs it is estimated 14-23% faster per
+# tile pair (Triton 3.9 and 3.7.1), so False, as FlashAttention's default.
+DETERMINISTIC_DEFAULT = False
+
+
+def backward_deterministic(deterministic: bool) -> bool:
+    """The backward path of a call: `deterministic` (checked to be a bool), forced True while
+    torch.use_deterministic_algorithms(True) is on (as PyTorch's own kernels)."""
+    check_flag("deterministic", deterministic)
+    return deterministic or torch.are_deterministic_algorithms_enabled()
+
+
 def _attention(q, k, v, scale, left, right, return_lse=False, attn_mask=None,
-               key_padding_mask=None, dropout_p=0.0, alibi_slopes=None, softcap=None):
+               key_padding_mask=None, dropout_p=0.0, alibi_slopes=None, softcap=None,
+               deterministic=True):
     """Dense attention on checked inputs; window as (left, right) offsets (module docstring)."""
     scale, softcap, dropout_p, seed = _scalars(q, scale, softcap, dropout_p)
     B, Hq, Nq, _ = q.shape
@@ -199,7 +225,7 @@ def _attention(q, k, v, scale, left, right, return_lse=False, attn_mask=None,
     slopes = None if alibi_slopes is None else alibi_slopes.float().expand(B, Hq).contiguous()
     out, lse, _ = torch.ops.tritformer.attention_fwd(
         q, k, v, mask, key_padding_mask, slopes, None, None, seed, scale, left, right, softcap,
-        dropout_p, 0, 0)
+        dropout_p, 0, 0, False, deterministic)
     return (out, lse) if return_lse else out
 
 
@@ -213,7 +239,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
               key_padding_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
               window: Optional[tuple[int, int]] = None,
               alibi_slopes: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
-              layout: str = "bhnd"):
+              layout: str = "bhnd", deterministic: bool = DETERMINISTIC_DEFAULT):
     """Fused softmax attention, FlashAttention-2 style: softmax(score + bias, masked) v.
 
     Shapes below are for ``layout="bhnd"`` (the default). With ``layout="bnhd"`` q, k, v are
@@ -262,6 +288,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         softcap: scores become softcap * tanh(scores / softcap) before bias and mask (Gemma-2);
             None or 0 = off.
         layout: "bhnd" ([B, H, N, D]) or "bnhd" ([B, N, H, D]) for q, k, v and out.
+        deterministic: the backward's path. True: separate dK/dV and dQ kernels, bitwise
+            reproducible run to run. False: one fused kernel that accumulates dQ with fp32
+            atomics (FlashAttention-2's 5 GEMMs per tile pair instead of 7), whose dQ may
+            differ in the last bits between runs (dK, dV and a mask's gradient do not).
+            The default is `DETERMINISTIC_DEFAULT` (README, "Backward": the figures behind
+            it). ``torch.use_deterministic_algorithms(True)`` forces True.
 
     Returns:
         out [B, Hq, Nq, D] in q's dtype (and q's memory layout); with ``return_lse`` also
@@ -277,14 +309,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         return from_bhnd(attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse,
                                    attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                                    dropout_p=dropout_p, window=window, alibi_slopes=alibi_slopes,
-                                   softcap=softcap), layout, return_lse)
+                                   softcap=softcap, deterministic=deterministic),
+                         layout, return_lse)
     check_attention_inputs(q, k, v, scale)
     check_attention_options(q, k, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                             dropout_p=dropout_p, window=window, alibi_slopes=alibi_slopes,
                             softcap=softcap, causal=causal, return_lse=return_lse)
+    deterministic = backward_deterministic(deterministic)
     left, right = reference.window_bounds(bool(causal), window)
     return _attention(q, k, v, scale, left, right, return_lse, attn_mask, key_padding_mask,
-                      dropout_p, alibi_slopes, softcap)
+                      dropout_p, alibi_slopes, softcap, deterministic)
 
 
 @autocast("q", "k", "v")  # as SDPA
@@ -296,7 +330,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      alibi_slopes: Optional[torch.Tensor] = None,
                      softcap: Optional[float] = None,
                      block_table: Optional[torch.Tensor] = None,
-                     seqused_k: Optional[torch.Tensor] = None, return_lse: bool = False):
+                     seqused_k: Optional[torch.Tensor] = None, return_lse: bool = False,
+                     deterministic: bool = DETERMINISTIC_DEFAULT):
     """Attention over packed variable-length sequences (FlashAttention's varlen convention).
 
     q [total_q, Hq, D], k/v [total_k, Hkv, D]; sequence s holds query rows
@@ -317,6 +352,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Both are inference-only: there is no backward, and a call where q, k or v requires grad
     while grad mode is on raises RuntimeError (use torch.no_grad() or inference_mode()).
 
+    deterministic: the backward's path, as in `attention`.
+
     Returns out [total_q, Hq, D] (and lse [Hq, total_q] float32 with ``return_lse``).
     """
     check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
@@ -326,6 +363,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             softcap=softcap, batch=n_seq, heads=q.shape[1], causal=causal,
                             return_lse=return_lse)
     check_varlen_inference_only(q, k, v, block_table, seqused_k)
+    deterministic = backward_deterministic(deterministic)
     left, right = reference.window_bounds(bool(causal), window)
     scale, softcap, dropout_p, seed = _scalars(q, scale, softcap, dropout_p)
     if is_torch(backend_for(q)):  # CPU fallback: torch's SDPA per sequence (tritformer.fallback)
@@ -353,6 +391,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     else:
         out, lse, _ = torch.ops.tritformer.attention_fwd(
             view(q), view(k), view(v), None, None, slopes, cu_seqlens_q, cu_seqlens_k, seed,
-            scale, left, right, softcap, dropout_p, int(max_seqlen_q), int(max_seqlen_k), checked)
+            scale, left, right, softcap, dropout_p, int(max_seqlen_q), int(max_seqlen_k), checked,
+            deterministic)
     out = out[0].transpose(0, 1)
     return (out, lse[0]) if return_lse else out

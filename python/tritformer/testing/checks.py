@@ -83,17 +83,25 @@ def _attention_grad_checks(out, ref, base, kernel, refs, bases, scale, mask=None
     return checks
 
 
+def _path_option(options: dict) -> dict:
+    """{"deterministic": ...} popped from options (the kernel's backward path, which the
+    reference does not take), or {} for the default path."""
+    return {"deterministic": options.pop("deterministic")} if "deterministic" in options else {}
+
+
 def check_attention(q, k, v, *, causal=False, scale=None, grads=True, return_lse=False,
                     **options) -> list[numerics.Check]:
     """Run tritformer.attention forward (and backward) and check out (lse, dq, dk, dv, and
     dmask for a float attn_mask that requires grad).
 
     options: attn_mask, key_padding_mask, dropout_p, window, alibi_slopes, softcap, as
-    `tritformer.attention`. Error of the kernel vs a float64 reference, bounded by PyTorch's own
-    error in q's dtype (reference.attention run in that dtype); with dropout the reference
-    uses the kernel's own keep mask (regenerated from the same seed).
+    `tritformer.attention`, and deterministic (the backward path; the kernel only). Error of the
+    kernel vs a float64 reference, bounded by PyTorch's own error in q's dtype
+    (reference.attention run in that dtype); with dropout the reference uses the kernel's own
+    keep mask (regenerated from the same seed).
     """
     from ..ops.attention import attention
+    path = _path_option(options)
     mask = options.pop("attn_mask", None)
     mask_grad = grads and mask is not None and mask.dtype != torch.bool and mask.requires_grad
     slopes = options.pop("alibi_slopes", None)
@@ -110,7 +118,7 @@ def check_attention(q, k, v, *, causal=False, scale=None, grads=True, return_lse
     p = float(options.get("dropout_p", 0.0))
     (out, lse), seed = _same_rng_seed(
         lambda: attention(*lk, causal=causal, scale=scale, return_lse=True, attn_mask=mk,
-                          alibi_slopes=sk, **options), p)
+                          alibi_slopes=sk, **options, **path), p)
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[2]
     keep = _dropout_reference_mask(q, seed, p, B * Hq * Nq, Nk, (B, Hq, Nq, Nk))
@@ -135,8 +143,10 @@ def check_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     on float64 copies, bounded by the same reference run in q's dtype. options: dropout_p,
     window, alibi_slopes ([Hq] or [num_seqs, Hq]), softcap; with dropout the reference uses the
     kernel's own keep bits (rows [Hq, Tq], max_seqlen_k columns, regenerated from the seed).
+    deterministic: the backward path, as `check_attention`.
     """
     from ..ops.attention import varlen_attention
+    path = _path_option(options)
     slopes = options.pop("alibi_slopes", None)
     cu = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
@@ -149,7 +159,7 @@ def check_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     p = float(options.get("dropout_p", 0.0))
     (out, lse), seed = _same_rng_seed(
         lambda: varlen_attention(*lk, *cu, causal=causal, scale=scale, return_lse=True,
-                                 alibi_slopes=sk, **options), p)
+                                 alibi_slopes=sk, **options, **path), p)
     Tq, Hq = q.shape[:2]
     keep = _dropout_reference_mask(q, seed, p, Hq * Tq, max_seqlen_k, (Hq, Tq, max_seqlen_k))
     ref, ref_lse = reference.varlen_attention(*lr, *cu, causal=causal, scale=scale, return_lse=True,
