@@ -167,7 +167,8 @@ bwd_dq    120 fp32 | 32x16/4/1 64x16/4/2    | 16x64/8/1 16x16/8/1    | 16x32/8/1
 # switch costs instructions, not tiles: on the plain tile the sm_90 fp16 D=128 forward's
 # serialized estimate is 0.55 plain, 0.46 ALiBi, 0.33 softcap (tanh), 0.47 key padding, 0.55
 # window, 0.27 all four (0.17 on the masked table's 32x32/8/1 before). docs/masked-performance.md
-# has the tables.
+# has the tables. sm_90 16-bit D<=64: 64x64/4/3 dropped when the forward folded log2 e (44 B
+# spilled on Triton 3.7.1, all four switches, non-causal MHA; 128x64/8/3: 0 B).
 # Rejected (spill bytes, Triton 3.9 unless noted): sm_90 fwd D=64 128x128/8/3 592; D=128
 # 64x64/4/3 276 (3.7.1); D=256 64x32/4/2 232, 128x64/8/2 948, 64x64/8/2 64, 128x32/8/2 16.
 # sm_80 fwd D=64 128x64/8/3 and 64x64/4/3 16 with softcap alone; D=128 64x64/4/3 32; D=256
@@ -185,7 +186,7 @@ bwd_dq    120 fp32 | 32x16/4/1 64x16/4/2    | 16x64/8/1 16x16/8/1    | 16x32/8/1
 # cells within 99 KB.
 _LIGHT = """
 # kernel  sm  elem | D <= 64                | D <= 128               | D <= 256
-fwd       90  16b  | 128x64/8/3 64x64/4/3   | 128x64/8/3 64x32/4/3   | 64x16/4/2 64x32/8/2
+fwd       90  16b  | 128x64/8/3             | 128x64/8/3 64x32/4/3   | 64x16/4/2 64x32/8/2
 fwd       90  fp32 | 64x32/4/2              | 16x64/8/1              | 32x16/8/1 16x32/8/1
 fwd       80  16b  | 128x32/8/3 64x32/8/2   | 128x32/8/3 64x32/4/3   | 64x32/8/2
 fwd       80  fp32 | 32x32/8/1              | 16x16/8/1              | 32x16/8/1
@@ -290,9 +291,10 @@ VARIANT_CONFIGS = {"varlen": parse_table(_VARLEN), "light": parse_table(_LIGHT),
 # compiled): sm_80 fp32 D=256 32x16/8/1 8 B (causal; 16x32/8/1: 119 regs, 0 B); sm_86 fp32
 # D=64 64x32/4/2 124-180 B (unpaged 0 B; 128x32/8/3: 0 B); sm_120 fp16 D=128 64x64/4/3 268 B
 # (unpaged 88-136 B; 128x32/8/3: 0 B). Unpaged and paged alike spill at sm_120 fp32 D=64
-# (84-516 B, both cells): not fixed here.
+# (84-516 B, both cells): not fixed here. sm_80 fp16 D=64 causal 128x32/8/3: 8 B on Triton 3.7.1
+# once the forward folded log2 e (128 regs; 128x64/8/3: 0 B).
 PAGED_FWD = {(80, 4, 256): [_cfg(16, 32, 8, 1)], (86, 4, 64): [_cfg(128, 32, 8, 3)],
-             (120, 2, 128): [_cfg(128, 32, 8, 3)]}
+             (120, 2, 128): [_cfg(128, 32, 8, 3)], (80, 2, 64): [_cfg(128, 64, 8, 3)]}
 
 
 # The 16-bit forward with K / V through tensor descriptors (launch.use_tma), {(arch family,
