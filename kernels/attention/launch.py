@@ -103,8 +103,7 @@ def plan_forward(q, k, v, out, lse, opts: Options, arch: int | None,
     log2_units = q.dtype != torch.float32 and opts.scale > 0
     if log2_units:
         args["sm_scale"] = args["sm_scale"] * LOG2E.value
-        if "cap_out" in args:
-            args["cap_out"] = args["cap_out"] * LOG2E.value
+        args["cap_out"] = args["cap_out"] * LOG2E.value
     constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, **flags, "LSE_LO": lse_lo is not None,
                   **paging_flags, "DOT_PRECISION": _dot_precision(q.dtype, block_d, variant),
                   "LOG2_UNITS": log2_units}
