@@ -233,13 +233,17 @@ export PYTHONUNBUFFERED=1        # logs up to date when a step is stopped at its
 STEPS=()      # summary rows, in order
 FAILED=()     # steps that did not pass
 INTERRUPTED=""
+NSIG=0
 CHILD=""
 START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 T0=$SECONDS
 
 on_signal() {  # stop the step running (as its timeout would); no further steps
   INTERRUPTED=$1
+  NSIG=$((NSIG + 1))
   if [ -n "$CHILD" ]; then kill -INT "$CHILD" 2>/dev/null || true; fi
+  # tests only: widen the window in which the step exits (and is reaped) before `step` looks
+  if [ -n "${GPU_DAY_TEST_TRAP_DELAY:-}" ]; then sleep "$GPU_DAY_TEST_TRAP_DELAY"; fi
 }
 trap 'on_signal INT' INT
 trap 'on_signal TERM' TERM
@@ -310,10 +314,14 @@ step() {  # step NAME LOG COMMAND...: run COMMAND under its limit, stdout+stderr
   # timeout runs the step in its own process group, which the terminal's Ctrl-C never reaches
   timeout -s INT -k "$GRACE" "$secs" "$@" >"$OUT/$log" 2>&1 </dev/null &
   CHILD=$!
-  wait "$CHILD" || rc=$?
-  while kill -0 "$CHILD" 2>/dev/null; do  # wait was interrupted by a signal: the step is
-    rc=0                                  # stopping; its own exit status is the one to keep
+  local seen
+  while :; do
+    seen=$NSIG rc=0
     wait "$CHILD" || rc=$?
+    # a trapped signal ends `wait` early with 128+n, whether or not the step is still running
+    # (it may already have exited and been reaped): wait again for the step's own status,
+    # which bash keeps for `wait PID` after the reap
+    [ "$NSIG" != "$seen" ] || break
   done
   CHILD=""
   local took=$((SECONDS - t)) status=ok
