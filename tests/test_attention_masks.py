@@ -168,8 +168,19 @@ def test_rows_with_no_key_are_zero_with_zero_gradient(how):
 @pytest.mark.parametrize("how", [
     "padding",  # batch row 0 has 40 valid keys of 128: key tiles 64.. lie past the last one
     "window",   # window (8, 8) with Nk - Nq = 128: keys 0..119 are in no row's window
+    "interior",  # batch row 0's keys 64..127 are padding between valid keys on both sides:
+                 # tiles inside [first valid, last valid] skipped by options._kv_range's counts
 ])
-def test_fully_masked_tiles_are_not_visited(how):
+@pytest.mark.parametrize("deterministic", [True, False], ids=["dq-kernel", "fused-dq"])
+def test_fully_masked_tiles_are_not_visited(how, deterministic, request):
+    if how == "interior":
+        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+            "the forward and dQ kernels skip leading / trailing all-padding key tiles only "
+            "(_key_range). Interior ones, skipped by a branch around the tile body on per-16-key "
+            "valid counts, measured (AOT, 2026-12-07): forward 16-bit light estimates +1-2% but "
+            "new spills on Triton 3.7.1 (light sm_90 D=128 128x64/8/3 16 B; masked fp32 sm_80 "
+            "D=64 72 B, sm_90 D=256 8 B) and masked -4%; dQ spilled on 3.9 (light sm_80 D=128 "
+            "64x32/4 944 B), also with the loads kept outside the branch")))
     # NaN in the keys/values of whole key tiles that the masking leaves empty (64-aligned: the
     # dK/dV tile; forward/dQ tiles are 32 keys): a kernel that loads them, even to multiply by
     # p = 0, returns NaN; one that skips them returns the reference result, and the dK/dV
@@ -179,6 +190,13 @@ def test_fully_masked_tiles_are_not_visited(how):
         kw = {"key_padding_mask": padding(B, Nk, [40, 100])}
         poison = torch.zeros(B, Nk, dtype=torch.bool)
         poison[0, 64:] = True
+    elif how == "interior":
+        B, Nq, Nk = 2, 64, 192
+        kpm = padding(B, Nk, [190, 150])
+        kpm[0, 64:128] = True
+        kw = {"key_padding_mask": kpm}
+        poison = torch.zeros(B, Nk, dtype=torch.bool)
+        poison[0, 64:128] = True
     else:
         B, Nq, Nk = 1, 64, 192
         kw = {"window": (8, 8)}
@@ -189,7 +207,7 @@ def test_fully_masked_tiles_are_not_visited(how):
     for x in (k, v):
         x.transpose(1, 2)[poison] = float("nan")
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out = tritformer.attention(*leaves, **kw)
+    out = tritformer.attention(*leaves, **kw, deterministic=deterministic)
     assert torch.isfinite(out).all()
     out.float().sum().backward()
     assert torch.isfinite(leaves[0].grad).all()
