@@ -18,10 +18,47 @@ def _program_tile(MAX_SEQLEN, BLOCK: tl.constexpr, N_HEADS):
 
 
 @triton.jit
+def _philox_keep4(seed, row, g, dropout_p):
+    """Keep bits of keys 4g .. 4g + 3 of lse rows `row` (row and g broadcast against each
+    other), one Philox4x32-10 draw per (row, g): counter (g, row & 0xffffffff, row >> 32, 0),
+    key seed; output k is key 4g + k's bit, kept iff >= p * 2^32 as an unsigned integer (p
+    rounded to fp32 first, the kernels' argument type; the keep rate is 1 - p to 2^-32)."""
+    p = tl.to_tensor(dropout_p).to(tl.float32)
+    thresh = tl.minimum((p * 4294967296.0).to(tl.int64), 4294967295).to(tl.uint32)
+    row = row.to(tl.int64)  # the mask kernel's rows are int32
+    r0, r1, r2, r3 = tl.philox(seed, g.to(tl.uint32), row.to(tl.uint32),
+                               (row >> 32).to(tl.uint32), 0)
+    return r0 >= thresh, r1 >= thresh, r2 >= thresh, r3 >= thresh
+
+
+@triton.jit
 def _dropout_keep(seed, row, col, DROP_COLS, dropout_p):
-    """Philox keep mask of lse row `row` (broadcast with `col`): counter row * DROP_COLS + col."""
-    offs = row.to(tl.int64) * DROP_COLS + col
-    return tl.rand(seed, offs) >= dropout_p
+    """Dropout keep bits of lse rows `row` and keys `col`: [M, N] for row [M, 1] and col [1, N]
+    (forward, dQ, the mask kernel), or the transposed tile [N, M] for col [N, 1] and row [1, M]
+    (dK/dV). col: N consecutive keys from a multiple of 4 (N a multiple of 4).
+
+    One Philox draw per 4 keys of a row (_philox_keep4: key j is output j % 4 of the draw of
+    group j // 4), interleaved back into the tile. The bit of (seed, lse row, key) depends on
+    nothing else: not the tile config, the kernel, the orientation or DROP_COLS (unused by this
+    scheme; kept in the kernels' signatures)."""
+    if col.shape[0] == 1:  # [M, N]: keys along axis 1
+        N: tl.constexpr = col.shape[1]
+        tl.static_assert(N % 4 == 0)
+        c, _ = tl.split(tl.reshape(col, [1, N // 4, 2, 2]))
+        c, _ = tl.split(c)  # [1, N/4]: the first key of each group
+        k0, k1, k2, k3 = _philox_keep4(seed, row, c >> 2, dropout_p)
+        M: tl.constexpr = k0.shape[0]
+        x = tl.join(tl.join(k0, k2), tl.join(k1, k3))  # [M, N/4, 2, 2]: [.., a, b] = k_(2a + b)
+        return tl.reshape(x, [M, N])
+    else:  # [N, M]: keys along axis 0
+        N: tl.constexpr = col.shape[0]
+        tl.static_assert(N % 4 == 0)
+        c, _ = tl.split(tl.permute(tl.reshape(col, [N // 4, 2, 2, 1]), [0, 3, 1, 2]))
+        c, _ = tl.split(c)  # [N/4, 1]
+        k0, k1, k2, k3 = _philox_keep4(seed, row, c >> 2, dropout_p)
+        M: tl.constexpr = k0.shape[1]
+        x = tl.join(tl.join(k0, k2), tl.join(k1, k3))  # [N/4, M, 2, 2]
+        return tl.reshape(tl.permute(x, [0, 2, 3, 1]), [N, M])
 
 
 @triton.jit

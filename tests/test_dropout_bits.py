@@ -1,0 +1,93 @@
+"""The attention kernels' dropout keep bits (kernels/attention/_common.py::_dropout_keep): one
+Philox4x32-10 draw per 4 keys of an lse row, the same bit for (seed, lse row, key) whatever
+the tile shape and orientation (forward / dQ tiles are [rows, keys], dK/dV's [keys, rows]),
+pinned against an independent model of the scheme so that a change of it (or of Triton's
+Philox) cannot pass unnoticed."""
+import numpy as np
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from tritformer.kernels import attention as K
+from tritformer.kernels.attention._common import _dropout_keep
+
+M32 = 0xFFFFFFFF
+
+
+def _philox4x32_10(c, k):
+    """Philox4x32 with 10 rounds (Salmon et al. 2011), as Triton's tl.philox computes it."""
+    c0, c1, c2, c3 = c
+    k0, k1 = k
+    for _ in range(10):
+        p0, p2 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p2 >> 32) ^ c1 ^ k0) & M32, p2 & M32, ((p0 >> 32) ^ c3 ^ k1) & M32, p0 & M32
+        k0, k1 = (k0 + 0x9E3779B9) & M32, (k1 + 0xBB67AE85) & M32
+    return c0, c1, c2, c3
+
+
+def model_keep(seed, p, row, key):
+    """The documented scheme: key j of lse row r is output j % 4 of the draw with counter
+    (j // 4, r & 0xffffffff, r >> 32, 0) and key (seed & 0xffffffff, seed >> 32); kept iff
+    that 32-bit output >= floor(fp32(p) * 2^32)."""
+    out = _philox4x32_10((key >> 2, row & M32, row >> 32, 0), (seed & M32, seed >> 32))[key & 3]
+    return out >= min(int(np.float32(p) * np.float32(2 ** 32)), M32)
+
+
+@triton.jit
+def _bits_kernel(Out, row0, n_rows, n_cols, dropout_p, seed,
+                 BR: tl.constexpr, BC: tl.constexpr, TRANS: tl.constexpr):
+    """Out[r, c] = the keep bit of lse row row0 + r, key c, drawn by [BR, BC] tiles, or by
+    transposed [BC, BR] tiles (the dK/dV kernel's orientation) when TRANS."""
+    n_col_tiles = tl.cdiv(n_cols, BC)
+    r = (tl.program_id(0) // n_col_tiles) * BR + tl.arange(0, BR)
+    c = (tl.program_id(0) % n_col_tiles) * BC + tl.arange(0, BC)
+    if TRANS:
+        keep = _dropout_keep(seed, row0 + r[None, :].to(tl.int64), c[:, None], n_cols, dropout_p)
+        tl.store(Out + r[None, :].to(tl.int64) * n_cols + c[:, None], keep,
+                 mask=(r[None, :] < n_rows) & (c[:, None] < n_cols))
+    else:
+        keep = _dropout_keep(seed, row0 + r[:, None].to(tl.int64), c[None, :], n_cols, dropout_p)
+        tl.store(Out + r[:, None].to(tl.int64) * n_cols + c[None, :], keep,
+                 mask=(r[:, None] < n_rows) & (c[None, :] < n_cols))
+
+
+def bits(seed, p, row0, n_rows, n_cols, br, bc, trans):
+    out = torch.zeros(n_rows, n_cols, dtype=torch.bool)
+    grid = (triton.cdiv(n_rows, br) * triton.cdiv(n_cols, bc),)
+    _bits_kernel[grid](out, row0, n_rows, n_cols, p, seed, BR=br, BC=bc, TRANS=trans)
+    return out
+
+
+@pytest.mark.parametrize("seed,p", [(1234567, 0.3), (2 ** 31 - 2, 0.1), (2 ** 40 + 77, 0.85)])
+def test_mask_kernel_matches_the_documented_philox_scheme(seed, p):
+    # dropout_keep_mask is what the reference and the tests use to reproduce the kernels' mask;
+    # seed 2^40 + 77 has a high key word, n_cols = 70 a ragged last group of keys
+    n_rows, n_cols = 37, 70
+    mask = K.dropout_keep_mask(seed, p, n_rows, n_cols, "cpu")
+    ref = torch.tensor([[model_keep(seed, p, r, j) for j in range(n_cols)] for r in range(n_rows)])
+    assert torch.equal(mask, ref)
+
+
+def test_rows_past_2_to_the_32_use_the_high_counter_word():
+    # lse rows are B * Hq * Nq: the row's high 32 bits are the third counter word, so rows
+    # 2^32 apart get different bits (a 32-bit counter would repeat them)
+    seed, p, n_rows, n_cols = 99, 0.5, 8, 32
+    row0 = 2 ** 32 + 5
+    got = bits(seed, p, row0, n_rows, n_cols, 16, 16, False)
+    ref = torch.tensor([[model_keep(seed, p, row0 + r, j) for j in range(n_cols)]
+                        for r in range(n_rows)])
+    assert torch.equal(got, ref)
+    assert not torch.equal(got, bits(seed, p, 5, n_rows, n_cols, 16, 16, False))
+
+
+@pytest.mark.parametrize("br,bc,trans", [(16, 16, False), (64, 32, False), (32, 128, False),
+                                          (16, 64, True), (64, 16, True), (32, 32, True)],
+                         ids=lambda v: str(v))
+def test_bits_independent_of_tile_shape_and_orientation(br, bc, trans):
+    # the forward and dQ kernels draw [BLOCK_M, BLOCK_N] tiles, dK/dV [BLOCK_N, BLOCK_M]: every
+    # tile shape and both orientations must give the mask kernel's bits (which the reference
+    # uses), rows offset as a head's rows are (row0 = 3 * 41)
+    seed, p, row0, n_rows, n_cols = 4321, 0.4, 123, 41, 83
+    want = K.dropout_keep_mask(seed, p, row0 + n_rows, n_cols, "cpu")[row0:]
+    assert torch.equal(bits(seed, p, row0, n_rows, n_cols, br, bc, trans), want)
