@@ -457,7 +457,7 @@ SPLIT_CONFIGS = {
          (64, 4, 16, [_cfg(64, 4, 3)]),    # 3xTF32 dots: 221 regs, 80 KB
          (64, 4, 64, [_cfg(16, 4, 2)]),    # 228 regs, 48 KB
          (128, 4, 16, [_cfg(16, 4, 2)]),   # exact scores in 32-wide slices: 242 regs, 42 KB
-         #                                   (32/4/2 paged 52 B spilled; 64/8/2 12-40 B)
+         #                                   (32/4/2 on 3.9: paged 52 B, 'all' 8 B spilled)
          (128, 4, 32, [_cfg(16, 8, 2)]),   # FMA dots: 80 regs, 34 KB
          (256, 4, 16, [_cfg(32, 8, 2)])],  # 115 regs, 82 KB
     # 128/4/3: 32-row single-split spilled 16 B on Triton 3.7.1 (its own ptxas run)
@@ -472,8 +472,8 @@ SPLIT_CONFIGS = {
          (64, 4, 32, [_cfg(32, 4, 2)]),    # 220 regs, 40 KB
          (64, 4, 64, [_cfg(16, 8, 2)]),    # 167 regs, 40 KB: 1/SM
          (128, 4, 16, [_cfg(16, 4, 2)]),   # exact scores in 32-wide slices: 244 regs, 42 KB
-         #                                   (64/4/2 spilled 320-736 B; 64/8/2 and 32/8/2
-         #                                   253-255 regs x 256 threads, 1/SM)
+         #                                   (3.9: 64/4/2 spilled 320-736 B; 64/8/2 and
+         #                                   32/8/2 paged/all 253-255 regs x 256 threads)
          (128, 4, 32, [_cfg(16, 8, 2)]),   # FMA dots: 80 regs, 34 KB
          (256, 4, 16, [_cfg(32, 8, 2)])],  # 107 regs, 82 KB: 1/SM (just over half of 163 KB)
 }
