@@ -57,7 +57,8 @@ def dot_f32_exact(a, b):
     inf as the big product alone does (NaN operands give NaN through a0 b0).
 
     Cost: six MMAs and three pieces per operand live at once; only tiles with registers to
-    spare take it (decode's 16-row fp32 tiles at BLOCK_D <= 64). The attention forward does
+    spare take it (decode's 16-row fp32 tiles at BLOCK_D <= 64; past it, the same chain over
+    slices of K: dot_f32_exact_small, then dot_f32_exact_big). The attention forward does
     not: its backward recomputes the scores with DOT_PRECISION, and scores other than the
     forward's lse skew P (tests/test_fuzz.py, test_fp32_small_head_dim_sequential_pv)."""
     a0, a1, a2 = _tf32_split3(a)
@@ -69,3 +70,32 @@ def dot_f32_exact(a, b):
     small = tl.dot(a1, b0, small, input_precision="tf32")
     small = tl.where(small != small, 0.0, small)
     return tl.dot(a0, b0, small, input_precision="tf32")
+
+
+@triton.jit
+def dot_f32_exact_small(a, b, acc):
+    """acc plus the five small products of dot_f32_exact (a1 b1, a0 b2, a2 b0, a0 b1, a1 b0, in
+    its order). With dot_f32_exact_big, dot_f32_exact over K in slices: the small products of
+    every slice first, chained in one accumulator, then the big ones, so that only one slice's
+    pieces are live at a time."""
+    a0, a1, a2 = _tf32_split3(a)
+    b0, b1, b2 = _tf32_split3(b)
+    acc = tl.dot(a1, b1, acc, input_precision="tf32")
+    acc = tl.dot(a0, b2, acc, input_precision="tf32")
+    acc = tl.dot(a2, b0, acc, input_precision="tf32")
+    acc = tl.dot(a0, b1, acc, input_precision="tf32")
+    return tl.dot(a1, b0, acc, input_precision="tf32")
+
+
+@triton.jit
+def dot_f32_exact_big(a, b, acc):
+    """acc plus a0 b0, the big product of dot_f32_exact (after every slice's small products:
+    clear NaN from them first, with exact_small_nan)."""
+    return tl.dot(_tf32_head(a), _tf32_head(b), acc, input_precision="tf32")
+
+
+@triton.jit
+def exact_small_nan(small):
+    """dot_f32_exact's NaN rule for the small products' sum: NaN (an inf operand times a zero
+    piece) becomes 0, so that an inf operand gives inf as its big product alone does."""
+    return tl.where(small != small, 0.0, small)

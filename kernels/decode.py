@@ -36,7 +36,8 @@ import triton.language as tl
 
 from ._launch import Launch, arch_family, device_arch, flat_grid, int32_tiles, is_interpreted, run
 from ._constants import LN2, LOG2E
-from ._math import dot_f32_exact, tanh as _tanh
+from ._math import (dot_f32_exact, dot_f32_exact_big, dot_f32_exact_small, exact_small_nan,
+                    tanh as _tanh)
 from .attention import _block_d, _dot_precision
 
 
@@ -45,6 +46,21 @@ from .attention import _block_d, _dot_precision
 # Kernel 1: one KV head's query group against one chunk of the cache
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _qk_slice(q_rows, mask_q, stride_qd, k_rows, stride_kd, ok_n, c: tl.constexpr,
+              HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr, BOUNDARY: tl.constexpr):
+    """Columns [c, c + WIDTH) of the query tile and rows [c, c + WIDTH) of the K^T tile
+    (k_rows: the tile's key row pointers, [1, BLOCK_N]; ok_n: its valid keys if BOUNDARY)."""
+    offs_c = c + tl.arange(0, WIDTH)
+    mask_c = offs_c < HEAD_DIM
+    qc = tl.load(q_rows + offs_c[None, :] * stride_qd, mask=mask_q & mask_c[None, :], other=0.0)
+    if BOUNDARY:
+        kc = tl.load(k_rows + offs_c[:, None] * stride_kd, mask=mask_c[:, None] & ok_n, other=0.0)
+    else:
+        kc = tl.load(k_rows + offs_c[:, None] * stride_kd, mask=mask_c[:, None], other=0.0)
+    return qc, kc
+
+
+@triton.jit
 def _decode_inner(acc, l_i, m_i, q, k_head, v_head, k_offs, v_offs, offs_d, stride_kz,
                   stride_kn, stride_kd, stride_vz, stride_vn, stride_vd, bt_row, stride_btn, PAGE,
                   MAX_BLOCKS, N_CACHE, lo, hi, i, offs_n, mask_d, k_lo, n_kv, diag, slope,
@@ -52,16 +68,20 @@ def _decode_inner(acc, l_i, m_i, q, k_head, v_head, k_offs, v_offs, offs_d, stri
                   BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, PAGED: tl.constexpr,
                   HAS_LEFTPAD: tl.constexpr, CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr,
                   WIN_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, q_rows, mask_q, stride_qd,
+                  HEAD_DIM: tl.constexpr, QK_CHUNK: tl.constexpr):
     # BOUNDARY=False: every key of every tile in [lo, hi) is valid and visible to every row,
     # so neither the length bound, the left padding nor the window is evaluated (the fast
     # path). k_head / v_head: the cache at this KV head (and batch row, unless PAGED).
-    # fp32 scores with exact products in MMA k-steps of 8 (_math.dot_f32_exact) where the
-    # tile affords the split's extra MMAs: 16-row tiles up to BLOCK_D 64 (AOT, Triton 3.9: 32-
-    # and 64-row tiles spilled, sm_80 D=64 'all' serving variant 72 B, 'paged' 64 rows 16 B;
-    # BLOCK_D 128 spilled 204 B at 16 rows). Elsewhere DOT_PRECISION: 3xTF32 products err by
-    # ~2^-21 |q||k|, FMA chains grow with D (tests/test_fuzz.py, the fp32 decode cases)
-    EXACT_QK: tl.constexpr = q.dtype == tl.float32 and q.shape[0] <= 16 and q.shape[1] <= 64
+    # QK_CHUNK (exact_qk_chunk): fp32 scores with exact products in MMA k-steps of 8
+    # (_math.dot_f32_exact) where the tile affords the split's extra MMAs: 16-row tiles, at
+    # full width up to BLOCK_D 64, past it in QK_CHUNK-wide slices of D (at full width BLOCK_D
+    # 128 spilled 204 B, AOT, Triton 3.9, sm_80; 32- and 64-row tiles spilled at BLOCK_D 64,
+    # sm_80 'all' serving variant 72 B, 'paged' 64 rows 16 B). QK_CHUNK 0: DOT_PRECISION,
+    # whose 3xTF32 products err by ~2^-21 |q||k| and FMA chains grow with D
+    # (tests/test_fuzz.py, the fp32 decode cases)
+    BLOCK_M: tl.constexpr = q.shape[0]
+    BLOCK_D: tl.constexpr = q.shape[1]
     k_base = k_head + tl.cast(lo, tl.int64) * stride_kn  # not PAGED: position lo of the row
     v_base = v_head + tl.cast(lo, tl.int64) * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
@@ -88,13 +108,37 @@ def _decode_inner(acc, l_i, m_i, q, k_head, v_head, k_offs, v_offs, offs_d, stri
             if HAS_LEFTPAD:
                 ok_n = ok_n & (j[None, :] >= k_lo)
                 ok_v = ok_v & (j[:, None] >= k_lo)
-            k = tl.load(k_ptrs, mask=mask_d[:, None] & ok_n, other=0.0)
+        if QK_CHUNK == 0 or QK_CHUNK == BLOCK_D:
+            if BOUNDARY:
+                k = tl.load(k_ptrs, mask=mask_d[:, None] & ok_n, other=0.0)
+            else:
+                k = tl.load(k_ptrs, mask=mask_d[:, None], other=0.0)
+            if QK_CHUNK == 0:
+                qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+            else:
+                qk = dot_f32_exact(q, k)
         else:
-            k = tl.load(k_ptrs, mask=mask_d[:, None], other=0.0)
-        if EXACT_QK:
-            qk = dot_f32_exact(q, k)
-        else:
-            qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+            # exact score products over D in QK_CHUNK-wide slices: the small products of every
+            # slice chained in one accumulator, then the big ones (the chain of the full-width
+            # dot_f32_exact, so the same scores), one slice's pieces live at a time. q's slices
+            # are loop-invariant: Triton hoists their loads and keeps the pieces in shared
+            # memory (AOT TTGIR); the second pass's loads are the first's (CSE)
+            if PAGED:
+                k_rows = k_head + k_row[None, :]
+            else:
+                k_rows = k_base + offs_n[None, :] * stride_kn
+            if not BOUNDARY:
+                ok_n = mask_q  # unused
+            qk = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for c in tl.static_range(0, BLOCK_D, QK_CHUNK):
+                qc, kc = _qk_slice(q_rows, mask_q, stride_qd, k_rows, stride_kd, ok_n, c,
+                                   HEAD_DIM, QK_CHUNK, BOUNDARY)
+                qk = dot_f32_exact_small(qc, kc, qk)
+            qk = exact_small_nan(qk)
+            for c in tl.static_range(0, BLOCK_D, QK_CHUNK):
+                qc, kc = _qk_slice(q_rows, mask_q, stride_qd, k_rows, stride_kd, ok_n, c,
+                                   HEAD_DIM, QK_CHUNK, BOUNDARY)
+                qk = dot_f32_exact_big(qc, kc, qk)
         if SOFTCAP or HAS_ALIBI:
             # natural units as attention's _scores (same formulas), then to log2 units
             if SOFTCAP:
@@ -152,7 +196,7 @@ def _decode_split(Q, K, V, SeqLens, LeftPad, BatchIdx, BlockTable, Alibi, Out, L
                   BLOCK_N: tl.constexpr, HAS_SEQLENS: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
                   HAS_LEFTPAD: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr,
                   CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                  SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, QK_CHUNK: tl.constexpr):
     # Scores are in log2 units, s = q k^T * (scale * log2 e), so p = exp2(s - m) (FlashAttention-2's
     # folding): one rounding per score fewer than natural units' exp2((s - m) * log2 e), where
     # rounding the product moves p by up to |s - m| ulp. attention.py keeps natural units for
@@ -232,8 +276,8 @@ def _decode_split(Q, K, V, SeqLens, LeftPad, BatchIdx, BlockTable, Alibi, Out, L
 
     # int64 base offsets: B*H*N*D may pass 2^31; in-tile offsets stay int32
     b64 = b.to(tl.int64)
-    q_ptrs = (Q + b64 * stride_qz + off_h[:, None] * stride_qh + i * stride_qm
-              + offs_d[None, :] * stride_qd)
+    q_rows = Q + b64 * stride_qz + off_h[:, None] * stride_qh + i * stride_qm
+    q_ptrs = q_rows + offs_d[None, :] * stride_qd
     if HAS_BATCH_IDX:  # batch row b reads cache row BatchIdx[b]
         cb = tl.minimum(tl.maximum(tl.load(BatchIdx + b), 0), N_CACHE - 1).to(tl.int64)
     else:
@@ -268,21 +312,27 @@ def _decode_split(Q, K, V, SeqLens, LeftPad, BatchIdx, BlockTable, Alibi, Out, L
             N_CACHE, lo, full_lo, i, offs_n, mask_d, k_lo, n_kv, diag, slope, qk_scale,
             sm_scale, cap_in, cap_out, win_left, win_right, BLOCK_N=BLOCK_N, BOUNDARY=True,
             PAGED=PAGED, HAS_LEFTPAD=HAS_LEFTPAD, CAUSAL=CAUSAL, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
-            HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DOT_PRECISION=DOT_PRECISION)
+            HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DOT_PRECISION=DOT_PRECISION,
+        q_rows=q_rows, mask_q=mask_r[:, None], stride_qd=stride_qd, HEAD_DIM=HEAD_DIM,
+        QK_CHUNK=QK_CHUNK)
     acc, l_i, m_i = _decode_inner(
         acc, l_i, m_i, q, k_head, v_head, k_offs, v_offs, offs_d, stride_kz, stride_kn,
         stride_kd, stride_vz, stride_vn, stride_vd, bt_row, stride_btn, PAGE, MAX_BLOCKS,
         N_CACHE, full_lo, full_hi, i, offs_n, mask_d, k_lo, n_kv, diag, slope, qk_scale,
         sm_scale, cap_in, cap_out, win_left, win_right, BLOCK_N=BLOCK_N, BOUNDARY=False,
         PAGED=PAGED, HAS_LEFTPAD=HAS_LEFTPAD, CAUSAL=CAUSAL, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
-        HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DOT_PRECISION=DOT_PRECISION)
+        HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DOT_PRECISION=DOT_PRECISION,
+        q_rows=q_rows, mask_q=mask_r[:, None], stride_qd=stride_qd, HEAD_DIM=HEAD_DIM,
+        QK_CHUNK=QK_CHUNK)
     acc, l_i, m_i = _decode_inner(
         acc, l_i, m_i, q, k_head, v_head, k_offs, v_offs, offs_d, stride_kz, stride_kn,
         stride_kd, stride_vz, stride_vn, stride_vd, bt_row, stride_btn, PAGE, MAX_BLOCKS,
         N_CACHE, full_hi, hi, i, offs_n, mask_d, k_lo, n_kv, diag, slope, qk_scale,
         sm_scale, cap_in, cap_out, win_left, win_right, BLOCK_N=BLOCK_N, BOUNDARY=True,
         PAGED=PAGED, HAS_LEFTPAD=HAS_LEFTPAD, CAUSAL=CAUSAL, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
-        HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DOT_PRECISION=DOT_PRECISION)
+        HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DOT_PRECISION=DOT_PRECISION,
+        q_rows=q_rows, mask_q=mask_r[:, None], stride_qd=stride_qd, HEAD_DIM=HEAD_DIM,
+        QK_CHUNK=QK_CHUNK)
 
     # -- epilogue: normalise; rows with no visible key give 0 and lse = -inf ----
     empty = l_i == 0.0
@@ -363,6 +413,8 @@ def _combine_cfg(split_tile, num_warps, num_stages):
 # (tl.dot's minimum M), at most the largest BLOCK_M the config table has for the head dim and
 # dtype (more rows run in several row blocks, each streaming the chunk's K/V again).
 MIN_BLOCK_M = 16
+# fp32 16-row tiles at BLOCK_D 128: the exact score dot's slice width (exact_qk_chunk)
+EXACT_QK_CHUNK = 32
 
 # Interpreter tiles: BLOCK_N = 16 so the tests' short caches (up to 50 keys) span several
 # tiles and splits; SPLIT_TILE = 2 so that their (at most 4) non-empty splits already take two
@@ -387,7 +439,9 @@ INTERPRETER_MAX_BLOCK_M = 64
 # <= 32K), which the num_splits heuristic (PROGRAMS_PER_SM) counts on. Where nothing gives two
 # per SM (marked 1/SM), the first spill-free one. E.g. 256-wide fp16 heads at 32 rows: every
 # 4-warp tile spilled or sat at 245-255 regs. fp32 beyond D=64 computes its dots in exact fp32
-# FMA (attention's _dot_precision), which holds at most 32 rows at D=128 and 16 at D=256.
+# FMA (attention's _dot_precision), which holds at most 32 rows at D=128 and 16 at D=256;
+# 16-row fp32 tiles at D=128 compute the scores exactly instead (exact_qk_chunk), which the
+# 16-key tile holds under 245 registers with 4 warps (two per SM) on both versions.
 # Comments: registers / shared memory per entry, worst over the plans it serves and both versions.
 SPLIT_CONFIGS = {
     # 128/4/3 read from Triton's own ptxas run (inspect since 821e9fd): 16-row single-split
@@ -402,8 +456,9 @@ SPLIT_CONFIGS = {
          (256, 2, 32, [_cfg(64, 8, 3)]),   # 178 regs, 148 KB: 1/SM
          (64, 4, 16, [_cfg(64, 4, 3)]),    # 3xTF32 dots: 221 regs, 80 KB
          (64, 4, 64, [_cfg(16, 4, 2)]),    # 228 regs, 48 KB
-         (128, 4, 16, [_cfg(64, 4, 2)]),   # FMA dots: 146 regs, 76 KB
-         (128, 4, 32, [_cfg(16, 8, 2)]),   # 80 regs, 34 KB
+         (128, 4, 16, [_cfg(16, 4, 2)]),   # exact scores in 32-wide slices: 242 regs, 42 KB
+         #                                   (32/4/2 on 3.9: paged 52 B, 'all' 8 B spilled)
+         (128, 4, 32, [_cfg(16, 8, 2)]),   # FMA dots: 80 regs, 34 KB
          (256, 4, 16, [_cfg(32, 8, 2)])],  # 115 regs, 82 KB
     # 128/4/3: 32-row single-split spilled 16 B on Triton 3.7.1 (its own ptxas run)
     80: [(64, 2, 32, [_cfg(64, 4, 3)]),    # 128 regs, 40 KB
@@ -416,9 +471,10 @@ SPLIT_CONFIGS = {
          (64, 4, 16, [_cfg(64, 4, 3)]),    # 3xTF32 dots: 230 regs, 80 KB
          (64, 4, 32, [_cfg(32, 4, 2)]),    # 220 regs, 40 KB
          (64, 4, 64, [_cfg(16, 8, 2)]),    # 167 regs, 40 KB: 1/SM
-         (128, 4, 16, [_cfg(64, 8, 2)]),   # FMA dots: 106 regs, 76 KB (32/4/3 was capped
-         #                                   at 128 regs and spilled 32-40 B on both versions)
-         (128, 4, 32, [_cfg(16, 8, 2)]),   # 80 regs, 34 KB
+         (128, 4, 16, [_cfg(16, 4, 2)]),   # exact scores in 32-wide slices: 244 regs, 42 KB
+         #                                   (3.9: 64/4/2 spilled 320-736 B; 64/8/2 and
+         #                                   32/8/2 paged/all 253-255 regs x 256 threads)
+         (128, 4, 32, [_cfg(16, 8, 2)]),   # FMA dots: 80 regs, 34 KB
          (256, 4, 16, [_cfg(32, 8, 2)])],  # 107 regs, 82 KB: 1/SM (just over half of 163 KB)
 }
 # The serving variants (paged cache, left padding, window, ALiBi, softcap: anything beyond the
@@ -428,9 +484,7 @@ SPLIT_CONFIGS = {
 # options, single and split, on 3.7.1 and 3.9.
 SERVING_CONFIGS = {
     # 128/4/2 with every option: 255 regs + 24 B (3.9); 64/4/2 148-162 regs, 38 KB
-    90: [(128, 2, 16, [_cfg(64, 4, 2)]),
-         # 64/4/2 paged: 255 regs + 1,588-1,704 B; 64/8/2 80-111 regs, 76 KB (1/SM)
-         (128, 4, 16, [_cfg(64, 8, 2)])],
+    90: [(128, 2, 16, [_cfg(64, 4, 2)])],
 }
 # sm_86/sm_89 and sm_120 (99 KB per block): sm_80's entries (same shared memory on these targets,
 # measured: tests/data/config_smem.json) except the D=256 32-row one, 151,552 B on all three
@@ -599,7 +653,8 @@ def plan_decode(q, k_cache, v_cache, cache_seqlens, out, lse, o_part, lse_part, 
          "WIN_RIGHT": right is not None and not causal,
          "HAS_ALIBI": alibi_slopes is not None, "SOFTCAP": bool(softcap),
          # fp32 D <= 16: exact FMA dots (attention's _dot_precision; tests/test_decode.py FP32 D=1)
-         "DOT_PRECISION": _dot_precision(q.dtype, block_d)},
+         "DOT_PRECISION": _dot_precision(q.dtype, block_d),
+         "QK_CHUNK": exact_qk_chunk(q.dtype, block_d, block_m)},
         lambda meta: flat_grid(num_splits, triton.cdiv(group * Nq, block_m), B * Hkv),
         configs_for("split", arch, block_d, nbytes, block_m, serving=serving),
         ["HQ", "HKV", "N_Q", "N_MAX", "NUM_SPLITS", "HEAD_DIM", "HAS_SEQLENS", "SINGLE_SPLIT",
@@ -616,6 +671,18 @@ def plan_decode(q, k_cache, v_cache, cache_seqlens, out, lse, o_part, lse_part, 
         configs_for("combine", arch, block_d, nbytes),
         ["NUM_SPLITS", "HEAD_DIM"], ("NUM_SPLITS",))
     return [split, combine]
+
+
+def exact_qk_chunk(dtype: torch.dtype, block_d: int, block_m: int) -> int:
+    """The split kernel's QK_CHUNK: 0 = scores by tl.dot at DOT_PRECISION; else exact fp32
+    score products (_math.dot_f32_exact) over D in slices of this width (= BLOCK_D: one dot).
+
+    fp32 16-row tiles only, up to BLOCK_D 128: at BLOCK_D 256 the sliced form spilled in every
+    tile tried (AOT, Triton 3.9: sm_80 32/8/2 200 B, 16/8/2 1,576 B, 16/4/2 2,072 B; sm_90
+    32/8/2 564 B), so fp32 D > 128 keeps FMA scores (DOT_PRECISION "ieee")."""
+    if dtype != torch.float32 or block_m > 16 or block_d > 128:
+        return 0
+    return block_d if block_d <= 64 else EXACT_QK_CHUNK
 
 
 def _arch_for(t: torch.Tensor) -> int | None:

@@ -12,6 +12,7 @@ import torch
 import tritformer
 from tritformer import numerics, reference
 from tritformer.kernels import decode as K
+from tritformer.testing import assert_checks, check_decode_attention
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 N_MAX = 50
@@ -95,6 +96,47 @@ def test_dtypes_heads_and_queries(dtype, Hq, Hkv, Nq):
 def test_head_dims(dtype, D):
     q, k, v, seqlens = make_cache(2, 4, 2, 1, D, dtype, lens=[37, 50])
     check_decode(q, k, v, seqlens)
+
+
+# fp32 16-row tiles past BLOCK_D 64 compute exact score products over D in 32-wide slices
+# (kernels/decode.py, QK_CHUNK; tests/test_fuzz.py, test_fp32_decode_sequential_pv): every key
+# path at D = 100 (a ragged last slice): interior and boundary tiles, split and single, a paged
+# cache with left padding, window, ALiBi and softcap, and keys of -inf (the NaN rule of the
+# small products' sum, applied once all slices are in: the row gives 0 and lse -inf)
+def test_fp32_sliced_exact_scores_every_path():
+    B, Hq, Hkv, Nq, D, page = 3, 4, 2, 2, 100, 16
+    q, k, v, seqlens = make_cache(B, Hq, Hkv, Nq, D, torch.float32, lens=[50, 45, 20])
+    plan = K.plan_decode(q, k, v, seqlens, torch.empty_like(q), torch.empty(B, Hq, Nq), None,
+                         None, D ** -0.5, 1, None)[0]
+    assert plan.constexprs["BLOCK_D"] == 128 and plan.constexprs["QK_CHUNK"] == 32
+    for splits in (None, 1):
+        check_decode(q, k, v, seqlens, num_splits=splits)
+    # paged, left padding (keys before its end are NaN: never read), window, ALiBi, softcap
+    pad = torch.tensor([3, 0, 18], dtype=torch.int32)
+    for b, n in enumerate(pad.tolist()):
+        k[b, :, :n] = v[b, :, :n] = float("nan")
+    pages = -(-N_MAX // page)
+    kp = torch.full((B * pages, Hkv, page, D), float("nan"))
+    vp = torch.full_like(kp, float("nan"))
+    for b in range(B):
+        for p in range(pages):
+            n = min(page, N_MAX - p * page)
+            kp[b * pages + p, :, :n] = k[b, :, p * page:p * page + n]
+            vp[b * pages + p, :, :n] = v[b, :, p * page:p * page + n]
+    table = torch.arange(B * pages, dtype=torch.int32).flip(0).view(B, pages)
+    kp, vp = kp.flip(0), vp.flip(0)  # row b's blocks in reverse pool order
+    opts = dict(block_table=table, cache_leftpad=pad, window=(12, 0),
+                alibi_slopes=torch.rand(Hq) * 0.5 + 0.1, softcap=3.0)
+    for splits in (None, 1):
+        assert_checks(check_decode_attention(q, kp, vp, seqlens, num_splits=splits, **opts),
+                      "fp32 D=100 paged, every option")
+    # a row whose keys are all -inf against positive queries: scores -inf, never NaN
+    q, k, v, seqlens = make_cache(B, Hq, Hkv, Nq, D, torch.float32, lens=[50, 45, 20])
+    q = q.abs() + 0.1
+    k[1] = float("-inf")
+    out, lse = tritformer.decode_attention(q, k, v, seqlens, return_lse=True)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isneginf(lse[1]).all()
+    assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("num_splits,Nq", [

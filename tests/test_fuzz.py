@@ -423,14 +423,14 @@ def test_fp32_ffn_single_product():
                                    dtype=torch.float32, seed=1)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "fp32 decode at D = 100 (BLOCK_D 128) computes its dots as exact-FMA chains: out 1.15e-6 vs "
-    "PyTorch 3.0e-7 (3.85x). Not the P @ V chain over the 35 keys as first diagnosed: measured "
-    "by dot, exact P @ V alone 3.45x, exact scores alone 0.80x: the scores' FMA chain over "
-    "D = 100. The exact fp32 dot (_math.dot_f32_exact, used by 16-row decode tiles up to "
-    "BLOCK_D 64) spilled at BLOCK_D 128 (AOT, Triton 3.9, sm_80 16 rows 64/8/2: 204 B), and "
-    "FMA dots with the chain split into 2 or 4 pairwise-summed chunks measured 1.26-1.37x here "
-    "but swung between 0.5x and 6.4x on the other cases (summation-order noise, no margin)"))
+# Found by the deep search (was a strict xfail): fp32 decode at D = 100 (BLOCK_D 128) computed
+# its dots as exact-FMA chains: out 1.15e-6 vs PyTorch 3.0e-7 (3.85x). Not the P @ V chain over
+# the 35 keys as first diagnosed: measured by dot, exact P @ V alone 3.45x, exact scores alone
+# 0.80x (the scores' FMA chain over D). The exact fp32 dot at full width spilled there, so
+# 16-row fp32 tiles past BLOCK_D 64 now take it over D in 32-wide slices, the small products of
+# every slice chained first, then the big ones (kernels/decode.py, QK_CHUNK): the full-width
+# dot's chain, out 2.4e-7, ratio 0.80 (P @ V stays FMA). Summing whole per-slice exact dots
+# instead measured 2.06x here (1.26x with 64-wide slices): another order, no margin.
 def test_fp32_decode_sequential_pv():
     test_decode_attention.hypothesis.inner_test(B=3, Hkv=2, group=1, Nq=2, n_max=35, D=100,
                                                 dtype=torch.float32, layout="bhnd",
@@ -438,17 +438,29 @@ def test_fp32_decode_sequential_pv():
                                                 seed=1)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the mechanism of test_fp32_decode_sequential_pv (fp32 decode at D = 100, BLOCK_D 128: "
-    "the scores' FMA chain over D) seen in lse: 6.8e-7 vs PyTorch 2.1e-7 (3.30x), 2 keys, "
-    "8 rows. Found by a 100-example run of test_decode_attention (2026-12-06), the same at "
-    "HEAD before the exact fp32 dot; with exact scores (_math.dot_f32_exact at BLOCK_D 128, "
-    "which spilled there) lse 1.7e-7, ratio 0.83"))
+# Found by a 100-example run of test_decode_attention (was a strict xfail): the mechanism of
+# test_fp32_decode_sequential_pv seen in lse, 6.8e-7 vs PyTorch 2.1e-7 (3.30x), 2 keys, 8 rows.
+# With the sliced exact scores: lse 1.7e-7, ratio 0.83.
 def test_fp32_decode_fma_scores_lse():
     test_decode_attention.hypothesis.inner_test(B=2, Hkv=2, group=2, Nq=4, n_max=2, D=100,
                                                 dtype=torch.float32, layout="bhnd",
                                                 lengths="none", num_splits=None, scale=None,
                                                 seed=1)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "fp32 decode, one key (n_max 1, Nq 4: only the last query sees it), D = 100: lse is one "
+    "scaled score, 2.5683105 vs 2.5683110 (5.0e-7, 1.6 ulp) where PyTorch's fp32 happens to "
+    "err 2.4e-8 (0.1 ulp), so the bound is about the floor (3.5e-7): ratio 20.85. The same "
+    "value at 1d8cdb4 (FMA scores), so not the score products; not isolated: an fp32 model of "
+    "the kernel's log2-unit path (qk rounded once, times fp32(scale log2 e), times fp32(ln 2)) "
+    "gives 2.568311, so the qk sum over D is the suspect. Found by a 100-example run of "
+    "test_decode_attention (2026-12-07)"))
+def test_fp32_decode_one_key_lse():
+    test_decode_attention.hypothesis.inner_test(B=1, Hkv=1, group=1, Nq=4, n_max=1, D=100,
+                                                dtype=torch.float32, layout="bhnd",
+                                                lengths="none", num_splits=None,
+                                                scale=0.5274577416494387, seed=5247)
 
 
 # Found by a 100-example run of test_decode_attention (was a strict xfail): fp32 decode at D = 64
