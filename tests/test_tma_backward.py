@@ -156,3 +156,22 @@ def test_tma_backward_launch_sets_the_scratch_allocator(monkeypatch):
                         lambda launch, device: seen.append((launch.name, device)))
     L.attention_backward(q, q, q, q, q, torch.zeros(1, 2, 16), K.Options(scale=0.1))
     assert [n for n, _ in seen] == ["attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq"]
+
+
+@pytest.mark.parametrize("what,expect", [
+    ("sm90_d128", True), ("sm80_d64", True), ("interpreter", True),
+    ("fp32", False),        # natural units and lse's residual
+    ("sm90_d256", False),   # not compiled with it
+    ("sm86", False),        # not compiled with it
+    ("sm90_varlen_like_masked", False),  # the masked table: not compiled with it
+])
+def test_where_the_backward_takes_log2_units(what, expect):
+    # P in log2 units (the preprocess's lse * log2 e) only in the cells compiled with it
+    dtype = torch.float32 if what == "fp32" else torch.float16
+    D = 256 if "d256" in what else 64 if "d64" in what else 128
+    dev = "cpu" if what == "interpreter" else "meta"
+    q = torch.empty(1, 2, 64, D, device=dev, dtype=dtype)
+    arch = None if what == "interpreter" else 86 if what == "sm86" else 80 if "sm80" in what else 90
+    opts = K.Options(scale=0.1, dropout_p=0.1) if "masked" in what else None
+    plans = _plans(q, q, arch, opts)
+    assert {p.constexprs["LOG2_UNITS"] for p in plans.values()} == {expect}
