@@ -333,7 +333,8 @@ TMA_FWD = {
 #   D=128: still no tile (32x128/8/1 with descriptors 160-456 B spilled, also with dQ as one
 #   TMA reduce-add per tile, which the interpreter cannot run: not shipped).
 # sm_80 dQ D=128: descriptors lower to cp.async and 128x64/8/2 fits (255 regs, 0 B; pointers
-#   668 B spilled): est. 0.803-0.805 (pointers 64x64/8/2: 0.741-0.751). Not taken where the
+#   668 B spilled): est. 0.803-0.805 (pointers 64x64/8/2: 0.741-0.751; with descriptors 0.738,
+#   more non-MMA instructions per MMA, so the cell has the one tile). Not taken where the
 #   pointer tile scores as high: sm_80 dK/dV D=64 32x128/8/2 (0.711 vs 0.716), D=128 16x128/8/2
 #   (0.765 vs 0.761), dQ D=64 128x64/8/2 (0.744 vs 128x32/8/2 0.750; causal GQA 4:1, 3.9).
 TMA_BWD: dict = {
@@ -344,8 +345,7 @@ TMA_BWD: dict = {
     **{(90, 64, "plain", "bwd_dq", h): [_cfg(128, 64, 8, 2), _cfg(128, 128, 8, 2)]
        for h in ("mha", "gqa")},
     (90, 64, "plain", "bwd_fused", "gqa"): [_cfg(64, 128, 8, 2)],
-    **{(80, 128, "plain", "bwd_dq", h): [_cfg(128, 64, 8, 2), _cfg(64, 64, 8, 2)]
-       for h in ("mha", "gqa")},
+    **{(80, 128, "plain", "bwd_dq", h): [_cfg(128, 64, 8, 2)] for h in ("mha", "gqa")},
 }
 
 
