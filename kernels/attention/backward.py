@@ -13,6 +13,12 @@ tile body sweeps its loop in three ranges (the window's two edges and the whole 
 through one keyword call site of its `_inner` sweep; the wrappers pass their runtime arguments
 to the tile bodies in signature order (tests/test_kernel_signatures.py) and constexprs by
 keyword.
+
+LOG2_UNITS (16-bit inputs): P is recomputed in log2 units, as the forward computes it: the
+preprocess writes lse * log2(e) (+inf for a row without a visible key) and each score costs one
+FFMA before its EX2 (fp32 keeps natural units and lse's residual). TMA (configs.TMA_BWD): the
+streamed tiles through tensor descriptors of each (sequence, head)'s rows, Q / dO in dK/dV and
+the fused kernel, K / V in dQ (rows past the sequence read as zero); pointer loads otherwise.
 """
 import triton
 import triton.language as tl
@@ -22,13 +28,15 @@ from ._common import _dropout_keep, _key_range, _load_lse, _program_tile, _score
 
 
 @triton.jit
-def _attn_bwd_preprocess(Out, DO, DLse, Delta,
+def _attn_bwd_preprocess(Out, DO, DLse, Delta, Lse, LseB,
                          stride_oz, stride_oh, stride_om, stride_od,
                          stride_doz, stride_doh, stride_dom, stride_dod,
                          H, N_Q,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                         HAS_DLSE: tl.constexpr):
+                         HAS_DLSE: tl.constexpr, LOG2_UNITS: tl.constexpr):
     # delta = rowsum(dO * O) - dLse   (dLse: gradient flowing into the returned lse, if any)
+    # LOG2_UNITS (16-bit): also LseB = lse * log2(e), +inf where lse = -inf (a row with no
+    # visible key: P = 0), the form the dK/dV and dQ loops subtract before exp2
     # program -> (row tile, head, batch)
     start_m, off_h, off_z, _ = _program_tile(N_Q, BLOCK_M, H)
     off_hz = off_z * H + off_h
@@ -46,6 +54,10 @@ def _attn_bwd_preprocess(Out, DO, DLse, Delta,
     if HAS_DLSE:
         delta -= tl.load(DLse + row, mask=offs_m < N_Q, other=0.0)
     tl.store(Delta + row, delta, mask=offs_m < N_Q)
+    if LOG2_UNITS:
+        lse = tl.load(Lse + row, mask=offs_m < N_Q, other=0.0)
+        tl.store(LseB + row, tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E,
+                 mask=offs_m < N_Q)
 
 
 
@@ -59,36 +71,52 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, kT, q_base, do_base, q_offs, do_offs, Lse
                          WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
                          LSE_LO: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_TRANS: tl.constexpr,
-                         MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         TMA: tl.constexpr, LOG2_UNITS: tl.constexpr):
     # Query rows past n_q load as zero with lse = +inf, so they add nothing: no row bound on P.
     # Keys past n_kv (ragged last key tile) produce rows of dK/dV that are never stored.
-    q_base += tl.cast(lo, tl.int64) * stride_qm
-    do_base += tl.cast(lo, tl.int64) * stride_dom
+    # TMA: q_base / do_base are tensor descriptors of this (sequence, head)'s [n_q, D] rows,
+    # addressed by query row; rows past n_q read as zero (TMA's out-of-bounds fill), as the
+    # masked pointer loads do
+    if not TMA:
+        q_base += tl.cast(lo, tl.int64) * stride_qm
+        do_base += tl.cast(lo, tl.int64) * stride_dom
     if FUSED_DQ:
         dq_base += tl.cast(lo, tl.int64) * stride_dqm
     for start_m in range(lo, hi, BLOCK_M):
         offs_qm = start_m + offs_m
         mask_m = offs_qm < n_q
         i = offs_qm[None, :]
-        q = tl.load(q_base + q_offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        lse = _load_lse(Lse, row0 + offs_qm, mask_m)
+        if TMA:
+            q = q_base.load([start_m, 0])
+        else:
+            q = tl.load(q_base + q_offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        if LOG2_UNITS:  # Lse: the preprocess's lse * log2(e), +inf for empty rows
+            lse = tl.load(Lse + row0 + offs_qm, mask=mask_m, other=float("inf"))
+        else:
+            lse = _load_lse(Lse, row0 + offs_qm, mask_m)
         # -- recompute P^T [BLOCK_N, BLOCK_M] from the saved lse ----
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         sT, tT = _scores(qkT, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base,
                          slope, sm_scale, cap_in, cap_out, win_left, win_right,
                          BOUNDARY=BOUNDARY, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
                          MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI,
-                         SOFTCAP=SOFTCAP)
+                         SOFTCAP=SOFTCAP, LOG2_UNITS=LOG2_UNITS)
         # masked to -inf before exp2: a masked score above the row's lse must not make inf.
         # Rows past n_q (zero-filled q) are zeroed explicitly: with a key of -inf their score is
         # 0 * -inf = NaN, which would reach dK/dV through the dots (tests/test_empty_rows.py).
         if LSE_LO:  # fp32: lse's rounding residual (forward.py), subtracted after the exact s - lse
             lse_lo = tl.load(LseLo + row0 + offs_qm, mask=mask_m, other=0.0)
             pT = tl.math.exp2(((sT - lse[None, :]) - lse_lo[None, :]) * LOG2E)
+        elif LOG2_UNITS:  # 16-bit: scores and lse in log2 units, one FFMA per score (forward.py)
+            pT = tl.math.exp2(sT - lse[None, :])
         else:
             pT = tl.math.exp2((sT - lse[None, :]) * LOG2E)
         pT = tl.where(mask_m[None, :], pT, 0.0)
-        do = tl.load(do_base + do_offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        if TMA:
+            do = do_base.load([start_m, 0])
+        else:
+            do = tl.load(do_base + do_offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         # dV before dP^T is formed: fewer live tiles (dP^T first spilled fp32 D=128 on sm_80)
         if DROPOUT:  # dV += (P∘Z)^T dO / (1-p); dP = (dO V^T)∘Z / (1-p)
             keepT = _dropout_keep(seed, row0 + i, j, DROP_COLS, dropout_p)
@@ -119,8 +147,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, kT, q_base, do_base, q_offs, do_offs, Lse
                 tl.atomic_add(dq_base + dq_offs, dq, mask=mask_m[:, None] & mask_d[None, :],
                               sem="relaxed")
             dq_base += BLOCK_M * stride_dqm
-        q_base += BLOCK_M * stride_qm
-        do_base += BLOCK_M * stride_dom
+        if not TMA:
+            q_base += BLOCK_M * stride_qm
+            do_base += BLOCK_M * stride_dom
     return dk, dv
 
 
@@ -143,7 +172,8 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
                         HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
                         DROPOUT: tl.constexpr, VARLEN: tl.constexpr, LSE_LO: tl.constexpr,
                         FUSED_DQ: tl.constexpr, MASK_GRAD: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
+                        DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+                        LOG2_UNITS: tl.constexpr):
     # One program owns one K/V tile of one kv head and loops over the query heads of its group
     # and over their query tiles: dK/dV are complete in registers, no atomics (deterministic).
     # GROUP_SPLIT > 1 (GQA at low parallelism, launch.gqa_split): GROUP_SPLIT programs share a kv
@@ -218,12 +248,26 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
         kT = tl.load(K + z64 * stride_kz + off_hkv.to(tl.int64) * stride_kh
                      + rows_n.reshape(1, BLOCK_N) * stride_kn + offs_d[:, None] * stride_kd,
                      mask=mask_d[:, None] & (offs_n[None, :] < n_kv), other=0.0)
+    # LOG2_UNITS (16-bit): scores in log2 units, as the forward's (the scale and the softcap's
+    # factor times log2 e here, ALiBi's slope below, an additive mask in _scores); dK keeps sm_scale
+    s_scale = sm_scale
+    s_cap_out = cap_out
+    if LOG2_UNITS:
+        s_scale = sm_scale * LOG2E
+        s_cap_out = cap_out * LOG2E
     for g in range(g0, g0 + g_per):
         off_h = off_hkv * GROUP + g
         q_base = (Q + z64 * stride_qz + off_h.to(tl.int64) * stride_qh
                   + q_start.to(tl.int64) * stride_qm)
         do_base = (DO + z64 * stride_doz + off_h.to(tl.int64) * stride_doh
                    + q_start.to(tl.int64) * stride_dom)
+        if TMA:  # Q / dO tiles by descriptor (launch.use_tma_bwd; see _attn_fwd_tile)
+            q_base = tl.make_tensor_descriptor(q_base, shape=[n_q, HEAD_DIM],
+                                               strides=[stride_qm, 1],
+                                               block_shape=[BLOCK_M, BLOCK_D])
+            do_base = tl.make_tensor_descriptor(do_base, shape=[n_q, HEAD_DIM],
+                                                strides=[stride_dom, 1],
+                                                block_shape=[BLOCK_M, BLOCK_D])
         row0 = (z * H + off_h).to(tl.int64) * N_Q + q_start
         m_base = Mask + z64 * stride_mz + off_h.to(tl.int64) * stride_mh
         dq_base = (DQ + z64 * stride_dqz + off_h.to(tl.int64) * stride_dqh
@@ -232,6 +276,8 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(Alibi + seq * H + off_h)
+            if LOG2_UNITS:
+                slope = slope * LOG2E
         # three query ranges, unrolled at compile time: [m_lo, full_lo) crosses the right
         # edge (causal diagonal; only with WIN_RIGHT), [full_lo, full_hi) sees the whole key
         # tile, [full_hi, m_hi) crosses the left edge (only with WIN_LEFT)
@@ -251,14 +297,15 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
                     Lse=Lse, LseLo=LseLo, Delta=Delta, stride_qm=stride_qm, stride_dom=stride_dom, row0=row0,
                     lo=part_lo, hi=part_hi, offs_m=offs_m, j=j, mask_d=mask_d, n_q=n_q,
                     n_kv=n_kv, diag=diag, m_base=m_base, stride_mm=stride_mm,
-                    stride_mn=stride_mn, kpm_base=kpm_base, slope=slope, sm_scale=sm_scale,
-                    cap_in=cap_in, cap_out=cap_out, win_left=win_left, win_right=win_right,
+                    stride_mn=stride_mn, kpm_base=kpm_base, slope=slope, sm_scale=s_scale,
+                    cap_in=cap_in, cap_out=s_cap_out, win_left=win_left, win_right=win_right,
                     DROP_COLS=DROP_COLS, dropout_p=dropout_p, seed=seed, dq_base=dq_base,
                     dq_offs=dq_offs, stride_dqm=stride_dqm, dm_base=dm_base, stride_dmm=N_KV,
                     BLOCK_M=BLOCK_M, BOUNDARY=part != 1, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
                     MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
                     DROPOUT=DROPOUT, LSE_LO=LSE_LO, FUSED_DQ=FUSED_DQ, DQ_TRANS=DQ_TRANS,
-                    MASK_GRAD=MASK_GRAD, DOT_PRECISION=DOT_PRECISION)
+                    MASK_GRAD=MASK_GRAD, DOT_PRECISION=DOT_PRECISION, TMA=TMA,
+                    LOG2_UNITS=LOG2_UNITS)
 
     dk *= sm_scale
     tl.store(DK + z64 * stride_dkz + head.to(tl.int64) * stride_dkh + rows_n * stride_dkn
@@ -285,7 +332,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, LseLo, Delta, DK, DV, DQ, Mask, Kpm, Alibi,
                    HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
                    DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQ_LOOP: tl.constexpr,
                    LSE_LO: tl.constexpr, FUSED_DQ: tl.constexpr, MASK_GRAD: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+                   LOG2_UNITS: tl.constexpr):
     # program -> (key tile, kv head x split part, sequence)
     tile, head, seq, n_tiles = _program_tile(MAX_SEQLEN, BLOCK_N, H // GROUP * GROUP_SPLIT)
     if SEQ_LOOP:
@@ -308,7 +356,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, LseLo, Delta, DK, DV, DQ, Mask, Kpm, Alibi,
                                 MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI,
                                 SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, VARLEN=VARLEN,
                                 LSE_LO=LSE_LO, FUSED_DQ=FUSED_DQ, MASK_GRAD=MASK_GRAD,
-                                DOT_PRECISION=DOT_PRECISION)
+                                DOT_PRECISION=DOT_PRECISION, TMA=TMA,
+                                LOG2_UNITS=LOG2_UNITS)
     else:
         _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV, DQ, Mask, Kpm,
                             Alibi, CuQ, CuK, DMask, stride_qz, stride_qh, stride_qm, stride_qd,
@@ -324,7 +373,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, LseLo, Delta, DK, DV, DQ, Mask, Kpm, Alibi,
                             WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM,
                             HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, VARLEN=VARLEN,
                             LSE_LO=LSE_LO, FUSED_DQ=FUSED_DQ, MASK_GRAD=MASK_GRAD,
-                            DOT_PRECISION=DOT_PRECISION)
+                            DOT_PRECISION=DOT_PRECISION, TMA=TMA, LOG2_UNITS=LOG2_UNITS)
 
 
 @triton.jit
@@ -336,12 +385,18 @@ def _attn_bwd_dq_inner(dq, q, do, lse, lse_lo, delta, k_base, v_base, k_offs, v_
                        WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
                        HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
                        MASK_GRAD: tl.constexpr, LSE_LO: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
-    k_base += tl.cast(lo, tl.int64) * stride_kn
-    v_base += tl.cast(lo, tl.int64) * stride_vn
+                       DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+                       LOG2_UNITS: tl.constexpr):
+    # TMA: k_base / v_base are tensor descriptors of the [n_kv, D] key rows (zero past n_kv)
+    if not TMA:
+        k_base += tl.cast(lo, tl.int64) * stride_kn
+        v_base += tl.cast(lo, tl.int64) * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
         j = (start_n + offs_n)[None, :]
-        if BOUNDARY:
+        if TMA:
+            kT = k_base.load([start_n, 0]).T
+            vT = v_base.load([start_n, 0]).T
+        elif BOUNDARY:
             kT = tl.load(k_base + k_offs, mask=mask_d[:, None] & (j < n_kv), other=0.0)
             vT = tl.load(v_base + v_offs, mask=mask_d[:, None] & (j < n_kv), other=0.0)
         else:
@@ -352,9 +407,12 @@ def _attn_bwd_dq_inner(dq, q, do, lse, lse_lo, delta, k_base, v_base, k_offs, v_
         s, t = _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope,
                        sm_scale, cap_in, cap_out, win_left, win_right, BOUNDARY=BOUNDARY,
                        WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
-                       HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP)
+                       HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
+                       LOG2_UNITS=LOG2_UNITS)
         if LSE_LO:  # fp32: see _attn_bwd_dkdv_inner
             p = tl.math.exp2(((s - lse[:, None]) - lse_lo[:, None]) * LOG2E)
+        elif LOG2_UNITS:  # 16-bit: log2 units (_attn_bwd_dkdv_inner)
+            p = tl.math.exp2(s - lse[:, None])
         else:
             p = tl.math.exp2((s - lse[:, None]) * LOG2E)
         # -- dS = P * (dP - delta), dQ += dS K ----
@@ -368,8 +426,9 @@ def _attn_bwd_dq_inner(dq, q, do, lse, lse_lo, delta, k_base, v_base, k_offs, v_
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
-        k_base += BLOCK_N * stride_kn
-        v_base += BLOCK_N * stride_vn
+        if not TMA:
+            k_base += BLOCK_N * stride_kn
+            v_base += BLOCK_N * stride_vn
     return dq
 
 
@@ -389,7 +448,8 @@ def _attn_bwd_dq_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DQ, Mask,
                       HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
                       DROPOUT: tl.constexpr, VARLEN: tl.constexpr, MASK_GRAD: tl.constexpr,
                       LSE_LO: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr):
+                      DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+                      LOG2_UNITS: tl.constexpr):
     start_m = tile
     off_h = head
     off_hkv = off_h // GROUP
@@ -411,7 +471,10 @@ def _attn_bwd_dq_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DQ, Mask,
     do = tl.load(DO + z64 * stride_doz + off_h.to(tl.int64) * stride_doh + rows_m * stride_dom
                  + offs_d[None, :] * stride_dod, mask=mask_md, other=0.0)
     row0 = (z * H + off_h).to(tl.int64) * N_Q + q_start
-    lse = _load_lse(Lse, row0 + offs_m, mask_m)
+    if LOG2_UNITS:  # the preprocess's lse * log2(e), +inf for empty rows (and past n_q)
+        lse = tl.load(Lse + row0 + offs_m, mask=mask_m, other=float("inf"))
+    else:
+        lse = _load_lse(Lse, row0 + offs_m, mask_m)
     lse_lo = lse  # unused without LSE_LO
     if LSE_LO:
         lse_lo = tl.load(LseLo + row0 + offs_m, mask=mask_m, other=0.0)
@@ -420,12 +483,24 @@ def _attn_bwd_dq_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DQ, Mask,
     v_base = V + z64 * stride_vz + off_hkv.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
     k_offs = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # K^T tile [BLOCK_D, BLOCK_N]
     v_offs = offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd  # V^T tile [BLOCK_D, BLOCK_N]
+    if TMA:  # K / V tiles by descriptor (launch.use_tma_bwd; see _attn_fwd_tile)
+        k_base = tl.make_tensor_descriptor(k_base, shape=[n_kv, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_base = tl.make_tensor_descriptor(v_base, shape=[n_kv, HEAD_DIM], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
     m_base = Mask + z64 * stride_mz + off_h.to(tl.int64) * stride_mh
     kpm_base = Kpm + z64 * stride_kpz
     dm_base = DMask + (z * H + off_h).to(tl.int64) * N_Q * N_KV  # dense [B, Hq, Nq, Nk] fp32
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Alibi + seq * H + off_h)
+        if LOG2_UNITS:
+            slope = slope * LOG2E
+    s_scale = sm_scale  # LOG2_UNITS: as _attn_bwd_dkdv_tile; dQ keeps sm_scale
+    s_cap_out = cap_out
+    if LOG2_UNITS:
+        s_scale = sm_scale * LOG2E
+        s_cap_out = cap_out * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     lo, full_lo, full_hi, hi = _key_range(start_m * BLOCK_M, n_q, n_kv, diag, win_left, win_right,
@@ -448,12 +523,13 @@ def _attn_bwd_dq_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DQ, Mask,
                 v_offs=v_offs, stride_kn=stride_kn, stride_vn=stride_vn, lo=part_lo, hi=part_hi,
                 i=i, offs_n=offs_n, mask_d=mask_d, n_q=n_q, n_kv=n_kv, diag=diag, m_base=m_base,
                 stride_mm=stride_mm, stride_mn=stride_mn, kpm_base=kpm_base, slope=slope,
-                sm_scale=sm_scale, cap_in=cap_in, cap_out=cap_out, win_left=win_left,
+                sm_scale=s_scale, cap_in=cap_in, cap_out=s_cap_out, win_left=win_left,
                 win_right=win_right, row0=row0, DROP_COLS=DROP_COLS, dropout_p=dropout_p,
                 seed=seed, dm_base=dm_base, stride_dmm=N_KV, BLOCK_N=BLOCK_N,
                 BOUNDARY=part != 1, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
                 HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT,
-                MASK_GRAD=MASK_GRAD, LSE_LO=LSE_LO, DOT_PRECISION=DOT_PRECISION)
+                MASK_GRAD=MASK_GRAD, LSE_LO=LSE_LO, DOT_PRECISION=DOT_PRECISION, TMA=TMA,
+                LOG2_UNITS=LOG2_UNITS)
     # a row with no finite score has a constant output (0): zero gradient, even where a key of
     # -inf met its zero dS in the dot (0 * -inf = NaN)
     dq = tl.where((lse == float("inf"))[:, None], 0.0, dq * sm_scale)
@@ -477,7 +553,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, LseLo, Delta, DQ, Mask, Kpm, KvRange, Alibi, 
                  HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
                  DROPOUT: tl.constexpr, VARLEN: tl.constexpr, SEQ_LOOP: tl.constexpr,
                  MASK_GRAD: tl.constexpr, LSE_LO: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, LOG2_UNITS: tl.constexpr):
     # program -> (query tile, head, sequence)
     tile, head, seq, n_tiles = _program_tile(MAX_SEQLEN, BLOCK_M, H)
     if SEQ_LOOP:
@@ -496,7 +572,8 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, LseLo, Delta, DQ, Mask, Kpm, KvRange, Alibi, 
                               WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
                               HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
                               DROPOUT=DROPOUT, VARLEN=VARLEN, MASK_GRAD=MASK_GRAD,
-                              LSE_LO=LSE_LO, DOT_PRECISION=DOT_PRECISION)
+                              LSE_LO=LSE_LO, DOT_PRECISION=DOT_PRECISION, TMA=TMA,
+                              LOG2_UNITS=LOG2_UNITS)
     else:
         _attn_bwd_dq_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DQ, Mask, Kpm, KvRange, Alibi,
                           CuQ, CuK, DMask, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz,
@@ -508,4 +585,5 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, LseLo, Delta, DQ, Mask, Kpm, KvRange, Alibi, 
                           BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, WIN_LEFT=WIN_LEFT,
                           WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM,
                           HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, VARLEN=VARLEN,
-                          MASK_GRAD=MASK_GRAD, LSE_LO=LSE_LO, DOT_PRECISION=DOT_PRECISION)
+                          MASK_GRAD=MASK_GRAD, LSE_LO=LSE_LO, DOT_PRECISION=DOT_PRECISION,
+                          TMA=TMA, LOG2_UNITS=LOG2_UNITS)

@@ -315,6 +315,40 @@ TMA_FWD = {
 }
 
 
+# The 16-bit backward with its streamed tiles through tensor descriptors (launch.use_tma_bwd:
+# Q / dO in dK/dV and the fused kernel, K / V in dQ), {(arch family, head dim, variant,
+# kernel, "mha" | "gqa"): configs}; a launch takes descriptors only in these measured cells
+# (AOT, Triton 3.9 and 3.7.1, causal and not, MHA and GQA 4:1 for "gqa", fp16: spill-free,
+# no ptxas warning, replication 1.00; serialized ESTIMATES, Triton 3.9 | 3.7.1).
+# sm_90 dK/dV D=128: the 32-row query tile fits once Q / dO come by TMA: 32x128/8/2 MHA
+#   202-225 regs, est. 0.630-0.636 | 0.640-0.664 (pointers: 16x128, 0.49-0.56). Not for GQA:
+#   causal GQA 4:1 spills 136 B on 3.7.1 (/2) and 120 B on 3.9 (/1); the pointer tiles run.
+#   K / V loads and dK / dV stores by descriptor as well made it worse (224-228 B, 3.9).
+# sm_90 dK/dV D=64: 64-row query tiles, 64x64/4/2 (165-250 regs) est. 0.568-0.584 |
+#   0.581-0.599 and 64x128/8/2 0.564-0.570 | 0.573-0.582 (pointers: 32x128, 0.47-0.53).
+# sm_90 dQ: D=128 128x64/8/2 160-188 regs, est. 0.736 | 0.748 (pointers 0.692); 128x128/8/2
+#   0.750 but 52 B spilled on 3.7.1. D=64 128x64/8/2 and 128x128/8/2: 0.600 both.
+# sm_90 fused D=64, GQA: 64x128/8/2 222-248 regs, est. 0.571-0.575 | 0.578-0.584 (pointers:
+#   32x128/8/1, 0.50-0.51); MHA keeps pointers (64x128/8/2: 16 B spilled, causal, 3.9).
+#   D=128: still no tile (32x128/8/1 with descriptors 160-456 B spilled, also with dQ as one
+#   TMA reduce-add per tile, which the interpreter cannot run: not shipped).
+# sm_80 dQ D=128: descriptors lower to cp.async and 128x64/8/2 fits (255 regs, 0 B; pointers
+#   668 B spilled): est. 0.803-0.805 (pointers 64x64/8/2: 0.741-0.751; with descriptors 0.738,
+#   more non-MMA instructions per MMA, so the cell has the one tile). Not taken where the
+#   pointer tile scores as high: sm_80 dK/dV D=64 32x128/8/2 (0.711 vs 0.716), D=128 16x128/8/2
+#   (0.765 vs 0.761), dQ D=64 128x64/8/2 (0.744 vs 128x32/8/2 0.750; causal GQA 4:1, 3.9).
+TMA_BWD: dict = {
+    **{(90, 128, "plain", "bwd_dkdv", "mha"): [_cfg(32, 128, 8, 2), _cfg(32, 128, 8, 1)]},
+    **{(90, 64, "plain", "bwd_dkdv", h): [_cfg(64, 64, 4, 2), _cfg(64, 128, 8, 2)]
+       for h in ("mha", "gqa")},
+    **{(90, 128, "plain", "bwd_dq", h): [_cfg(128, 64, 8, 2)] for h in ("mha", "gqa")},
+    **{(90, 64, "plain", "bwd_dq", h): [_cfg(128, 64, 8, 2), _cfg(128, 128, 8, 2)]
+       for h in ("mha", "gqa")},
+    (90, 64, "plain", "bwd_fused", "gqa"): [_cfg(64, 128, 8, 2)],
+    **{(80, 128, "plain", "bwd_dq", h): [_cfg(128, 64, 8, 2)] for h in ("mha", "gqa")},
+}
+
+
 def configs_for(kernel: str, arch: int | None, block_d: int, elem_bytes: int,
                 variant: str = "plain") -> list:
     """Candidate configs of `kernel` for a compute capability (None: the interpreter).

@@ -12,7 +12,7 @@ from .._constants import LOG2E
 from .._launch import Launch, arch_family, device_arch, flat_grid, int32_tiles, is_interpreted, run
 from ._common import _dropout_mask_kernel
 from .backward import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
-from .configs import PREPROCESS_BLOCK_M, TMA_FWD, _block_d, configs_for
+from .configs import PREPROCESS_BLOCK_M, TMA_BWD, TMA_FWD, _block_d, configs_for
 from .forward import _attn_fwd
 from .options import Options, _dot_precision, _features, _paging, _strides, _variant
 
@@ -67,6 +67,29 @@ def use_tma(q, k, v, opts: Options, arch: int | None, variant: str) -> bool:
         measured = (arch_family(arch), D, variant) in TMA_FWD
     return (measured and q.dtype in (torch.float16, torch.bfloat16) and D in (64, 128)
             and opts.block_table is None and tma_layout_ok(k) and tma_layout_ok(v))
+
+
+def use_tma_bwd(kernel: str, q, k, rows: tuple, opts: Options, arch: int | None,
+                variant: str) -> list | None:
+    """The configs of backward kernel `kernel` ("bwd_dkdv", "bwd_fused", "bwd_dq") with its
+    streamed tiles through tensor descriptors (backward.py, TMA: Q / dO in dK/dV and the fused
+    kernel, K / V in dQ), or None for pointer loads. Descriptors where configs.TMA_BWD has the
+    (arch family, head dim, variant, kernel, "mha" or "gqa") cell (GQA compiles a loop over the
+    group's query heads that MHA does not, and it costs registers), for 16-bit inputs whose
+    head dim is 64 or 128 exactly, with `rows` (the tensors read by descriptor) in layouts
+    tma_layout_ok accepts. TRITFORMER_TMA as for the forward (`use_tma`): 1 turns them on in
+    the interpreter (its configs then), 0 off everywhere."""
+    forced = os.environ.get("TRITFORMER_TMA", "")
+    D = q.shape[3]
+    if (forced == "0" or q.dtype not in (torch.float16, torch.bfloat16) or D not in (64, 128)
+            or not all(tma_layout_ok(t) for t in rows)):
+        return None
+    if arch is None:
+        if forced == "1" and variant in ("plain", "varlen"):
+            return configs_for(kernel, None, D, q.element_size(), variant)
+        return None
+    heads = "mha" if q.shape[1] == k.shape[1] else "gqa"
+    return TMA_BWD.get((arch_family(arch), D, variant, kernel, heads))
 
 
 def _tma_scratch(size: int, alignment: int, stream):
@@ -140,37 +163,53 @@ def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
     n_k = _grid_len(opts.max_seqlen_k) if opts.varlen else k.shape[2]
     constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, **flags, "LSE_LO": lse_lo is not None,
                   "DOT_PRECISION": _dot_precision(q.dtype, block_d, variant)}
+    # 16-bit: P recomputed in log2 units as the forward computes it (one FFMA per score before
+    # its EX2); the preprocess writes lse * log2(e) (+inf for empty rows) to lse_b, which the
+    # dK/dV and dQ kernels read in place of lse. fp32 keeps natural units and lse's residual.
+    # Only where it was compiled clean (AOT, Triton 3.9 and 3.7.1): the plain tables at
+    # D <= 128 on sm_80 / sm_90 (and the interpreter's plain launches); elsewhere natural units,
+    # the kernels as they were.
+    log2_units = (q.dtype != torch.float32 and variant == "plain" and block_d <= 128
+                  and (arch is None or arch_family(arch) in (80, 90)))
+    constexprs["LOG2_UNITS"] = log2_units
     tune_key = _tune_key(constexprs)
+    lse_b = torch.empty_like(lse) if log2_units else lse
     pre_m = PREPROCESS_BLOCK_M
     preprocess = Launch(
         "attn_bwd_preprocess", _attn_bwd_preprocess,
         {"Out": out, "DO": do, "DLse": dlse if dlse is not None else delta,  # read iff HAS_DLSE
-         "Delta": delta, **_strides(out, "o"), **_strides(do, "do"), "H": H, "N_Q": N_Q},
-        {"HEAD_DIM": D, "BLOCK_D": block_d, "BLOCK_M": pre_m, "HAS_DLSE": dlse is not None},
+         "Delta": delta, "Lse": lse, "LseB": lse_b, **_strides(out, "o"), **_strides(do, "do"),
+         "H": H, "N_Q": N_Q},
+        {"HEAD_DIM": D, "BLOCK_D": block_d, "BLOCK_M": pre_m, "HAS_DLSE": dlse is not None,
+         "LOG2_UNITS": log2_units},
         lambda meta: flat_grid(triton.cdiv(N_Q, pre_m), B, H),
         [triton.Config({}, num_warps=4, num_stages=1)], [])
-    values = {"Q": q, "K": k, "V": v, "DO": do, "Lse": lse,
+    values = {"Q": q, "K": k, "V": v, "DO": do, "Lse": lse_b,
               "LseLo": lse if lse_lo is None else lse_lo, "Delta": delta, "DK": dk, "DV": dv,
               "DQ": dq, "DMask": lse if dmask is None else dmask, **feats,
               **_strides(q, "q"), **_strides(k, "k"), **_strides(v, "v"), **_strides(do, "do"),
               **_strides(dk, "dk"), **_strides(dv, "dv"), **_strides(dq, "dq")}
     fused = not deterministic
     table = "bwd_fused" if fused else "bwd_dkdv"
+    # streamed tiles through tensor descriptors where configs.TMA_BWD measured them (use_tma_bwd)
+    tma_dkdv = use_tma_bwd(table, q, k, (q, do), opts, arch, variant)
     dkdv = Launch(
         "attn_bwd_fused" if fused else "attn_bwd_dkdv", _attn_bwd_dkdv,
         _pick(_attn_bwd_dkdv, {**values, "MAX_SEQLEN": n_k, "GROUP_SPLIT": split}),
-        {**constexprs, "FUSED_DQ": fused, "MASK_GRAD": fused and dmask is not None},
+        {**constexprs, "FUSED_DQ": fused, "MASK_GRAD": fused and dmask is not None,
+         "TMA": tma_dkdv is not None},
         lambda meta: flat_grid(triton.cdiv(n_k, meta["BLOCK_N"]), n_z, k.shape[1] * split),
-        configs_for(table, arch, block_d, q.element_size(), variant),
+        tma_dkdv or configs_for(table, arch, block_d, q.element_size(), variant),
         tune_key + ["GROUP_SPLIT", "FUSED_DQ", "MASK_GRAD"], _BUCKETED)
     if fused:
         return [preprocess, dkdv]
+    tma_dq = use_tma_bwd("bwd_dq", q, k, (k, v), opts, arch, variant)
     dq_launch = Launch(
         "attn_bwd_dq", _attn_bwd_dq, _pick(_attn_bwd_dq, {**values, "MAX_SEQLEN": n_q}),
-        {**constexprs, "MASK_GRAD": dmask is not None},
+        {**constexprs, "MASK_GRAD": dmask is not None, "TMA": tma_dq is not None},
         lambda meta: flat_grid(triton.cdiv(n_q, meta["BLOCK_M"]), n_z, H),
-        configs_for("bwd_dq", arch, block_d, q.element_size(), variant), tune_key + ["MASK_GRAD"],
-        _BUCKETED)
+        tma_dq or configs_for("bwd_dq", arch, block_d, q.element_size(), variant),
+        tune_key + ["MASK_GRAD"], _BUCKETED)
     return [preprocess, dkdv, dq_launch]
 
 
@@ -305,6 +344,7 @@ def attention_backward(do, q, k, v, out, lse, opts: Options, dlse=None, mask_gra
     for launch in plan_backward(do, q, k, v, out, lse, dlse, delta, dq_acc, ws_k, ws_v, opts,
                                 arch, dmask if mask_grad else None, lse_lo, split,
                                 deterministic=deterministic):
+        _before_launch(launch, q.device.type)
         run(launch)
     if not deterministic:
         # scale once here; a row with no finite score (lse = -inf) has a constant output: zero
