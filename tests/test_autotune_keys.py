@@ -106,14 +106,20 @@ def test_attention_non_length_keys_still_retune(tuning):
 
 def test_attention_backward_tunes_once_per_power_of_two(tuning):
     fakes = {}
+    plans = []
     for n in (100, 120, 127, 200, 250):
         q, k, v, o, do = (_meta(2, 4, n, 64) for _ in range(5))
         lse = _meta(2, 4, n, dtype=torch.float32)
         opts = KA.Options(scale=0.125, right=0)
-        _run_plans(KA.plan_backward(do, q, k, v, o, lse, None, torch.empty_like(lse), q, k, v,
-                                    opts, 90), fakes)
-    dkdv = len(KA.configs_for("bwd_dkdv", 90, 64, 2))
-    dq = len(KA.configs_for("bwd_dq", 90, 64, 2))
+        plans.append(KA.plan_backward(do, q, k, v, o, lse, None, torch.empty_like(lse), q, k, v,
+                                      opts, 90))
+        _run_plans(plans[-1], fakes)
+    # the candidates the plans carry (configs.TMA_BWD's cells where descriptors are taken,
+    # otherwise the bwd_* table's), the same for every length
+    _, dkdv_launch, dq_launch = plans[0]
+    assert all([len(p[1].configs), len(p[2].configs)] == [len(dkdv_launch.configs),
+               len(dq_launch.configs)] for p in plans)
+    dkdv, dq = len(dkdv_launch.configs), len(dq_launch.configs)
     assert dkdv > 1 and dq > 1
     assert tuning["benchmarks"] == 2 * (dkdv + dq)
 

@@ -164,6 +164,9 @@ def test_tma_backward_launch_sets_the_scratch_allocator(monkeypatch):
     ("sm90_d256", False),   # not compiled with it
     ("sm86", False),        # not compiled with it
     ("sm90_varlen_like_masked", False),  # the masked table: not compiled with it
+    # varlen as plain (AOT-compiled with it, both Triton versions): a packed batch then does
+    # each sequence's own arithmetic, bitwise (tests/test_varlen.py)
+    ("sm90_varlen", True), ("sm80_varlen_d64", True), ("interpreter_varlen", True),
 ])
 def test_where_the_backward_takes_log2_units(what, expect):
     # P in log2 units (the preprocess's lse * log2 e) only in the cells compiled with it
@@ -173,5 +176,9 @@ def test_where_the_backward_takes_log2_units(what, expect):
     q = torch.empty(1, 2, 64, D, device=dev, dtype=dtype)
     arch = None if what == "interpreter" else 86 if what == "sm86" else 80 if "sm80" in what else 90
     opts = K.Options(scale=0.1, dropout_p=0.1) if "masked" in what else None
+    if what.endswith("_varlen") or what.endswith("_varlen_d64"):
+        cu = torch.tensor([0, 20, 64], dtype=torch.int32, device=dev)
+        opts = K.Options(scale=0.1, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=44,
+                         max_seqlen_k=44, seqlens_checked=True)
     plans = _plans(q, q, arch, opts)
     assert {p.constexprs["LOG2_UNITS"] for p in plans.values()} == {expect}
