@@ -133,6 +133,9 @@ def run(launch: Launch) -> None:
             launch.fn[launch.grid(cfg.kwargs)](*launch.args.values(), **kwargs)
         return
     exact = [name for name in launch.tune_key if name not in launch.bucketed]
+    # every compile-time argument is part of the key, named in tune_key or not: a config tuned
+    # for one specialisation (e.g. descriptor loads) is never reused for another
+    exact += [name for name in launch.constexprs if name not in exact]
     values = {**launch.args, **launch.constexprs}
     buckets = tuple((name, tune_bucket(values[name])) for name in launch.bucketed)
     key = (launch.name, tuple(str(c) for c in launch.configs), tuple(exact), buckets)

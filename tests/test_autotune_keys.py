@@ -124,6 +124,42 @@ def test_attention_backward_tunes_once_per_power_of_two(tuning):
     assert tuning["benchmarks"] == 2 * (dkdv + dq)
 
 
+def test_every_constexpr_separates_tunings(tuning):
+    """A config tuned for one specialisation is never reused for another: every compile-time
+    argument is in the autotuner's key, named in tune_key or not. The backward plans once left
+    TMA (descriptor or pointer loads) out of their keys."""
+    q, k, v, o, do = (_meta(2, 4, 256, 64) for _ in range(5))
+    lse = _meta(2, 4, 256, dtype=torch.float32)
+    plan = KA.plan_backward(do, q, k, v, o, lse, None, torch.empty_like(lse), q, k, v,
+                            KA.Options(scale=0.125, right=0), 90)
+    dkdv = plan[1]
+    assert len(dkdv.configs) > 1 and "TMA" in dkdv.constexprs
+    fakes = {}
+    for tma in (True, False, True):  # the same configs and arguments, another kernel
+        _run_plans([dataclasses.replace(dkdv, constexprs={**dkdv.constexprs, "TMA": tma},
+                                        tune_key=[n for n in dkdv.tune_key if n != "TMA"])],
+                   fakes)
+    assert _tunes(tuning, len(dkdv.configs)) == 2
+
+
+def test_plans_name_their_constexprs_in_the_tune_key():
+    """The plans themselves list every constexpr in tune_key (what `inspect` and reports show)."""
+    for arch, hkv, d, det in [(a, h, d, det) for a in (80, 90) for h in (4, 1) for d in (64, 128)
+                              for det in (True, False)]:
+        q, o, do = (_meta(2, 4, 256, d) for _ in range(3))
+        k, v = (_meta(2, hkv, 256, d) for _ in range(2))
+        lse = _meta(2, 4, 256, dtype=torch.float32)
+        acc = q if det else _meta(2, 4, 256, d, dtype=torch.float32)
+        opts = KA.Options(scale=0.1, right=0)
+        plans = (KA.plan_forward(q, k, v, o, lse, opts, arch)
+                 + KA.plan_backward(do, q, k, v, o, lse, None, torch.empty_like(lse), acc, k, v,
+                                    opts, arch, deterministic=det))
+        for launch in plans:
+            if len(launch.configs) > 1:
+                missing = [c for c in launch.constexprs if c not in launch.tune_key]
+                assert not missing, (arch, hkv, d, det, launch.name, missing)
+
+
 def test_varlen_tunes_once_per_bucket(tuning):
     """Packed batches: a new total and a new longest sequence every step."""
     fakes = {}

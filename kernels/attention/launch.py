@@ -173,7 +173,6 @@ def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
     log2_units = (q.dtype != torch.float32 and variant in ("plain", "varlen") and block_d <= 128
                   and (arch is None or arch_family(arch) in (80, 90)))
     constexprs["LOG2_UNITS"] = log2_units
-    tune_key = _tune_key(constexprs)
     lse_b = torch.empty_like(lse) if log2_units else lse
     pre_m = PREPROCESS_BLOCK_M
     preprocess = Launch(
@@ -194,23 +193,25 @@ def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
     table = "bwd_fused" if fused else "bwd_dkdv"
     # streamed tiles through tensor descriptors where configs.TMA_BWD measured them (use_tma_bwd)
     tma_dkdv = use_tma_bwd(table, q, k, (q, do), opts, arch, variant)
+    dkdv_constexprs = {**constexprs, "FUSED_DQ": fused, "MASK_GRAD": fused and dmask is not None,
+                       "TMA": tma_dkdv is not None}
     dkdv = Launch(
         "attn_bwd_fused" if fused else "attn_bwd_dkdv", _attn_bwd_dkdv,
         _pick(_attn_bwd_dkdv, {**values, "MAX_SEQLEN": n_k, "GROUP_SPLIT": split}),
-        {**constexprs, "FUSED_DQ": fused, "MASK_GRAD": fused and dmask is not None,
-         "TMA": tma_dkdv is not None},
+        dkdv_constexprs,
         lambda meta: flat_grid(triton.cdiv(n_k, meta["BLOCK_N"]), n_z, k.shape[1] * split),
         tma_dkdv or configs_for(table, arch, block_d, q.element_size(), variant),
-        tune_key + ["GROUP_SPLIT", "FUSED_DQ", "MASK_GRAD"], _BUCKETED)
+        _tune_key(dkdv_constexprs) + ["GROUP_SPLIT"], _BUCKETED)
     if fused:
         return [preprocess, dkdv]
     tma_dq = use_tma_bwd("bwd_dq", q, k, (k, v), opts, arch, variant)
+    dq_constexprs = {**constexprs, "MASK_GRAD": dmask is not None, "TMA": tma_dq is not None}
     dq_launch = Launch(
         "attn_bwd_dq", _attn_bwd_dq, _pick(_attn_bwd_dq, {**values, "MAX_SEQLEN": n_q}),
-        {**constexprs, "MASK_GRAD": dmask is not None, "TMA": tma_dq is not None},
+        dq_constexprs,
         lambda meta: flat_grid(triton.cdiv(n_q, meta["BLOCK_M"]), n_z, H),
         tma_dq or configs_for("bwd_dq", arch, block_d, q.element_size(), variant),
-        tune_key + ["MASK_GRAD"], _BUCKETED)
+        _tune_key(dq_constexprs), _BUCKETED)
     return [preprocess, dkdv, dq_launch]
 
 
