@@ -449,7 +449,8 @@ def test_compiled_several_configs_go_through_one_autotuner_per_bucket(autotune):
     assert len(autotune) == 2  # buckets 128 (100, 120, 127) and 256 (200)
     first, second = autotune
     assert first.fn is fn and first.configs == [CFG_A, CFG_B]
-    assert first.key == ["h"]  # Triton's key: the exact names; n enters bucketed, in ours
+    # Triton's key: the exact names and every constexpr; n enters bucketed, in ours
+    assert first.key == ["h", "CAUSAL"]
     assert [args for _, args, _, _ in first.calls] == [("X", 100, 4), ("X", 120, 4), ("X", 127, 4)]
     assert [args for _, args, _, _ in second.calls] == [("X", 200, 4)]
     for grid, _, kwargs, locked in first.calls + second.calls:
