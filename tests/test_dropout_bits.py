@@ -1,5 +1,5 @@
 """The attention kernels' dropout keep bits (kernels/attention/_common.py::_dropout_keep): one
-Philox4x32-10 draw per 4 keys of an lse row, the same bit for (seed, lse row, key) whatever
+Philox4x32-7 draw per 4 keys of an lse row, the same bit for (seed, lse row, key) whatever
 the tile shape and orientation (forward / dQ tiles are [rows, keys], dK/dV's [keys, rows]),
 pinned against an independent model of the scheme so that a change of it (or of Triton's
 Philox) cannot pass unnoticed."""
@@ -15,11 +15,14 @@ from tritformer.kernels.attention._common import _dropout_keep
 M32 = 0xFFFFFFFF
 
 
-def _philox4x32_10(c, k):
-    """Philox4x32 with 10 rounds (Salmon et al. 2011), as Triton's tl.philox computes it."""
+ROUNDS = 7  # the kernels' Philox4x32 rounds (_common.DROPOUT_ROUNDS)
+
+
+def _philox4x32(c, k, rounds=ROUNDS):
+    """Philox4x32 with `rounds` rounds (Salmon et al. 2011), as Triton's tl.philox computes it."""
     c0, c1, c2, c3 = c
     k0, k1 = k
-    for _ in range(10):
+    for _ in range(rounds):
         p0, p2 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
         c0, c1, c2, c3 = ((p2 >> 32) ^ c1 ^ k0) & M32, p2 & M32, ((p0 >> 32) ^ c3 ^ k1) & M32, p0 & M32
         k0, k1 = (k0 + 0x9E3779B9) & M32, (k1 + 0xBB67AE85) & M32
@@ -27,10 +30,10 @@ def _philox4x32_10(c, k):
 
 
 def model_keep(seed, p, row, key):
-    """The documented scheme: key j of lse row r is output j % 4 of the draw with counter
-    (j // 4, r & 0xffffffff, r >> 32, 0) and key (seed & 0xffffffff, seed >> 32); kept iff
-    that 32-bit output >= floor(fp32(p) * 2^32)."""
-    out = _philox4x32_10((key >> 2, row & M32, row >> 32, 0), (seed & M32, seed >> 32))[key & 3]
+    """The documented scheme: key j of lse row r is output j % 4 of the Philox4x32-7 draw with
+    counter (j // 4, r & 0xffffffff, r >> 32, 0) and key (seed & 0xffffffff, seed >> 32); kept
+    iff that 32-bit output >= floor(fp32(p) * 2^32)."""
+    out = _philox4x32((key >> 2, row & M32, row >> 32, 0), (seed & M32, seed >> 32))[key & 3]
     return out >= min(int(np.float32(p) * np.float32(2 ** 32)), M32)
 
 
