@@ -94,3 +94,40 @@ def test_bits_independent_of_tile_shape_and_orientation(br, bc, trans):
     seed, p, row0, n_rows, n_cols = 4321, 0.4, 123, 41, 83
     want = K.dropout_keep_mask(seed, p, row0 + n_rows, n_cols, "cpu")[row0:]
     assert torch.equal(bits(seed, p, row0, n_rows, n_cols, br, bc, trans), want)
+
+
+def _meta(*shape, dtype=torch.float16):
+    return torch.empty(*shape, device="meta", dtype=dtype)
+
+
+@pytest.mark.parametrize("extra,variant", [
+    ({}, "dropout"), ({"right": 0}, "dropout"), ({"right": 5}, "dropout"),
+    # with another switch: the masked table (those kernels were not measured on big tiles)
+    ({"left": 8}, "masked"), ({"softcap": 30.0}, "masked"),
+    ({"alibi_slopes": _meta(2, 4, dtype=torch.float32)}, "masked"),
+    ({"key_padding_mask": _meta(2, 64, dtype=torch.bool)}, "masked"),
+    ({"attn_mask": _meta(2, 4, 64, 64, dtype=torch.bool)}, "masked"),
+    ({"cu_seqlens_q": _meta(3, dtype=torch.int32), "cu_seqlens_k": _meta(3, dtype=torch.int32),
+      "max_seqlen_q": 64, "max_seqlen_k": 64}, "masked"),
+], ids=lambda v: v if isinstance(v, str) else "+".join(v) or "alone")
+def test_dropout_alone_takes_its_own_table(extra, variant):
+    from tritformer.kernels.attention.options import _variant
+    assert _variant(K.Options(scale=0.1, dropout_p=0.1, **extra)) == variant
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_dropout_plans_use_the_dropout_table(head_dim):
+    # sm_90 16-bit: the dropout table's big tiles (64+ query rows in the forward and dQ: a
+    # warpgroup MMA's M), not the masked table's 32-row ones
+    from tritformer.kernels.attention import configs as C
+    q, lse = _meta(2, 4, 256, head_dim), _meta(2, 4, 256, dtype=torch.float32)
+    opts = K.Options(scale=0.1, right=0, dropout_p=0.1)
+    fwd = K.plan_forward(q, q, q, q, lse, opts, 90)[0]
+    bwd = {p.name: p for p in K.plan_backward(q, q, q, q, q, lse, None, torch.empty_like(lse),
+                                              q.clone(), q.clone(), q.clone(), opts, 90)}
+    for launch, kernel in ((fwd, "fwd"), (bwd["attn_bwd_dkdv"], "bwd_dkdv"),
+                           (bwd["attn_bwd_dq"], "bwd_dq")):
+        assert launch.configs == C.configs_for(kernel, 90, head_dim, 2, "dropout"), kernel
+        assert launch.constexprs["DROPOUT"]
+    for launch in (fwd, bwd["attn_bwd_dq"]):
+        assert min(c.kwargs["BLOCK_M"] for c in launch.configs) >= 64, launch.configs
