@@ -288,11 +288,14 @@ bwd_dq    120 fp32 | 32x16/8/1 16x32/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1
 #   dQ D=64 128x32/8/2 0.495 | 0.466, 64x32/4/2 0.485 | 0.459. D=128 64x64/8/2 0.606 | 0.538,
 #     64x32/4/2 0.584 | 0.566. D=256 64x64/8/2 0.675 | 0.642, 32x32/4/2 0.646 | 0.637.
 # fp32: the masked table's cells (exact-FMA dots at D > 64, as masked: options._dot_precision)
-#   where they stay spill-free with dropout alone (causal; fwd / dQ MHA, dK/dV GQA 4:1), except
-#   sm_90 fwd D=128 32x32/8/1 (708 | 580 B spilled) and D=256 32x32/8/1 (9.5 KB at the 128-register
-#   cap), 32x16/8/1 (8 B on 3.9). Open, as in the masked and light tables: sm_90 fp32 dK/dV
-#   D=256 under GQA 4:1 spills on 3.7.1 (32x16/8/1 60 B, 16x16/8/1 32 B; 0 on 3.9): the masked
-#   cell is kept. sm_86 / sm_120: sm_80's cells within 99 KB.
+#   where they stay spill-free with dropout alone (causal; fwd / dQ MHA, dK/dV GQA 4:1). Not:
+#   sm_90 fwd D=128 32x32/8/1 (708 | 580 B spilled), D=256 32x32/8/1 (9.5 KB at the 128-register
+#   cap) and 32x16/8/1 (8 B on 3.9); sm_80 dK/dV D=128 (GQA) 32x16/8/1 52 | 52 B and 32x32/8/1
+#   40 B on 3.9, so 16x16/8/1 (as the light table); sm_80 dQ D=256 32x16/8/1 8 B on 3.9. Open,
+#   as in the masked and light tables: sm_90 dK/dV D=256 under GQA 4:1 spills on 3.7.1
+#   (32x16/8/1 60 B, 16x16/8/1 32 B; 0 on 3.9): the masked cell is kept.
+# sm_86 / sm_120: sm_80's cells within 99 KB (dQ D=256 16-bit: 32x32/4/2, as plain); sm_86
+#   16-bit checked on Triton 3.9 (causal; fwd D=128 and dK/dV with GQA 4:1): spill-free.
 _DROPOUT = """
 # kernel  sm  elem | D <= 64                | D <= 128               | D <= 256
 fwd       90  16b  | 128x64/8/3 64x64/4/3   | 128x64/8/3 128x32/8/3  | 64x16/4/2 64x32/8/2
@@ -302,23 +305,23 @@ fwd       80  fp32 | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1
 bwd_dkdv  90  16b  | 32x128/8/1 32x128/8/2  | 32x32/8/1 16x64/8/2    | 32x32/8/1 32x16/8/1
 bwd_dkdv  90  fp32 | 32x32/8/1 32x16/8/1    | 16x16/8/1              | 32x16/8/1 16x16/8/1
 bwd_dkdv  80  16b  | 16x64/4/1 32x32/8/1    | 32x16/8/1 16x64/8/1    | 32x16/8/1 16x32/8/1
-bwd_dkdv  80  fp32 | 32x16/8/1 16x32/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+bwd_dkdv  80  fp32 | 32x16/8/1 16x32/8/1    | 16x16/8/1              | 32x16/8/1 16x32/8/1
 bwd_dq    90  16b  | 128x64/8/2 128x32/8/2  | 128x64/8/2 128x32/8/2  | 128x16/8/2
 bwd_dq    90  fp32 | 32x32/8/1 32x16/8/1    | 32x32/8/1 16x32/8/1    | 32x16/8/1 16x32/8/1
 bwd_dq    80  16b  | 128x32/8/2 64x32/4/2   | 64x64/8/2 64x32/4/2    | 64x64/8/2 32x32/4/2
-bwd_dq    80  fp32 | 32x16/8/1 16x32/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+bwd_dq    80  fp32 | 32x16/8/1 16x32/8/1    | 32x32/8/1 32x16/8/1    | 16x32/8/1
 fwd       86  16b  | 128x32/8/3             | 128x32/8/3 64x32/4/3   | 32x32/4/2 64x32/8/2
 fwd       86  fp32 | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
 bwd_dkdv  86  16b  | 16x64/4/1 32x32/8/1    | 32x16/8/1 16x64/8/1    | 32x16/8/1 16x32/8/1
-bwd_dkdv  86  fp32 | 32x16/8/1 16x32/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+bwd_dkdv  86  fp32 | 32x16/8/1 16x32/8/1    | 16x16/8/1              | 32x16/8/1 16x32/8/1
 bwd_dq    86  16b  | 128x32/8/2 64x32/4/2   | 64x64/8/2 64x32/4/2    | 32x32/4/2
-bwd_dq    86  fp32 | 32x16/8/1 16x32/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+bwd_dq    86  fp32 | 32x16/8/1 16x32/8/1    | 32x32/8/1 32x16/8/1    | 16x32/8/1
 fwd       120 16b  | 128x32/8/3             | 128x32/8/3 64x32/4/3   | 32x32/4/2 64x32/8/2
 fwd       120 fp32 | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
 bwd_dkdv  120 16b  | 16x64/4/1 32x32/8/1    | 32x16/8/1 16x64/8/1    | 32x16/8/1 16x32/8/1
-bwd_dkdv  120 fp32 | 32x16/8/1 16x32/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+bwd_dkdv  120 fp32 | 32x16/8/1 16x32/8/1    | 16x16/8/1              | 32x16/8/1 16x32/8/1
 bwd_dq    120 16b  | 128x32/8/2 64x32/4/2   | 64x64/8/2 64x32/4/2    | 32x32/4/2
-bwd_dq    120 fp32 | 32x16/8/1 16x32/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+bwd_dq    120 fp32 | 32x16/8/1 16x32/8/1    | 32x32/8/1 32x16/8/1    | 16x32/8/1
 """
 
 
