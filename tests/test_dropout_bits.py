@@ -1,5 +1,5 @@
 """The attention kernels' dropout keep bits (kernels/attention/_common.py::_dropout_keep): one
-Philox4x32-10 draw per 4 keys of an lse row, the same bit for (seed, lse row, key) whatever
+Philox4x32-7 draw per 4 keys of an lse row, the same bit for (seed, lse row, key) whatever
 the tile shape and orientation (forward / dQ tiles are [rows, keys], dK/dV's [keys, rows]),
 pinned against an independent model of the scheme so that a change of it (or of Triton's
 Philox) cannot pass unnoticed."""
@@ -15,11 +15,14 @@ from tritformer.kernels.attention._common import _dropout_keep
 M32 = 0xFFFFFFFF
 
 
-def _philox4x32_10(c, k):
-    """Philox4x32 with 10 rounds (Salmon et al. 2011), as Triton's tl.philox computes it."""
+ROUNDS = 7  # the kernels' Philox4x32 rounds (_common.DROPOUT_ROUNDS)
+
+
+def _philox4x32(c, k, rounds=ROUNDS):
+    """Philox4x32 with `rounds` rounds (Salmon et al. 2011), as Triton's tl.philox computes it."""
     c0, c1, c2, c3 = c
     k0, k1 = k
-    for _ in range(10):
+    for _ in range(rounds):
         p0, p2 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
         c0, c1, c2, c3 = ((p2 >> 32) ^ c1 ^ k0) & M32, p2 & M32, ((p0 >> 32) ^ c3 ^ k1) & M32, p0 & M32
         k0, k1 = (k0 + 0x9E3779B9) & M32, (k1 + 0xBB67AE85) & M32
@@ -27,10 +30,10 @@ def _philox4x32_10(c, k):
 
 
 def model_keep(seed, p, row, key):
-    """The documented scheme: key j of lse row r is output j % 4 of the draw with counter
-    (j // 4, r & 0xffffffff, r >> 32, 0) and key (seed & 0xffffffff, seed >> 32); kept iff
-    that 32-bit output >= floor(fp32(p) * 2^32)."""
-    out = _philox4x32_10((key >> 2, row & M32, row >> 32, 0), (seed & M32, seed >> 32))[key & 3]
+    """The documented scheme: key j of lse row r is output j % 4 of the Philox4x32-7 draw with
+    counter (j // 4, r & 0xffffffff, r >> 32, 0) and key (seed & 0xffffffff, seed >> 32); kept
+    iff that 32-bit output >= floor(fp32(p) * 2^32)."""
+    out = _philox4x32((key >> 2, row & M32, row >> 32, 0), (seed & M32, seed >> 32))[key & 3]
     return out >= min(int(np.float32(p) * np.float32(2 ** 32)), M32)
 
 
@@ -91,3 +94,40 @@ def test_bits_independent_of_tile_shape_and_orientation(br, bc, trans):
     seed, p, row0, n_rows, n_cols = 4321, 0.4, 123, 41, 83
     want = K.dropout_keep_mask(seed, p, row0 + n_rows, n_cols, "cpu")[row0:]
     assert torch.equal(bits(seed, p, row0, n_rows, n_cols, br, bc, trans), want)
+
+
+def _meta(*shape, dtype=torch.float16):
+    return torch.empty(*shape, device="meta", dtype=dtype)
+
+
+@pytest.mark.parametrize("extra,variant", [
+    ({}, "dropout"), ({"right": 0}, "dropout"), ({"right": 5}, "dropout"),
+    # with another switch: the masked table (those kernels were not measured on big tiles)
+    ({"left": 8}, "masked"), ({"softcap": 30.0}, "masked"),
+    ({"alibi_slopes": _meta(2, 4, dtype=torch.float32)}, "masked"),
+    ({"key_padding_mask": _meta(2, 64, dtype=torch.bool)}, "masked"),
+    ({"attn_mask": _meta(2, 4, 64, 64, dtype=torch.bool)}, "masked"),
+    ({"cu_seqlens_q": _meta(3, dtype=torch.int32), "cu_seqlens_k": _meta(3, dtype=torch.int32),
+      "max_seqlen_q": 64, "max_seqlen_k": 64}, "masked"),
+], ids=lambda v: v if isinstance(v, str) else "+".join(v) or "alone")
+def test_dropout_alone_takes_its_own_table(extra, variant):
+    from tritformer.kernels.attention.options import _variant
+    assert _variant(K.Options(scale=0.1, dropout_p=0.1, **extra)) == variant
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_dropout_plans_use_the_dropout_table(head_dim):
+    # sm_90 16-bit: the dropout table's big tiles (64+ query rows in the forward and dQ: a
+    # warpgroup MMA's M), not the masked table's 32-row ones
+    from tritformer.kernels.attention import configs as C
+    q, lse = _meta(2, 4, 256, head_dim), _meta(2, 4, 256, dtype=torch.float32)
+    opts = K.Options(scale=0.1, right=0, dropout_p=0.1)
+    fwd = K.plan_forward(q, q, q, q, lse, opts, 90)[0]
+    bwd = {p.name: p for p in K.plan_backward(q, q, q, q, q, lse, None, torch.empty_like(lse),
+                                              q.clone(), q.clone(), q.clone(), opts, 90)}
+    for launch, kernel in ((fwd, "fwd"), (bwd["attn_bwd_dkdv"], "bwd_dkdv"),
+                           (bwd["attn_bwd_dq"], "bwd_dq")):
+        assert launch.configs == C.configs_for(kernel, 90, head_dim, 2, "dropout"), kernel
+        assert launch.constexprs["DROPOUT"]
+    for launch in (fwd, bwd["attn_bwd_dq"]):
+        assert min(c.kwargs["BLOCK_M"] for c in launch.configs) >= 64, launch.configs

@@ -36,7 +36,7 @@ def _plans(q, k, arch, opts=None, deterministic=True, do=None):
     ("sm90_fp32", False, False),      # fp32: 3xTF32 dots and lse's residual, pointer loads
     ("sm90_d96", False, False),       # padded head dim: the descriptor box would be [BLOCK, 96]
     ("sm90_odd_stride", False, True),  # q's row stride 129 elements (K / V fine): dQ only
-    ("sm90_masked", False, False),    # the masked variant's small tiles keep pointer loads
+    ("sm90_masked", False, False),    # dropout (its own table) keeps pointer loads
     ("sm90_off", False, False),       # TRITFORMER_TMA=0
     ("sm80_d128", False, True),       # Ampere: cp.async with fewer registers, dQ 128x64 fits
     ("sm80_d64", False, False),       # Ampere D=64: the pointer tiles score as high
@@ -62,7 +62,7 @@ def test_when_the_backward_takes_tma(what, dkdv, dq, monkeypatch):
             assert launch.configs == C.TMA_BWD[(arch, D, "plain", kernel, heads)]
         else:
             assert launch.configs == C.configs_for(kernel, arch, C._block_d(D), q.element_size(),
-                                                   "masked" if opts else "plain")
+                                                   "dropout" if opts else "plain")
 
 
 @pytest.mark.parametrize("heads,D,expect", [("gqa", 64, True), ("mha", 64, False),
@@ -163,7 +163,7 @@ def test_tma_backward_launch_sets_the_scratch_allocator(monkeypatch):
     ("fp32", False),        # natural units and lse's residual
     ("sm90_d256", False),   # not compiled with it
     ("sm86", False),        # not compiled with it
-    ("sm90_varlen_like_masked", False),  # the masked table: not compiled with it
+    ("sm90_varlen_like_masked", False),  # dropout's table: not compiled with it
     # varlen as plain (AOT-compiled with it, both Triton versions): a packed batch then does
     # each sequence's own arithmetic, bitwise (tests/test_varlen.py)
     ("sm90_varlen", True), ("sm80_varlen_d64", True), ("interpreter_varlen", True),

@@ -17,17 +17,28 @@ def _program_tile(MAX_SEQLEN, BLOCK: tl.constexpr, N_HEADS):
     return pid % n_tiles, (pid // n_tiles) % N_HEADS, pid // n_tiles // N_HEADS, n_tiles
 
 
+# Philox4x32 rounds of the dropout draw: 7. Salmon et al. (SC 2011) found Philox4x32 with 7
+# rounds Crush-resistant (passes all of TestU01's BigCrush) and recommend 10 for a safety margin
+# (curand's default, FlashAttention's draw). Each round is about 2 IMAD.WIDE + 2 LOP3 per draw,
+# and the draw bounds the dropout loops (integer issue): 10 -> 7 rounds moved sm_90 fp16 causal
+# serialized ESTIMATES (Triton 3.9 `inspect --perf`, dropout the only switch) fwd D=64
+# 128x64/8/3 0.218 -> 0.249, D=128 0.343 -> 0.382; dK/dV D=64 32x128/8/2 0.258 -> 0.278; dQ
+# D=128 128x32/8/2 0.412 -> 0.447. docs/masked-performance.md has the rest.
+DROPOUT_ROUNDS = tl.constexpr(7)
+
+
 @triton.jit
 def _philox_keep4(seed, row, g, dropout_p):
     """Keep bits of keys 4g .. 4g + 3 of lse rows `row` (row and g broadcast against each
-    other), one Philox4x32-10 draw per (row, g): counter (g, row & 0xffffffff, row >> 32, 0),
-    key seed; output k is key 4g + k's bit, kept iff >= p * 2^32 as an unsigned integer (p
-    rounded to fp32 first, the kernels' argument type; the keep rate is 1 - p to 2^-32)."""
+    other), one Philox4x32-7 draw (DROPOUT_ROUNDS) per (row, g): counter (g, row & 0xffffffff,
+    row >> 32, 0), key seed; output k is key 4g + k's bit, kept iff >= p * 2^32 as an unsigned
+    integer (p rounded to fp32 first, the kernels' argument type; the keep rate is 1 - p to
+    2^-32)."""
     p = tl.to_tensor(dropout_p).to(tl.float32)
     thresh = tl.minimum((p * 4294967296.0).to(tl.int64), 4294967295).to(tl.uint32)
     row = row.to(tl.int64)  # the mask kernel's rows are int32
     r0, r1, r2, r3 = tl.philox(seed, g.to(tl.uint32), row.to(tl.uint32),
-                               (row >> 32).to(tl.uint32), 0)
+                               (row >> 32).to(tl.uint32), 0, n_rounds=DROPOUT_ROUNDS)
     return r0 >= thresh, r1 >= thresh, r2 >= thresh, r3 >= thresh
 
 

@@ -257,6 +257,73 @@ bwd_dq    120 16b  | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x32/8/1
 bwd_dq    120 fp32 | 32x16/8/1 16x32/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
 """
 
+# Dropout as the only switch (options._variant "dropout": no attn_mask, no light switch, dense;
+# causal or a right window edge allowed; the `inspect --op masked` plans attn_*+dropout). AOT,
+# Triton 3.9 and 3.7.1, fp16, causal and not, MHA and (dK/dV) GQA 4:1 causal: spill-free, no
+# ptxas warning. Useful serialized ESTIMATES (`inspect --perf`, serialized / replication, causal
+# MHA, Triton 3.9 | 3.7.1), against the masked table's 32x32/8/1 that dropout used before.
+# sm_90 16-bit (wgmma except where noted):
+#   fwd D=64 128x64/8/3 0.249 | 0.242 (masked 32x32/8/1: 0.097), 64x64/4/3 0.246 | 0.241;
+#     128x128/8/3 spilled 124 | 352 B. D=128 128x64/8/3 0.382 | 0.374 (255 regs, 0 B),
+#     128x32/8/3 0.335 | 0.336; 64x64/4/3 spilled 16 | 32 B. D=256 64x16/4/2 0.355 | 0.368,
+#     64x32/8/2 0.269 | 0.295 (replication 1.5).
+#   dK/dV D=64 32x128/8/1 0.294 | 0.305 (GQA 0.300 | 0.303), 32x128/8/2 0.278 | 0.289.
+#     D=128: no wgmma tile clean with GQA 4:1 but 16x64/8/2 (0.185 | 0.205, replication 1.5;
+#     GQA 0.201 | 0.228): 16x128/8/2 (MHA 0.365, clean) spilled 200 | 176 B with GQA, 16x128/8/1
+#     160 | 56, 32x64/8/1 516 | 92, 16x64/4/1 116 | 132, 16x64/4/2 572 | 480; so 32x32/8/1
+#     (mma.sync, 0.234 | 0.202) first. D=256 mma.sync as plain: 16x32/4/1 (MHA 0.304) spilled
+#     36 | 44 B with GQA; 32x32/8/1 0.309 | 0.268, 32x16/8/1 0.248 | 0.222.
+#   dQ D=64 128x64/8/2 0.334 | 0.331, 128x32/8/2 0.310 | 0.318. D=128 128x64/8/2 0.484 | 0.485
+#     (255 regs, 0 B), 128x32/8/2 0.447 | 0.463. D=256 128x16/8/2 0.463 | 0.545; 128x32/8/2
+#     spilled 16 | 84 B, 64x32/8/2 112 B (3.9), 64x16/4/2 188 B (3.7.1), 64x32/4/1 664 | 932.
+# sm_80 16-bit (mma.sync): fwd D=64 128x32/8/3 0.368 | 0.341 (128x64/8/3 spilled 16 B on 3.7.1;
+#   64x32/8/2 0.214, replication 2). D=128 128x32/8/3 0.505 | 0.461, 64x32/4/3 0.422 | 0.382.
+#   D=256 32x32/4/2 0.523 | 0.456, 64x32/8/2 0.364 | 0.339.
+#   dK/dV, GQA 4:1 the binding case: D=64 16x64/4/1 0.444 | 0.428 (GQA), 32x32/8/1 0.264 | 0.235;
+#     16x128/8/2 (MHA 0.434) spilled 152 | 192 B with GQA, 32x128/8/2 16 | 44 B MHA, 16x64/8/2
+#     104 | 112 GQA. D=128 32x16/8/1 0.300 | 0.268, 16x64/8/1 0.220 | 0.214 (replication 2.5);
+#     32x32/8/1 spilled 24 B (3.7.1 MHA), 16x128/8/2 424 | 536, 16x64/4/1 120 | 152 (GQA).
+#     D=256 32x16/8/1 0.370 | 0.342, 16x32/8/1 0.249 | 0.242; 16x32/4/1 (MHA 0.427) spilled
+#     84 | 156 B with GQA.
+#   dQ D=64 128x32/8/2 0.495 | 0.466, 64x32/4/2 0.485 | 0.459. D=128 64x64/8/2 0.606 | 0.538,
+#     64x32/4/2 0.584 | 0.566. D=256 64x64/8/2 0.675 | 0.642, 32x32/4/2 0.646 | 0.637.
+# fp32: the masked table's cells (exact-FMA dots at D > 64, as masked: options._dot_precision)
+#   where they stay spill-free with dropout alone (causal; fwd / dQ MHA, dK/dV GQA 4:1). Not:
+#   sm_90 fwd D=128 32x32/8/1 (708 | 580 B spilled), D=256 32x32/8/1 (9.5 KB at the 128-register
+#   cap) and 32x16/8/1 (8 B on 3.9); sm_80 dK/dV D=128 (GQA) 32x16/8/1 52 | 52 B and 32x32/8/1
+#   40 B on 3.9, so 16x16/8/1 (as the light table); sm_80 dQ D=256 32x16/8/1 8 B on 3.9. Open,
+#   as in the masked and light tables: sm_90 dK/dV D=256 under GQA 4:1 spills on 3.7.1
+#   (32x16/8/1 60 B, 16x16/8/1 32 B; 0 on 3.9): the masked cell is kept.
+# sm_86 / sm_120: sm_80's cells within 99 KB (dQ D=256 16-bit: 32x32/4/2, as plain); sm_86
+#   16-bit checked on Triton 3.9 (causal; fwd D=128 and dK/dV with GQA 4:1): spill-free.
+_DROPOUT = """
+# kernel  sm  elem | D <= 64                | D <= 128               | D <= 256
+fwd       90  16b  | 128x64/8/3 64x64/4/3   | 128x64/8/3 128x32/8/3  | 64x16/4/2 64x32/8/2
+fwd       90  fp32 | 32x32/8/1 32x16/8/1    | 16x32/8/1              | 16x32/8/1
+fwd       80  16b  | 128x32/8/3             | 128x32/8/3 64x32/4/3   | 32x32/4/2 64x32/8/2
+fwd       80  fp32 | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+bwd_dkdv  90  16b  | 32x128/8/1 32x128/8/2  | 32x32/8/1 16x64/8/2    | 32x32/8/1 32x16/8/1
+bwd_dkdv  90  fp32 | 32x32/8/1 32x16/8/1    | 16x16/8/1              | 32x16/8/1 16x16/8/1
+bwd_dkdv  80  16b  | 16x64/4/1 32x32/8/1    | 32x16/8/1 16x64/8/1    | 32x16/8/1 16x32/8/1
+bwd_dkdv  80  fp32 | 32x16/8/1 16x32/8/1    | 16x16/8/1              | 32x16/8/1 16x32/8/1
+bwd_dq    90  16b  | 128x64/8/2 128x32/8/2  | 128x64/8/2 128x32/8/2  | 128x16/8/2
+bwd_dq    90  fp32 | 32x32/8/1 32x16/8/1    | 32x32/8/1 16x32/8/1    | 32x16/8/1 16x32/8/1
+bwd_dq    80  16b  | 128x32/8/2 64x32/4/2   | 64x64/8/2 64x32/4/2    | 64x64/8/2 32x32/4/2
+bwd_dq    80  fp32 | 32x16/8/1 16x32/8/1    | 32x32/8/1 32x16/8/1    | 16x32/8/1
+fwd       86  16b  | 128x32/8/3             | 128x32/8/3 64x32/4/3   | 32x32/4/2 64x32/8/2
+fwd       86  fp32 | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+bwd_dkdv  86  16b  | 16x64/4/1 32x32/8/1    | 32x16/8/1 16x64/8/1    | 32x16/8/1 16x32/8/1
+bwd_dkdv  86  fp32 | 32x16/8/1 16x32/8/1    | 16x16/8/1              | 32x16/8/1 16x32/8/1
+bwd_dq    86  16b  | 128x32/8/2 64x32/4/2   | 64x64/8/2 64x32/4/2    | 32x32/4/2
+bwd_dq    86  fp32 | 32x16/8/1 16x32/8/1    | 32x32/8/1 32x16/8/1    | 16x32/8/1
+fwd       120 16b  | 128x32/8/3             | 128x32/8/3 64x32/4/3   | 32x32/4/2 64x32/8/2
+fwd       120 fp32 | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+bwd_dkdv  120 16b  | 16x64/4/1 32x32/8/1    | 32x16/8/1 16x64/8/1    | 32x16/8/1 16x32/8/1
+bwd_dkdv  120 fp32 | 32x16/8/1 16x32/8/1    | 16x16/8/1              | 32x16/8/1 16x32/8/1
+bwd_dq    120 16b  | 128x32/8/2 64x32/4/2   | 64x64/8/2 64x32/4/2    | 32x32/4/2
+bwd_dq    120 fp32 | 32x16/8/1 16x32/8/1    | 32x32/8/1 32x16/8/1    | 16x32/8/1
+"""
+
 
 def parse_table(text: str) -> dict:
     """{kernel: {arch family: [(max BLOCK_D, element bytes, [triton.Config])]}} from a table
@@ -282,7 +349,7 @@ def parse_table(text: str) -> dict:
 
 GPU_CONFIGS = parse_table(_PLAIN)
 VARIANT_CONFIGS = {"varlen": parse_table(_VARLEN), "light": parse_table(_LIGHT),
-                   "masked": parse_table(_MASKED)}
+                   "masked": parse_table(_MASKED), "dropout": parse_table(_DROPOUT)}
 
 # The varlen forward over a paged KV cache (block_table; the `inspect --op varlen` plan
 # attn_fwd+paged16): the varlen fwd cells, except these {(arch family, element bytes, BLOCK_D
@@ -354,9 +421,10 @@ def configs_for(kernel: str, arch: int | None, block_d: int, elem_bytes: int,
     """Candidate configs of `kernel` for a compute capability (None: the interpreter).
 
     variant: "plain" (dense, causal or not), "varlen" (packed sequences), "light" (key padding,
-    ALiBi, softcap, a left window edge: the plain tiles that stay spill-free with them) or
-    "masked" (an attn_mask or dropout, with any other switch; varlen with any switch): each has
-    its own spill-free table, the masked one with smaller tiles (options._variant). "paged"
+    ALiBi, softcap, a left window edge: the plain tiles that stay spill-free with them),
+    "dropout" (dropout the only switch: big tiles measured with the Philox draw) or "masked" (an
+    attn_mask, or dropout with any other switch; varlen with any switch): each has its own
+    spill-free table, the masked one with smaller tiles (options._variant). "paged"
     (the forward only): varlen's, with the PAGED_FWD cells. "bwd_fused" (the backward's fused
     dK/dV/dQ kernel): [] where its table has no tile (a "-" cell or no row): the caller then
     runs the deterministic kernels."""

@@ -162,17 +162,22 @@ def _paging(k, opts: Options, dummy: torch.Tensor):
 
 def _variant(opts: Options) -> str:
     """The config table a launch uses (configs.py), by what the switches cost in registers:
-    - "masked": an attn_mask (a tile of mask loads with 64-bit addresses) or dropout (Philox
-      bits per element), with any other switch: the small-tile table;
+    - "masked": an attn_mask (a tile of mask loads with 64-bit addresses), or dropout with any
+      other switch, or varlen with any switch: the small-tile table;
+    - "dropout": dropout as the only switch (causal or a right window edge allowed) on dense
+      inputs: big tiles measured with the Philox draw (wgmma on sm_90 16-bit). Dropout with a
+      light switch stays "masked": those kernels were not measured on the big tiles;
     - "light": key padding, ALiBi, softcap or a left window edge, any subset, on dense
       (non-varlen) inputs: the plain tiles that stay spill-free with all four on (wgmma on
       sm_90 16-bit), so one switch no longer costs the whole masked table;
     - "varlen" (packed sequences; with any switch: "masked", not measured otherwise) or "plain".
     """
-    if opts.attn_mask is not None or opts.dropout_p > 0:
+    if opts.attn_mask is not None:
         return "masked"
     light = (opts.key_padding_mask is not None or opts.alibi_slopes is not None
              or bool(opts.softcap) or opts.left is not None)
+    if opts.dropout_p > 0:
+        return "masked" if light or opts.varlen else "dropout"
     if light:
         return "masked" if opts.varlen else "light"
     return "varlen" if opts.varlen else "plain"

@@ -308,9 +308,10 @@ def _lse_lo(K, lse, dtype):
 def _masked_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool, heads: str = "mha"):
     """The heaviest kernel of each masked config table (options._variant): "masked", every
     switch on (float mask whose gradient the dQ kernel writes, key padding, ALiBi, softcap,
-    dropout, sliding window; right edge 0 when causal), named attn_*; and "light", the four
+    dropout, sliding window; right edge 0 when causal), named attn_*; "light", the four
     switches without a mask or dropout (key padding, ALiBi, softcap, left window edge), named
-    attn_*+light."""
+    attn_*+light; and dropout as the only switch (right edge 0 when causal), named
+    attn_*+dropout."""
     from tritformer.kernels import attention as K
     meta = dict(device="meta", dtype=dtype)
     B, H, N = 2, 4, 1024
@@ -332,9 +333,12 @@ def _masked_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool, he
                 + _fused_backward(K, do, q, k, v, o, lse, torch.empty_like(lse), opts, cap, dm,
                                   lo))
 
+    drop = K.Options(scale=head_dim ** -0.5, right=0 if causal else None, dropout_p=0.1,
+                     seed=1234)
     return (plans(heavy, dmask)
-            + [dataclasses.replace(launch, name=f"{launch.name}+light")
-               for launch in plans(K.Options(**light), None)])
+            + [dataclasses.replace(launch, name=f"{launch.name}+{tag}")
+               for tag, opts in (("light", K.Options(**light)), ("dropout", drop))
+               for launch in plans(opts, None)])
 
 
 def _varlen_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool, heads: str = "gqa4"):
