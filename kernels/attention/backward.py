@@ -9,8 +9,10 @@ accumulates dQ with fp32 atomics (FUSED_DQ, 5 GEMMs per pair; launch.plan_backwa
   mask gradient.
 - `_attn_bwd_dq`: one program per (query tile, head, sequence) loops over the key tiles.
 Both recompute P from the saved lse with the forward's exact score pipeline (`_scores`). Each
-tile body sweeps its loop in three ranges (the window's two edges and the whole tiles between)
-through one keyword call site of its `_inner` sweep; the wrappers pass their runtime arguments
+tile body sweeps its loop through one keyword call site of its `_inner` sweep: dQ in three
+ranges (the window's two edges and the whole tiles between), dK/dV in two loops (the bounded
+query tiles: both window edges and a ragged last tile; then the unbounded ones, whose rows are
+all inside n_q, without any mask); the wrappers pass their runtime arguments
 to the tile bodies in signature order (tests/test_kernel_signatures.py) and constexprs by
 keyword.
 
