@@ -9,8 +9,10 @@ accumulates dQ with fp32 atomics (FUSED_DQ, 5 GEMMs per pair; launch.plan_backwa
   mask gradient.
 - `_attn_bwd_dq`: one program per (query tile, head, sequence) loops over the key tiles.
 Both recompute P from the saved lse with the forward's exact score pipeline (`_scores`). Each
-tile body sweeps its loop in three ranges (the window's two edges and the whole tiles between)
-through one keyword call site of its `_inner` sweep; the wrappers pass their runtime arguments
+tile body sweeps its loop through one keyword call site of its `_inner` sweep: dQ in three
+ranges (the window's two edges and the whole tiles between), dK/dV in two loops (the bounded
+query tiles: both window edges and a ragged last tile; then the unbounded ones, whose rows are
+all inside n_q, without any mask); the wrappers pass their runtime arguments
 to the tile bodies in signature order (tests/test_kernel_signatures.py) and constexprs by
 keyword.
 
@@ -62,94 +64,149 @@ def _attn_bwd_preprocess(Out, DO, DLse, Delta, Lse, LseB,
 
 
 @triton.jit
+def _attn_bwd_dkdv_step(dk, dv, k, v, kT, q_ptr, do_ptr, q_offs, do_offs, Lse, LseLo, Delta,
+                        row0, start_m, offs_m, j, mask_d, n_q, n_kv, diag, m_base, stride_mm,
+                        stride_mn, kpm_base, slope, sm_scale, cap_in, cap_out, win_left,
+                        win_right, DROP_COLS, dropout_p, seed, dq_ptr, dq_offs, dm_base,
+                        stride_dmm,
+                        BLOCK_M: tl.constexpr, BOUNDARY: tl.constexpr, WIN_LEFT: tl.constexpr,
+                        WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
+                        HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+                        LSE_LO: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_TRANS: tl.constexpr,
+                        MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        TMA: tl.constexpr, LOG2_UNITS: tl.constexpr):
+    # One query tile (rows start_m + offs_m) against the resident key tile. q_ptr / do_ptr /
+    # dq_ptr: the tile's first row (pointers), or the tensor descriptors (TMA, addressed by
+    # start_m). BOUNDARY: rows may pass n_q (and the key bound / window apply, _scores);
+    # without it every row is inside n_q, so no row mask is evaluated.
+    # Query rows past n_q load as zero with lse = +inf, so they add nothing: no row bound on P.
+    # Keys past n_kv (ragged last key tile) produce rows of dK/dV that are never stored.
+    # TMA: rows past n_q read as zero (TMA's out-of-bounds fill), as the masked pointer loads do
+    offs_qm = start_m + offs_m
+    if BOUNDARY:
+        mask_m = offs_qm < n_q
+    else:  # a constant mask: the loads and the row select below fold away
+        mask_m = tl.full([BLOCK_M], 1, tl.int1)
+    i = offs_qm[None, :]
+    if TMA:
+        q = q_ptr.load([start_m, 0])
+    else:
+        q = tl.load(q_ptr + q_offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    if LOG2_UNITS:  # Lse: the preprocess's lse * log2(e), +inf for empty rows
+        lse = tl.load(Lse + row0 + offs_qm, mask=mask_m, other=float("inf"))
+    else:
+        lse = _load_lse(Lse, row0 + offs_qm, mask_m)
+    # -- recompute P^T [BLOCK_N, BLOCK_M] from the saved lse ----
+    qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+    sT, tT = _scores(qkT, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base,
+                     slope, sm_scale, cap_in, cap_out, win_left, win_right,
+                     BOUNDARY=BOUNDARY, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
+                     MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI,
+                     SOFTCAP=SOFTCAP, LOG2_UNITS=LOG2_UNITS)
+    # masked to -inf before exp2: a masked score above the row's lse must not make inf.
+    # Rows past n_q (zero-filled q) are zeroed explicitly: with a key of -inf their score is
+    # 0 * -inf = NaN, which would reach dK/dV through the dots (tests/test_empty_rows.py).
+    if LSE_LO:  # fp32: lse's rounding residual (forward.py), subtracted after the exact s - lse
+        lse_lo = tl.load(LseLo + row0 + offs_qm, mask=mask_m, other=0.0)
+        pT = tl.math.exp2(((sT - lse[None, :]) - lse_lo[None, :]) * LOG2E)
+    elif LOG2_UNITS:  # 16-bit: scores and lse in log2 units, one FFMA per score (forward.py)
+        pT = tl.math.exp2(sT - lse[None, :])
+    else:
+        pT = tl.math.exp2((sT - lse[None, :]) * LOG2E)
+    pT = tl.where(mask_m[None, :], pT, 0.0)
+    if TMA:
+        do = do_ptr.load([start_m, 0])
+    else:
+        do = tl.load(do_ptr + do_offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    # dV before dP^T is formed: fewer live tiles (dP^T first spilled fp32 D=128 on sm_80)
+    if DROPOUT:  # dV += (P∘Z)^T dO / (1-p); dP = (dO V^T)∘Z / (1-p)
+        keepT = _dropout_keep(seed, row0 + i, j, DROP_COLS, dropout_p)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        dv = tl.dot(tl.where(keepT, pT * inv_keep, 0.0).to(do.dtype), do, dv,
+                    input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dpT = tl.where(keepT, dpT * inv_keep, 0.0)
+    else:  # dV += P^T dO
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    # -- dS^T = P^T * (dP^T - delta), dK += dS^T Q ----
+    delta = tl.load(Delta + row0 + offs_qm, mask=mask_m, other=0.0)
+    dsT = pT * (dpT - delta[None, :])
+    if MASK_GRAD:  # d(additive mask) = dS (before softcap), as the dQ kernel writes it
+        tl.store(dm_base + i.to(tl.int64) * stride_dmm + j, dsT,
+                 mask=(i < n_q) & (j < n_kv))
+    if SOFTCAP:  # through softcap * tanh(s / softcap)
+        dsT = dsT * (1.0 - tT * tT)
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    if FUSED_DQ:  # dQ += dS K (unscaled), fp32 atomics into the zeroed accumulator
+        if DQ_TRANS:  # dQ^T = K^T dS^T [BLOCK_D, BLOCK_M]: the MMA's M is the head dim
+            dq = tl.dot(kT, dsT.to(k.dtype), input_precision=DOT_PRECISION)
+            tl.atomic_add(dq_ptr + dq_offs, dq, mask=mask_d[:, None] & mask_m[None, :],
+                          sem="relaxed")
+        else:  # dQ = dS K [BLOCK_M, BLOCK_D]: the MMA's M is the query tile
+            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PRECISION)
+            tl.atomic_add(dq_ptr + dq_offs, dq, mask=mask_m[:, None] & mask_d[None, :],
+                          sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, kT, q_base, do_base, q_offs, do_offs, Lse, LseLo, Delta,
-                         stride_qm, stride_dom, row0, lo, hi, offs_m, j, mask_d, n_q, n_kv, diag,
-                         m_base, stride_mm, stride_mn, kpm_base, slope, sm_scale, cap_in,
-                         cap_out, win_left, win_right, DROP_COLS, dropout_p, seed, dq_base,
-                         dq_offs, stride_dqm, dm_base, stride_dmm,
+                         stride_qm, stride_dom, row0, lo, hi, lo2, hi2, offs_m, j, mask_d, n_q,
+                         n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope, sm_scale,
+                         cap_in, cap_out, win_left, win_right, DROP_COLS, dropout_p, seed,
+                         dq_base, dq_offs, stride_dqm, dm_base, stride_dmm,
                          BLOCK_M: tl.constexpr, BOUNDARY: tl.constexpr, WIN_LEFT: tl.constexpr,
                          WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
                          LSE_LO: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_TRANS: tl.constexpr,
                          MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          TMA: tl.constexpr, LOG2_UNITS: tl.constexpr):
-    # Query rows past n_q load as zero with lse = +inf, so they add nothing: no row bound on P.
-    # Keys past n_kv (ragged last key tile) produce rows of dK/dV that are never stored.
+    # The query tiles of [lo, hi) and, with BOUNDARY, then those of [lo2, hi2) (the two bounded
+    # ranges in one loop, so the kernel has two loop copies, not three: a third one cost
+    # registers across GQA's head loop, 152 B spilled at D=128 on sm_90).
     # TMA: q_base / do_base are tensor descriptors of this (sequence, head)'s [n_q, D] rows,
-    # addressed by query row; rows past n_q read as zero (TMA's out-of-bounds fill), as the
-    # masked pointer loads do
-    if not TMA:
-        q_base += tl.cast(lo, tl.int64) * stride_qm
-        do_base += tl.cast(lo, tl.int64) * stride_dom
-    if FUSED_DQ:
-        dq_base += tl.cast(lo, tl.int64) * stride_dqm
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_qm = start_m + offs_m
-        mask_m = offs_qm < n_q
-        i = offs_qm[None, :]
-        if TMA:
-            q = q_base.load([start_m, 0])
-        else:
-            q = tl.load(q_base + q_offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        if LOG2_UNITS:  # Lse: the preprocess's lse * log2(e), +inf for empty rows
-            lse = tl.load(Lse + row0 + offs_qm, mask=mask_m, other=float("inf"))
-        else:
-            lse = _load_lse(Lse, row0 + offs_qm, mask_m)
-        # -- recompute P^T [BLOCK_N, BLOCK_M] from the saved lse ----
-        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        sT, tT = _scores(qkT, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base,
-                         slope, sm_scale, cap_in, cap_out, win_left, win_right,
-                         BOUNDARY=BOUNDARY, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
-                         MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI,
-                         SOFTCAP=SOFTCAP, LOG2_UNITS=LOG2_UNITS)
-        # masked to -inf before exp2: a masked score above the row's lse must not make inf.
-        # Rows past n_q (zero-filled q) are zeroed explicitly: with a key of -inf their score is
-        # 0 * -inf = NaN, which would reach dK/dV through the dots (tests/test_empty_rows.py).
-        if LSE_LO:  # fp32: lse's rounding residual (forward.py), subtracted after the exact s - lse
-            lse_lo = tl.load(LseLo + row0 + offs_qm, mask=mask_m, other=0.0)
-            pT = tl.math.exp2(((sT - lse[None, :]) - lse_lo[None, :]) * LOG2E)
-        elif LOG2_UNITS:  # 16-bit: scores and lse in log2 units, one FFMA per score (forward.py)
-            pT = tl.math.exp2(sT - lse[None, :])
-        else:
-            pT = tl.math.exp2((sT - lse[None, :]) * LOG2E)
-        pT = tl.where(mask_m[None, :], pT, 0.0)
-        if TMA:
-            do = do_base.load([start_m, 0])
-        else:
-            do = tl.load(do_base + do_offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        # dV before dP^T is formed: fewer live tiles (dP^T first spilled fp32 D=128 on sm_80)
-        if DROPOUT:  # dV += (P∘Z)^T dO / (1-p); dP = (dO V^T)∘Z / (1-p)
-            keepT = _dropout_keep(seed, row0 + i, j, DROP_COLS, dropout_p)
-            inv_keep = 1.0 / (1.0 - dropout_p)
-            dv = tl.dot(tl.where(keepT, pT * inv_keep, 0.0).to(do.dtype), do, dv,
-                        input_precision=DOT_PRECISION)
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            dpT = tl.where(keepT, dpT * inv_keep, 0.0)
-        else:  # dV += P^T dO
-            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        # -- dS^T = P^T * (dP^T - delta), dK += dS^T Q ----
-        delta = tl.load(Delta + row0 + offs_qm, mask=mask_m, other=0.0)
-        dsT = pT * (dpT - delta[None, :])
-        if MASK_GRAD:  # d(additive mask) = dS (before softcap), as the dQ kernel writes it
-            tl.store(dm_base + i.to(tl.int64) * stride_dmm + j, dsT,
-                     mask=(i < n_q) & (j < n_kv))
-        if SOFTCAP:  # through softcap * tanh(s / softcap)
-            dsT = dsT * (1.0 - tT * tT)
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-        if FUSED_DQ:  # dQ += dS K (unscaled), fp32 atomics into the zeroed accumulator
-            if DQ_TRANS:  # dQ^T = K^T dS^T [BLOCK_D, BLOCK_M]: the MMA's M is the head dim
-                dq = tl.dot(kT, dsT.to(k.dtype), input_precision=DOT_PRECISION)
-                tl.atomic_add(dq_base + dq_offs, dq, mask=mask_d[:, None] & mask_m[None, :],
-                              sem="relaxed")
-            else:  # dQ = dS K [BLOCK_M, BLOCK_D]: the MMA's M is the query tile
-                dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PRECISION)
-                tl.atomic_add(dq_base + dq_offs, dq, mask=mask_m[:, None] & mask_d[None, :],
-                              sem="relaxed")
-            dq_base += BLOCK_M * stride_dqm
+    # addressed by query row
+    if BOUNDARY:
+        n_a = tl.cdiv(hi - lo, BLOCK_M)
+        for it in range(0, n_a + tl.cdiv(hi2 - lo2, BLOCK_M)):
+            start_m = tl.where(it < n_a, lo + it * BLOCK_M, lo2 + (it - n_a) * BLOCK_M)
+            q_ptr = q_base
+            do_ptr = do_base
+            if not TMA:
+                q_ptr = q_base + tl.cast(start_m, tl.int64) * stride_qm
+                do_ptr = do_base + tl.cast(start_m, tl.int64) * stride_dom
+            dk, dv = _attn_bwd_dkdv_step(
+                dk, dv, k, v, kT, q_ptr, do_ptr, q_offs, do_offs, Lse, LseLo, Delta, row0,
+                start_m, offs_m, j, mask_d, n_q, n_kv, diag, m_base, stride_mm, stride_mn,
+                kpm_base, slope, sm_scale, cap_in, cap_out, win_left, win_right, DROP_COLS,
+                dropout_p, seed, dq_base + tl.cast(start_m, tl.int64) * stride_dqm, dq_offs,
+                dm_base, stride_dmm, BLOCK_M=BLOCK_M, BOUNDARY=BOUNDARY, WIN_LEFT=WIN_LEFT,
+                WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI,
+                SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, LSE_LO=LSE_LO, FUSED_DQ=FUSED_DQ,
+                DQ_TRANS=DQ_TRANS, MASK_GRAD=MASK_GRAD, DOT_PRECISION=DOT_PRECISION, TMA=TMA,
+                LOG2_UNITS=LOG2_UNITS)
+    else:
         if not TMA:
-            q_base += BLOCK_M * stride_qm
-            do_base += BLOCK_M * stride_dom
+            q_base += tl.cast(lo, tl.int64) * stride_qm
+            do_base += tl.cast(lo, tl.int64) * stride_dom
+        if FUSED_DQ:
+            dq_base += tl.cast(lo, tl.int64) * stride_dqm
+        for start_m in range(lo, hi, BLOCK_M):
+            dk, dv = _attn_bwd_dkdv_step(
+                dk, dv, k, v, kT, q_base, do_base, q_offs, do_offs, Lse, LseLo, Delta, row0,
+                start_m, offs_m, j, mask_d, n_q, n_kv, diag, m_base, stride_mm, stride_mn,
+                kpm_base, slope, sm_scale, cap_in, cap_out, win_left, win_right, DROP_COLS,
+                dropout_p, seed, dq_base, dq_offs, dm_base, stride_dmm, BLOCK_M=BLOCK_M,
+                BOUNDARY=BOUNDARY, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
+                HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT,
+                LSE_LO=LSE_LO, FUSED_DQ=FUSED_DQ, DQ_TRANS=DQ_TRANS, MASK_GRAD=MASK_GRAD,
+                DOT_PRECISION=DOT_PRECISION, TMA=TMA, LOG2_UNITS=LOG2_UNITS)
+            if FUSED_DQ:
+                dq_base += BLOCK_M * stride_dqm
+            if not TMA:
+                q_base += BLOCK_M * stride_qm
+                do_base += BLOCK_M * stride_dom
     return dk, dv
 
 
@@ -228,6 +285,9 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
         pad = tl.load(kpm_base + offs_n, mask=offs_n < n_kv, other=1)
         m_hi = tl.where(tl.sum((pad == 0).to(tl.int32), 0) > 0, m_hi, 0)
     m_hi = tl.where(n0 < n_kv, m_hi, 0)  # varlen: a tile past this sequence's keys
+    # the unbounded range ends at the last query tile wholly within n_q: a ragged last tile
+    # goes to the bounded loop, which masks the rows
+    full_hi = tl.minimum(full_hi, (n_q // BLOCK_M) * BLOCK_M)
     m_lo = tl.minimum(m_lo, m_hi)
     full_lo = tl.minimum(tl.maximum(full_lo, m_lo), m_hi)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), m_hi)
@@ -278,34 +338,35 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
             slope = tl.load(Alibi + seq * H + off_h)
             if LOG2_UNITS:
                 slope = slope * LOG2E
-        # three query ranges, unrolled at compile time: [m_lo, full_lo) crosses the right
-        # edge (causal diagonal; only with WIN_RIGHT), [full_lo, full_hi) sees the whole key
-        # tile, [full_hi, m_hi) crosses the left edge (only with WIN_LEFT)
-        for part in tl.static_range(3):
-            if (part == 0 and WIN_RIGHT) or part == 1 or (part == 2 and WIN_LEFT):
-                if part == 0:
-                    part_lo = m_lo
-                    part_hi = full_lo
-                elif part == 1:
-                    part_lo = full_lo
-                    part_hi = full_hi
-                else:
-                    part_lo = full_hi
-                    part_hi = m_hi
-                dk, dv = _attn_bwd_dkdv_inner(
-                    dk, dv, k, v, kT, q_base=q_base, do_base=do_base, q_offs=q_offs, do_offs=do_offs,
-                    Lse=Lse, LseLo=LseLo, Delta=Delta, stride_qm=stride_qm, stride_dom=stride_dom, row0=row0,
-                    lo=part_lo, hi=part_hi, offs_m=offs_m, j=j, mask_d=mask_d, n_q=n_q,
-                    n_kv=n_kv, diag=diag, m_base=m_base, stride_mm=stride_mm,
-                    stride_mn=stride_mn, kpm_base=kpm_base, slope=slope, sm_scale=s_scale,
-                    cap_in=cap_in, cap_out=s_cap_out, win_left=win_left, win_right=win_right,
-                    DROP_COLS=DROP_COLS, dropout_p=dropout_p, seed=seed, dq_base=dq_base,
-                    dq_offs=dq_offs, stride_dqm=stride_dqm, dm_base=dm_base, stride_dmm=N_KV,
-                    BLOCK_M=BLOCK_M, BOUNDARY=part != 1, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
-                    MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
-                    DROPOUT=DROPOUT, LSE_LO=LSE_LO, FUSED_DQ=FUSED_DQ, DQ_TRANS=DQ_TRANS,
-                    MASK_GRAD=MASK_GRAD, DOT_PRECISION=DOT_PRECISION, TMA=TMA,
-                    LOG2_UNITS=LOG2_UNITS)
+        # two loops, unrolled at compile time: the bounded one over [m_lo, full_lo) (crosses
+        # the right edge: causal diagonal, WIN_RIGHT) and [full_hi, m_hi) (crosses the left
+        # edge, WIN_LEFT, or the ragged last query tile), then [full_lo, full_hi), where every
+        # row sees the whole key tile and is inside n_q (no bound, window or row mask)
+        for part in tl.static_range(2):
+            if part == 0:
+                a_lo = m_lo
+                a_hi = full_lo
+                b_lo = full_hi
+                b_hi = m_hi
+            else:
+                a_lo = full_lo
+                a_hi = full_hi
+                b_lo = full_hi
+                b_hi = full_hi
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, kT, q_base=q_base, do_base=do_base, q_offs=q_offs, do_offs=do_offs,
+                Lse=Lse, LseLo=LseLo, Delta=Delta, stride_qm=stride_qm, stride_dom=stride_dom,
+                row0=row0, lo=a_lo, hi=a_hi, lo2=b_lo, hi2=b_hi, offs_m=offs_m, j=j,
+                mask_d=mask_d, n_q=n_q, n_kv=n_kv, diag=diag, m_base=m_base,
+                stride_mm=stride_mm, stride_mn=stride_mn, kpm_base=kpm_base, slope=slope,
+                sm_scale=s_scale, cap_in=cap_in, cap_out=s_cap_out, win_left=win_left,
+                win_right=win_right, DROP_COLS=DROP_COLS, dropout_p=dropout_p, seed=seed,
+                dq_base=dq_base, dq_offs=dq_offs, stride_dqm=stride_dqm, dm_base=dm_base,
+                stride_dmm=N_KV, BLOCK_M=BLOCK_M, BOUNDARY=part == 0, WIN_LEFT=WIN_LEFT,
+                WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI,
+                SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, LSE_LO=LSE_LO, FUSED_DQ=FUSED_DQ,
+                DQ_TRANS=DQ_TRANS, MASK_GRAD=MASK_GRAD, DOT_PRECISION=DOT_PRECISION, TMA=TMA,
+                LOG2_UNITS=LOG2_UNITS)
 
     dk *= sm_scale
     tl.store(DK + z64 * stride_dkz + head.to(tl.int64) * stride_dkh + rows_n * stride_dkn

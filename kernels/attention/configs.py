@@ -83,12 +83,13 @@ HEAD_DIM_BUCKETS = (64, 128, 256)
 #   fp32 dQ): sm_90 D=64 32x128/8/1 (243 | 227 regs, 0 B; 32x128/8/2 239 regs, est. 0.47 vs
 #   0.51); sm_80 D=64 16x64/4/1 (254 regs on both; 16x64/4/2 12 B on 3.7.1 GQA not causal,
 #   32x64/4/1 72-104 B on 3.9, 16x128/8/x 0-8 B but replication 1.2). At D=128 every tile tried
-#   spilled, so "-" (the deterministic kernels run): sm_90 16x128/8/1 352-368 B, 16x128/8/2 328,
-#   32x128/8/1 532-556, 16x64/4/x 612-780, 32x64/4/x 924-1092, 64x128/8/x 956-1756, 64x64/4/x
-#   2.1-2.8 KB; sm_80 16x128/8/1 12 B, 32x128/8/1 172, 16x128/8/2 448, 32x64/8/2 724 (repl.
-#   1.8), 64x64/4/2 2.8 KB. The dS K product itself costs the registers (a plain store in place
-#   of the atomics: 416 B vs 448 B, sm_80 16x128/8/2; unmasked atomics 448 B; K^T loaded as its
-#   own operand or dQ formed before dK: no change). fp32, the other architectures and the
+#   spilled, so "-" (the deterministic kernels run; sm_90 since the unmasked query loop: GQA 4:1
+#   still spills, MHA does not, see TMA_BWD's note). Before it: sm_90 16x128/8/1 352-368 B,
+#   16x128/8/2 328, 32x128/8/1 532-556, 16x64/4/x 612-780, 32x64/4/x 924-1092, 64x128/8/x 956-1756,
+#   64x64/4/x 2.1-2.8 KB; sm_80 16x128/8/1 12 B, 32x128/8/1 172, 16x128/8/2 448, 32x64/8/2 724
+#   (repl. 1.8), 64x64/4/2 2.8 KB. The dS K product itself costs the registers (a plain store in
+#   place of the atomics: 416 B vs 448 B, sm_80 16x128/8/2; unmasked atomics 448 B; K^T loaded as
+#   its own operand or dQ formed before dK: no change). fp32, the other architectures and the
 #   varlen / light / masked tables have no bwd_fused row: the deterministic kernels run.
 _PLAIN = """
 # kernel  sm  elem | D <= 64                | D <= 128               | D <= 256
@@ -131,6 +132,9 @@ bwd_dq    120 fp32 | 32x16/4/1              | 16x64/8/1 16x16/8/1    | 32x16/8/1
 # (sm_90 fp16 32x128/8 spilled 332 B). dK/dV on 3.7.1: sm_90 D=128 32x16/8 spilled 24 B (80
 # regs), sm_80 D=128 16x128/8 136 B (causal); 32x32/8 and 16x64/8 are spill-free on 3.7.1 and
 # 3.9; GQA 4:1 causal D=64 32x32/8/1: 128 regs + 32 B spilled on both (16x64/8/1: 138 regs).
+# sm_80 dK/dV D=64 16x128/8/2 spilled 16 B (255 regs, GQA 4:1, causal and not, Triton 3.7.1)
+# once the unbounded query loop lost its row mask (#17); 16x128/8/1: 169-208 regs, 0 B on both
+# versions, est. 0.658-0.668 (16x128/8/2 0.70-0.71 on 3.9). sm_86 / sm_120 follow sm_80.
 _VARLEN = """
 # kernel  sm  elem | D <= 64                | D <= 128               | D <= 256
 fwd       90  16b  | 128x64/8/3 128x128/8/3 | 128x64/8/3 64x64/4/3   | 64x32/4/2 64x32/8/2
@@ -139,7 +143,7 @@ fwd       80  16b  | 128x64/8/3 128x32/8/3  | 128x32/8/3 64x64/4/3   | 64x32/8/2
 fwd       80  fp32 | 64x32/4/2 128x32/8/3   | 16x64/8/1 16x32/8/1    | 32x16/8/1 16x32/8/1
 bwd_dkdv  90  16b  | 32x128/8/2 16x64/8/1   | 32x32/8/1 16x64/8/1    | 16x32/4/1 32x32/8/1
 bwd_dkdv  90  fp32 | 32x32/8/1 32x16/8/1    | 16x16/8/1              | 16x32/8/1 16x16/8/1
-bwd_dkdv  80  16b  | 16x128/8/2 32x32/8/1   | 32x32/8/1 16x64/8/1    | 16x32/4/1 32x32/8/1
+bwd_dkdv  80  16b  | 16x128/8/1 32x32/8/1   | 32x32/8/1 16x64/8/1    | 16x32/4/1 32x32/8/1
 bwd_dkdv  80  fp32 | 32x16/8/1 16x32/8/1    | 16x16/8/1              | 16x32/8/1 16x16/8/1
 bwd_dq    90  16b  | 128x32/8/2 128x64/8/2  | 128x32/8/2 64x64/8/2   | 128x32/8/2 32x32/8/1
 bwd_dq    90  fp32 | 64x16/4/2 128x32/8/2   | 16x64/8/1 16x16/8/1    | 16x32/8/1 16x16/8/1
@@ -147,13 +151,13 @@ bwd_dq    80  16b  | 128x32/8/2 64x32/4/2   | 64x64/8/2 64x32/4/2    | 64x64/8/2
 bwd_dq    80  fp32 | 32x16/4/1 64x16/4/2    | 16x64/8/1 16x16/8/1    | 16x32/8/1 32x32/8/1
 fwd       86  16b  | 128x64/8/3 128x32/8/3  | 128x32/8/3 64x64/4/3   | 64x32/8/2 32x32/4/2
 fwd       86  fp32 | 64x32/4/2 128x32/8/3   | 16x64/8/1 16x32/8/1    | 32x16/8/1 16x32/8/1
-bwd_dkdv  86  16b  | 16x128/8/2 32x32/8/1   | 32x32/8/1 16x64/8/1    | 16x32/4/1 32x32/8/1
+bwd_dkdv  86  16b  | 16x128/8/1 32x32/8/1   | 32x32/8/1 16x64/8/1    | 16x32/4/1 32x32/8/1
 bwd_dkdv  86  fp32 | 32x16/8/1 16x32/8/1    | 16x16/8/1              | 16x32/8/1 16x16/8/1
 bwd_dq    86  16b  | 128x32/8/2 64x32/4/2   | 64x64/8/2 64x32/4/2    | 32x32/4/2
 bwd_dq    86  fp32 | 32x16/4/1 64x16/4/2    | 16x64/8/1 16x16/8/1    | 16x32/8/1
 fwd       120 16b  | 128x64/8/3 128x32/8/3  | 128x32/8/3 64x64/4/3   | 64x32/8/2 32x32/4/2
 fwd       120 fp32 | 64x32/4/2 128x32/8/3   | 16x64/8/1 16x32/8/1    | 32x16/8/1 16x32/8/1
-bwd_dkdv  120 16b  | 16x128/8/2 32x32/8/1   | 32x32/8/1 16x64/8/1    | 16x32/4/1 32x32/8/1
+bwd_dkdv  120 16b  | 16x128/8/1 32x32/8/1   | 32x32/8/1 16x64/8/1    | 16x32/4/1 32x32/8/1
 bwd_dkdv  120 fp32 | 32x16/8/1 16x32/8/1    | 16x16/8/1              | 16x32/8/1 16x16/8/1
 bwd_dq    120 16b  | 128x32/8/2 64x32/4/2   | 64x64/8/2 64x32/4/2    | 32x32/4/2
 bwd_dq    120 fp32 | 32x16/4/1 64x16/4/2    | 16x64/8/1 16x16/8/1    | 16x32/8/1
@@ -387,18 +391,28 @@ TMA_FWD = {
 # kernel, "mha" | "gqa"): configs}; a launch takes descriptors only in these measured cells
 # (AOT, Triton 3.9 and 3.7.1, causal and not, MHA and GQA 4:1 for "gqa", fp16: spill-free,
 # no ptxas warning, replication 1.00; serialized ESTIMATES, Triton 3.9 | 3.7.1).
+# Since dK/dV's unbounded query loop lost its row mask (#17: the ragged last query tile runs in
+# the bounded loop; 48 of 389 instructions per iteration fewer at sm_90 D=64 64x64/4/2), causal:
 # sm_90 dK/dV D=128: the 32-row query tile fits once Q / dO come by TMA: 32x128/8/2 MHA
-#   202-225 regs, est. 0.630-0.636 | 0.640-0.664 (pointers: 16x128, 0.49-0.56). Not for GQA:
-#   causal GQA 4:1 spills 136 B on 3.7.1 (/2) and 120 B on 3.9 (/1); the pointer tiles run.
-#   K / V loads and dK / dV stores by descriptor as well made it worse (224-228 B, 3.9).
-# sm_90 dK/dV D=64: 64-row query tiles, 64x64/4/2 (165-250 regs) est. 0.568-0.584 |
-#   0.581-0.599 and 64x128/8/2 0.564-0.570 | 0.573-0.582 (pointers: 32x128, 0.47-0.53).
+#   205-230 regs, est. 0.664 | 0.681 (/1: 0.668 | 0.638; pointers: 16x128, 0.49-0.56). Not for
+#   GQA: 32x128/8/2 spills 56 B on 3.7.1, /1 88 B on 3.9 (before: 136 B on 3.7.1 with /2, 120 B
+#   on 3.9 with /1); the pointer tiles run, 16x128/8/1 240-250 regs, est. 0.646 | 0.638
+#   (16x128/8/2 0.563 | 0.594). K / V loads and dK / dV stores by descriptor as well made it
+#   worse (224-228 B, 3.9, before).
+# sm_90 dK/dV D=64: 64-row query tiles, 64x64/4/2 (165-223 regs) est. 0.621-0.626 |
+#   0.638-0.641 and 64x128/8/2 0.610-0.612 | 0.621-0.624 (before: 0.579-0.584 | 0.595-0.599;
+#   pointers: 32x128, 0.47-0.53).
 # sm_90 dQ: D=128 128x64/8/2 160-188 regs, est. 0.736 | 0.748 (pointers 0.692); 128x128/8/2
 #   0.750 but 52 B spilled on 3.7.1. D=64 128x64/8/2 and 128x128/8/2: 0.600 both.
-# sm_90 fused D=64, GQA: 64x128/8/2 222-248 regs, est. 0.571-0.575 | 0.578-0.584 (pointers:
-#   32x128/8/1, 0.50-0.51); MHA keeps pointers (64x128/8/2: 16 B spilled, causal, 3.9).
-#   D=128: still no tile (32x128/8/1 with descriptors 160-456 B spilled, also with dQ as one
-#   TMA reduce-add per tile, which the interpreter cannot run: not shipped).
+# sm_90 fused D=64: 64x128/8/2 219-248 regs, est. MHA 0.621 | 0.633, GQA 0.615 | 0.630 (GQA
+#   before 0.571-0.575 | 0.578-0.584; MHA spilled 16 B, causal, 3.9, and ran the pointer tile
+#   32x128/8/1, 0.53 | 0.52, now 0.578 | 0.565); MHA also 64x64/4/2 (210-233 regs, 0.622 |
+#   0.639; GQA: 136 B | 112 B spilled).
+#   D=128: still no tile for both MHA and GQA (the plain table's row is shared): MHA pointer
+#   16x128/8/1 now fits (242 | 250 regs, est. 0.572 | 0.556; /2: 0.551 | 0.575), GQA 4:1
+#   spills it (320 B, 3.9; /2 112 B); with descriptors 32x128/8/2 MHA 250 regs, est. 0.638 on
+#   3.9 but 360 B spilled on 3.7.1, /1 48 B on 3.9 and 0 B on 3.7.1 (0.623), GQA 252-616 B.
+#   A TMA reduce-add of dQ per tile cannot run in the interpreter: not an option.
 # sm_80 dQ D=128: descriptors lower to cp.async and 128x64/8/2 fits (255 regs, 0 B; pointers
 #   668 B spilled): est. 0.803-0.805 (pointers 64x64/8/2: 0.741-0.751; with descriptors 0.738,
 #   more non-MMA instructions per MMA, so the cell has the one tile). Not taken where the
@@ -411,6 +425,7 @@ TMA_BWD: dict = {
     **{(90, 128, "plain", "bwd_dq", h): [_cfg(128, 64, 8, 2)] for h in ("mha", "gqa")},
     **{(90, 64, "plain", "bwd_dq", h): [_cfg(128, 64, 8, 2), _cfg(128, 128, 8, 2)]
        for h in ("mha", "gqa")},
+    (90, 64, "plain", "bwd_fused", "mha"): [_cfg(64, 128, 8, 2), _cfg(64, 64, 4, 2)],
     (90, 64, "plain", "bwd_fused", "gqa"): [_cfg(64, 128, 8, 2)],
     **{(80, 128, "plain", "bwd_dq", h): [_cfg(128, 64, 8, 2)] for h in ("mha", "gqa")},
 }
