@@ -49,6 +49,21 @@ def tma_layout_ok(t: torch.Tensor) -> bool:
             and (t.device.type == "meta" or t.data_ptr() % 16 == 0))
 
 
+def _tma_forced() -> bool:
+    """TRITFORMER_TMA=1: descriptors in the interpreter too (tests of the descriptor path)."""
+    return os.environ.get("TRITFORMER_TMA", "") == "1"
+
+
+def _tma_eligible(q, rows: tuple) -> bool:
+    """What every descriptor load needs, forward and backward (the measured cells aside):
+    TRITFORMER_TMA not 0, 16-bit inputs, a head dim of 64 or 128 exactly (the descriptor's box
+    is [rows, HEAD_DIM]) and `rows` (the tensors read by descriptor) in layouts tma_layout_ok
+    accepts."""
+    return (os.environ.get("TRITFORMER_TMA", "") != "0"
+            and q.dtype in (torch.float16, torch.bfloat16) and q.shape[3] in (64, 128)
+            and all(tma_layout_ok(t) for t in rows))
+
+
 def use_tma(q, k, v, opts: Options, arch: int | None, variant: str) -> bool:
     """The forward loads K / V through tensor descriptors (forward.py, TMA): where
     configs.TMA_FWD has the (arch family, head dim, variant) cell (sm_90: TMA; sm_80 D=128:
@@ -57,16 +72,12 @@ def use_tma(q, k, v, opts: Options, arch: int | None, variant: str) -> bool:
     HEAD_DIM]), not paged, with k / v layouts tma_layout_ok accepts; pointer loads otherwise. In
     the interpreter TRITFORMER_TMA=1 turns it on where the rest holds (tests: the descriptor
     path's numerics); TRITFORMER_TMA=0 turns it off everywhere."""
-    forced = os.environ.get("TRITFORMER_TMA", "")
-    if forced == "0":
-        return False
     D = q.shape[3]
+    if not _tma_eligible(q, (k, v)) or opts.block_table is not None:
+        return False
     if arch is None:
-        measured = forced == "1" and variant in ("plain", "varlen")
-    else:
-        measured = (arch_family(arch), D, variant) in TMA_FWD
-    return (measured and q.dtype in (torch.float16, torch.bfloat16) and D in (64, 128)
-            and opts.block_table is None and tma_layout_ok(k) and tma_layout_ok(v))
+        return _tma_forced() and variant in ("plain", "varlen")
+    return (arch_family(arch), D, variant) in TMA_FWD
 
 
 def use_tma_bwd(kernel: str, q, k, rows: tuple, opts: Options, arch: int | None,
@@ -79,13 +90,11 @@ def use_tma_bwd(kernel: str, q, k, rows: tuple, opts: Options, arch: int | None,
     head dim is 64 or 128 exactly, with `rows` (the tensors read by descriptor) in layouts
     tma_layout_ok accepts. TRITFORMER_TMA as for the forward (`use_tma`): 1 turns them on in
     the interpreter (its configs then), 0 off everywhere."""
-    forced = os.environ.get("TRITFORMER_TMA", "")
     D = q.shape[3]
-    if (forced == "0" or q.dtype not in (torch.float16, torch.bfloat16) or D not in (64, 128)
-            or not all(tma_layout_ok(t) for t in rows)):
+    if not _tma_eligible(q, rows):
         return None
     if arch is None:
-        if forced == "1" and variant in ("plain", "varlen"):
+        if _tma_forced() and variant in ("plain", "varlen"):
             return configs_for(kernel, None, D, q.element_size(), variant)
         return None
     heads = "mha" if q.shape[1] == k.shape[1] else "gqa"
