@@ -22,6 +22,23 @@ def tanh(x):
 
 
 @triton.jit
+def tanh_scaled16(v, k):
+    """tanh(v * k) for scores of 16-bit inputs: 1 - 2 / (1 + exp(2 v k)), the reciprocal as
+    rsqrt(y^2) (y = 1 + exp(2 v k) > 0; y^2 = inf gives 0, so tanh saturates to 1; exp = 0 gives
+    -1; NaN stays NaN). Per element: FMUL, EX2, FADD, FMUL, RSQ, FFMA (the accurate `tanh`: about
+    20 instructions and 2 MUFU with a full-range division; the scalar 2 k log2(e) is per program).
+
+    Absolute error about 2^-21 (one rounding of 1 - 2r plus the MUFU approximations; no
+    cancellation trouble in absolute terms, which is what the softmax sees: softcap * tanh enters
+    the scores, whose 16-bit inputs carry 2^-11 (fp16) / 2^-8 (bf16) relative error). Not for
+    fp32 inputs: near 0 its relative error grows (1 - 2r cancels), where `tanh` keeps 1.7 ulp.
+    In Triton's interpreter exp2 and rsqrt are numpy's correctly rounded fp32 functions; on the
+    GPU ex2.approx / rsqrt.approx add about 2^-22 relative each."""
+    y = 1.0 + tl.math.exp2(v * (k * 2.8853900817779268))  # exp(2 v k)
+    return 1.0 - 2.0 * tl.math.rsqrt(y * y)
+
+
+@triton.jit
 def _tf32_head(x):
     """x with its low 13 mantissa bits cleared: exactly a tf32 value, |x - head| < 2^-10 |x|;
     +-inf and zero unchanged."""

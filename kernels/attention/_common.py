@@ -5,6 +5,7 @@ import triton.language as tl
 
 from .._constants import LOG2E
 from .._math import tanh as _tanh
+from .._math import tanh_scaled16 as _tanh16
 
 
 @triton.jit
@@ -96,7 +97,7 @@ def _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, s
             sm_scale, cap_in, cap_out, win_left, win_right,
             BOUNDARY: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
             MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr,
-            SOFTCAP: tl.constexpr, LOG2_UNITS: tl.constexpr = False):
+            SOFTCAP: tl.constexpr, LOG2_UNITS: tl.constexpr = False, base=0):
     """Scores of a tile (natural units), -inf where masked, and tanh(.) for the softcap gradient.
 
     LOG2_UNITS (the 16-bit forward): scores in log2 units, s * log2(e). The caller passes
@@ -108,15 +109,55 @@ def _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, s
 
     i, j: query and key positions within the sequence, shaped to broadcast to qk's tile
     ([M, 1] and [1, N] in the forward and dQ kernels, [1, M] and [N, 1] in dK/dV). BOUNDARY:
-    evaluate the window and the key bound; off the window's edges both are known to hold."""
-    if SOFTCAP:
-        t = _tanh(qk * cap_in)    # cap_in = scale / softcap
+    evaluate the window and the key bound; off the window's edges both are known to hold.
+    base: the first position of the streamed tile (keys in the forward and dQ, queries in dK/dV),
+    for ALiBi's distances.
+
+    SOFTCAP: 1 = tanh accurate to fp32, 2 = the 16-bit form (_math.tanh_scaled16: one EX2 and
+    one RSQ, about 2^-21 absolute).
+
+    HAS_ALIBI, HAS_KPM, SOFTCAP: 2 for 16-bit inputs at D <= 128 (options._features), 1 else
+    (the forms from before). HAS_KPM 2: the forward's and dQ's key-padding loads off the window
+    edges unmasked (their key tiles lie in [0, n_kv)).
+
+    HAS_ALIBI: 1 = slope * -|i + diag - j| from the integer distance; 2 = -|A - B| with
+    A = slope * (distance of the streamed position to `base`) per row and tile and B = slope *
+    (distance of the resident one) hoisted out of the loop: one FFMA and one FADD with the -|.|
+    operand modifier per score (the integer form cost IADD, IMNMX, a negation, I2F and an FFMA).
+    Its extra rounding is at most about 2^-23 slope (|d| + tile size), far below a 16-bit score's;
+    fp32 failed the criterion with it (3.2x PyTorch's error, test_alibi). With softcap the
+    kernel is MUFU-bound and B's hoisted registers spilled (sm_90 fp16 D=128 forward 128x64/8/3
+    with all four light switches: 255 regs, 32 B; 254, 0 B with the exact distance a - b, then
+    slope * |d|: FADD, FMUL, FADD, free under the MUFU bound). The slope's sign is
+    per program (a uniform branch: both bodies are in the loop's SASS, one runs). Masked keys get
+    any finite value here, then -inf."""
+    if SOFTCAP == 2:
+        t = _tanh16(qk, cap_in)   # tanh(qk * cap_in), cap_in = scale / softcap
         s = t * cap_out           # cap_out = softcap
+    elif SOFTCAP:
+        t = _tanh(qk * cap_in)
+        s = t * cap_out
     else:
         t = qk
         s = qk * sm_scale
-    if HAS_ALIBI:
+    if HAS_ALIBI == 1:
         s += slope * (-tl.abs(i + diag - j)).to(tl.float32)
+    elif HAS_ALIBI:
+        # the distance i + diag - j as a - b: a per streamed position and tile, b per resident
+        # position (the same every tile), each an exact integer in fp32 below 2^24
+        if j.shape[0] == 1:  # [M, N]: keys stream along axis 1 from base (forward, dQ)
+            a = (i + diag - base).to(tl.float32)  # per query row and tile
+            b = (j - base).to(tl.float32)         # per key
+        else:  # [N, M]: queries stream along axis 1 from base (dK/dV)
+            a = (base + diag - j).to(tl.float32)  # per key row and tile
+            b = (base - i).to(tl.float32)         # per query
+        if not SOFTCAP:  # -|slope a - slope b|, two FADDs per score
+            if slope >= 0:  # per program: slope * -|d| = -|slope * d|
+                s -= tl.abs(slope * a - slope * b)
+            else:
+                s += tl.abs(slope * a - slope * b)
+        else:  # with softcap: the exact distance, then slope * |d| rounded once
+            s -= slope * tl.abs(a - b)
     if MASK_KIND != 0:
         inb = (i < n_q) & (j < n_kv)
         m_ptrs = m_base + i.to(tl.int64) * stride_mm + j.to(tl.int64) * stride_mn
@@ -129,7 +170,10 @@ def _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, s
                 bias = bias * LOG2E
             s += bias
     if HAS_KPM:
-        pad = tl.load(kpm_base + j, mask=j < n_kv, other=1)
+        if BOUNDARY or j.shape[0] != 1 or HAS_KPM == 1:
+            pad = tl.load(kpm_base + j, mask=j < n_kv, other=1)
+        else:  # forward / dQ off the edges: the key tile lies in [0, n_kv) (_key_range)
+            pad = tl.load(kpm_base + j)
         s = tl.where(pad != 0, float("-inf"), s)
     if BOUNDARY:
         keep = j < n_kv  # broadcast against the tile by tl.where

@@ -102,7 +102,7 @@ def _attn_bwd_dkdv_step(dk, dv, k, v, kT, q_ptr, do_ptr, q_offs, do_offs, Lse, L
                      slope, sm_scale, cap_in, cap_out, win_left, win_right,
                      BOUNDARY=BOUNDARY, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
                      MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI,
-                     SOFTCAP=SOFTCAP, LOG2_UNITS=LOG2_UNITS)
+                     SOFTCAP=SOFTCAP, LOG2_UNITS=LOG2_UNITS, base=start_m)
     # masked to -inf before exp2: a masked score above the row's lse must not make inf.
     # Rows past n_q (zero-filled q) are zeroed explicitly: with a key of -inf their score is
     # 0 * -inf = NaN, which would reach dK/dV through the dots (tests/test_empty_rows.py).
@@ -469,7 +469,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, lse_lo, delta, k_base, v_base, k_offs, v_
                        sm_scale, cap_in, cap_out, win_left, win_right, BOUNDARY=BOUNDARY,
                        WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
                        HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP,
-                       LOG2_UNITS=LOG2_UNITS)
+                       LOG2_UNITS=LOG2_UNITS, base=start_n)
         if LSE_LO:  # fp32: see _attn_bwd_dkdv_inner
             p = tl.math.exp2(((s - lse[:, None]) - lse_lo[:, None]) * LOG2E)
         elif LOG2_UNITS:  # 16-bit: log2 units (_attn_bwd_dkdv_inner)

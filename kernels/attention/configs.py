@@ -188,11 +188,14 @@ bwd_dq    120 fp32 | 32x16/4/1 64x16/4/2    | 16x64/8/1 16x16/8/1    | 16x32/8/1
 # D=256 16x16/8/1 16-80 B) nor on sm_80 at D=256 (32x16/8/1 40 B on 3.7.1, 16x16/8/1 8 B on
 # 3.9), as in the masked table, whose tiles these launches used before. sm_86/sm_120: sm_80's
 # cells within 99 KB.
+# sm_80 fwd 16b D<=128: 128x32/8/3 spilled 8 B (255 regs, Triton 3.9 and 3.7.1) with all four
+#   light switches once ALiBi / softcap / key padding took their cheaper forms (_common._scores;
+#   0 B before, also 255 regs); 64x32/4/3: 255 regs, 0 B on both.
 _LIGHT = """
 # kernel  sm  elem | D <= 64                | D <= 128               | D <= 256
 fwd       90  16b  | 128x64/8/3             | 128x64/8/3 64x32/4/3   | 64x16/4/2 64x32/8/2
 fwd       90  fp32 | 64x32/4/2              | 16x64/8/1              | 32x16/8/1 16x32/8/1
-fwd       80  16b  | 128x32/8/3 64x32/8/2   | 128x32/8/3 64x32/4/3   | 64x32/8/2
+fwd       80  16b  | 128x32/8/3 64x32/8/2   | 64x32/4/3              | 64x32/8/2
 fwd       80  fp32 | 32x32/8/1              | 16x16/8/1              | 32x16/8/1
 bwd_dkdv  90  16b  | 32x128/8/2             | 16x64/8/2 32x32/8/1    | 16x32/8/1 32x16/8/1
 bwd_dkdv  90  fp32 | 16x32/4/1              | 32x16/8/1 16x16/8/1    | 16x16/8/1

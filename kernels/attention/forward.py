@@ -48,6 +48,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
     if not PAGED and not TMA:
         k_base += tl.cast(lo, tl.int64) * stride_kn
         v_base += tl.cast(lo, tl.int64) * stride_vn
+    if SOFTCAP == 2 or HAS_ALIBI == 2:  # the raw scores' unit (see the online softmax below)
+        unit = cap_out if SOFTCAP else sm_scale
+        slope_raw = slope / unit
     for start_n in range(lo, hi, BLOCK_N):
         offs_kn = start_n + offs_n
         j = offs_kn[None, :]
@@ -82,12 +85,23 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
             m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
             p = tl.math.exp2(s * sm_scale - m_sub[:, None])
             alpha = tl.math.exp2(m_i - m_sub)
+        elif LOG2_UNITS and MASK_KIND != 2 and (SOFTCAP == 2 or HAS_ALIBI == 2):
+            # softcap and/or ALiBi: the same, on raw scores in units of `unit` > 0 (cap_out with
+            # softcap, else sm_scale): tanh, or qk plus ALiBi's slope / unit times -|distance|
+            s, _ = _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base,
+                           slope_raw, 1.0, cap_in, 1.0, win_left, win_right, BOUNDARY=BOUNDARY,
+                           WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
+                           HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, base=start_n)
+            m_ij = tl.maximum(m_i, tl.max(s, 1) * unit)
+            m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+            p = tl.math.exp2(s * unit - m_sub[:, None])
+            alpha = tl.math.exp2(m_i - m_sub)
         else:
             s, _ = _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base,
                            slope, sm_scale, cap_in, cap_out, win_left, win_right,
                            BOUNDARY=BOUNDARY, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
                            MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI,
-                           SOFTCAP=SOFTCAP, LOG2_UNITS=LOG2_UNITS)
+                           SOFTCAP=SOFTCAP, LOG2_UNITS=LOG2_UNITS, base=start_n)
             m_ij = tl.maximum(m_i, tl.max(s, 1))
             m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
             if LOG2_UNITS:

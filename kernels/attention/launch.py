@@ -175,12 +175,12 @@ def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
     # 16-bit: P recomputed in log2 units as the forward computes it (one FFMA per score before
     # its EX2); the preprocess writes lse * log2(e) (+inf for empty rows) to lse_b, which the
     # dK/dV and dQ kernels read in place of lse. fp32 keeps natural units and lse's residual.
-    # Only where it was compiled clean (AOT, Triton 3.9 and 3.7.1): the plain and varlen tables
-    # at D <= 128 on sm_80 / sm_90 (and the interpreter's launches of both); elsewhere natural
-    # units, the kernels as they were. Plain and varlen choose alike, so that a packed batch
-    # does each sequence's own arithmetic, bitwise (tests/test_varlen.py).
-    log2_units = (q.dtype != torch.float32 and variant in ("plain", "varlen") and block_d <= 128
-                  and (arch is None or arch_family(arch) in (80, 90)))
+    # Only where it was compiled clean (AOT, Triton 3.9 and 3.7.1): the plain, varlen and light
+    # tables at D <= 128 on sm_80 / sm_90 (and the interpreter's launches of them); elsewhere
+    # natural units, the kernels as they were. Plain and varlen choose alike, so that a packed
+    # batch does each sequence's own arithmetic, bitwise (tests/test_varlen.py).
+    log2_units = (q.dtype != torch.float32 and variant in ("plain", "varlen", "light")
+                  and block_d <= 128 and (arch is None or arch_family(arch) in (80, 90)))
     constexprs["LOG2_UNITS"] = log2_units
     lse_b = torch.empty_like(lse) if log2_units else lse
     pre_m = PREPROCESS_BLOCK_M

@@ -120,11 +120,20 @@ def _features(q, k, opts: Options, dummy: torch.Tensor):
         "dropout_p": float(opts.dropout_p), "seed": int(opts.seed),
         "DROP_COLS": opts.max_seqlen_k if opts.varlen else N_KV,
     }
+    fast16 = int(q.dtype != torch.float32 and q.shape[-1] <= 128)
     constexprs = {
         "WIN_LEFT": opts.left is not None, "WIN_RIGHT": opts.right is not None,
         "MASK_KIND": 0 if mask is None else (1 if mask.dtype == torch.bool else 2),
-        "HAS_KPM": kpm is not None, "HAS_ALIBI": slopes is not None,
-        "SOFTCAP": bool(opts.softcap), "DROPOUT": opts.dropout_p > 0, "VARLEN": opts.varlen,
+        # key padding, ALiBi, softcap: 2 = the cheaper 16-bit forms of _common._scores (16-bit
+        # inputs at D <= 128, where they were compiled clean: AOT, Triton 3.9 and 3.7.1), 1 =
+        # the forms from before (fp32, where the criterion needs them, and D = 256, where the
+        # 16-bit forms spilled 36-332 B in dK/dV and dQ on Triton 3.9)
+        "HAS_KPM": (1 + fast16) if kpm is not None else 0,
+        "HAS_ALIBI": (1 + fast16) if slopes is not None else 0,
+        # softcap's tanh: 1 = accurate to fp32, 2 = the 16-bit form (one EX2 and one RSQ per
+        # score, about 2^-21 absolute: _math.tanh_scaled16)
+        "SOFTCAP": (1 + fast16) if opts.softcap else 0,
+        "DROPOUT": opts.dropout_p > 0, "VARLEN": opts.varlen,
         # varlen whose max_seqlen was not checked against cu_seqlens (torch.compile): the
         # programs loop over the tiles past it. Only then: the loop around the tile body cost
         # registers (sm_90 fp16 D=128 varlen forward 224 -> 255 regs + 32-96 B spilled)
