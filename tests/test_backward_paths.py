@@ -133,6 +133,25 @@ def test_fused_rows_without_finite_score(nk):
     assert torch.equal(dq[0, 2:4], torch.zeros_like(dq[0, 2:4]))  # query heads of kv head 1
 
 
+@pytest.mark.parametrize("deterministic", PATHS)
+@pytest.mark.parametrize("case", ["negative-scores", "negative-alibi"])
+def test_keys_past_the_end_never_reach_dq(case, deterministic):
+    """The ragged last key tile: its keys past n_kv load as zero and, in the dK/dV program, are
+    not masked where the query tile needs no bound (their dK/dV rows are never stored). Their
+    score is then 0 (+ ALiBi's bias), which exceeds the row's lse when every real score is far
+    below it: P overflows to inf, and the fused kernel's dQ += dS K made inf * 0 = NaN. Nk = 83:
+    a ragged key tile (64-key dK/dV tiles in the interpreter)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 32, generator=g).to(torch.float16) for n in (70, 83, 83))
+    kw = {}
+    if case == "negative-scores":  # every real score about -100: lse ~ -100
+        q, k = q.abs() + 3.0, -(k.abs() + 3.0)
+        kw["scale"] = 0.25
+    else:  # a negative slope: bias +|i - j| / 2, largest at the keys past the end
+        kw["alibi_slopes"] = torch.tensor([-0.5, 0.25])
+    assert_checks(check_attention(q, k, v, deterministic=deterministic, return_lse=True, **kw))
+
+
 def test_deterministic_must_be_a_bool():
     q, k, v = _qkv()
     for bad in (1, None, "yes"):

@@ -288,6 +288,12 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
     # the unbounded range ends at the last query tile wholly within n_q: a ragged last tile
     # goes to the bounded loop, which masks the rows
     full_hi = tl.minimum(full_hi, (n_q // BLOCK_M) * BLOCK_M)
+    if FUSED_DQ:
+        # a ragged key tile goes through the bounded loop whole, which masks the keys past
+        # n_kv: unmasked, their score (0, plus ALiBi's bias) may pass the row's lse and P
+        # overflow, and dQ += dS K would add inf * 0 = NaN (the dK/dV rows of those keys are
+        # never stored, so the deterministic dK/dV kernel leaves them unmasked)
+        full_hi = tl.where(n0 + BLOCK_N > n_kv, full_lo, full_hi)
     m_lo = tl.minimum(m_lo, m_hi)
     full_lo = tl.minimum(tl.maximum(full_lo, m_lo), m_hi)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), m_hi)
