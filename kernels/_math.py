@@ -90,6 +90,47 @@ def dot_f32_exact(a, b):
 
 
 @triton.jit
+def dot_prec(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b with tl.dot's input_precision PRECISION, or PRECISION "exact" (fp32 tiles:
+    dot_f32_exact, its sum added to acc once). The attention kernels run "exact" for fp32 at
+    BLOCK_D <= 16 (options._attn_dot_precision)."""
+    if PRECISION == "exact":
+        return acc + dot_f32_exact(a, b)
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def dot_prec0(a, b, PRECISION: tl.constexpr):
+    """a @ b from a zero accumulator, as dot_prec."""
+    if PRECISION == "exact":
+        return dot_f32_exact(a, b)
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def dot_prec_fma(a, b, acc, PRECISION: tl.constexpr):
+    """dot_prec, with "exact" run as the FMA chain ("ieee"): the backward's dV, dK and dQ dots
+    at fp32 BLOCK_D <= 16 (its score and dP recompute stay exact: P must be the forward's, and
+    dP - delta cancels for one key; six MMAs in every dot spilled the masked dK/dV tiles,
+    132-528 B, AOT sm_80 / sm_90)."""
+    if PRECISION == "exact":
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def dot_prec0_fma(a, b, PRECISION: tl.constexpr):
+    """dot_prec_fma from a zero accumulator."""
+    if PRECISION == "exact":
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def dot_f32_exact_small(a, b, acc):
     """acc plus the five small products of dot_f32_exact (a1 b1, a0 b2, a2 b0, a0 b1, a1 b0, in
     its order). With dot_f32_exact_big, dot_f32_exact over K in slices: the small products of

@@ -205,3 +205,30 @@ def test_fused_tiles_only_where_shipped():
                                          (90, 64, 2, "varlen"), (80, 64, 2, "masked")):
         assert configs_for("bwd_fused", arch, block_d, elem, variant) == [], (arch, block_d)
     assert configs_for("bwd_fused", None, 64, 2)  # the interpreter: always the fused kernel
+
+
+@pytest.mark.parametrize("arch,block_d", [(80, 64), (80, 128), (90, 64), (90, 128)])
+def test_fused_tiles_by_heads(arch, block_d):
+    # MHA takes configs.BWD_MHA's cell before the row it shares with GQA (sm_80: 16x128 tiles
+    # that GQA 4:1 spills); GQA keeps the row (sm_80 D=128: none, so deterministic); the plan
+    # of each carries exactly those candidates (pointer loads: D=96 is no TMA head dim)
+    from tritformer.kernels.attention import configs as C
+    mha = C.configs_for("bwd_fused", arch, block_d, 2, "plain", "mha")
+    gqa = C.configs_for("bwd_fused", arch, block_d, 2, "plain", "gqa")
+    assert gqa == C.configs_for("bwd_fused", arch, block_d, 2)  # the default: the shared row
+    if arch == 80:
+        assert mha == C.BWD_MHA[(80, block_d, "plain", "bwd_fused")] and mha != gqa
+        assert all(c.kwargs["BLOCK_M"] == 16 and c.kwargs["BLOCK_N"] in (64, 128) for c in mha)
+    else:
+        assert mha == gqa
+    assert (gqa == []) == (block_d == 128)
+    D = block_d - 32  # 32 / 96: pointer loads, the same head-dim bucket
+    for hkv in (4, 2):
+        q, o, do = (torch.empty(1, 4, 64, D, device="meta", dtype=torch.float16) for _ in range(3))
+        k, v = (torch.empty(1, hkv, 64, D, device="meta", dtype=torch.float16) for _ in range(2))
+        lse = torch.empty(1, 4, 64, device="meta", dtype=torch.float32)
+        plans = L.plan_backward(do, q, k, v, o, lse, None, torch.empty_like(lse), q.clone(),
+                              k.clone(), v.clone(), L.Options(scale=0.1), arch, None, None,
+                              deterministic=False)
+        assert plans[1].name == "attn_bwd_fused" and not plans[1].constexprs["TMA"]
+        assert plans[1].configs == (mha if hkv == 4 else gqa), hkv

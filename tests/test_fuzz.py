@@ -42,9 +42,13 @@ def _gen(seed):
        dtype=DTYPES, causal=st.booleans(), layout=st.sampled_from(["bhnd", "bnhd"]),
        scale=st.one_of(st.none(), st.floats(0.05, 2.0)), seed=st.integers(0, 2**16))
 # found by TRITFORMER_FUZZ_EXAMPLES=300: one key, D=1, fp32: dK must cancel to 0 and 3xTF32 dots
-# left 2.3e-8 over a floor of 1.8e-8 (fp32 D <= 16 now uses exact FMA dots: _dot_precision)
+# left 2.3e-8 over a floor of 1.8e-8 (fp32 D <= 16 now runs exact dots: _attn_dot_precision)
 @example(B=1, Hkv=1, group=1, Nq=1, Nk=1, D=1, dtype=torch.float32, causal=False, layout="bhnd",
          scale=None, seed=0)
+# found by TRITFORMER_FUZZ_EXAMPLES=300 (2026-12-07): one key, D=16, fp32: lse (the one score)
+# 4.1e-8 vs PyTorch 3.9e-9 (10.6x) from the FMA chain over D; 1.1e-8 with the exact fp32 dot
+@example(B=1, Hkv=1, group=1, Nq=1, Nk=1, D=16, dtype=torch.float32, causal=False, layout="bhnd",
+         scale=None, seed=1)
 def test_attention(B, Hkv, group, Nq, Nk, D, dtype, causal, layout, scale, seed):
     g = _gen(seed)
     Hq = Hkv * group
@@ -361,14 +365,11 @@ def test_fp32_large_lse_one_dominant_key():
     assert_checks(check_attention(q, k, v, causal=False, scale=1.0, return_lse=True))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "fp32 at D <= 16 uses exact-FMA dots (options._dot_precision, for the one-key dK "
-    "cancellation): out 6.0e-7 vs PyTorch 1.2e-7 (4.9x) at L=1, S=21, E=8, scale 1. Mostly the "
-    "scores' FMA chain over D, not only P @ V: measured by dot, exact P @ V alone (the exact "
-    "fp32 dot, _math.dot_f32_exact) 2.97x, exact scores alone 1.99x, both 0.75x. Both exact in "
-    "the forward only broke an explicit example of test_attention_options (D=16, Nk=2, scale "
-    "1.5: dV 6.5x), since the backward then recomputes P from other scores than the forward's "
-    "lse: the backward's score dot (kernels/attention/backward.py) must switch with it"))
+# Found by the deep search (was a strict xfail): fp32 at D <= 16 ran exact-FMA dots, whose
+# sequential chain over D (and over the keys in P @ V) lost to PyTorch's vector-lane sums: out
+# 6.0e-7 vs PyTorch 1.2e-7 (4.9x) at L=1, S=21, E=8, scale 1. The attention kernels now run
+# every dot there as _math.dot_f32_exact, the backward's score recompute included
+# (options._attn_dot_precision).
 def test_fp32_small_head_dim_sequential_pv():
     g = _gen(0)
     q, k, v = (torch.randn(1, n, 8, generator=g) for n in (1, 21, 21))
@@ -403,6 +404,19 @@ def test_fp32_softcap_alibi_lse_rounding():
                                   **opts))
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "the mechanism of test_fp32_softcap_alibi_lse_rounding through the SDPA drop-in, found by "
+    "the deep search (2026-12-07): fp32 E = 33 (BLOCK_D 64) runs 3xTF32 dots, whose products "
+    "err by ~2^-21 |q||k|: out 7.2e-7 vs PyTorch 1.3e-7 (5.5x), a bool mask, 2 queries, 2 keys. "
+    "With the exact fp32 dot (_math.dot_f32_exact, as fp32 BLOCK_D <= 16 now runs: "
+    "options._attn_dot_precision) at BLOCK_D 64 as well it passes in the interpreter; not "
+    "shipped: the fp32 BLOCK_D 64 tiles spill with it (that test's reason) and need a re-sweep"))
+def test_fp32_sdpa_tf32x3_products():
+    test_sdpa_drop_in.hypothesis.inner_test(lead=(), Hkv=2, group=1, L=2, S=2, E=33,
+                                            dtype=torch.float32, is_causal=False,
+                                            mask="bool:L,S", gqa=False, scale=0.875, seed=2)
+
+
 # Found by the deep search (was a strict xfail): fp32 softmax over 102 values (scale 1.5, |x| up
 # to 12), the row max's output 1/l 3 ulp off: y 2.0e-7 vs PyTorch 2.7e-8 (7.6x). Isolated to the
 # sum, not exp2: with exact exps (float64, rounded) the interpreter's 8-lane tl.sum still gave
@@ -421,6 +435,17 @@ def test_fp32_ffn_single_product():
     test_ffn.hypothesis.inner_test(M=1, d_in=1, hidden=1, d_out=1, act="gelu", bias=False,
                                    residual=False, recompute=False, gated=False,
                                    dtype=torch.float32, seed=1)
+
+
+# Found by the deep search (2026-12-07): fp32 FFN, one element, gelu_tanh at h = -3.75: dx
+# 8.5e-9 vs PyTorch 4.6e-10 (18.7x). 0.5 (1 + tanh(u)) cancels where tanh(u) ~ -1 (1 + t ~ 1e-4
+# here), so tanh's last-ulp error became a 1e-4 relative error of the derivative. The kernel
+# now computes x sigmoid(2u) and its derivative from sigmoid(2u) and sigmoid(-2u), which do
+# not cancel (kernels/ffn.py, _act / _dact).
+def test_fp32_ffn_gelu_tanh_saturated():
+    test_ffn.hypothesis.inner_test(M=1, d_in=1, hidden=1, d_out=1, act="gelu_tanh", bias=False,
+                                   residual=False, recompute=False, gated=False,
+                                   dtype=torch.float32, seed=416)
 
 
 # Found by the deep search (was a strict xfail): fp32 decode at D = 100 (BLOCK_D 128) computed

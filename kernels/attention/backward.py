@@ -26,6 +26,9 @@ import triton
 import triton.language as tl
 
 from .._constants import LOG2E
+from .._math import dot_prec0 as _dot
+from .._math import dot_prec0_fma as _gdot
+from .._math import dot_prec_fma as _gdot_acc
 from ._common import _dropout_keep, _key_range, _load_lse, _program_tile, _scores, _seq_info
 
 
@@ -97,7 +100,7 @@ def _attn_bwd_dkdv_step(dk, dv, k, v, kT, q_ptr, do_ptr, q_offs, do_offs, Lse, L
     else:
         lse = _load_lse(Lse, row0 + offs_qm, mask_m)
     # -- recompute P^T [BLOCK_N, BLOCK_M] from the saved lse ----
-    qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+    qkT = _dot(k, tl.trans(q), DOT_PRECISION)
     sT, tT = _scores(qkT, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base,
                      slope, sm_scale, cap_in, cap_out, win_left, win_right,
                      BOUNDARY=BOUNDARY, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
@@ -122,13 +125,12 @@ def _attn_bwd_dkdv_step(dk, dv, k, v, kT, q_ptr, do_ptr, q_offs, do_offs, Lse, L
     if DROPOUT:  # dV += (P∘Z)^T dO / (1-p); dP = (dO V^T)∘Z / (1-p)
         keepT = _dropout_keep(seed, row0 + i, j, DROP_COLS, dropout_p)
         inv_keep = 1.0 / (1.0 - dropout_p)
-        dv = tl.dot(tl.where(keepT, pT * inv_keep, 0.0).to(do.dtype), do, dv,
-                    input_precision=DOT_PRECISION)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dv = _gdot_acc(tl.where(keepT, pT * inv_keep, 0.0).to(do.dtype), do, dv, DOT_PRECISION)
+        dpT = _dot(v, tl.trans(do), DOT_PRECISION)
         dpT = tl.where(keepT, dpT * inv_keep, 0.0)
     else:  # dV += P^T dO
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dv = _gdot_acc(pT.to(do.dtype), do, dv, DOT_PRECISION)
+        dpT = _dot(v, tl.trans(do), DOT_PRECISION)
     # -- dS^T = P^T * (dP^T - delta), dK += dS^T Q ----
     delta = tl.load(Delta + row0 + offs_qm, mask=mask_m, other=0.0)
     dsT = pT * (dpT - delta[None, :])
@@ -137,14 +139,14 @@ def _attn_bwd_dkdv_step(dk, dv, k, v, kT, q_ptr, do_ptr, q_offs, do_offs, Lse, L
                  mask=(i < n_q) & (j < n_kv))
     if SOFTCAP:  # through softcap * tanh(s / softcap)
         dsT = dsT * (1.0 - tT * tT)
-    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    dk = _gdot_acc(dsT.to(q.dtype), q, dk, DOT_PRECISION)
     if FUSED_DQ:  # dQ += dS K (unscaled), fp32 atomics into the zeroed accumulator
         if DQ_TRANS:  # dQ^T = K^T dS^T [BLOCK_D, BLOCK_M]: the MMA's M is the head dim
-            dq = tl.dot(kT, dsT.to(k.dtype), input_precision=DOT_PRECISION)
+            dq = _gdot(kT, dsT.to(k.dtype), DOT_PRECISION)
             tl.atomic_add(dq_ptr + dq_offs, dq, mask=mask_d[:, None] & mask_m[None, :],
                           sem="relaxed")
         else:  # dQ = dS K [BLOCK_M, BLOCK_D]: the MMA's M is the query tile
-            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PRECISION)
+            dq = _gdot(tl.trans(dsT.to(k.dtype)), k, DOT_PRECISION)
             tl.atomic_add(dq_ptr + dq_offs, dq, mask=mask_m[:, None] & mask_d[None, :],
                           sem="relaxed")
     return dk, dv
@@ -470,7 +472,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, lse_lo, delta, k_base, v_base, k_offs, v_
             kT = tl.load(k_base + k_offs, mask=mask_d[:, None], other=0.0)
             vT = tl.load(v_base + v_offs, mask=mask_d[:, None], other=0.0)
         # -- recompute P [BLOCK_M, BLOCK_N]; masked to -inf before exp2 ----
-        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
+        qk = _dot(q, kT, DOT_PRECISION)
         s, t = _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope,
                        sm_scale, cap_in, cap_out, win_left, win_right, BOUNDARY=BOUNDARY,
                        WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
@@ -483,7 +485,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, lse_lo, delta, k_base, v_base, k_offs, v_
         else:
             p = tl.math.exp2((s - lse[:, None]) * LOG2E)
         # -- dS = P * (dP - delta), dQ += dS K ----
-        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+        dp = _dot(do, vT, DOT_PRECISION)
         if DROPOUT:
             keep = _dropout_keep(seed, row0 + i, j, DROP_COLS, dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
@@ -492,7 +494,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, lse_lo, delta, k_base, v_base, k_offs, v_
             tl.store(dm_base + i.to(tl.int64) * stride_dmm + j, ds, mask=(i < n_q) & (j < n_kv))
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+        dq = _gdot_acc(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
         if not TMA:
             k_base += BLOCK_N * stride_kn
             v_base += BLOCK_N * stride_vn

@@ -434,8 +434,28 @@ TMA_BWD: dict = {
 }
 
 
+# The 16-bit backward's pointer-load cells where MHA ships a tile that GQA cannot, {(arch
+# family, head-dim bucket, variant, kernel): configs}, taken for MHA (Hq = Hkv) before the
+# table's row, which MHA and GQA share (GQA compiles a loop over the group's query heads that
+# costs registers; configs_for's `heads`). AOT, `inspect --perf`, fp16, causal | not, serialized
+# ESTIMATES, Triton 3.9 | 3.7.1:
+# sm_80 fused D=64: 16x128/4/1 255 regs, 0 B, est. 0.745 | 0.74 (the shared row's 16x64/4/1:
+#   0.678; 4 warps along the 128 keys amortise the dQ tile's per-query-tile cost, its layout
+#   conversion before the atomics and their addresses, over twice the MMAs). GQA 4:1 spills it
+#   (80 B, /2 416 B; with descriptors 112-176 B); 32x128/4/1 spilled 196 B MHA.
+# sm_80 fused D=128: 16x128/8/1 255 regs, 0 B, est. 0.765 (16x64/4/1 0.721; 16x128/4/1 3.6 KB
+#   spilled). The table's D=128 cell is "-": GQA spilled every tile (configs' note above).
+# Not sm_90 D=128: MHA 16x128/8/1 est. 0.572 | 0.556 (16x64/4/1 56 B, 32x64/4/1 204 B spilled)
+#   is 13% | 9.9% faster per tile pair than the deterministic kernels (README, "Backward paths"),
+#   under the 10% the default needs on 3.7.1.
+BWD_MHA: dict = {
+    (80, 64, "plain", "bwd_fused"): [_cfg(16, 128, 4, 1), _cfg(16, 64, 4, 1)],
+    (80, 128, "plain", "bwd_fused"): [_cfg(16, 128, 8, 1), _cfg(16, 64, 4, 1)],
+}
+
+
 def configs_for(kernel: str, arch: int | None, block_d: int, elem_bytes: int,
-                variant: str = "plain") -> list:
+                variant: str = "plain", heads: str = "gqa") -> list:
     """Candidate configs of `kernel` for a compute capability (None: the interpreter).
 
     variant: "plain" (dense, causal or not), "varlen" (packed sequences), "light" (key padding,
@@ -445,7 +465,8 @@ def configs_for(kernel: str, arch: int | None, block_d: int, elem_bytes: int,
     spill-free table, the masked one with smaller tiles (options._variant). "paged"
     (the forward only): varlen's, with the PAGED_FWD cells. "bwd_fused" (the backward's fused
     dK/dV/dQ kernel): [] where its table has no tile (a "-" cell or no row): the caller then
-    runs the deterministic kernels."""
+    runs the deterministic kernels. heads: "mha" (Hq = Hkv) takes BWD_MHA's cell where there
+    is one; "gqa" (the default, the tiles both compile clean with) the table's."""
     if arch is None:
         return [INTERPRETER_CONFIGS[kernel]]
     if variant == "paged":  # the varlen forward through a block table (PAGED_FWD)
@@ -456,6 +477,11 @@ def configs_for(kernel: str, arch: int | None, block_d: int, elem_bytes: int,
                     return cfgs
                 break
         variant = "varlen"
+    if heads == "mha" and elem_bytes == 2:  # MHA's own cells (BWD_MHA)
+        bucket = next((m for m in HEAD_DIM_BUCKETS if block_d <= m), None)
+        cfgs = BWD_MHA.get((arch_family(arch), bucket, variant, kernel))
+        if cfgs is not None:
+            return cfgs
     table = GPU_CONFIGS if variant == "plain" else VARIANT_CONFIGS[variant]
     if kernel == "bwd_fused" and arch_family(arch) not in table.get(kernel, {}):
         return []  # no fused row for this table and arch: the deterministic kernels run

@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 
 from .._constants import LN2, LOG2E
+from .._math import dot_prec as _dot_acc
+from .._math import dot_prec0 as _dot
 from ._common import _dropout_keep, _key_range, _program_tile, _scores, _seq_info
 
 
@@ -68,7 +70,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
             k = tl.load(k_tile + k_offs, mask=mask_d[:, None] & (j < n_kv), other=0.0)
         else:
             k = tl.load(k_tile + k_offs, mask=mask_d[:, None], other=0.0)
-        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        qk = _dot(q, k, DOT_PRECISION)
         # -- online softmax update ----
         # a row with no finite score so far (masked, or -inf from the data itself: on every
         # path, the fast one included) keeps m = -inf; subtract 0 instead (exp2(-inf) = 0),
@@ -124,7 +126,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
         else:
             v = tl.load(v_tile + v_offs, mask=mask_d[None, :], other=0.0)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        acc = _dot_acc(p.to(v.dtype), v, acc, DOT_PRECISION)
         m_i = m_ij
         if not PAGED and not TMA:
             k_base += BLOCK_N * stride_kn

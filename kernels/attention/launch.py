@@ -14,7 +14,7 @@ from ._common import _dropout_mask_kernel
 from .backward import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .configs import PREPROCESS_BLOCK_M, TMA_BWD, TMA_FWD, _block_d, configs_for
 from .forward import _attn_fwd
-from .options import Options, _dot_precision, _features, _paging, _strides, _variant
+from .options import Options, _attn_dot_precision, _features, _paging, _strides, _variant
 
 
 def _pick(fn, values: dict) -> dict:
@@ -97,8 +97,13 @@ def use_tma_bwd(kernel: str, q, k, rows: tuple, opts: Options, arch: int | None,
         if _tma_forced() and variant in ("plain", "varlen"):
             return configs_for(kernel, None, D, q.element_size(), variant)
         return None
-    heads = "mha" if q.shape[1] == k.shape[1] else "gqa"
-    return TMA_BWD.get((arch_family(arch), D, variant, kernel, heads))
+    return TMA_BWD.get((arch_family(arch), D, variant, kernel, _heads(q, k)))
+
+
+def _heads(q, k) -> str:
+    """"mha" (as many query heads as kv heads) or "gqa": the backward's MHA / GQA config cells
+    (TMA_BWD, BWD_MHA), as GQA compiles a loop over the group's query heads that MHA does not."""
+    return "mha" if q.shape[1] == k.shape[1] else "gqa"
 
 
 def _tma_scratch(size: int, alignment: int, stream):
@@ -137,7 +142,7 @@ def plan_forward(q, k, v, out, lse, opts: Options, arch: int | None,
         args["sm_scale"] = args["sm_scale"] * LOG2E.value
         args["cap_out"] = args["cap_out"] * LOG2E.value
     constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, **flags, "LSE_LO": lse_lo is not None,
-                  **paging_flags, "DOT_PRECISION": _dot_precision(q.dtype, block_d, variant),
+                  **paging_flags, "DOT_PRECISION": _attn_dot_precision(q.dtype, block_d, variant),
                   "LOG2_UNITS": log2_units}
     constexprs["TMA"] = use_tma(q, k, v, opts, arch, variant)
     # a paged cache without masked switches: varlen's tiles where they stay spill-free
@@ -171,7 +176,7 @@ def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
     n_q = _grid_len(opts.max_seqlen_q) if opts.varlen else N_Q
     n_k = _grid_len(opts.max_seqlen_k) if opts.varlen else k.shape[2]
     constexprs = {"HEAD_DIM": D, "BLOCK_D": block_d, **flags, "LSE_LO": lse_lo is not None,
-                  "DOT_PRECISION": _dot_precision(q.dtype, block_d, variant)}
+                  "DOT_PRECISION": _attn_dot_precision(q.dtype, block_d, variant)}
     # 16-bit: P recomputed in log2 units as the forward computes it (one FFMA per score before
     # its EX2); the preprocess writes lse * log2(e) (+inf for empty rows) to lse_b, which the
     # dK/dV and dQ kernels read in place of lse. fp32 keeps natural units and lse's residual.
@@ -209,7 +214,7 @@ def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
         _pick(_attn_bwd_dkdv, {**values, "MAX_SEQLEN": n_k, "GROUP_SPLIT": split}),
         dkdv_constexprs,
         lambda meta: flat_grid(triton.cdiv(n_k, meta["BLOCK_N"]), n_z, k.shape[1] * split),
-        tma_dkdv or configs_for(table, arch, block_d, q.element_size(), variant),
+        tma_dkdv or configs_for(table, arch, block_d, q.element_size(), variant, _heads(q, k)),
         _tune_key(dkdv_constexprs) + ["GROUP_SPLIT"], _BUCKETED)
     if fused:
         return [preprocess, dkdv]
@@ -349,7 +354,8 @@ def attention_backward(do, q, k, v, out, lse, opts: Options, dlse=None, mask_gra
     # the fused kernel where its table has a tile for this arch, head dim and dtype (none
     # spill-free: the deterministic kernels, which deterministic=False permits)
     deterministic = deterministic or not configs_for("bwd_fused", arch, _block_d(q.shape[3]),
-                                                     q.element_size(), _variant(opts))
+                                                     q.element_size(), _variant(opts),
+                                                     _heads(q, k))
     # the fused path's dQ accumulator: fp32, zeroed, [B, Hq, Nq, D] contiguous
     dq_acc = dq if deterministic else torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     for launch in plan_backward(do, q, k, v, out, lse, dlse, delta, dq_acc, ws_k, ws_v, opts,

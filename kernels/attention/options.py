@@ -42,6 +42,28 @@ class Options:
         return self.cu_seqlens_q is not None
 
 
+def _attn_dot_precision(dtype: torch.dtype, block_d: int, variant: str | None = None) -> str:
+    """The attention kernels' DOT_PRECISION (forward and backward alike): _dot_precision's,
+    except fp32 at BLOCK_D <= 16, which runs every dot as _math.dot_f32_exact ("exact":
+    three tf32 pieces per operand, six MMAs, products exact to ~2^-30 and one rounding per
+    k-step of 8). A score there is a short sum that often cancels, and the FMA chain's
+    sequential rounding over D lost to PyTorch's vector-lane sum: one query, one key, D=16, lse
+    4.1e-8 vs PyTorch 3.9e-9 (10.6x; the deep fuzz run, tests/test_fuzz.py), and D=8 out 4.9x
+    (test_fp32_small_head_dim_sequential_pv). "exact" runs the forward's QK^T and P @ V and
+    the backward's recomputed scores (they must be the forward's: P comes from its lse) and dP
+    (dP - delta cancels to 0 for a single key); the backward's dV, dK and dQ dots stay FMA
+    (_math.dot_prec_fma). Interpreter (its GPU dot model), one query and one key, 150 seeds:
+    lse over the bound D=16 1/150 (FMA dots 7/150), D=8 0/150 (4/150). AOT at D=16 (sm_80 /
+    sm_90, causal and not, MHA and GQA 4:1, Triton 3.9 and 3.7.1): plain and masked spill-free;
+    the varlen dK/dV's 8-warp tiles, which ptxas holds to 80-128 registers, spill 40-48 B
+    (sm_80 32x16/8/1 and 16x32/8/1, sm_90 32x16/8/1 GQA causal; FMA dots: 0 B). Kept: a
+    performance cost in fp32 varlen at D <= 16 only, and varlen must run plain's arithmetic
+    (tests/test_varlen.py compares them bitwise)."""
+    if dtype == torch.float32 and block_d <= 16:
+        return "exact"
+    return _dot_precision(dtype, block_d, variant)
+
+
 def _dot_precision(dtype: torch.dtype, block_d: int, variant: str | None = None) -> str:
     """tl.dot's input_precision for the attention kernels (forward and backward share it, so the
     backward recomputes exactly the forward's scores).
@@ -53,7 +75,8 @@ def _dot_precision(dtype: torch.dtype, block_d: int, variant: str | None = None)
     - BLOCK_D <= 16: "ieee". A score is a sum of a few products, so 3xTF32's ~2^-22 relative
       error per product (PyTorch's fp32 product is exact) dominates: with one key and D=1, dK
       must cancel to 0 and 3xTF32 left 2.3e-8 (5/200 seeds over the criterion's floor, the deep
-      fuzz run; 0/200 with FMA dots). FMA dots cost little at D <= 16.
+      fuzz run; 0/200 with FMA dots). FMA dots cost little at D <= 16. (The attention kernels
+      go further there: "exact", _attn_dot_precision.)
     - BLOCK_D 32..64: "tf32x3" for every variant.
     - BLOCK_D 128, variant "plain" or "varlen": "tf32x3", in the fp32 tiles of configs.py (AOT
       sweep: spill-free on sm_80/sm_90, Triton 3.9 and 3.7.1). Other callers (variant None:
