@@ -406,15 +406,34 @@ def test_fp32_softcap_alibi_lse_rounding():
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "the mechanism of test_fp32_softcap_alibi_lse_rounding through the SDPA drop-in, found by "
-    "the deep search (2026-12-07): fp32 E = 33 (BLOCK_D 64) runs 3xTF32 dots, whose products "
-    "err by ~2^-21 |q||k|: out 7.2e-7 vs PyTorch 1.3e-7 (5.5x), a bool mask, 2 queries, 2 keys. "
-    "With the exact fp32 dot (_math.dot_f32_exact, as fp32 BLOCK_D <= 16 now runs: "
-    "options._attn_dot_precision) at BLOCK_D 64 as well it passes in the interpreter; not "
-    "shipped: the fp32 BLOCK_D 64 tiles spill with it (that test's reason) and need a re-sweep"))
-def test_fp32_sdpa_tf32x3_products():
-    test_sdpa_drop_in.hypothesis.inner_test(lead=(), Hkv=2, group=1, L=2, S=2, E=33,
-                                            dtype=torch.float32, is_causal=False,
-                                            mask="bool:L,S", gqa=False, scale=0.875, seed=2)
+    "the deep search (2026-12-07): fp32 at E = 33 and 64 (BLOCK_D 64) runs 3xTF32 dots, whose "
+    "products err by ~2^-21 |q||k|: out 7.2e-7 vs PyTorch 1.3e-7 (5.5x; a bool mask, 2 queries, "
+    "2 keys) and 1.19e-6 vs 2.7e-7 (4.3x; no mask, scale 1, 3 queries, 2 keys). Exact scores "
+    "(_math.dot_f32_exact for QK^T and the backward's score / dP recompute, 3xTF32 elsewhere) "
+    "pass both and test_fp32_softcap_alibi_lse_rounding in the interpreter; not shipped: AOT at "
+    "D = 64 the fp32 tiles spill with it (sm_80 fwd 64x32/4/2 692-728 B, dK/dV 16x32/4/1 "
+    "12-68 B), so the fp32 BLOCK_D 64 cells of every table need a re-sweep"))
+@pytest.mark.parametrize("case", [
+    dict(lead=(), Hkv=2, L=2, S=2, E=33, mask="bool:L,S", scale=0.875, seed=2),
+    dict(lead=(2,), Hkv=1, L=3, S=2, E=64, mask=None, scale=1.0, seed=1992)])
+def test_fp32_sdpa_tf32x3_products(case):
+    test_sdpa_drop_in.hypothesis.inner_test(**case, group=1, dtype=torch.float32,
+                                            is_causal=False, gqa=False)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "found by the deep search (2026-12-07): fp16 FFN, M = 21 rows, one input, hidden and "
+    "output unit, gelu: dW1 = sum_m dpre[m] x[m] cancels 13-fold (sum |dpre x| 3.39, "
+    "dW1 -0.2555), so each dpre's fp16 rounding (up to 4.9e-4) reaches the single output: "
+    "6.2e-4 vs PyTorch 1.1e-4 (5.6x). Both save dpre in fp16; the kernel rounds it once "
+    "(dh in fp32 times gelu'), PyTorch twice (dh rounded to fp16 first), so the two make "
+    "different, equally legitimate rounding errors and a one-element max compares two "
+    "samples. 100 seeds of this shape: 2/100 over the bound (worst 1.96x the bound). Keeping "
+    "dpre in fp32 for the dW1 GEMM would double that buffer and move the GEMM off fp16 MMAs"))
+def test_fp16_ffn_dw1_cancellation():
+    test_ffn.hypothesis.inner_test(M=21, d_in=1, hidden=1, d_out=1, act="gelu", bias=False,
+                                   residual=False, recompute=False, gated=False,
+                                   dtype=torch.float16, seed=0)
 
 
 # Found by the deep search (was a strict xfail): fp32 softmax over 102 values (scale 1.5, |x| up
