@@ -44,9 +44,9 @@ class Options:
 
 def _attn_dot_precision(dtype: torch.dtype, block_d: int, variant: str | None = None) -> str:
     """The attention kernels' DOT_PRECISION (forward and backward alike): _dot_precision's,
-    except fp32 at BLOCK_D <= 16, which runs every dot as _math.dot_f32_exact ("exact":
-    three tf32 pieces per operand, six MMAs, products exact to ~2^-30 and one rounding per
-    k-step of 8). A score there is a short sum that often cancels, and the FMA chain's
+    except fp32 at BLOCK_D <= 16: "exact", which runs the dots listed below as
+    _math.dot_f32_exact (three tf32 pieces per operand, six MMAs, products exact to ~2^-30
+    and one rounding per k-step of 8). A score there is a short sum that often cancels, and the FMA chain's
     sequential rounding over D lost to PyTorch's vector-lane sum: one query, one key, D=16, lse
     4.1e-8 vs PyTorch 3.9e-9 (10.6x; the deep fuzz run, tests/test_fuzz.py), and D=8 out 4.9x
     (test_fp32_small_head_dim_sequential_pv). "exact" runs the forward's QK^T and P @ V and
