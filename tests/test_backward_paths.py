@@ -228,7 +228,7 @@ def test_fused_tiles_by_heads(arch, block_d):
         k, v = (torch.empty(1, hkv, 64, D, device="meta", dtype=torch.float16) for _ in range(2))
         lse = torch.empty(1, 4, 64, device="meta", dtype=torch.float32)
         plans = L.plan_backward(do, q, k, v, o, lse, None, torch.empty_like(lse), q.clone(),
-                              k.clone(), v.clone(), L.Options(scale=0.1), arch, None, None,
-                              deterministic=False)
+                                k.clone(), v.clone(), L.Options(scale=0.1), arch, None, None,
+                                deterministic=False)
         assert plans[1].name == "attn_bwd_fused" and not plans[1].constexprs["TMA"]
         assert plans[1].configs == (mha if hkv == 4 else gqa), hkv
