@@ -223,12 +223,15 @@ def test_fused_tiles_by_heads(arch, block_d):
         assert mha == gqa
     assert (gqa == []) == (block_d == 128)
     D = block_d - 32  # 32 / 96: pointer loads, the same head-dim bucket
-    for hkv in (4, 2):
+    # (kv heads, split): MHA; GQA 2:1 looping over its group; GQA split over its whole group
+    # (one query head per program, as the fused path runs GQA on a GPU: MHA's kernel and tiles)
+    for hkv, split in ((4, 1), (2, 1), (2, 2)):
         q, o, do = (torch.empty(1, 4, 64, D, device="meta", dtype=torch.float16) for _ in range(3))
         k, v = (torch.empty(1, hkv, 64, D, device="meta", dtype=torch.float16) for _ in range(2))
+        ws = torch.empty(1, hkv * split, 64, D, device="meta", dtype=torch.float32)
         lse = torch.empty(1, 4, 64, device="meta", dtype=torch.float32)
         plans = L.plan_backward(do, q, k, v, o, lse, None, torch.empty_like(lse), q.clone(),
-                                k.clone(), v.clone(), L.Options(scale=0.1), arch, None, None,
-                                deterministic=False)
+                                ws, ws.clone(), L.Options(scale=0.1), arch, None, None,
+                                split=split, deterministic=False)
         assert plans[1].name == "attn_bwd_fused" and not plans[1].constexprs["TMA"]
-        assert plans[1].configs == (mha if hkv == 4 else gqa), hkv
+        assert plans[1].configs == (mha if hkv * split == 4 else gqa), (hkv, split)

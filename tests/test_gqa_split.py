@@ -68,6 +68,10 @@ def _grads(monkeypatch, split, q, k, v, **kw):
     (4, torch.float32, dict(causal=False)),  # fp32 (with the lse residual in the backward)
     (2, torch.float16, dict(causal=True, dropout_p=0.25, alibi_slopes=torch.rand(8),
                             key_padding_mask=torch.arange(40) % 7 == 3)),  # 2 heads; masked table
+    # the fused kernel (deterministic=False) over the whole group, as it runs on a GPU
+    # (_gqa_split_for's fused choice): GROUP_PART = 1, one query head per program
+    (4, torch.float16, dict(causal=True, deterministic=False)),
+    (4, torch.float32, dict(causal=False, deterministic=False, softcap=3.0)),
 ])
 def test_split_matches_the_criterion_and_leaves_dq_alone(monkeypatch, split, dtype, kw):
     g = torch.Generator().manual_seed(split)
@@ -80,7 +84,11 @@ def test_split_matches_the_criterion_and_leaves_dq_alone(monkeypatch, split, dty
     assert_checks(check_attention(q, k, v, **kw), (split, dtype))
     dq1, dk1, dv1 = _grads(monkeypatch, 1, q, k, v, **kw)
     dqs, dks, dvs = _grads(monkeypatch, split, q, k, v, **kw)
-    assert torch.equal(dq1, dqs)  # the dQ kernel does not see the split
+    if kw.get("deterministic", True):
+        assert torch.equal(dq1, dqs)  # the dQ kernel does not see the split
+    else:  # dQ's atomics are added by other programs, in another order
+        torch.testing.assert_close(dqs, dq1, rtol=1e-5 if dtype == torch.float32 else 2e-3,
+                                   atol=1e-5 if dtype == torch.float32 else 2e-3)
     # dK/dV: the same terms, summed in another order (fp32 partials, one rounding at the end)
     tol = dict(rtol=2e-3, atol=2e-3) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dks, dk1, **tol)
@@ -120,3 +128,47 @@ def test_split_for_a_cuda_launch(monkeypatch):
     # 128 programs: split 4 fills 2 waves (a workspace sized by the 8 sequences instead of
     # k's one packed batch would stop at 2 on the budget)
     assert want == 4 and L._gqa_split_for(q, k, opts, 90, 8, 128) == want
+
+
+def test_fused_split_takes_the_whole_group_within_the_budget(monkeypatch):
+    # the fused kernel's choice (CUDA stubbed): the whole group while its workspace fits the
+    # budget, so the kernel loses its head loop (GROUP_PART = 1) and takes MHA's tiles; past the
+    # budget, gqa_split's choice by parallelism as for the deterministic kernels
+    import types
+    monkeypatch.delenv("TRITFORMER_GQA_SPLIT", raising=False)
+    monkeypatch.setattr(L, "is_interpreted", lambda fn: False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda dev: types.SimpleNamespace(multi_processor_count=108))
+    cuda = types.SimpleNamespace(type="cuda")
+    fake = lambda *shape: types.SimpleNamespace(shape=shape, device=cuda, nbytes=2 * shape[0]
+                                                * shape[1] * shape[2] * shape[3],
+                                                element_size=lambda: 2)
+    opts = KA.Options(scale=0.125, right=0)
+    # 16 sequences x 2 kv heads x 1024 keys: 16 * 2 * 8 = 256 programs >= 2 waves, no split for
+    # the deterministic kernels; workspace for the whole group 4 * 2*4*16*2*1024*64 = 64 MiB
+    q, k = fake(16, 8, 1024, 64), fake(16, 2, 1024, 64)
+    assert L._gqa_split_for(q, k, opts, 80, 16, 1024) == 1
+    assert L._gqa_split_for(q, k, opts, 80, 16, 1024, fused=True) == 4
+    # 8x the keys: 512 MiB of workspace is over the 256 MiB budget (+ q's 16 MiB)
+    q, k = fake(16, 8, 8192, 64), fake(16, 2, 8192, 64)
+    assert L._gqa_split_for(q, k, opts, 80, 16, 8192, fused=True) == L._gqa_split_for(
+        q, k, opts, 80, 16, 8192) == 1
+    # MHA: nothing to split
+    q, k = fake(16, 8, 1024, 64), fake(16, 8, 1024, 64)
+    assert L._gqa_split_for(q, k, opts, 80, 16, 1024, fused=True) == 1
+
+
+@pytest.mark.parametrize("split, part", [(1, 4), (2, 2), (4, 1)])
+def test_group_part_is_passed_for_the_jit_to_specialise(split, part):
+    # GROUP_PART = GROUP // GROUP_SPLIT, a runtime int the JIT specialises when it is 1: the head
+    # loop then compiles away (tritformer.inspect's AOT compiles specialise it the same way)
+    meta = lambda *s, dtype=torch.float16: torch.empty(*s, device="meta", dtype=dtype)
+    q, o, do = (meta(1, 8, 128, 64) for _ in range(3))
+    k, v = (meta(1, 2, 128, 64) for _ in range(2))
+    ws = meta(1, 2 * split, 128, 64, dtype=torch.float32)
+    lse = meta(1, 8, 128, dtype=torch.float32)
+    for det in (True, False):
+        plans = KA.plan_backward(do, q, k, v, o, lse, None, lse, q, ws, ws, KA.Options(scale=0.1),
+                                 80, split=split, deterministic=det)
+        assert plans[1].args["GROUP_SPLIT"] == split and plans[1].args["GROUP_PART"] == part
+        assert "GROUP_PART" in plans[1].tune_key

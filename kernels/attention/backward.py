@@ -223,7 +223,7 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
                         stride_dvz, stride_dvh, stride_dvn, stride_dvd,
                         stride_dqz, stride_dqh, stride_dqm, stride_dqd,
                         stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
-                        H, GROUP, GROUP_SPLIT, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left,
+                        H, GROUP, GROUP_SPLIT, GROUP_PART, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left,
                         win_right, dropout_p, seed, DROP_COLS,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -239,14 +239,16 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
     # head, each over GROUP / GROUP_SPLIT of its query heads, and store their partial dK/dV at
     # head index `head` of an fp32 workspace [B, Hkv * GROUP_SPLIT, Nk, D] that the host sums
     # over the split in a fixed order (still deterministic). GROUP_SPLIT = 1 is today's kernel.
+    # GROUP_PART = GROUP // GROUP_SPLIT, the query heads each program loops over, is passed so
+    # that the JIT specialises 1 away: with one head per program (MHA, or GQA split over its
+    # whole group) the head loop disappears and the kernel compiles as MHA's does.
     # FUSED_DQ (the non-deterministic path, FlashAttention-2's 5 GEMMs per tile pair): each
     # query tile's dQ contribution dS K is also formed here and atomically added (fp32,
     # unscaled) into DQ, a zeroed [B, Hq, Nq, D] fp32 accumulator; the dQ kernel is not run,
     # and with MASK_GRAD the mask gradient dS is written here instead of by the dQ kernel.
     start_n = tile
     off_hkv = head // GROUP_SPLIT  # kv head
-    g_per = GROUP // GROUP_SPLIT
-    g0 = (head % GROUP_SPLIT) * g_per
+    g0 = (head % GROUP_SPLIT) * GROUP_PART
     z, q_start, k_start, n_q, n_kv = _seq_info(CuQ, CuK, seq, N_Q, N_KV, VARLEN)
     diag = n_kv - n_q
 
@@ -323,7 +325,8 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
     if LOG2_UNITS:
         s_scale = sm_scale * LOG2E
         s_cap_out = cap_out * LOG2E
-    for g in range(g0, g0 + g_per):
+    for gi in range(0, GROUP_PART):
+        g = g0 + gi
         off_h = off_hkv * GROUP + g
         q_base = (Q + z64 * stride_qz + off_h.to(tl.int64) * stride_qh
                   + q_start.to(tl.int64) * stride_qm)
@@ -393,7 +396,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, LseLo, Delta, DK, DV, DQ, Mask, Kpm, Alibi,
                    stride_dvz, stride_dvh, stride_dvn, stride_dvd,
                    stride_dqz, stride_dqh, stride_dqm, stride_dqd,
                    stride_mz, stride_mh, stride_mm, stride_mn, stride_kpz,
-                   H, GROUP, GROUP_SPLIT, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left,
+                   H, GROUP, GROUP_SPLIT, GROUP_PART, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left,
                    win_right, dropout_p, seed, DROP_COLS, MAX_SEQLEN,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -417,7 +420,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, LseLo, Delta, DK, DV, DQ, Mask, Kpm, Alibi,
                                 stride_dod, stride_dkz, stride_dkh, stride_dkn, stride_dkd,
                                 stride_dvz, stride_dvh, stride_dvn, stride_dvd, stride_dqz,
                                 stride_dqh, stride_dqm, stride_dqd, stride_mz, stride_mh,
-                                stride_mm, stride_mn, stride_kpz, H, GROUP, GROUP_SPLIT, N_Q,
+                                stride_mm, stride_mn, stride_kpz, H, GROUP, GROUP_SPLIT, GROUP_PART, N_Q,
                                 N_KV, sm_scale, cap_in, cap_out, win_left, win_right, dropout_p,
                                 seed, DROP_COLS,
                                 HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M,
@@ -436,7 +439,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, LseLo, Delta, DK, DV, DQ, Mask, Kpm, Alibi,
                             stride_dvh, stride_dvn, stride_dvd, stride_dqz, stride_dqh,
                             stride_dqm, stride_dqd, stride_mz, stride_mh, stride_mm, stride_mn,
                             stride_kpz, H,
-                            GROUP, GROUP_SPLIT, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
+                            GROUP, GROUP_SPLIT, GROUP_PART, N_Q, N_KV, sm_scale, cap_in, cap_out, win_left, win_right,
                             dropout_p, seed, DROP_COLS, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, WIN_LEFT=WIN_LEFT,
                             WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM,

@@ -81,7 +81,7 @@ def use_tma(q, k, v, opts: Options, arch: int | None, variant: str) -> bool:
 
 
 def use_tma_bwd(kernel: str, q, k, rows: tuple, opts: Options, arch: int | None,
-                variant: str) -> list | None:
+                variant: str, split: int = 1) -> list | None:
     """The configs of backward kernel `kernel` ("bwd_dkdv", "bwd_fused", "bwd_dq") with its
     streamed tiles through tensor descriptors (backward.py, TMA: Q / dO in dK/dV and the fused
     kernel, K / V in dQ), or None for pointer loads. Descriptors where configs.TMA_BWD has the
@@ -89,7 +89,8 @@ def use_tma_bwd(kernel: str, q, k, rows: tuple, opts: Options, arch: int | None,
     group's query heads that MHA does not, and it costs registers), for 16-bit inputs whose
     head dim is 64 or 128 exactly, with `rows` (the tensors read by descriptor) in layouts
     tma_layout_ok accepts. TRITFORMER_TMA as for the forward (`use_tma`): 1 turns them on in
-    the interpreter (its configs then), 0 off everywhere."""
+    the interpreter (its configs then), 0 off everywhere. split: the dK/dV grid's GQA split
+    (`_heads`)."""
     D = q.shape[3]
     if not _tma_eligible(q, rows):
         return None
@@ -97,13 +98,14 @@ def use_tma_bwd(kernel: str, q, k, rows: tuple, opts: Options, arch: int | None,
         if _tma_forced() and variant in ("plain", "varlen"):
             return configs_for(kernel, None, D, q.element_size(), variant)
         return None
-    return TMA_BWD.get((arch_family(arch), D, variant, kernel, _heads(q, k)))
+    return TMA_BWD.get((arch_family(arch), D, variant, kernel, _heads(q, k, split)))
 
 
-def _heads(q, k) -> str:
-    """"mha" (as many query heads as kv heads) or "gqa": the backward's MHA / GQA config cells
-    (TMA_BWD, BWD_MHA), as GQA compiles a loop over the group's query heads that MHA does not."""
-    return "mha" if q.shape[1] == k.shape[1] else "gqa"
+def _heads(q, k, split: int = 1) -> str:
+    """"mha" (one query head per dK/dV program: MHA, or GQA split over its whole group) or
+    "gqa": the backward's MHA / GQA config cells (TMA_BWD, BWD_MHA), as GQA compiles a loop over
+    the group's query heads that MHA does not (the kernel's GROUP_PART)."""
+    return "mha" if q.shape[1] == k.shape[1] * split else "gqa"
 
 
 def _tma_scratch(size: int, alignment: int, stream):
@@ -206,16 +208,18 @@ def plan_backward(do, q, k, v, out, lse, dlse, delta, dq, dk, dv, opts: Options,
     fused = not deterministic
     table = "bwd_fused" if fused else "bwd_dkdv"
     # streamed tiles through tensor descriptors where configs.TMA_BWD measured them (use_tma_bwd)
-    tma_dkdv = use_tma_bwd(table, q, k, (q, do), opts, arch, variant)
+    tma_dkdv = use_tma_bwd(table, q, k, (q, do), opts, arch, variant, split)
     dkdv_constexprs = {**constexprs, "FUSED_DQ": fused, "MASK_GRAD": fused and dmask is not None,
                        "TMA": tma_dkdv is not None}
     dkdv = Launch(
         "attn_bwd_fused" if fused else "attn_bwd_dkdv", _attn_bwd_dkdv,
-        _pick(_attn_bwd_dkdv, {**values, "MAX_SEQLEN": n_k, "GROUP_SPLIT": split}),
+        _pick(_attn_bwd_dkdv, {**values, "MAX_SEQLEN": n_k, "GROUP_SPLIT": split,
+                               "GROUP_PART": values["GROUP"] // split}),
         dkdv_constexprs,
         lambda meta: flat_grid(triton.cdiv(n_k, meta["BLOCK_N"]), n_z, k.shape[1] * split),
-        tma_dkdv or configs_for(table, arch, block_d, q.element_size(), variant, _heads(q, k)),
-        _tune_key(dkdv_constexprs) + ["GROUP_SPLIT"], _BUCKETED)
+        tma_dkdv or configs_for(table, arch, block_d, q.element_size(), variant,
+                                _heads(q, k, split)),
+        _tune_key(dkdv_constexprs) + ["GROUP_SPLIT", "GROUP_PART"], _BUCKETED)
     if fused:
         return [preprocess, dkdv]
     tma_dq = use_tma_bwd("bwd_dq", q, k, (k, v), opts, arch, variant)
@@ -243,6 +247,15 @@ def _arch_for(t: torch.Tensor) -> int | None:
 # programs per SM, within GQA_SPLIT_BUDGET bytes of workspace (plus q's own size); no split
 # where the unsplit grid already fills the GPU (then the split only adds traffic and memory).
 # FlashAttention-2 always expands (dk/dv per query head in the input dtype, summed by torch).
+# The fused kernel (deterministic=False) takes the whole group where that workspace fits the
+# budget, as FlashAttention-2 does: one query head per program, so GROUP_PART = 1 and the head
+# loop compiles away; the kernel is then MHA's, with MHA's tiles (configs.BWD_MHA, TMA_BWD's
+# "mha" cells; `_heads`). sm_80 fp16 D=64, causal GQA 4:1: 16x128/4/1 (MHA's) est. 0.745 instead
+# of the looping kernel's 16x64/4/1 0.677, which is all the looping kernel fits (16x128/4/1
+# spills 80 B; 16x128/8/1 fits at replication 1.2); sm_80 D=128 gets MHA's fused tile, where
+# the looping kernel has none. The cost: the workspace (2 * 4 * B * Hq * Nk * D bytes: 268 MB
+# for Hq = 32, Nk = 8192, D = 128, B = 1) and one reduction pass over it, which adds about
+# 16 * Hq * D bytes of traffic per key against the backward's 10 * Nq * Hq * D FLOPs per key.
 GQA_SPLIT_WAVES = 2
 GQA_SPLIT_BUDGET = 256 * 2 ** 20
 
@@ -267,7 +280,11 @@ def gqa_split(programs: int, group: int, sm_count: int | None, part_bytes: int,
     return best
 
 
-def _gqa_split_for(q, k, opts: Options, arch: int | None, n_z: int, n_k: int) -> int:
+def _gqa_split_for(q, k, opts: Options, arch: int | None, n_z: int, n_k: int,
+                   fused: bool = False) -> int:
+    """The dK/dV grid's split of each GQA group (1 = none): TRITFORMER_GQA_SPLIT if set; off
+    CUDA 1; the fused kernel (`fused`): the whole group where its workspace fits the budget
+    (see the note above GQA_SPLIT_WAVES); otherwise gqa_split's choice by parallelism."""
     group = q.shape[1] // k.shape[1]
     forced = os.environ.get("TRITFORMER_GQA_SPLIT")
     if forced:  # benchmarks and tests: a fixed split (must divide the group)
@@ -284,7 +301,10 @@ def _gqa_split_for(q, k, opts: Options, arch: int | None, n_z: int, n_k: int) ->
     programs = triton.cdiv(n_k, block_n) * n_z * k.shape[1]
     # the workspace is shaped like k with Hkv * split heads (varlen: B = 1, N = total tokens)
     part_bytes = 2 * 4 * k.shape[0] * k.shape[1] * k.shape[2] * k.shape[3]
-    return gqa_split(programs, group, sm_count, part_bytes, GQA_SPLIT_BUDGET + q.nbytes)
+    budget = GQA_SPLIT_BUDGET + q.nbytes
+    if fused and group > 1 and group * part_bytes <= budget:
+        return group  # one query head per program: MHA's kernel and tiles
+    return gqa_split(programs, group, sm_count, part_bytes, budget)
 
 
 def lse_residual_for(dtype: torch.dtype) -> bool:
@@ -344,18 +364,20 @@ def attention_backward(do, q, k, v, out, lse, opts: Options, dlse=None, mask_gra
     arch = _arch_for(q)
     n_z = opts.cu_seqlens_q.shape[0] - 1 if opts.varlen else q.shape[0]
     n_k = _grid_len(opts.max_seqlen_k) if opts.varlen else k.shape[2]
-    split = _gqa_split_for(q, k, opts, arch, n_z, n_k)
+    # the fused kernel where its table has a tile for this arch, head dim, dtype and split (none
+    # spill-free: the deterministic kernels, which deterministic=False permits)
+    if not deterministic:
+        split = _gqa_split_for(q, k, opts, arch, n_z, n_k, fused=True)
+        deterministic = not configs_for("bwd_fused", arch, _block_d(q.shape[3]),
+                                        q.element_size(), _variant(opts), _heads(q, k, split))
+    if deterministic:
+        split = _gqa_split_for(q, k, opts, arch, n_z, n_k)
     if split > 1:  # partial sums per split part, reduced below (see gqa_split)
         B, H_KV, N_KV, D = k.shape
         ws_k = torch.empty(B, H_KV * split, N_KV, D, device=k.device, dtype=torch.float32)
         ws_v = torch.empty_like(ws_k)
     else:
         ws_k, ws_v = dk, dv
-    # the fused kernel where its table has a tile for this arch, head dim and dtype (none
-    # spill-free: the deterministic kernels, which deterministic=False permits)
-    deterministic = deterministic or not configs_for("bwd_fused", arch, _block_d(q.shape[3]),
-                                                     q.element_size(), _variant(opts),
-                                                     _heads(q, k))
     # the fused path's dQ accumulator: fp32, zeroed, [B, Hq, Nq, D] contiguous
     dq_acc = dq if deterministic else torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     for launch in plan_backward(do, q, k, v, out, lse, dlse, delta, dq_acc, ws_k, ws_v, opts,

@@ -293,10 +293,17 @@ def _attention_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool,
 
 def _fused_backward(K, do, q, k, v, o, lse, delta, opts, cap, dmask, lo):
     """The non-deterministic backward's fused kernel (attn_bwd_fused: dK/dV with dQ's fp32
-    atomics into an fp32 accumulator), without the preprocess the deterministic plan has."""
+    atomics into an fp32 accumulator), without the preprocess the deterministic plan has. GQA
+    as the fused path runs it on a GPU (launch._gqa_split_for): split over its whole group, one
+    query head per program, partial dK/dV in an fp32 workspace [B, Hq, Nk, D]."""
     acc = torch.empty(q.shape, device="meta", dtype=torch.float32)
-    return K.plan_backward(do, q, k, v, o, lse, None, delta, acc, k.clone(), v.clone(), opts,
-                           cap, dmask, lo, deterministic=False)[1:]
+    split = q.shape[1] // k.shape[1]
+    dk, dv = k.clone(), v.clone()
+    if split > 1:
+        dk, dv = (torch.empty(k.shape[0], q.shape[1], *k.shape[2:], device="meta",
+                              dtype=torch.float32) for _ in range(2))
+    return K.plan_backward(do, q, k, v, o, lse, None, delta, acc, dk, dv, opts, cap, dmask, lo,
+                           split=split, deterministic=False)[1:]
 
 
 def _lse_lo(K, lse, dtype):
