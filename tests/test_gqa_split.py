@@ -71,7 +71,6 @@ def _grads(monkeypatch, split, q, k, v, **kw):
     # the fused kernel (deterministic=False) over the whole group, as it runs on a GPU
     # (_gqa_split_for's fused choice): GROUP_PART = 1, one query head per program
     (4, torch.float16, dict(causal=True, deterministic=False)),
-    (4, torch.float32, dict(causal=False, deterministic=False, softcap=3.0)),
 ])
 def test_split_matches_the_criterion_and_leaves_dq_alone(monkeypatch, split, dtype, kw):
     g = torch.Generator().manual_seed(split)

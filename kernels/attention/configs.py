@@ -437,7 +437,10 @@ TMA_BWD: dict = {
 # The 16-bit backward's pointer-load cells where MHA ships a tile that GQA cannot, {(arch
 # family, head-dim bucket, variant, kernel): configs}, taken for MHA (Hq = Hkv) before the
 # table's row, which MHA and GQA share (GQA compiles a loop over the group's query heads that
-# costs registers; configs_for's `heads`). AOT, `inspect --perf`, fp16, causal | not, serialized
+# costs registers; configs_for's `heads`). GQA split over its whole group (one query head per
+# program, the fused path on a GPU: launch._gqa_split_for) compiles MHA's kernel and takes
+# these cells too: sm_80 GQA 4:1 D=64 16x128/4/1 est. 0.743 | 0.743, D=128 16x128/8/1 0.767 |
+# 0.769 (causal, 255 regs, 0 B). AOT, `inspect --perf`, fp16, causal | not, serialized
 # ESTIMATES, Triton 3.9 | 3.7.1:
 # sm_80 fused D=64: 16x128/4/1 255 regs, 0 B, est. 0.745 | 0.74 (the shared row's 16x64/4/1:
 #   0.678; 4 warps along the 128 keys amortise the dQ tile's per-query-tile cost, its layout
