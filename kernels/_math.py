@@ -92,18 +92,24 @@ def dot_f32_exact(a, b):
 @triton.jit
 def dot_prec(a, b, acc, PRECISION: tl.constexpr):
     """acc + a @ b with tl.dot's input_precision PRECISION, or PRECISION "exact" (fp32 tiles:
-    dot_f32_exact, its sum added to acc once). The attention kernels run "exact" for fp32 at
-    BLOCK_D <= 16 (options._attn_dot_precision)."""
+    dot_f32_exact, its sum added to acc once), or "exact_scores" (exact in dot_prec0 only, the
+    scores and dP; "tf32x3" here and in the _fma forms). The attention kernels run "exact" for
+    fp32 at BLOCK_D <= 16 and "exact_scores" at 32..64 (options._attn_dot_precision)."""
     if PRECISION == "exact":
         return acc + dot_f32_exact(a, b)
+    elif PRECISION == "exact_scores":
+        return tl.dot(a, b, acc, input_precision="tf32x3")
     else:
         return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
 def dot_prec0(a, b, PRECISION: tl.constexpr):
-    """a @ b from a zero accumulator, as dot_prec."""
+    """a @ b from a zero accumulator, as dot_prec, except that "exact_scores" runs exact here:
+    the attention kernels compute their scores and dP with it."""
     if PRECISION == "exact":
+        return dot_f32_exact(a, b)
+    elif PRECISION == "exact_scores":
         return dot_f32_exact(a, b)
     else:
         return tl.dot(a, b, input_precision=PRECISION)
@@ -114,9 +120,11 @@ def dot_prec_fma(a, b, acc, PRECISION: tl.constexpr):
     """dot_prec, with "exact" run as the FMA chain ("ieee"): the backward's dV, dK and dQ dots
     at fp32 BLOCK_D <= 16 (its score and dP recompute stay exact: P must be the forward's, and
     dP - delta cancels for one key; six MMAs in every dot spilled the masked dK/dV tiles,
-    132-528 B, AOT sm_80 / sm_90)."""
+    132-528 B, AOT sm_80 / sm_90). "exact_scores": "tf32x3"."""
     if PRECISION == "exact":
         return tl.dot(a, b, acc, input_precision="ieee")
+    elif PRECISION == "exact_scores":
+        return tl.dot(a, b, acc, input_precision="tf32x3")
     else:
         return tl.dot(a, b, acc, input_precision=PRECISION)
 
@@ -126,6 +134,8 @@ def dot_prec0_fma(a, b, PRECISION: tl.constexpr):
     """dot_prec_fma from a zero accumulator."""
     if PRECISION == "exact":
         return tl.dot(a, b, input_precision="ieee")
+    elif PRECISION == "exact_scores":
+        return tl.dot(a, b, input_precision="tf32x3")
     else:
         return tl.dot(a, b, input_precision=PRECISION)
 

@@ -383,19 +383,12 @@ FP32_SOFTCAP_ALIBI_LSE = dict(
     kpm="random", kpm_empty_batch=True, dropout_p=0.4027666432048972)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "3xTF32 scores (fp32 at D <= 64, options._dot_precision): Triton's split keeps 11 of the "
-    "13 bits of x - tf32(x) and drops small*small, so each product errs by up to ~2^-21 of "
-    "|q||k| where PyTorch's fp32 product is exact. Here |q|,|k| ~ 4 (D = 33) and the error "
-    "reaches lse = 0.38 (a near-cancelling ALiBi row): 3.5e-6 vs PyTorch 1.2e-6 (2.9x). "
-    "Measured with exact FMA dots instead: 1.19e-6, ratio 0.99 (the lse formula is not the "
-    "cause: ln(l) in one rounding left 3.43e-6). The exact fp32 dot that fixed the decode "
-    "D = 64 case (_math.dot_f32_exact: three tf32 pieces per operand, six MMAs) gives lse "
-    "3.7e-7, ratio 0.31, here too, but (1) the backward must recompute the same scores "
-    "(kernels/attention/backward.py; see test_fp32_small_head_dim_sequential_pv) and (2) at "
-    "BLOCK_D 64 it spilled in the forward (AOT, Triton 3.9, masked fwd D=64: sm_80 32x32/8 "
-    "328 B, 32x16/8 152 B, sm_90 76 B / 56 B; plain 64x32/4 sm_80 692 B vs 48 B before), so "
-    "the fp32 D <= 64 tiles need a re-sweep with it (configs.py)"))
+# Found by the deep search (was a strict xfail): 3xTF32 scores (fp32 at BLOCK_D 32..64):
+# Triton's split keeps 11 of the 13 bits of x - tf32(x) and drops small*small, so each product
+# erred by up to ~2^-21 of |q||k| where PyTorch's fp32 product is exact. Here |q|,|k| ~ 4
+# (D = 33) and the error reached lse = 0.38 (a near-cancelling ALiBi row): 3.5e-6 vs PyTorch
+# 1.2e-6 (2.9x). The attention kernels now compute the scores and dP as _math.dot_f32_exact
+# there (DOT_PRECISION "exact_scores", options._attn_dot_precision): lse 3.7e-7, ratio 0.31.
 def test_fp32_softcap_alibi_lse_rounding():
     c, seed = FP32_SOFTCAP_ALIBI_LSE, 10734
     q, k, v, opts = _attention_options_inputs(c, seed)
@@ -404,21 +397,29 @@ def test_fp32_softcap_alibi_lse_rounding():
                                   **opts))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the mechanism of test_fp32_softcap_alibi_lse_rounding through the SDPA drop-in, found by "
-    "the deep search (2026-12-07): fp32 at E = 33 and 64 (BLOCK_D 64) runs 3xTF32 dots, whose "
-    "products err by ~2^-21 |q||k|: out 7.2e-7 vs PyTorch 1.3e-7 (5.5x; a bool mask, 2 queries, "
-    "2 keys) and 1.19e-6 vs 2.7e-7 (4.3x; no mask, scale 1, 3 queries, 2 keys). Exact scores "
-    "(_math.dot_f32_exact for QK^T and the backward's score / dP recompute, 3xTF32 elsewhere) "
-    "pass both and test_fp32_softcap_alibi_lse_rounding in the interpreter; not shipped: AOT at "
-    "D = 64 the fp32 tiles spill with it (sm_80 fwd 64x32/4/2 692-728 B, dK/dV 16x32/4/1 "
-    "12-68 B), so the fp32 BLOCK_D 64 cells of every table need a re-sweep"))
+# Found by the deep search (2026-12-07; was a strict xfail): the mechanism of
+# test_fp32_softcap_alibi_lse_rounding through the SDPA drop-in, fp32 at E = 33 and 64
+# (BLOCK_D 64): out 7.2e-7 vs PyTorch 1.3e-7 (5.5x; a bool mask, 2 queries, 2 keys) and
+# 1.19e-6 vs 2.7e-7 (4.3x; no mask, scale 1, 3 queries, 2 keys) with 3xTF32 scores; exact
+# scores ("exact_scores") pass both.
 @pytest.mark.parametrize("case", [
     dict(lead=(), Hkv=2, L=2, S=2, E=33, mask="bool:L,S", scale=0.875, seed=2),
     dict(lead=(2,), Hkv=1, L=3, S=2, E=64, mask=None, scale=1.0, seed=1992)])
 def test_fp32_sdpa_tf32x3_products(case):
     test_sdpa_drop_in.hypothesis.inner_test(**case, group=1, dtype=torch.float32,
                                             is_causal=False, gqa=False)
+
+
+@pytest.mark.parametrize("variant", ["plain", "varlen", "light", "dropout", "masked"])
+def test_fp32_dot_precision_by_head_dim(variant):
+    # the attention kernels' fp32 dots (options._attn_dot_precision): every dot of the score
+    # path exact at BLOCK_D <= 16, the scores and dP exact at 32..64 (the cases above), 3xTF32
+    # or FMA from 128; 16-bit inputs: exact products in the MMA whatever the argument
+    from tritformer.kernels.attention.options import _attn_dot_precision as prec
+    assert prec(torch.float32, 16, variant) == "exact"
+    assert prec(torch.float32, 32, variant) == prec(torch.float32, 64, variant) == "exact_scores"
+    assert prec(torch.float32, 128, variant) in ("tf32x3", "ieee")
+    assert prec(torch.float16, 64, variant) == prec(torch.bfloat16, 128, variant) == "tf32"
 
 
 FP32_SOFTCAP_DROPOUT_KPM = {

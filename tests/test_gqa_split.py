@@ -104,18 +104,24 @@ def test_split_varlen(monkeypatch):
     assert_checks(check_varlen_attention(q, k, v, cu, cu, 32, 32, causal=True, return_lse=True))
 
 
-def test_split_for_a_cuda_launch(monkeypatch):
-    # the CUDA branch of the choice, on stand-ins (no GPU here): SM count from the device, the
-    # unsplit grid from the widest BLOCK_N of the table, the workspace shaped like k
+def _cuda_stand_ins(monkeypatch, sm_count):
+    """The CUDA branch of the split choice without a GPU: no forced split, not interpreted, a
+    device of `sm_count` SMs; returns fake(*shape), a fp16 CUDA tensor stand-in."""
     import types
     monkeypatch.delenv("TRITFORMER_GQA_SPLIT", raising=False)
     monkeypatch.setattr(L, "is_interpreted", lambda fn: False)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda dev: types.SimpleNamespace(multi_processor_count=132))
+                        lambda dev: types.SimpleNamespace(multi_processor_count=sm_count))
     cuda = types.SimpleNamespace(type="cuda")
-    fake = lambda *shape: types.SimpleNamespace(shape=shape, device=cuda, nbytes=2 * shape[0]
+    return lambda *shape: types.SimpleNamespace(shape=shape, device=cuda, nbytes=2 * shape[0]
                                                 * shape[1] * shape[2] * shape[3],
                                                 element_size=lambda: 2)
+
+
+def test_split_for_a_cuda_launch(monkeypatch):
+    # the CUDA branch of the choice, on stand-ins (no GPU here): SM count from the device, the
+    # unsplit grid from the widest BLOCK_N of the table, the workspace shaped like k
+    fake = _cuda_stand_ins(monkeypatch, 132)
     # varlen: [1, H, T, D] views, 8 sequences of up to 128 keys; Llama-3-70B-like heads (8:1)
     q, k = fake(1, 64, 2048, 128), fake(1, 8, 2048, 128)
     opts = KA.Options(scale=0.1, right=0, cu_seqlens_q=torch.zeros(9), cu_seqlens_k=torch.zeros(9),
@@ -133,15 +139,7 @@ def test_fused_split_takes_the_whole_group_within_the_budget(monkeypatch):
     # the fused kernel's choice (CUDA stubbed): the whole group while its workspace fits the
     # budget, so the kernel loses its head loop (GROUP_PART = 1) and takes MHA's tiles; past the
     # budget, gqa_split's choice by parallelism as for the deterministic kernels
-    import types
-    monkeypatch.delenv("TRITFORMER_GQA_SPLIT", raising=False)
-    monkeypatch.setattr(L, "is_interpreted", lambda fn: False)
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda dev: types.SimpleNamespace(multi_processor_count=108))
-    cuda = types.SimpleNamespace(type="cuda")
-    fake = lambda *shape: types.SimpleNamespace(shape=shape, device=cuda, nbytes=2 * shape[0]
-                                                * shape[1] * shape[2] * shape[3],
-                                                element_size=lambda: 2)
+    fake = _cuda_stand_ins(monkeypatch, 108)
     opts = KA.Options(scale=0.125, right=0)
     # 16 sequences x 2 kv heads x 1024 keys: 16 * 2 * 8 = 256 programs >= 2 waves, no split for
     # the deterministic kernels; workspace for the whole group 4 * 2*4*16*2*1024*64 = 64 MiB

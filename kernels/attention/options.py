@@ -58,9 +58,23 @@ def _attn_dot_precision(dtype: torch.dtype, block_d: int, variant: str | None = 
     the varlen dK/dV's 8-warp tiles, which ptxas holds to 80-128 registers, spill 40-48 B
     (sm_80 32x16/8/1 and 16x32/8/1, sm_90 32x16/8/1 GQA causal; FMA dots: 0 B). Kept: a
     performance cost in fp32 varlen at D <= 16 only, and varlen must run plain's arithmetic
-    (tests/test_varlen.py compares them bitwise)."""
+    (tests/test_varlen.py compares them bitwise).
+
+    fp32 at BLOCK_D 32..64: "exact_scores", the scores (the forward's QK^T, the backward's
+    recompute) and dP as _math.dot_f32_exact, P @ V and the dV / dK / dQ dots in 3xTF32.
+    3xTF32 products err by up to ~2^-21 of |q||k| (Triton's split keeps 11 of the 13 bits of
+    x - tf32(x) and drops small x small) where PyTorch's fp32 product is exact; a score that
+    nearly cancels carries that into lse and every P of its row: the deep fuzz run's lse 2.9x
+    PyTorch's error at |q|, |k| ~ 4, D = 33 (now 0.31x), and the SDPA drop-in's 4.3-5.5x at
+    E = 33 and 64 (tests/test_fuzz.py). P in [0, 1] times V and the gradients are sums of
+    many terms where 3xTF32's relative error stays below the criterion's. The fp32 D <= 64
+    tiles of every table were re-swept for it (configs.py; six MMAs per score tile need more
+    registers and shared memory). BLOCK_D 128 keeps 3xTF32 scores (its tiles were not
+    re-swept: the same exposure remains there, at D 65..128)."""
     if dtype == torch.float32 and block_d <= 16:
         return "exact"
+    if dtype == torch.float32 and block_d <= 64:
+        return "exact_scores"
     return _dot_precision(dtype, block_d, variant)
 
 
@@ -77,7 +91,8 @@ def _dot_precision(dtype: torch.dtype, block_d: int, variant: str | None = None)
       must cancel to 0 and 3xTF32 left 2.3e-8 (5/200 seeds over the criterion's floor, the deep
       fuzz run; 0/200 with FMA dots). FMA dots cost little at D <= 16. (The attention kernels
       go further there: "exact", _attn_dot_precision.)
-    - BLOCK_D 32..64: "tf32x3" for every variant.
+    - BLOCK_D 32..64: "tf32x3" for every variant. (The attention kernels run their scores
+      and dP exact there: "exact_scores", _attn_dot_precision.)
     - BLOCK_D 128, variant "plain" or "varlen": "tf32x3", in the fp32 tiles of configs.py (AOT
       sweep: spill-free on sm_80/sm_90, Triton 3.9 and 3.7.1). Other callers (variant None:
       decode; "masked", whose every-switch backward spilled 8-96 B in all 14 tiles tried; and

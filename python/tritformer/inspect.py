@@ -322,7 +322,8 @@ def _masked_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool, he
     from tritformer.kernels import attention as K
     meta = dict(device="meta", dtype=dtype)
     B, H, N = 2, 4, 1024
-    q, k, v, o, do = (torch.empty(B, H, N, head_dim, **meta) for _ in range(5))
+    q, o, do = (torch.empty(B, H, N, head_dim, **meta) for _ in range(3))
+    k, v = (torch.empty(B, H // GROUPS[heads], N, head_dim, **meta) for _ in range(2))
     lse = torch.empty(B, H, N, device="meta", dtype=torch.float32)
     light = dict(scale=head_dim ** -0.5, left=256, right=0 if causal else 256,
                  key_padding_mask=torch.empty(B, N, device="meta", dtype=torch.bool),
