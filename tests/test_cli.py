@@ -37,14 +37,16 @@ def test_inspect_head_dims_64_128_spill_free_with_tensor_cores(ops):
 
 
 def test_validate_quick():
-    res = _run(["-m", "tritformer", "validate", "--quick", "--dtype", "fp16", "bf16"], interpret=False)
+    # one dtype (22 cases with fp16 and bf16 took 69-75 s, the 3.9 suite's longest test); the
+    # dtype must be reported by its short name (bf16, never bfloat16)
+    res = _run(["-m", "tritformer", "validate", "--quick", "--dtype", "bf16"], interpret=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "triton-interpreter" in res.stderr
     assert " 0 failed" in res.stdout
     # the duration announced before the run; progress with the total; dtypes named one way
     assert re.search(r"expected duration: about \d+(m\d\d)?s \(each op's cases", res.stderr), res.stderr[:500]
-    assert "validate [1/22]" in res.stderr and "validate [22/22]" in res.stderr
-    assert "attention fp16 " in res.stdout and "varlen bf16 " in res.stdout
+    assert "validate [1/11]" in res.stderr and "validate [11/11]" in res.stderr
+    assert "attention bf16 " in res.stdout and "varlen bf16 " in res.stdout
     assert not re.search(r"float16|bfloat16|float32", res.stdout)
     assert " inf " not in res.stdout
 
