@@ -167,3 +167,44 @@ def exact_small_nan(small):
     """dot_f32_exact's NaN rule for the small products' sum: NaN (an inf operand times a zero
     piece) becomes 0, so that an inf operand gives inf as its big product alone does."""
     return tl.where(small != small, 0.0, small)
+
+
+# fp32 at BLOCK_D 128: the width of the slices of D in which dot_f32_exact_sliced loads its
+# operands (the attention kernels' scores and dP, options._attn_dot_precision)
+EXACT_SLICE = tl.constexpr(16)
+
+
+@triton.jit
+def dot_f32_exact_sliced(a_rows, stride_ad, a_ok, b_cols, stride_bd, b_ok,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WIDTH: tl.constexpr,
+                         A_VOLATILE: tl.constexpr = False):
+    """dot_f32_exact of A [M, HEAD_DIM] and B [HEAD_DIM, N] read from memory in WIDTH-wide
+    slices of the head dim: the small products of every slice chained in one accumulator, then
+    the big ones (dot_f32_exact's chain; the small terms summed slice by slice), so that only
+    one slice's tf32 pieces are live at a time. a_rows: A's row pointers [M, 1] (column 0),
+    stride_ad its column stride, a_ok [M, 1] its rows to read; b_cols: B's column pointers
+    [1, N] (row 0), stride_bd its row stride, b_ok [1, N]. Unread entries are zero.
+
+    At full width the six MMAs and three pieces of each [*, 128] fp32 operand spilled every
+    attention backward tile (AOT, Triton 3.9: dK/dV 16x16/8/1 8-84 B, dQ 16x16/8/1 20-28 B,
+    masked dK/dV 896 B); the slices reload A and B from L1 instead. The second pass's loads are
+    the first's (CSE may keep them or reload). A_VOLATILE: A's loads are not hoisted out of the
+    caller's loops (the dK/dV kernel's K / V slices: hoisted into its GQA head loop they were
+    kept in 106,496 B of shared memory at 16x16/8/1, over sm_86's 99 KB; reloaded: 8 KB)."""
+    acc = tl.zeros([a_rows.shape[0], b_cols.shape[1]], dtype=tl.float32)
+    for c in tl.static_range(0, BLOCK_D, WIDTH):
+        offs_c = c + tl.arange(0, WIDTH)
+        ok_c = offs_c < HEAD_DIM
+        a = tl.load(a_rows + offs_c[None, :] * stride_ad, mask=a_ok & ok_c[None, :], other=0.0,
+                    volatile=A_VOLATILE)
+        b = tl.load(b_cols + offs_c[:, None] * stride_bd, mask=ok_c[:, None] & b_ok, other=0.0)
+        acc = dot_f32_exact_small(a, b, acc)
+    acc = exact_small_nan(acc)
+    for c in tl.static_range(0, BLOCK_D, WIDTH):
+        offs_c = c + tl.arange(0, WIDTH)
+        ok_c = offs_c < HEAD_DIM
+        a = tl.load(a_rows + offs_c[None, :] * stride_ad, mask=a_ok & ok_c[None, :], other=0.0,
+                    volatile=A_VOLATILE)
+        b = tl.load(b_cols + offs_c[:, None] * stride_bd, mask=ok_c[:, None] & b_ok, other=0.0)
+        acc = dot_f32_exact_big(a, b, acc)
+    return acc

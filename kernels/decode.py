@@ -36,30 +36,13 @@ import triton.language as tl
 
 from ._launch import Launch, arch_family, device_arch, flat_grid, int32_tiles, is_interpreted, run
 from ._constants import LN2, LOG2E
-from ._math import (dot_f32_exact, dot_f32_exact_big, dot_f32_exact_small, exact_small_nan,
-                    tanh as _tanh)
+from ._math import dot_f32_exact, dot_f32_exact_sliced, tanh as _tanh
 from .attention import _block_d, _dot_precision
-
 
 
 # ---------------------------------------------------------------------------------------------
 # Kernel 1: one KV head's query group against one chunk of the cache
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _qk_slice(q_rows, mask_q, stride_qd, k_rows, stride_kd, ok_n, c: tl.constexpr,
-              HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr, BOUNDARY: tl.constexpr):
-    """Columns [c, c + WIDTH) of the query tile and rows [c, c + WIDTH) of the K^T tile
-    (k_rows: the tile's key row pointers, [1, BLOCK_N]; ok_n: its valid keys if BOUNDARY)."""
-    offs_c = c + tl.arange(0, WIDTH)
-    mask_c = offs_c < HEAD_DIM
-    qc = tl.load(q_rows + offs_c[None, :] * stride_qd, mask=mask_q & mask_c[None, :], other=0.0)
-    if BOUNDARY:
-        kc = tl.load(k_rows + offs_c[:, None] * stride_kd, mask=mask_c[:, None] & ok_n, other=0.0)
-    else:
-        kc = tl.load(k_rows + offs_c[:, None] * stride_kd, mask=mask_c[:, None], other=0.0)
-    return qc, kc
-
-
 @triton.jit
 def _decode_inner(acc, l_i, m_i, q, k_head, v_head, k_offs, v_offs, offs_d, stride_kz,
                   stride_kn, stride_kd, stride_vz, stride_vn, stride_vd, bt_row, stride_btn, PAGE,
@@ -80,7 +63,6 @@ def _decode_inner(acc, l_i, m_i, q, k_head, v_head, k_offs, v_offs, offs_d, stri
     # sm_80 'all' serving variant 72 B, 'paged' 64 rows 16 B). QK_CHUNK 0: DOT_PRECISION,
     # whose 3xTF32 products err by ~2^-21 |q||k| and FMA chains grow with D
     # (tests/test_fuzz.py, the fp32 decode cases)
-    BLOCK_M: tl.constexpr = q.shape[0]
     BLOCK_D: tl.constexpr = q.shape[1]
     k_base = k_head + tl.cast(lo, tl.int64) * stride_kn  # not PAGED: position lo of the row
     v_base = v_head + tl.cast(lo, tl.int64) * stride_vn
@@ -118,27 +100,18 @@ def _decode_inner(acc, l_i, m_i, q, k_head, v_head, k_offs, v_offs, offs_d, stri
             else:
                 qk = dot_f32_exact(q, k)
         else:
-            # exact score products over D in QK_CHUNK-wide slices: the small products of every
-            # slice chained in one accumulator, then the big ones (the chain of the full-width
-            # dot_f32_exact, so the same scores), one slice's pieces live at a time. q's slices
-            # are loop-invariant: Triton hoists their loads and keeps the pieces in shared
-            # memory (AOT TTGIR); the second pass's loads are the first's (CSE)
+            # exact score products over D in QK_CHUNK-wide slices (_math.dot_f32_exact_sliced,
+            # as the attention kernels' at BLOCK_D 128), one slice's pieces live at a time. q's
+            # slices are loop-invariant: Triton hoists their loads and keeps the pieces in
+            # shared memory (AOT TTGIR); the second pass's loads are the first's (CSE)
             if PAGED:
                 k_rows = k_head + k_row[None, :]
             else:
                 k_rows = k_base + offs_n[None, :] * stride_kn
             if not BOUNDARY:
-                ok_n = mask_q  # unused
-            qk = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for c in tl.static_range(0, BLOCK_D, QK_CHUNK):
-                qc, kc = _qk_slice(q_rows, mask_q, stride_qd, k_rows, stride_kd, ok_n, c,
-                                   HEAD_DIM, QK_CHUNK, BOUNDARY)
-                qk = dot_f32_exact_small(qc, kc, qk)
-            qk = exact_small_nan(qk)
-            for c in tl.static_range(0, BLOCK_D, QK_CHUNK):
-                qc, kc = _qk_slice(q_rows, mask_q, stride_qd, k_rows, stride_kd, ok_n, c,
-                                   HEAD_DIM, QK_CHUNK, BOUNDARY)
-                qk = dot_f32_exact_big(qc, kc, qk)
+                ok_n = tl.full([1, BLOCK_N], 1, tl.int1)  # every key of the tile (folds away)
+            qk = dot_f32_exact_sliced(q_rows, stride_qd, mask_q, k_rows, stride_kd, ok_n,
+                                      HEAD_DIM, BLOCK_D, QK_CHUNK)
         if SOFTCAP or HAS_ALIBI:
             # natural units as attention's _scores (same formulas), then to log2 units
             if SOFTCAP:

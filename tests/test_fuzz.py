@@ -410,15 +410,32 @@ def test_fp32_sdpa_tf32x3_products(case):
                                             is_causal=False, gqa=False)
 
 
+# Found on the way to #14's BLOCK_D 128 sweep (2026-12-07): the same exposure at D 65..128,
+# where the scores ran 3xTF32 (plain, varlen) or the FMA chain (the masked tables): 3 queries
+# with |q| ~ 4 over 2 keys, scale 1, 40 seeds each: plain D=80 4/40 over the bound (worst out
+# 4.50x PyTorch's error, seed 32), D=128 1/40 (out 2.75x, seed 0); with ALiBi (the light
+# table's FMA dots) D=80 5/40 (lse 4.95x, seed 38), D=128 6/40 (out 3.21x, seed 37). Exact
+# scores, loaded in slices of D at BLOCK_D 128 (_math.dot_f32_exact_sliced): 0/40 in all four.
+@pytest.mark.parametrize("D,seed,alibi", [(80, 32, False), (128, 0, False), (80, 38, True),
+                                          (128, 37, True)])
+def test_fp32_exact_scores_block_d_128(D, seed, alibi):
+    g = _gen(seed)
+    q = torch.randn(1, 2, 3, D, generator=g) * 4
+    k, v = (torch.randn(1, 2, 2, D, generator=g) for _ in "kv")
+    opts = {"alibi_slopes": torch.rand(2, generator=g)} if alibi else {}
+    assert_checks(check_attention(q, k, v, causal=False, scale=1.0, return_lse=True, **opts))
+
+
 @pytest.mark.parametrize("variant", ["plain", "varlen", "light", "dropout", "masked"])
 def test_fp32_dot_precision_by_head_dim(variant):
     # the attention kernels' fp32 dots (options._attn_dot_precision): every dot of the score
-    # path exact at BLOCK_D <= 16, the scores and dP exact at 32..64 (the cases above), 3xTF32
-    # or FMA from 128; 16-bit inputs: exact products in the MMA whatever the argument
+    # path exact at BLOCK_D <= 16, the scores and dP exact at 32..128 (the cases above), FMA at
+    # 256; 16-bit inputs: exact products in the MMA whatever the argument
     from tritformer.kernels.attention.options import _attn_dot_precision as prec
     assert prec(torch.float32, 16, variant) == "exact"
-    assert prec(torch.float32, 32, variant) == prec(torch.float32, 64, variant) == "exact_scores"
-    assert prec(torch.float32, 128, variant) in ("tf32x3", "ieee")
+    assert (prec(torch.float32, 32, variant) == prec(torch.float32, 64, variant)
+            == prec(torch.float32, 128, variant) == "exact_scores")
+    assert prec(torch.float32, 256, variant) == "ieee"
     assert prec(torch.float16, 64, variant) == prec(torch.bfloat16, 128, variant) == "tf32"
 
 
@@ -541,3 +558,39 @@ def test_fp32_decode_tf32x3_products():
                                                 dtype=torch.float32, layout="bhnd",
                                                 lengths="none", num_splits=None, scale=1.3125,
                                                 seed=475)
+
+
+# Found by the deep search (2026-12-07): fp32 softmax backward over 9 columns, dx 5.7e-8 vs
+# PyTorch 6.5e-9 (8.67x) at the element where dy - rowsum(dy * y) cancels: the fp32 rowsum's
+# rounding (another summation order than PyTorch's) was that element's whole error. The kernel
+# now sums and subtracts in fp64 for fp32 inputs, rounding once (kernels/softmax.py, WIDE).
+def test_fp32_softmax_backward_cancellation():
+    test_softmax.hypothesis.inner_test(case=([9], 0, False, "none", None), dtype=torch.float32,
+                                       scale=1.0202848353182958, seed=78, transposed=False)
+
+
+# Found by the deep search (2026-12-07): fp32 FFN, one input, 22 hidden units, one output, relu:
+# y 7.5e-8 vs PyTorch 1.4e-8 (5.26x), dx 5.46x. The GEMMs over K = 22 ran 3xTF32, whose
+# products err by ~2^-21 where PyTorch's are exact; FMA dots now run up to K = 32 (one BLOCK_K
+# step; kernels/ffn.py, _dot_precision): y 0.63x, dx 1.15x.
+def test_fp32_ffn_small_k_products():
+    test_ffn.hypothesis.inner_test(M=1, d_in=1, hidden=22, d_out=1, act="relu", bias=False,
+                                   residual=False, recompute=False, gated=False,
+                                   dtype=torch.float32, seed=1)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "found by the deep search (2026-12-07): fp32 decode, one key, D = 64, scale 1.5: lse (the "
+    "one scaled score) 2.6e-7 vs PyTorch 2.3e-8 (11.3x), bound 1.8e-7. The score is -0.739 "
+    "and its exact products are summed as MMA k-steps of 8 whose running sum reaches ~4, so "
+    "the chain's 8 roundings at ulp(4) are larger than the result's ulp (at scale 1 the "
+    "kernel's score errs 2.1e-7; the log2-unit scaling adds less than an ulp). A two-sample "
+    "statistic: over 2000 random (q, k) at D = 64 the k-step chain's score passes 2x "
+    "PyTorch's error plus the floor in 24 (1.2%), where PyTorch against itself with D "
+    "permuted does in 240 (12%). Summing in fewer roundings needs compensated accumulation "
+    "across MMA k-steps, which tl.dot does not expose"))
+def test_fp32_decode_one_key_chain_rounding():
+    test_decode_attention.hypothesis.inner_test(B=1, Hkv=1, group=1, Nq=1, n_max=1, D=64,
+                                                dtype=torch.float32, layout="bhnd",
+                                                lengths="none", num_splits=None, scale=1.5,
+                                                seed=2423)

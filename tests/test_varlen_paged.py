@@ -115,10 +115,14 @@ def check_against_reference(q, k, v, cu_q, cu_k, block_table=None, seqused_k=Non
     assert_checks([numerics.check("out", out, ref, base), numerics.check("lse", lse, ref_lse, base_lse)])
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_paged_dtypes_against_reference(dtype):
-    # D=40: a head dim padded on chip (BLOCK_D 64); GQA 4:2; fp32 through 3xTF32 dots
-    q, k, v, cu_q, cu_k = packed(*CHUNKED, D=40, dtype=dtype)
+@pytest.mark.parametrize("dtype,D", [
+    (torch.float16, 40), (torch.bfloat16, 40),
+    (torch.float32, 40),   # BLOCK_D 64: exact scores at full width (options._attn_dot_precision)
+    (torch.float32, 100),  # BLOCK_D 128: exact scores in slices of D, read through each key's page
+], ids=str)
+def test_paged_dtypes_against_reference(dtype, D):
+    # D=40 / 100: head dims padded on chip (BLOCK_D 64 / 128); GQA 4:2
+    q, k, v, cu_q, cu_k = packed(*CHUNKED, D=D, dtype=dtype)
     kp, vp, table = paginate(k, v, cu_k, 16)
     check_against_reference(q, kp, vp, cu_q, cu_k, table, causal=True, alibi_slopes=torch.rand(4))
 

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .._constants import LOG2E
+from .._math import EXACT_SLICE, dot_f32_exact_sliced
 from .._math import dot_prec0 as _dot
 from .._math import dot_prec0_fma as _gdot
 from .._math import dot_prec_fma as _gdot_acc
@@ -77,14 +78,20 @@ def _attn_bwd_dkdv_step(dk, dv, k, v, kT, q_ptr, do_ptr, q_offs, do_offs, Lse, L
                         HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
                         LSE_LO: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_TRANS: tl.constexpr,
                         MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        TMA: tl.constexpr, LOG2_UNITS: tl.constexpr):
+                        TMA: tl.constexpr, LOG2_UNITS: tl.constexpr, k_rows, v_rows,
+                        stride_qm, stride_dom, stride_qd, stride_dod, stride_kd, stride_vd,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     # One query tile (rows start_m + offs_m) against the resident key tile. q_ptr / do_ptr /
     # dq_ptr: the tile's first row (pointers), or the tensor descriptors (TMA, addressed by
     # start_m). BOUNDARY: rows may pass n_q (and the key bound / window apply, _scores);
     # without it every row is inside n_q, so no row mask is evaluated.
     # Query rows past n_q load as zero with lse = +inf, so they add nothing: no row bound on P.
     # Keys past n_kv (ragged last key tile) produce rows of dK/dV that are never stored.
-    # TMA: rows past n_q read as zero (TMA's out-of-bounds fill), as the masked pointer loads do
+    # TMA: rows past n_q read as zero (TMA's out-of-bounds fill), as the masked pointer loads do.
+    # SLICED (fp32 exact scores at BLOCK_D 128): the scores and dP^T from K / V (k_rows /
+    # v_rows: the key tile's row pointers) and q / dO reloaded in slices of D
+    # (_math.dot_f32_exact_sliced)
+    SLICED: tl.constexpr = DOT_PRECISION == "exact_scores" and BLOCK_D > 64 and not TMA
     offs_qm = start_m + offs_m
     if BOUNDARY:
         mask_m = offs_qm < n_q
@@ -100,7 +107,12 @@ def _attn_bwd_dkdv_step(dk, dv, k, v, kT, q_ptr, do_ptr, q_offs, do_offs, Lse, L
     else:
         lse = _load_lse(Lse, row0 + offs_qm, mask_m)
     # -- recompute P^T [BLOCK_N, BLOCK_M] from the saved lse ----
-    qkT = _dot(k, tl.trans(q), DOT_PRECISION)
+    if SLICED:
+        qkT = dot_f32_exact_sliced(k_rows, stride_kd, j < n_kv, q_ptr + offs_m[None, :] * stride_qm,
+                                   stride_qd, mask_m[None, :], HEAD_DIM, BLOCK_D, EXACT_SLICE,
+                                   A_VOLATILE=True)
+    else:
+        qkT = _dot(k, tl.trans(q), DOT_PRECISION)
     sT, tT = _scores(qkT, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base,
                      slope, sm_scale, cap_in, cap_out, win_left, win_right,
                      BOUNDARY=BOUNDARY, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT,
@@ -126,11 +138,16 @@ def _attn_bwd_dkdv_step(dk, dv, k, v, kT, q_ptr, do_ptr, q_offs, do_offs, Lse, L
         keepT = _dropout_keep(seed, row0 + i, j, DROP_COLS, dropout_p)
         inv_keep = 1.0 / (1.0 - dropout_p)
         dv = _gdot_acc(tl.where(keepT, pT * inv_keep, 0.0).to(do.dtype), do, dv, DOT_PRECISION)
-        dpT = _dot(v, tl.trans(do), DOT_PRECISION)
-        dpT = tl.where(keepT, dpT * inv_keep, 0.0)
     else:  # dV += P^T dO
         dv = _gdot_acc(pT.to(do.dtype), do, dv, DOT_PRECISION)
+    if SLICED:
+        dpT = dot_f32_exact_sliced(v_rows, stride_vd, j < n_kv, do_ptr + offs_m[None, :] * stride_dom,
+                                   stride_dod, mask_m[None, :], HEAD_DIM, BLOCK_D, EXACT_SLICE,
+                                   A_VOLATILE=True)
+    else:
         dpT = _dot(v, tl.trans(do), DOT_PRECISION)
+    if DROPOUT:
+        dpT = tl.where(keepT, dpT * inv_keep, 0.0)
     # -- dS^T = P^T * (dP^T - delta), dK += dS^T Q ----
     delta = tl.load(Delta + row0 + offs_qm, mask=mask_m, other=0.0)
     dsT = pT * (dpT - delta[None, :])
@@ -163,7 +180,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, kT, q_base, do_base, q_offs, do_offs, Lse
                          HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
                          LSE_LO: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_TRANS: tl.constexpr,
                          MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         TMA: tl.constexpr, LOG2_UNITS: tl.constexpr):
+                         TMA: tl.constexpr, LOG2_UNITS: tl.constexpr, k_rows, v_rows,
+                         stride_qd, stride_dod, stride_kd, stride_vd, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
     # The query tiles of [lo, hi) and, with BOUNDARY, then those of [lo2, hi2) (the two bounded
     # ranges in one loop, so the kernel has two loop copies, not three: a third one cost
     # registers across GQA's head loop, 152 B spilled at D=128 on sm_90).
@@ -187,7 +206,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, kT, q_base, do_base, q_offs, do_offs, Lse
                 WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI,
                 SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, LSE_LO=LSE_LO, FUSED_DQ=FUSED_DQ,
                 DQ_TRANS=DQ_TRANS, MASK_GRAD=MASK_GRAD, DOT_PRECISION=DOT_PRECISION, TMA=TMA,
-                LOG2_UNITS=LOG2_UNITS)
+                LOG2_UNITS=LOG2_UNITS, k_rows=k_rows, v_rows=v_rows, stride_qm=stride_qm,
+                stride_dom=stride_dom, stride_qd=stride_qd, stride_dod=stride_dod,
+                stride_kd=stride_kd, stride_vd=stride_vd, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
     else:
         if not TMA:
             q_base += tl.cast(lo, tl.int64) * stride_qm
@@ -203,7 +224,10 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, kT, q_base, do_base, q_offs, do_offs, Lse
                 BOUNDARY=BOUNDARY, WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
                 HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI, SOFTCAP=SOFTCAP, DROPOUT=DROPOUT,
                 LSE_LO=LSE_LO, FUSED_DQ=FUSED_DQ, DQ_TRANS=DQ_TRANS, MASK_GRAD=MASK_GRAD,
-                DOT_PRECISION=DOT_PRECISION, TMA=TMA, LOG2_UNITS=LOG2_UNITS)
+                DOT_PRECISION=DOT_PRECISION, TMA=TMA, LOG2_UNITS=LOG2_UNITS, k_rows=k_rows,
+                v_rows=v_rows, stride_qm=stride_qm, stride_dom=stride_dom, stride_qd=stride_qd,
+                stride_dod=stride_dod, stride_kd=stride_kd, stride_vd=stride_vd,
+                HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
             if FUSED_DQ:
                 dq_base += BLOCK_M * stride_dqm
             if not TMA:
@@ -261,10 +285,10 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
     z64 = z.to(tl.int64)
     rows_n = (k_start + offs_n)[:, None].to(tl.int64)
 
-    k = tl.load(K + z64 * stride_kz + off_hkv.to(tl.int64) * stride_kh + rows_n * stride_kn
-                + offs_d[None, :] * stride_kd, mask=mask_nd, other=0.0)
-    v = tl.load(V + z64 * stride_vz + off_hkv.to(tl.int64) * stride_vh + rows_n * stride_vn
-                + offs_d[None, :] * stride_vd, mask=mask_nd, other=0.0)
+    k_rows = K + z64 * stride_kz + off_hkv.to(tl.int64) * stride_kh + rows_n * stride_kn
+    v_rows = V + z64 * stride_vz + off_hkv.to(tl.int64) * stride_vh + rows_n * stride_vn
+    k = tl.load(k_rows + offs_d[None, :] * stride_kd, mask=mask_nd, other=0.0)
+    v = tl.load(v_rows + offs_d[None, :] * stride_vd, mask=mask_nd, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -377,7 +401,9 @@ def _attn_bwd_dkdv_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DK, DV,
                 WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI,
                 SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, LSE_LO=LSE_LO, FUSED_DQ=FUSED_DQ,
                 DQ_TRANS=DQ_TRANS, MASK_GRAD=MASK_GRAD, DOT_PRECISION=DOT_PRECISION, TMA=TMA,
-                LOG2_UNITS=LOG2_UNITS)
+                LOG2_UNITS=LOG2_UNITS, k_rows=k_rows, v_rows=v_rows, stride_qd=stride_qd,
+                stride_dod=stride_dod, stride_kd=stride_kd, stride_vd=stride_vd,
+                HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
 
     dk *= sm_scale
     tl.store(DK + z64 * stride_dkz + head.to(tl.int64) * stride_dkh + rows_n * stride_dkn
@@ -458,8 +484,12 @@ def _attn_bwd_dq_inner(dq, q, do, lse, lse_lo, delta, k_base, v_base, k_offs, v_
                        HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
                        MASK_GRAD: tl.constexpr, LSE_LO: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
-                       LOG2_UNITS: tl.constexpr):
-    # TMA: k_base / v_base are tensor descriptors of the [n_kv, D] key rows (zero past n_kv)
+                       LOG2_UNITS: tl.constexpr, q_rows, do_rows, ok_m, stride_qd, stride_dod,
+                       stride_kd, stride_vd, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    # TMA: k_base / v_base are tensor descriptors of the [n_kv, D] key rows (zero past n_kv).
+    # SLICED (fp32 exact scores at BLOCK_D 128): the scores and dP from q / dO / K / V reloaded
+    # in slices of D (_math.dot_f32_exact_sliced; q_rows / do_rows: the tile's row pointers)
+    SLICED: tl.constexpr = DOT_PRECISION == "exact_scores" and BLOCK_D > 64 and not TMA
     if not TMA:
         k_base += tl.cast(lo, tl.int64) * stride_kn
         v_base += tl.cast(lo, tl.int64) * stride_vn
@@ -475,7 +505,12 @@ def _attn_bwd_dq_inner(dq, q, do, lse, lse_lo, delta, k_base, v_base, k_offs, v_
             kT = tl.load(k_base + k_offs, mask=mask_d[:, None], other=0.0)
             vT = tl.load(v_base + v_offs, mask=mask_d[:, None], other=0.0)
         # -- recompute P [BLOCK_M, BLOCK_N]; masked to -inf before exp2 ----
-        qk = _dot(q, kT, DOT_PRECISION)
+        if SLICED:
+            ok_n = j < n_kv
+            qk = dot_f32_exact_sliced(q_rows, stride_qd, ok_m, k_base + offs_n[None, :] * stride_kn,
+                                      stride_kd, ok_n, HEAD_DIM, BLOCK_D, EXACT_SLICE)
+        else:
+            qk = _dot(q, kT, DOT_PRECISION)
         s, t = _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope,
                        sm_scale, cap_in, cap_out, win_left, win_right, BOUNDARY=BOUNDARY,
                        WIN_LEFT=WIN_LEFT, WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND,
@@ -488,7 +523,11 @@ def _attn_bwd_dq_inner(dq, q, do, lse, lse_lo, delta, k_base, v_base, k_offs, v_
         else:
             p = tl.math.exp2((s - lse[:, None]) * LOG2E)
         # -- dS = P * (dP - delta), dQ += dS K ----
-        dp = _dot(do, vT, DOT_PRECISION)
+        if SLICED:
+            dp = dot_f32_exact_sliced(do_rows, stride_dod, ok_m, v_base + offs_n[None, :] * stride_vn,
+                                      stride_vd, ok_n, HEAD_DIM, BLOCK_D, EXACT_SLICE)
+        else:
+            dp = _dot(do, vT, DOT_PRECISION)
         if DROPOUT:
             keep = _dropout_keep(seed, row0 + i, j, DROP_COLS, dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
@@ -538,10 +577,10 @@ def _attn_bwd_dq_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DQ, Mask,
     z64 = z.to(tl.int64)
     rows_m = (q_start + offs_m)[:, None].to(tl.int64)
 
-    q = tl.load(Q + z64 * stride_qz + off_h.to(tl.int64) * stride_qh + rows_m * stride_qm
-                + offs_d[None, :] * stride_qd, mask=mask_md, other=0.0)
-    do = tl.load(DO + z64 * stride_doz + off_h.to(tl.int64) * stride_doh + rows_m * stride_dom
-                 + offs_d[None, :] * stride_dod, mask=mask_md, other=0.0)
+    q_rows = Q + z64 * stride_qz + off_h.to(tl.int64) * stride_qh + rows_m * stride_qm
+    do_rows = DO + z64 * stride_doz + off_h.to(tl.int64) * stride_doh + rows_m * stride_dom
+    q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=mask_md, other=0.0)
+    do = tl.load(do_rows + offs_d[None, :] * stride_dod, mask=mask_md, other=0.0)
     row0 = (z * H + off_h).to(tl.int64) * N_Q + q_start
     if LOG2_UNITS:  # the preprocess's lse * log2(e), +inf for empty rows (and past n_q)
         lse = tl.load(Lse + row0 + offs_m, mask=mask_m, other=float("inf"))
@@ -592,6 +631,9 @@ def _attn_bwd_dq_tile(tile, seq, head, Q, K, V, DO, Lse, LseLo, Delta, DQ, Mask,
                 part_hi = hi
             dq = _attn_bwd_dq_inner(
                 dq, q, do, lse, lse_lo, delta, k_base=k_base, v_base=v_base, k_offs=k_offs,
+                q_rows=q_rows, do_rows=do_rows, ok_m=mask_m[:, None], stride_qd=stride_qd,
+                stride_dod=stride_dod, stride_kd=stride_kd, stride_vd=stride_vd,
+                HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
                 v_offs=v_offs, stride_kn=stride_kn, stride_vn=stride_vn, lo=part_lo, hi=part_hi,
                 i=i, offs_n=offs_n, mask_d=mask_d, n_q=n_q, n_kv=n_kv, diag=diag, m_base=m_base,
                 stride_mm=stride_mm, stride_mn=stride_mn, kpm_base=kpm_base, slope=slope,

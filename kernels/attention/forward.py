@@ -20,6 +20,7 @@ import triton.language as tl
 
 from .._constants import LN2, LOG2E
 from .._math import dot_prec as _dot_acc
+from .._math import EXACT_SLICE, dot_f32_exact_sliced
 from .._math import dot_prec0 as _dot
 from ._common import _dropout_keep, _key_range, _program_tile, _scores, _seq_info
 
@@ -34,7 +35,12 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
                     WIN_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
                     PAGED: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    LOG2_UNITS: tl.constexpr, TMA: tl.constexpr):
+                    LOG2_UNITS: tl.constexpr, TMA: tl.constexpr, q_rows, ok_m, stride_qd,
+                    stride_kd, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    # SLICED (fp32 exact scores at BLOCK_D 128): the scores from q (q_rows: the tile's row
+    # pointers) and K reloaded in slices of D (_math.dot_f32_exact_sliced), as the backward
+    # recomputes them; no K tile at full width
+    SLICED: tl.constexpr = DOT_PRECISION == "exact_scores" and BLOCK_D > 64 and not TMA
     # BOUNDARY=False: every key tile in [lo, hi) is full and inside every row's window, so
     # neither the key bound nor the window is evaluated (the fast path).
     # PAGED: k_base / v_base point at the kv head; key j is slot j % PAGE of block
@@ -64,13 +70,20 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn,
             blk = tl.minimum(tl.maximum(blk, 0), NUM_BLOCKS - 1).to(tl.int64)
             slot = (offs_kn % PAGE).to(tl.int64)
             k_tile = k_base + (blk * stride_kz + slot * stride_kn)[None, :]  # [1, BLOCK_N]
-        if TMA:
-            k = k_base.load([start_n, 0]).T
-        elif BOUNDARY:
-            k = tl.load(k_tile + k_offs, mask=mask_d[:, None] & (j < n_kv), other=0.0)
+        if SLICED:
+            k_cols = k_tile  # PAGED: each key's row already
+            if not PAGED:
+                k_cols = k_tile + offs_n[None, :] * stride_kn
+            qk = dot_f32_exact_sliced(q_rows, stride_qd, ok_m, k_cols, stride_kd, j < n_kv,
+                                      HEAD_DIM, BLOCK_D, EXACT_SLICE)
         else:
-            k = tl.load(k_tile + k_offs, mask=mask_d[:, None], other=0.0)
-        qk = _dot(q, k, DOT_PRECISION)
+            if TMA:
+                k = k_base.load([start_n, 0]).T
+            elif BOUNDARY:
+                k = tl.load(k_tile + k_offs, mask=mask_d[:, None] & (j < n_kv), other=0.0)
+            else:
+                k = tl.load(k_tile + k_offs, mask=mask_d[:, None], other=0.0)
+            qk = _dot(q, k, DOT_PRECISION)
         # -- online softmax update ----
         # a row with no finite score so far (masked, or -inf from the data itself: on every
         # path, the fast one included) keeps m = -inf; subtract 0 instead (exp2(-inf) = 0),
@@ -170,9 +183,10 @@ def _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange
 
     # int64 base offsets: B*H*N*D may pass 2^31; in-tile offsets stay int32
     z64 = z.to(tl.int64)
-    q_ptrs = (Q + z64 * stride_qz + off_h.to(tl.int64) * stride_qh
+    q_rows = (Q + z64 * stride_qz + off_h.to(tl.int64) * stride_qh
               + (q_start + start_m * BLOCK_M).to(tl.int64) * stride_qm
-              + tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+              + tl.arange(0, BLOCK_M)[:, None] * stride_qm)
+    q_ptrs = q_rows + offs_d[None, :] * stride_qd
     if PAGED:  # the kv head of the paged caches; key rows per tile in _attn_fwd_inner
         k_base = K + off_hkv.to(tl.int64) * stride_kh
         v_base = V + off_hkv.to(tl.int64) * stride_vh
@@ -241,7 +255,9 @@ def _attn_fwd_tile(tile, seq, head, Q, K, V, Out, Lse, LseLo, Mask, Kpm, KvRange
                 BLOCK_N=BLOCK_N, BOUNDARY=part != 1, WIN_LEFT=WIN_LEFT,
                 WIN_RIGHT=WIN_RIGHT, MASK_KIND=MASK_KIND, HAS_KPM=HAS_KPM, HAS_ALIBI=HAS_ALIBI,
                 SOFTCAP=SOFTCAP, DROPOUT=DROPOUT, PAGED=PAGED, PAGE=PAGE,
-                DOT_PRECISION=DOT_PRECISION, LOG2_UNITS=LOG2_UNITS, TMA=TMA)
+                DOT_PRECISION=DOT_PRECISION, LOG2_UNITS=LOG2_UNITS, TMA=TMA, q_rows=q_rows,
+                ok_m=mask_m[:, None], stride_qd=stride_qd, stride_kd=stride_kd,
+                HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
 
     # -- epilogue: one normalisation; rows with no visible key give 0 and lse = -inf ----
     empty = l_i == 0.0

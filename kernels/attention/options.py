@@ -69,11 +69,17 @@ def _attn_dot_precision(dtype: torch.dtype, block_d: int, variant: str | None = 
     E = 33 and 64 (tests/test_fuzz.py). P in [0, 1] times V and the gradients are sums of
     many terms where 3xTF32's relative error stays below the criterion's. The fp32 D <= 64
     tiles of every table were re-swept for it (configs.py; six MMAs per score tile need more
-    registers and shared memory). BLOCK_D 128 keeps 3xTF32 scores (its tiles were not
-    re-swept: the same exposure remains there, at D 65..128)."""
+    registers and shared memory).
+
+    fp32 at BLOCK_D 128: "exact_scores" too, for every variant (before: 3xTF32 scores in plain
+    and varlen, the FMA chain in the masked tables; 3 queries with |q| ~ 4 over 2 keys failed
+    the criterion in 1-6 of 40 seeds at D = 80 and 128, up to 4.95x PyTorch's error,
+    tests/test_fuzz.py::test_fp32_exact_scores_block_d_128). The kernels load the score and dP
+    operands in 16-wide slices of D there (_math.dot_f32_exact_sliced): at full width every
+    backward tile spilled. BLOCK_D 256 keeps the FMA chain (_dot_precision)."""
     if dtype == torch.float32 and block_d <= 16:
         return "exact"
-    if dtype == torch.float32 and block_d <= 64:
+    if dtype == torch.float32 and block_d <= 128:
         return "exact_scores"
     return _dot_precision(dtype, block_d, variant)
 
@@ -92,11 +98,12 @@ def _dot_precision(dtype: torch.dtype, block_d: int, variant: str | None = None)
       fuzz run; 0/200 with FMA dots). FMA dots cost little at D <= 16. (The attention kernels
       go further there: "exact", _attn_dot_precision.)
     - BLOCK_D 32..64: "tf32x3" for every variant. (The attention kernels run their scores
-      and dP exact there: "exact_scores", _attn_dot_precision.)
+      and dP exact there and at BLOCK_D 128: "exact_scores", _attn_dot_precision.)
     - BLOCK_D 128, variant "plain" or "varlen": "tf32x3", in the fp32 tiles of configs.py (AOT
       sweep: spill-free on sm_80/sm_90, Triton 3.9 and 3.7.1). Other callers (variant None:
       decode; "masked", whose every-switch backward spilled 8-96 B in all 14 tiles tried; and
-      "light", kept on masked's arithmetic so that its numerics did not move): "ieee".
+      "light", kept on masked's arithmetic so that its numerics did not move): "ieee". (The
+      attention kernels run "exact_scores" there since: _attn_dot_precision.)
     - BLOCK_D 256: "ieee" (every tf32x3 backward tile spilled: 180 B to 1 KB at the smallest).
     """
     if dtype != torch.float32:
