@@ -539,8 +539,9 @@ def test_fp32_decode_fma_scores_lse():
     "err 2.4e-8 (0.1 ulp), so the bound is about the floor (3.5e-7): ratio 20.85. The same "
     "value at 1d8cdb4 (FMA scores), so not the score products; not isolated: an fp32 model of "
     "the kernel's log2-unit path (qk rounded once, times fp32(scale log2 e), times fp32(ln 2)) "
-    "gives 2.568311, so the qk sum over D is the suspect. Found by a 100-example run of "
-    "test_decode_attention (2026-12-07)"))
+    "gives 2.568311, so the qk sum over D is the suspect: the MMA k-step chain's rounding, "
+    "isolated at D = 64 (test_fp32_decode_one_key_chain_rounding). Found by a 100-example "
+    "run of test_decode_attention (2026-12-07)"))
 def test_fp32_decode_one_key_lse():
     test_decode_attention.hypothesis.inner_test(B=1, Hkv=1, group=1, Nq=4, n_max=1, D=100,
                                                 dtype=torch.float32, layout="bhnd",
