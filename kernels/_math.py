@@ -107,9 +107,7 @@ def dot_prec(a, b, acc, PRECISION: tl.constexpr):
 def dot_prec0(a, b, PRECISION: tl.constexpr):
     """a @ b from a zero accumulator, as dot_prec, except that "exact_scores" runs exact here:
     the attention kernels compute their scores and dP with it."""
-    if PRECISION == "exact":
-        return dot_f32_exact(a, b)
-    elif PRECISION == "exact_scores":
+    if PRECISION == "exact" or PRECISION == "exact_scores":
         return dot_f32_exact(a, b)
     else:
         return tl.dot(a, b, input_precision=PRECISION)
@@ -193,18 +191,25 @@ def dot_f32_exact_sliced(a_rows, stride_ad, a_ok, b_cols, stride_bd, b_ok,
     kept in 106,496 B of shared memory at 16x16/8/1, over sm_86's 99 KB; reloaded: 8 KB)."""
     acc = tl.zeros([a_rows.shape[0], b_cols.shape[1]], dtype=tl.float32)
     for c in tl.static_range(0, BLOCK_D, WIDTH):
-        offs_c = c + tl.arange(0, WIDTH)
-        ok_c = offs_c < HEAD_DIM
-        a = tl.load(a_rows + offs_c[None, :] * stride_ad, mask=a_ok & ok_c[None, :], other=0.0,
-                    volatile=A_VOLATILE)
-        b = tl.load(b_cols + offs_c[:, None] * stride_bd, mask=ok_c[:, None] & b_ok, other=0.0)
+        a, b = _exact_slice(a_rows, stride_ad, a_ok, b_cols, stride_bd, b_ok, c, HEAD_DIM, WIDTH,
+                            A_VOLATILE)
         acc = dot_f32_exact_small(a, b, acc)
     acc = exact_small_nan(acc)
     for c in tl.static_range(0, BLOCK_D, WIDTH):
-        offs_c = c + tl.arange(0, WIDTH)
-        ok_c = offs_c < HEAD_DIM
-        a = tl.load(a_rows + offs_c[None, :] * stride_ad, mask=a_ok & ok_c[None, :], other=0.0,
-                    volatile=A_VOLATILE)
-        b = tl.load(b_cols + offs_c[:, None] * stride_bd, mask=ok_c[:, None] & b_ok, other=0.0)
+        a, b = _exact_slice(a_rows, stride_ad, a_ok, b_cols, stride_bd, b_ok, c, HEAD_DIM, WIDTH,
+                            A_VOLATILE)
         acc = dot_f32_exact_big(a, b, acc)
     return acc
+
+
+@triton.jit
+def _exact_slice(a_rows, stride_ad, a_ok, b_cols, stride_bd, b_ok, c: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr, A_VOLATILE: tl.constexpr):
+    """The slice [c, c + WIDTH) of the head dim for dot_f32_exact_sliced: A's columns [M, WIDTH]
+    and B's rows [WIDTH, N], zero past HEAD_DIM and outside a_ok / b_ok."""
+    offs_c = c + tl.arange(0, WIDTH)
+    ok_c = offs_c < HEAD_DIM
+    a = tl.load(a_rows + offs_c[None, :] * stride_ad, mask=a_ok & ok_c[None, :], other=0.0,
+                volatile=A_VOLATILE)
+    b = tl.load(b_cols + offs_c[:, None] * stride_bd, mask=ok_c[:, None] & b_ok, other=0.0)
+    return a, b
