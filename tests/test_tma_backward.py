@@ -222,3 +222,81 @@ def test_dkdv_unbounded_loop_selects_no_rows():
     assert out["tma"] and out["spill"] == 0
     assert out["ops"].get("FSEL", 0) == 0, out["ops"]
     assert out["serialized"] >= 0.60
+
+
+# --- one light switch alone on plain's descriptor tiles (options._tma_cell) -------------------
+@pytest.mark.parametrize("switches,cell", [
+    ({"kpm"}, "light:kpm"),
+    ({"window"}, "light:window"),
+    ({"kpm", "window"}, "light"),      # two switches: the light table (128x128 spilled 172 B)
+    ({"alibi"}, "light"),              # measured alone, not shipped: causal 128x128 spilled
+    ({"softcap"}, "light"),            # MUFU-bound whatever the tile
+    (set(), "plain"),
+])
+def test_tma_cell_of_the_light_switches(switches, cell):
+    n = 8
+    opts = K.Options(
+        scale=0.1, right=0,
+        left=4 if "window" in switches else None,
+        key_padding_mask=torch.zeros(1, n, dtype=torch.bool) if "kpm" in switches else None,
+        alibi_slopes=torch.ones(1, 2) if "alibi" in switches else None,
+        softcap=30.0 if "softcap" in switches else 0.0)
+    assert K.options._tma_cell(opts, K.options._variant(opts)) == cell
+
+
+@pytest.mark.parametrize("arch,switch,D,fwd_tile,bwd", [
+    # sm_90: key padding or a left window alone keep plain's descriptor tiles, forward (128x128,
+    # which fits only with TMA) and backward
+    (90, "kpm", 64, (128, 128), True), (90, "kpm", 128, (128, 128), True),
+    (90, "window", 64, (128, 128), True), (90, "window", 128, (128, 128), True),
+    (90, "alibi", 128, None, False),   # ALiBi: the light table, pointer loads
+    # sm_80 D=128: the forward by descriptor (cp.async); the dQ 128x64 spilled with either
+    (80, "kpm", 128, (128, 64), False), (80, "window", 128, (128, 32), False),
+])
+def test_when_a_light_switch_takes_tma(arch, switch, D, fwd_tile, bwd):
+    q, k = _meta(2, 4, 256, D), _meta(2, 4, 256, D)
+    opts = K.Options(scale=0.1, right=0, left=64 if switch == "window" else None,
+                     key_padding_mask=_meta(2, 256, dtype=torch.bool) if switch == "kpm" else None,
+                     alibi_slopes=_meta(2, 4, dtype=torch.float32) if switch == "alibi" else None)
+    lse = torch.empty(q.shape[:3], device="meta", dtype=torch.float32)
+    fwd = L.plan_forward(q, k, k, q, lse, opts, arch)[0]
+    plans = _plans(q, k, arch, opts)
+    assert fwd.constexprs["TMA"] is (fwd_tile is not None)
+    assert plans["attn_bwd_dkdv"].constexprs["TMA"] is bwd
+    assert plans["attn_bwd_dq"].constexprs["TMA"] is bwd
+    if fwd_tile:
+        assert fwd.configs[0].kwargs == {"BLOCK_M": fwd_tile[0], "BLOCK_N": fwd_tile[1]}
+    else:
+        assert fwd.configs == C.configs_for("fwd", arch, D, 2, "light")
+    if bwd:
+        assert plans["attn_bwd_dq"].configs == C.TMA_BWD[(arch, D, f"light:{switch}", "bwd_dq", "mha")]
+    else:
+        assert plans["attn_bwd_dq"].configs == C.configs_for("bwd_dq", arch, D, 2, "light")
+
+
+@pytest.mark.parametrize("switch,causal,deterministic", [
+    ("kpm", True, True),       # key padding alone: leading, interior and trailing padding
+    ("kpm", False, False),     # the fused kernel
+    ("window", False, True),   # a left window edge alone (window=(20, 5))
+])
+def test_tma_single_light_switch_numerics(tma, switch, causal, deterministic):
+    # GQA 2:1, Nq=70, Nk=83 (ragged last tiles, zero-filled by the descriptors); the light
+    # kernel's switch on plain's descriptor path, forward and backward
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 70, 64, dtype=torch.float16, generator=g)
+    k, v = (torch.randn(2, 2, 83, 64, dtype=torch.float16, generator=g) for _ in range(2))
+    opts = {}
+    if switch == "kpm":
+        kpm = torch.zeros(2, 83, dtype=torch.bool)
+        kpm[0, :5] = kpm[0, 40:50] = kpm[0, 75:] = True
+        kpm[1, 60:] = True
+        opts["key_padding_mask"] = kpm
+    else:
+        opts["window"] = (20, 5)
+    fwd = L.plan_forward(q, k, v, torch.empty_like(q), torch.empty(2, 4, 70),
+                         K.options.Options(scale=0.125, left=20 if switch == "window" else None,
+                                           right=5 if switch == "window" else None,
+                                           key_padding_mask=opts.get("key_padding_mask")), None)
+    assert fwd[0].constexprs["TMA"]
+    assert_checks(check_attention(q, k, v, causal=causal, deterministic=deterministic, **opts))
+    assert tma and all(tma)

@@ -431,7 +431,35 @@ TMA_FWD = {
     (90, 128, "varlen"): [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
     (90, 64, "varlen"): [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3)],
     (80, 128, "plain"): [_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3)],
+    # one light switch alone (options._tma_cell; the note below)
+    **{(90, d, cell): [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3)]
+       for d in (64, 128) for cell in ("light:kpm", "light:window")},
+    (80, 128, "light:kpm"): [_cfg(128, 64, 8, 3)],
+    (80, 128, "light:window"): [_cfg(128, 32, 8, 3)],
 }
+
+
+# One light switch alone (options._tma_cell): "light:kpm" (key padding the only light switch)
+# and "light:window" (a left window edge the only one) run the light kernel on plain's
+# descriptor tiles, forward (TMA_FWD) and backward. The light table's tiles must hold all four
+# switches, and plain's biggest do not (sm_90 fp16 D=128 forward 128x128/8/3, Triton 3.9: all
+# four 656 B spilled, key padding with the window 172 B, ALiBi alone 272-280 B causal). AOT,
+# fp16, causal and not, MHA and GQA 4:1 (the fused kernel MHA: GQA runs it split over the
+# group), spill-free on Triton 3.9 and 3.7.1; serialized ESTIMATES of the best shipped tile,
+# causal MHA, 3.9 | 3.7.1, and against plain's best on the same versions:
+# sm_90 key padding: fwd D=128 128x128/8/3 0.590 | 0.631 (0.89x | 0.96x), D=64 0.438 | 0.471
+#   (0.89x | 0.96x); dQ 128x64/8/2 D=128 0.668 | 0.677 (0.91x), D=64 0.520 | 0.527 (0.87x |
+#   0.88x); dK/dV D=128 MHA 32x128 0.639 | 0.651 (0.96x; GQA keeps the light table's pointer
+#   tiles, as plain's GQA does), D=64 0.568 | 0.592 (0.91x | 0.92x); fused D=64 0.582 | 0.608
+#   (0.92x | 0.93x). Before, on the plain table's pointer tile: fwd D=128 0.520, dQ 0.633.
+#   Rejected: dQ D=64 128x128/8/2 144-148 B (non-causal, 3.9).
+# sm_90 window: plain's figures (the edge only bounds the loops): fwd 0.660 | 0.660 (D=128),
+#   0.492 | 0.492 (D=64); dQ 0.734 | 0.746, 0.600 | 0.600; dK/dV 0.663 | 0.681, 0.621 | 0.640;
+#   fused D=64 0.633 | 0.651 (0.99x-1.00x).
+# sm_80 D=128, the forward only (descriptors lower to cp.async): key padding 128x64/8/3 0.597 |
+#   0.596 (0.86x plain's 0.691), window 128x32/8/3 0.637 | 0.636 (0.92x). Rejected: key padding
+#   128x32/8/3 16 B (non-causal, both versions), window 128x64/8/3 16 B (3.7.1), and the dQ's
+#   128x64/8/2 with either switch (16-32 B); those keep the light table.
 
 
 # The 16-bit backward with its streamed tiles through tensor descriptors (launch.use_tma_bwd:
@@ -476,6 +504,17 @@ TMA_BWD: dict = {
     (90, 64, "plain", "bwd_fused", "mha"): [_cfg(64, 128, 8, 2), _cfg(64, 64, 4, 2)],
     (90, 64, "plain", "bwd_fused", "gqa"): [_cfg(64, 128, 8, 2)],
     **{(80, 128, "plain", "bwd_dq", h): [_cfg(128, 64, 8, 2)] for h in ("mha", "gqa")},
+    # one light switch alone (options._tma_cell; the note "One light switch alone" above)
+    **{(90, 128, cell, "bwd_dkdv", "mha"): [_cfg(32, 128, 8, 2), _cfg(32, 128, 8, 1)]
+       for cell in ("light:kpm", "light:window")},
+    **{(90, 64, "light:kpm", "bwd_dkdv", h): [_cfg(64, 128, 8, 2), _cfg(64, 64, 4, 2)]
+       for h in ("mha", "gqa")},
+    **{(90, 64, "light:window", "bwd_dkdv", h): [_cfg(64, 64, 4, 2), _cfg(64, 128, 8, 2)]
+       for h in ("mha", "gqa")},
+    **{(90, d, cell, "bwd_dq", h): [_cfg(128, 64, 8, 2)]
+       for d in (64, 128) for cell in ("light:kpm", "light:window") for h in ("mha", "gqa")},
+    **{(90, 64, cell, "bwd_fused", "mha"): [_cfg(64, 128, 8, 2), _cfg(64, 64, 4, 2)]
+       for cell in ("light:kpm", "light:window")},
 }
 
 

@@ -14,7 +14,8 @@ from ._common import _dropout_mask_kernel
 from .backward import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .configs import PREPROCESS_BLOCK_M, TMA_BWD, TMA_FWD, _block_d, configs_for
 from .forward import _attn_fwd
-from .options import Options, _attn_dot_precision, _features, _paging, _strides, _variant
+from .options import (Options, _attn_dot_precision, _features, _paging, _strides, _tma_cell,
+                      _variant)
 
 
 def _pick(fn, values: dict) -> dict:
@@ -66,7 +67,7 @@ def _tma_eligible(q, rows: tuple) -> bool:
 
 def use_tma(q, k, v, opts: Options, arch: int | None, variant: str) -> bool:
     """The forward loads K / V through tensor descriptors (forward.py, TMA): where
-    configs.TMA_FWD has the (arch family, head dim, variant) cell (sm_90: TMA; sm_80 D=128:
+    configs.TMA_FWD has the (arch family, head dim, options._tma_cell) cell (sm_90: TMA; sm_80 D=128:
     Triton lowers the descriptors to cp.async with fewer registers than the pointer tensors), for
     16-bit inputs whose head dim is 64 or 128 exactly (the descriptor's box is [BLOCK_N,
     HEAD_DIM]), not paged, with k / v layouts tma_layout_ok accepts; pointer loads otherwise. In
@@ -75,9 +76,10 @@ def use_tma(q, k, v, opts: Options, arch: int | None, variant: str) -> bool:
     D = q.shape[3]
     if not _tma_eligible(q, (k, v)) or opts.block_table is not None:
         return False
-    if arch is None:
-        return _tma_forced() and variant in ("plain", "varlen")
-    return (arch_family(arch), D, variant) in TMA_FWD
+    cell = _tma_cell(opts, variant)
+    if arch is None:  # any variant with a descriptor cell on some GPU
+        return _tma_forced() and any(key[2] == cell for key in TMA_FWD)
+    return (arch_family(arch), D, cell) in TMA_FWD
 
 
 def use_tma_bwd(kernel: str, q, k, rows: tuple, opts: Options, arch: int | None,
@@ -85,7 +87,7 @@ def use_tma_bwd(kernel: str, q, k, rows: tuple, opts: Options, arch: int | None,
     """The configs of backward kernel `kernel` ("bwd_dkdv", "bwd_fused", "bwd_dq") with its
     streamed tiles through tensor descriptors (backward.py, TMA: Q / dO in dK/dV and the fused
     kernel, K / V in dQ), or None for pointer loads. Descriptors where configs.TMA_BWD has the
-    (arch family, head dim, variant, kernel, "mha" or "gqa") cell (GQA compiles a loop over the
+    (arch family, head dim, _tma_cell, kernel, "mha" or "gqa") cell (GQA compiles a loop over the
     group's query heads that MHA does not, and it costs registers), for 16-bit inputs whose
     head dim is 64 or 128 exactly, with `rows` (the tensors read by descriptor) in layouts
     tma_layout_ok accepts. TRITFORMER_TMA as for the forward (`use_tma`): 1 turns them on in
@@ -94,11 +96,12 @@ def use_tma_bwd(kernel: str, q, k, rows: tuple, opts: Options, arch: int | None,
     D = q.shape[3]
     if not _tma_eligible(q, rows):
         return None
-    if arch is None:
-        if _tma_forced() and variant in ("plain", "varlen"):
+    cell = _tma_cell(opts, variant)
+    if arch is None:  # plain, varlen (the descriptor path's own tests) and any measured cell
+        if _tma_forced() and (cell in ("plain", "varlen") or any(key[2] == cell for key in TMA_BWD)):
             return configs_for(kernel, None, D, q.element_size(), variant)
         return None
-    return TMA_BWD.get((arch_family(arch), D, variant, kernel, _heads(q, k, split)))
+    return TMA_BWD.get((arch_family(arch), D, cell, kernel, _heads(q, k, split)))
 
 
 def _heads(q, k, split: int = 1) -> str:
@@ -152,7 +155,7 @@ def plan_forward(q, k, v, out, lse, opts: Options, arch: int | None,
     table = "paged" if paging_flags["PAGED"] and variant == "varlen" else variant
     configs = configs_for("fwd", arch, block_d, q.element_size(), table)
     if constexprs["TMA"] and arch is not None:
-        configs = TMA_FWD[(arch_family(arch), block_d, variant)]
+        configs = TMA_FWD[(arch_family(arch), block_d, _tma_cell(opts, variant))]
     return [Launch("attn_fwd", _attn_fwd, args, constexprs,
                    lambda meta: flat_grid(triton.cdiv(n_q, meta["BLOCK_M"]), n_z, H),
                    configs, _tune_key(constexprs), _BUCKETED)]

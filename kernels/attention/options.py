@@ -214,6 +214,22 @@ def _paging(k, opts: Options, dummy: torch.Tensor):
                   "PAGE": 1 if bt is None else k.shape[2]}
 
 
+def _tma_cell(opts: Options, variant: str) -> str:
+    """The variant under which a launch looks up its tensor-descriptor cells (configs.TMA_FWD,
+    TMA_BWD; launch.use_tma, use_tma_bwd): the light switches one at a time where they were
+    measured alone, else the variant itself. "light:kpm": key padding the only light switch;
+    "light:window": a left window edge the only one (a right edge or causal is plain's too).
+    Their kernels are the light variant's (its constexprs, dot precision and units), on the
+    plain kernel's descriptor tiles, which the light table's every-switch tiles cannot take
+    (sm_90 fp16 D=128 forward 128x128/8/3 with all four light switches: 656 B spilled)."""
+    if variant != "light":
+        return variant
+    on = {name for name, is_on in (
+        ("kpm", opts.key_padding_mask is not None), ("window", opts.left is not None),
+        ("alibi", opts.alibi_slopes is not None), ("softcap", bool(opts.softcap))) if is_on}
+    return f"light:{on.pop()}" if len(on) == 1 and on <= {"kpm", "window"} else variant
+
+
 def _variant(opts: Options) -> str:
     """The config table a launch uses (configs.py), by what the switches cost in registers:
     - "masked": an attn_mask (a tile of mask loads with 64-bit addresses), or dropout with any
