@@ -52,6 +52,7 @@ def fused(monkeypatch):
     def spy(q, k, v, **kw):
         calls.append({"nq": q.shape[2], "nk": k.shape[2], "hkv": k.shape[1],
                       "causal": kw["causal"], "mask": kw["attn_mask"] is not None,
+                      "kpm": kw.get("key_padding_mask") is not None,
                       "window": kw["window"], "dropout_p": kw["dropout_p"]})
         return real(q, k, v, **kw)
 
@@ -162,13 +163,14 @@ def test_training_step_gradients_match_eager(arch, fused):
     ("llama", True),  # GQA with a mask, backward included
 ])
 def test_left_padding(arch, grads, fused):
-    # an explicit bool mask [B, 1, N, N] (causal AND padding), passed as attn_mask with
-    # causal=False; the 4 padding query rows of sequence 1 see no key (kernel output 0)
+    # causal AND padding: the mask carries the key padding (hf.mask), so the kernel runs
+    # causal=True with key_padding_mask, no dense mask; the 4 padding query rows of sequence 1
+    # see no key (kernel output 0)
     ours, base, ref = models(arch)
     ids, mask = left_padded(pads=(0, 4))
     with torch.no_grad():
         out, b, r = (m(ids, attention_mask=mask).logits for m in (ours, base, ref))
-    assert len(fused) == LAYERS and all(c["mask"] and not c["causal"] for c in fused)
+    assert len(fused) == LAYERS and all(c["kpm"] and c["causal"] and not c["mask"] for c in fused)
     real = mask.bool()  # compare real tokens only (see the module docstring)
     checks = [numerics.check(f"{arch} logits (real tokens)", out[real], r[real], b[real])]
     if grads:
@@ -183,8 +185,10 @@ def test_left_padding(arch, grads, fused):
     # DynamicCache: prefill Nq == Nk, then Nq = 1 over Nk = 9..12: no mask, causal=True
     ("gpt2", (0, 0), "dynamic"),
     # StaticCache (a 12-slot buffer, empty after the last query) and left padding: explicit
-    # masks in prefill and decoding (a dynamic cache with padding takes the same kernel path)
+    # masks in prefill and decoding
     ("llama", (0, 3), "static"),
+    # DynamicCache and left padding: causal with the key padding, prefill and decoding
+    ("llama", (0, 3), "dynamic"),
 ])
 def test_generate_greedy_matches_eager(arch, pads, cache, fused):
     ours, base, _ = models(arch)
@@ -200,7 +204,7 @@ def test_generate_greedy_matches_eager(arch, pads, cache, fused):
     decode = [c for c in fused if c["nq"] == 1]
     assert len(decode) == 4 * LAYERS
     if cache == "dynamic":
-        assert all(not c["mask"] and c["causal"] for c in fused)
+        assert all(not c["mask"] and c["causal"] and c["kpm"] == any(pads) for c in fused)
         assert [c["nk"] for c in decode[::LAYERS]] == [9, 10, 11, 12]
     else:
         assert all(c["mask"] and not c["causal"] and c["nk"] == 12 for c in fused)
@@ -360,9 +364,22 @@ def test_mask_function():
     m = hf.mask(q_length=8, kv_length=8, attention_mask=padded, **args)
     assert m.dtype == torch.bool and m.shape == (2, 1, 8, 8)
     assert not m[1, 0, :, :2].any() and m[1, 0].diagonal()[2:].all()
+    # causal AND padding: the key padding rides along, and is the dense mask's exactly
+    kpm = getattr(m, hf.KEY_PADDING_ATTR)
+    assert torch.equal(kpm, ~padded)
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()
+    assert torch.equal(m[:, 0], causal & ~kpm[:, None, :])
+    # decoding on a dynamic cache with padding: 1 query after 7 cached keys (2 of them padding)
+    m = hf.mask(q_length=1, kv_length=8, q_offset=7, attention_mask=padded, **args)
+    assert torch.equal(getattr(m, hf.KEY_PADDING_ATTR), ~padded)
     # StaticCache prefill: 3 queries at positions 0..2 of an 8-slot buffer -> explicit, top-left
     m = hf.mask(q_length=3, kv_length=8, q_offset=0, attention_mask=full[:, :3], **args)
     assert torch.equal(m[0, 0], torch.ones(3, 8, dtype=torch.bool).tril())
+    assert not hasattr(m, hf.KEY_PADDING_ATTR)  # not bottom-right: the dense mask only
+    # a composed mask function (packed sequences, overlays) is not plain causal: dense only
+    packed = transformers.masking_utils.and_masks(args["mask_function"], lambda b, h, q, k: q >= 0)
+    m = hf.mask(q_length=8, kv_length=8, attention_mask=padded, **{**args, "mask_function": packed})
+    assert not hasattr(m, hf.KEY_PADDING_ATTR)
     # a sliding window that can bind stays in the mask; one that cannot is dropped
     sliding = transformers.masking_utils.sliding_window_causal_mask_function(4)
     assert hf.mask(q_length=8, kv_length=8, local_size=4, **{**args, "mask_function": sliding}) is not None

@@ -48,6 +48,14 @@ Mask convention (what `mask` returns and `attention_forward` expects):
 - a bool tensor [B, 1, Nq, Nk], True = attend (``sdpa_mask``'s output): passed as ``attn_mask``.
   It is complete, as for SDPA and eager: ``is_causal`` and ``sliding_window`` are not applied
   on top (Gemma-3's bidirectional image tokens and StaticCache layouts rely on that).
+- the same bool tensor, where it is exactly bottom-right causal AND key padding (a padded batch
+  through ``create_causal_mask`` on a dynamic cache or none: ``causal_mask_function`` itself,
+  no packed sequences, no binding window), carries the key padding [B, Nk] as its attribute
+  ``_tritformer_key_padding``, and `attention_forward` runs the kernel's ``causal=True`` with
+  ``key_padding_mask`` instead of the dense mask: the same attention, on the key-padding path
+  (plain's big tiles where they were compiled with it, no [B, Nq, Nk] mask reads; see
+  docs/masked-performance.md). A slice or copy of the mask drops the attribute and takes the
+  dense path. Eager mode only: under torch.compile the dense mask is passed.
 - Rows with no visible key (left-padding query positions: their own key is padding) output 0,
   as torch 2.13's SDPA on CPU does; eager's finite float mask gives them a uniform average of
   all values instead. These outputs are meaningless in every implementation and never reach a
@@ -108,6 +116,31 @@ def _is_plain_bottom_right_causal(padding_mask: Optional[torch.Tensor], q_length
     return True
 
 
+# The attribute by which `mask` hands `attention_forward` the key padding of a causal mask
+KEY_PADDING_ATTR = "_tritformer_key_padding"
+
+
+def _causal_key_padding(padding_mask: Optional[torch.Tensor], q_length: int, kv_length: int,
+                        q_offset, kv_offset, local_size: Optional[int],
+                        mask_function) -> Optional[torch.Tensor]:
+    """The key padding [B, Nk] (True = padding) when the mask is exactly the kernel's
+    bottom-right causal AND key padding (create_causal_mask's plain case: causal_mask_function
+    itself, not a packed-sequence or overlay composition; the queries are the last q_length
+    of the kv_length key positions; no binding local window; a 2-D padding mask covering the
+    keys), else None. Eager mode only (a traced graph would hard-code it)."""
+    if (padding_mask is None or padding_mask.dim() != 2 or mask_function is not causal_mask_function
+            or torch.compiler.is_compiling() or is_torchdynamo_exporting() or is_tracing(padding_mask)):
+        return None
+    if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
+        return None
+    if (local_size is not None and kv_length >= local_size) or q_offset + q_length != kv_offset + kv_length:
+        return None
+    keys = padding_mask[:, kv_offset:kv_offset + kv_length]
+    if keys.shape[-1] != kv_length:
+        return None
+    return ~keys.to(torch.bool)
+
+
 def mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
          mask_function=causal_mask_function, attention_mask: Optional[torch.Tensor] = None,
          local_size: Optional[int] = None, allow_is_causal_skip: bool = True,
@@ -124,12 +157,17 @@ def mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0
     if allow_is_causal_skip and _is_plain_bottom_right_causal(
             attention_mask, q_length, kv_length, q_offset, kv_offset, local_size):
         return None
-    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
-                     q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
-                     attention_mask=attention_mask, local_size=local_size,
-                     allow_is_causal_skip=False,
-                     allow_is_bidirectional_skip=allow_is_bidirectional_skip, use_vmap=use_vmap,
-                     device=device)
+    dense = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                      q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
+                      attention_mask=attention_mask, local_size=local_size,
+                      allow_is_causal_skip=False,
+                      allow_is_bidirectional_skip=allow_is_bidirectional_skip, use_vmap=use_vmap,
+                      device=device)
+    kpm = _causal_key_padding(attention_mask, q_length, kv_length, q_offset, kv_offset,
+                              local_size, mask_function)
+    if isinstance(dense, torch.Tensor) and kpm is not None:
+        setattr(dense, KEY_PADDING_ATTR, kpm.to(dense.device))
+    return dense
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +257,21 @@ def _fallback(module, query, key, value, attention_mask, dropout_p, scaling, cau
                                   scaling=scaling, is_causal=causal, **kwargs)
 
 
+def _key_padding_of(attention_mask: Optional[torch.Tensor], query: torch.Tensor,
+                    key: torch.Tensor) -> Optional[torch.Tensor]:
+    """The key padding [B, Nk] that `mask` attached to a causal mask, if this is that mask as
+    built (a [B, 1, Nq, Nk] bool tensor; a slice or copy of it has no attribute) and it fits
+    these query / key shapes; else None (the mask is then passed as attn_mask)."""
+    if attention_mask is None or torch.compiler.is_compiling():
+        return None
+    kpm = getattr(attention_mask, KEY_PADDING_ATTR, None)
+    B, n_q, n_k = query.shape[0], query.shape[2], key.shape[2]
+    if (kpm is None or attention_mask.dtype != torch.bool
+            or tuple(attention_mask.shape) != (B, 1, n_q, n_k) or tuple(kpm.shape) != (B, n_k)):
+        return None
+    return kpm
+
+
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                       value: torch.Tensor, attention_mask: Optional[torch.Tensor],
                       dropout: float = 0.0, scaling: Optional[float] = None,
@@ -264,9 +317,12 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         return _fallback(module, query, key, value, attention_mask, dropout_p, scaling, causal,
                          window, softcap, kwargs)
 
+    kpm = _key_padding_of(attention_mask, query, key)
+    if kpm is not None:  # causal AND key padding: the kernel's key-padding path (module docstring)
+        causal, attention_mask = True, None
     out = _ops.attention(query, key, value, causal=causal, scale=scaling,
-                         attn_mask=attention_mask, dropout_p=dropout_p, window=window,
-                         softcap=softcap or None)  # [B, Hq, Nq, D]
+                         attn_mask=attention_mask, key_padding_mask=kpm, dropout_p=dropout_p,
+                         window=window, softcap=softcap or None)  # [B, Hq, Nq, D]
     return out.transpose(1, 2).contiguous(), None  # [B, Nq, Hq, D]
 
 
