@@ -319,8 +319,9 @@ def _masked_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool, he
     switches without a mask or dropout (key padding, ALiBi, softcap, left window edge), named
     attn_*+light; dropout as the only switch (right edge 0 when causal), named
     attn_*+dropout; and key padding or a left window edge alone where they take their own
-    descriptor cells (options._tma_cell: sm_90 16-bit, D = 64 / 128; elsewhere they run the
-    light table, whose heaviest kernel is attn_*+light), named attn_*+kpm and attn_*+window."""
+    descriptor cells (options._tma_cell: sm_90 16-bit at D = 64 / 128, the sm_80 D = 128
+    forward; elsewhere they run the light table, whose heaviest kernel is attn_*+light), named
+    attn_*+kpm and attn_*+window."""
     from tritformer.kernels import attention as K
     meta = dict(device="meta", dtype=dtype)
     B, H, N = 2, 4, 1024
@@ -345,16 +346,16 @@ def _masked_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool, he
 
     drop = K.Options(scale=head_dim ** -0.5, right=0 if causal else None, dropout_p=0.1,
                      seed=1234)
-    alone = {"kpm": K.Options(scale=light["scale"], right=0 if causal else None,
-                              key_padding_mask=light["key_padding_mask"]),
-             "window": K.Options(scale=light["scale"], left=light["left"], right=light["right"])}
-    return (plans(heavy, dmask)
-            + [dataclasses.replace(launch, name=f"{launch.name}+{tag}")
-               for tag, opts in (("light", K.Options(**light)), ("dropout", drop))
-               for launch in plans(opts, None)]
-            + [dataclasses.replace(launch, name=f"{launch.name}+{tag}")
-               for tag, opts in alone.items() for launch in plans(opts, None)
-               if launch.constexprs.get("TMA")])
+    kpm = K.Options(scale=light["scale"], right=0 if causal else None,
+                    key_padding_mask=light["key_padding_mask"])
+    window = K.Options(scale=light["scale"], left=light["left"], right=light["right"])
+    # (tag, options, only the launches that take descriptors: the single-switch cells)
+    tables = (("light", K.Options(**light), False), ("dropout", drop, False),
+              ("kpm", kpm, True), ("window", window, True))
+    return plans(heavy, dmask) + [
+        dataclasses.replace(launch, name=f"{launch.name}+{tag}")
+        for tag, opts, tma_only in tables for launch in plans(opts, None)
+        if not tma_only or launch.constexprs.get("TMA")]
 
 
 def _varlen_plans(arch: str, dtype: torch.dtype, head_dim: int, causal: bool, heads: str = "gqa4"):

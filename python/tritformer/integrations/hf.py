@@ -96,18 +96,27 @@ def _warn_once(message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Mask function (AttentionMaskInterface)
 # ---------------------------------------------------------------------------------------------
-def _is_plain_bottom_right_causal(padding_mask: Optional[torch.Tensor], q_length: int,
-                                  kv_length: int, q_offset, kv_offset,
-                                  local_size: Optional[int]) -> bool:
-    """Whether the mask is exactly the kernel's causal=True: no padding among the keys, the
-    queries are the last q_length of the kv_length key positions, no binding local window."""
+def _bottom_right_aligned(padding_mask: Optional[torch.Tensor], q_length: int, kv_length: int,
+                          q_offset, kv_offset, local_size: Optional[int]) -> bool:
+    """Whether the causal mask is the kernel's bottom-right causal=True up to key padding: the
+    queries are the last q_length of the kv_length key positions, no binding local window, and
+    the answer may be read on the host (not exporting or tracing)."""
     if is_torchdynamo_exporting() or (padding_mask is not None and is_tracing(padding_mask)):
         return False  # exported graphs would hard-code the answer
     if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
         return False  # StaticCache: its buffer holds empty slots after the last query
     if local_size is not None and kv_length >= local_size:
         return False  # the sliding window / chunk may cut keys off: keep it in the mask
-    if q_offset + q_length != kv_offset + kv_length:
+    return q_offset + q_length == kv_offset + kv_length
+
+
+def _is_plain_bottom_right_causal(padding_mask: Optional[torch.Tensor], q_length: int,
+                                  kv_length: int, q_offset, kv_offset,
+                                  local_size: Optional[int]) -> bool:
+    """Whether the mask is exactly the kernel's causal=True: bottom-right aligned
+    (`_bottom_right_aligned`) and no padding among the keys."""
+    if not _bottom_right_aligned(padding_mask, q_length, kv_length, q_offset, kv_offset,
+                                 local_size):
         return False
     if padding_mask is not None:
         keys = padding_mask[:, kv_offset:kv_offset + kv_length]  # [B, past + Nq] -> [B, Nk]
@@ -125,15 +134,14 @@ def _causal_key_padding(padding_mask: Optional[torch.Tensor], q_length: int, kv_
                         mask_function) -> Optional[torch.Tensor]:
     """The key padding [B, Nk] (True = padding) when the mask is exactly the kernel's
     bottom-right causal AND key padding (create_causal_mask's plain case: causal_mask_function
-    itself, not a packed-sequence or overlay composition; the queries are the last q_length
-    of the kv_length key positions; no binding local window; a 2-D padding mask covering the
-    keys), else None. Eager mode only (a traced graph would hard-code it)."""
+    itself, not a packed-sequence or overlay composition; `_bottom_right_aligned`; a 2-D
+    padding mask covering the keys), else None. Eager mode only (not while torch.compile
+    traces: the attribute would not reach the compiled attention)."""
     if (padding_mask is None or padding_mask.dim() != 2 or mask_function is not causal_mask_function
-            or torch.compiler.is_compiling() or is_torchdynamo_exporting() or is_tracing(padding_mask)):
+            or torch.compiler.is_compiling()):
         return None
-    if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
-        return None
-    if (local_size is not None and kv_length >= local_size) or q_offset + q_length != kv_offset + kv_length:
+    if not _bottom_right_aligned(padding_mask, q_length, kv_length, q_offset, kv_offset,
+                                 local_size):
         return None
     keys = padding_mask[:, kv_offset:kv_offset + kv_length]
     if keys.shape[-1] != kv_length:
