@@ -1,5 +1,5 @@
 """The attention kernels' dropout keep bits (kernels/attention/_common.py::_dropout_keep): one
-Philox4x32-7 draw per 4 keys of an lse row, the same bit for (seed, lse row, key) whatever
+Philox4x32-7 draw per 8 keys of an lse row (16-bit halves), the same bit for (seed, lse row, key) whatever
 the tile shape and orientation (forward / dQ tiles are [rows, keys], dK/dV's [keys, rows]),
 pinned against an independent model of the scheme so that a change of it (or of Triton's
 Philox) cannot pass unnoticed."""
@@ -30,11 +30,31 @@ def _philox4x32(c, k, rounds=ROUNDS):
 
 
 def model_keep(seed, p, row, key):
-    """The documented scheme: key j of lse row r is output j % 4 of the Philox4x32-7 draw with
-    counter (j // 4, r & 0xffffffff, r >> 32, 0) and key (seed & 0xffffffff, seed >> 32); kept
-    iff that 32-bit output >= floor(fp32(p) * 2^32)."""
-    out = _philox4x32((key >> 2, row & M32, row >> 32, 0), (seed & M32, seed >> 32))[key & 3]
-    return out >= min(int(np.float32(p) * np.float32(2 ** 32)), M32)
+    """The documented scheme: key j of lse row r is the 16-bit half j % 2 (0: low) of output
+    (j // 8) % 4 of the Philox4x32-7 draw with counter (4 (j // 32) + (j % 8) // 2,
+    r & 0xffffffff, r >> 32, 0) and key (seed & 0xffffffff, seed >> 32); kept iff that half
+    >= min(round(fp32(p) * 2^16), 65535)."""
+    g = 4 * (key // 32) + (key % 8) // 2
+    out = _philox4x32((g, row & M32, row >> 32, 0), (seed & M32, seed >> 32))[(key // 8) % 4]
+    half = (out >> 16) if key % 2 else (out & 0xFFFF)
+    return half >= min(int(np.float32(p) * np.float32(2 ** 16) + np.float32(0.5)), 65535)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_rate(p):
+    # 192 x 512 bits: the drop rate within 5 standard deviations of p (the threshold rounds p
+    # to 2^-16, far inside that), and each of a draw's 8 slots (key j mod 32's word and half)
+    # too: a slot that read the wrong bits of the word (a stuck half, a shifted threshold)
+    # would sit far off p. Independence of neighbours: pairs of adjacent keys (one word, two
+    # halves) are both dropped at rate p^2.
+    n_rows, n_cols = 192, 512
+    drop = ~K.dropout_keep_mask(20261207, p, n_rows, n_cols, "cpu")
+    n = drop.numel()
+    assert abs(drop.float().mean().item() - p) < 5 * (p * (1 - p) / n) ** 0.5
+    slots = drop.view(n_rows, n_cols // 32, 32).float().mean((0, 1))
+    assert (slots - p).abs().max().item() < 5 * (p * (1 - p) / (n / 32)) ** 0.5
+    both = (drop[:, 0::2] & drop[:, 1::2]).float().mean().item()
+    assert abs(both - p * p) < 5 * (p * p * (1 - p * p) / (n / 2)) ** 0.5
 
 
 @triton.jit
@@ -84,6 +104,7 @@ def test_rows_past_2_to_the_32_use_the_high_counter_word():
     assert not torch.equal(got, bits(seed, p, 5, n_rows, n_cols, 16, 16, False))
 
 
+# bc 16: a tile holds half of a draw's 32-key chunk (either half); 32, 64, 128: whole chunks
 @pytest.mark.parametrize("br,bc,trans", [(16, 16, False), (64, 32, False), (32, 128, False),
                                           (16, 64, True), (64, 16, True), (32, 32, True)],
                          ids=lambda v: str(v))

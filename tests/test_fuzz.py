@@ -457,9 +457,13 @@ FP32_SOFTCAP_DROPOUT_KPM = {
     "(scale / softcap) rounded once more than PyTorch's): ~4e-6. Each switch is needed "
     "(without softcap, dropout or key padding, or with magnitude 1 or softcap 4 / 20 / 30 / "
     "80 it passes; dropout 0.3 fails at 6.6x). A fix needs the softcapped score to ~0.5 ulp "
-    "(tanh and its argument in extra precision)"))
+    "(tanh and its argument in extra precision). The figures above are seed 44679's under the "
+    "draw per 4 keys; the draw per 8 keys (2026-12-07) gives that seed another mask, and it "
+    "passes. The configuration is as likely to fail with either draw: 16 (4-key) and 15 "
+    "(8-key) of seeds 44600..44699; seed 44676 (8-key): out 1.27e-5 vs PyTorch 2.2e-6 (5.7x), "
+    "dV 5.8x"))
 def test_fp32_softcap_dropout_key_padding():
-    test_attention_options.hypothesis.inner_test(c=FP32_SOFTCAP_DROPOUT_KPM, seed=44679)
+    test_attention_options.hypothesis.inner_test(c=FP32_SOFTCAP_DROPOUT_KPM, seed=44676)
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(

@@ -16,9 +16,10 @@ Scores, in this order (all optional except the first, each a constexpr switch):
     masked: attn_mask False (MASK_KIND 1), key_padding_mask True (HAS_KPM),
             j > i + Nk - Nq + right (WIN_RIGHT; causal is right = 0),
             j < i + Nk - Nq - left (WIN_LEFT)
-    P = softmax(s); dropout (DROPOUT) zeroes P with probability p (Philox4x32-10, one draw
-    per 4 keys: key j is output j % 4 of counter (j // 4, lse row), _common._dropout_keep)
-    and the output is rescaled by 1 / (1 - p).
+    P = softmax(s); dropout (DROPOUT) zeroes P with probability p (Philox4x32-7, one draw
+    per 8 keys: key j is 16-bit half j % 2 of word (j // 8) % 4 of the draw at counter
+    (4 (j // 32) + (j % 8) // 2, lse row), _common._dropout_keep) and the output is
+    rescaled by 1 / (1 - p).
 Key tiles that the window leaves fully masked, and (with a key padding mask) tiles outside
 each sequence's first..last valid key, are never visited; tiles fully inside the window run
 without evaluating the window masks.

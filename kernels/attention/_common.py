@@ -29,48 +29,83 @@ DROPOUT_ROUNDS = tl.constexpr(7)
 
 
 @triton.jit
-def _philox_keep4(seed, row, g, dropout_p):
-    """Keep bits of keys 4g .. 4g + 3 of lse rows `row` (row and g broadcast against each
-    other), one Philox4x32-7 draw (DROPOUT_ROUNDS) per (row, g): counter (g, row & 0xffffffff,
-    row >> 32, 0), key seed; output k is key 4g + k's bit, kept iff >= p * 2^32 as an unsigned
-    integer (p rounded to fp32 first, the kernels' argument type; the keep rate is 1 - p to
-    2^-32)."""
-    p = tl.to_tensor(dropout_p).to(tl.float32)
-    thresh = tl.minimum((p * 4294967296.0).to(tl.int64), 4294967295).to(tl.uint32)
-    row = row.to(tl.int64)  # the mask kernel's rows are int32
-    r0, r1, r2, r3 = tl.philox(seed, g.to(tl.uint32), row.to(tl.uint32),
-                               (row >> 32).to(tl.uint32), 0, n_rounds=DROPOUT_ROUNDS)
-    return r0 >= thresh, r1 >= thresh, r2 >= thresh, r3 >= thresh
+def _keep16(r, t_hi):
+    """Keep bits of the two 16-bit halves of draw word r: (low half, high half) >= the
+    threshold t16, compared as t_hi = t16 << 16 (no shift of the high half needed)."""
+    return (r << 16) >= t_hi, r >= t_hi
 
 
 @triton.jit
 def _dropout_keep(seed, row, col, DROP_COLS, dropout_p):
     """Dropout keep bits of lse rows `row` and keys `col`: [M, N] for row [M, 1] and col [1, N]
     (forward, dQ, the mask kernel), or the transposed tile [N, M] for col [N, 1] and row [1, M]
-    (dK/dV). col: N consecutive keys from a multiple of 4 (N a multiple of 4).
+    (dK/dV). col: N consecutive keys from a multiple of 32 (N a multiple of 32), or 16 keys from
+    a multiple of 16.
 
-    One Philox draw per 4 keys of a row (_philox_keep4: key j is output j % 4 of the draw of
-    group j // 4), interleaved back into the tile. The bit of (seed, lse row, key) depends on
-    nothing else: not the tile config, the kernel, the orientation or DROP_COLS (unused by this
-    scheme; kept in the kernels' signatures)."""
+    One Philox4x32-7 draw (DROPOUT_ROUNDS) per 8 keys: key j of lse row r is the 16-bit half
+    j % 2 (0: low) of word (j // 8) % 4 of the draw at counter (4 (j // 32) + (j % 8) // 2,
+    r & 0xffffffff, r >> 32, 0), key seed; kept iff that half >= t16 = min(round(p * 2^16),
+    65535) (p rounded to fp32 first; the drop rate is p to 2^-17). So a draw's 8 keys,
+    {8w + 2t, 8w + 2t + 1 : w = 0..3} of a 32-key chunk, are the keys one thread holds of a
+    row in an MMA accumulator (mma.sync and wgmma: a thread owns columns 2t, 2t + 1 of every
+    8-column block, t = lane % 4): the [M, N] tiles build their bits without moving data
+    between threads. The bit of (seed, lse row, key) depends on nothing else: not the tile
+    config, the kernel, the orientation or DROP_COLS (unused by this scheme; kept in the
+    kernels' signatures)."""
+    p = tl.to_tensor(dropout_p).to(tl.float32)
+    t_hi = tl.minimum((p * 65536.0 + 0.5).to(tl.int32), 65535).to(tl.uint32) << 16
     if col.shape[0] == 1:  # [M, N]: keys along axis 1
         N: tl.constexpr = col.shape[1]
-        tl.static_assert(N % 4 == 0)
-        c, _ = tl.split(tl.reshape(col, [1, N // 4, 2, 2]))
-        c, _ = tl.split(c)  # [1, N/4]: the first key of each group
-        k0, k1, k2, k3 = _philox_keep4(seed, row, c >> 2, dropout_p)
-        M: tl.constexpr = k0.shape[0]
-        x = tl.join(tl.join(k0, k2), tl.join(k1, k3))  # [M, N/4, 2, 2]: [.., a, b] = k_(2a + b)
-        return tl.reshape(x, [M, N])
+        M: tl.constexpr = row.shape[0]
+        C: tl.constexpr = N // 32 if N >= 32 else 1
+        W: tl.constexpr = 4 if N >= 32 else 2  # words of a draw this tile uses
+        tl.static_assert(N % 32 == 0 or N == 16)
+        c, _ = tl.split(tl.reshape(col, [1, C, W, 4, 2]))       # [1, C, word, t], e = 0
+        c = tl.reshape(tl.permute(c, [0, 1, 3, 2]), [1, C, 4, W // 2, 2])
+        c, _ = tl.split(c)
+        if W == 4:
+            c, _ = tl.split(c)                                  # [1, C, t]: 32c + 2t
+        else:
+            c = tl.reshape(c, [1, C, 4])                        # [1, 1, t]: 16-key half
+        row3 = tl.expand_dims(row.to(tl.int64), 2)               # [M, 1, 1]
     else:  # [N, M]: keys along axis 0
         N: tl.constexpr = col.shape[0]
-        tl.static_assert(N % 4 == 0)
-        c, _ = tl.split(tl.permute(tl.reshape(col, [N // 4, 2, 2, 1]), [0, 3, 1, 2]))
-        c, _ = tl.split(c)  # [N/4, 1]
-        k0, k1, k2, k3 = _philox_keep4(seed, row, c >> 2, dropout_p)
-        M: tl.constexpr = k0.shape[1]
-        x = tl.join(tl.join(k0, k2), tl.join(k1, k3))  # [N/4, M, 2, 2]
-        return tl.reshape(tl.permute(x, [0, 2, 3, 1]), [N, M])
+        M: tl.constexpr = row.shape[1]
+        C: tl.constexpr = N // 32 if N >= 32 else 1
+        W: tl.constexpr = 4 if N >= 32 else 2
+        tl.static_assert(N % 32 == 0 or N == 16)
+        c = tl.permute(tl.reshape(col, [C, W, 4, 2, 1]), [0, 2, 4, 1, 3])  # [C, t, 1, word, e]
+        c, _ = tl.split(c)
+        c = tl.reshape(c, [C, 4, 1, W // 2, 2])
+        c, _ = tl.split(c)
+        if W == 4:
+            c, _ = tl.split(c)                                  # [C, t, 1]
+        else:
+            c = tl.reshape(c, [C, 4, 1])
+        row3 = tl.expand_dims(row.to(tl.int64), 0)               # [1, 1, M]
+    g = (c >> 5) * 4 + ((c & 7) >> 1)
+    r0, r1, r2, r3 = tl.philox(seed, g.to(tl.uint32), row3.to(tl.uint32),
+                               (row3 >> 32).to(tl.uint32), 0, n_rounds=DROPOUT_ROUNDS)
+    if W == 2:  # a 16-key tile: words 0, 1 of the chunk's low half, 2, 3 of its high half
+        up = ((c >> 4) & 1) != 0
+        r0 = tl.where(up, r2, r0)
+        r1 = tl.where(up, r3, r1)
+    a0, a1 = _keep16(r0, t_hi)
+    b0, b1 = _keep16(r1, t_hi)
+    x = tl.join(tl.join(a0, a1), tl.join(b0, b1))             # [.., e, word & 1]
+    if W == 4:
+        c0, c1 = _keep16(r2, t_hi)
+        d0, d1 = _keep16(r3, t_hi)
+        x = tl.join(x, tl.join(tl.join(c0, c1), tl.join(d0, d1)))  # [.., e, word & 1, word >> 1]
+        if col.shape[0] == 1:  # [M, C, t, e, w0, w1] -> [M, C, w1, w0, t, e]
+            return tl.reshape(tl.permute(x, [0, 1, 5, 4, 2, 3]), [M, N])
+        else:  # [C, t, M, e, w0, w1] -> [C, w1, w0, t, e, M]
+            return tl.reshape(tl.permute(x, [0, 5, 4, 1, 3, 2]), [N, M])
+    else:
+        if col.shape[0] == 1:  # [M, 1, t, e, w0] -> [M, 1, w0, t, e]
+            return tl.reshape(tl.permute(x, [0, 1, 4, 2, 3]), [M, N])
+        else:  # [1, t, M, e, w0] -> [1, w0, t, e, M]
+            return tl.reshape(tl.permute(x, [0, 4, 1, 3, 2]), [N, M])
 
 
 @triton.jit

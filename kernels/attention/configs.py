@@ -109,8 +109,14 @@ HEAD_DIM_BUCKETS = (64, 128, 256)
 #   16x16/8/1 64-72 B (sm_90 / sm_120) and dQ 84-96 B (sm_120), dropout dK/dV 16x16/8/1 28-76 B (sm_90 /
 #   sm_120) and dQ 8-16 B (sm_120); sm_80's masked, light and dropout cells are clean. fp32 is
 #   not a speed path (FlashAttention has none): these spills are the cost of fp32 results within
-#   the criterion at D 65..128, where the faster dots failed it (tests/test_fuzz.py). The fp32
-#   D <= 128 cells were not compiled on Triton 3.7.1 this time.
+#   the criterion at D 65..128, where the faster dots failed it (tests/test_fuzz.py). On Triton
+#   3.7.1 (`inspect --op attention masked varlen --arch sm_80 sm_90 --head-dim 128 --dtype fp32`,
+#   2026-12-07: 128 rows, 13 min with 2 jobs) 122 compile clean and 6 spill, where ptxas held
+#   the dK/dV kernel to 128 registers (3.9 gives it up to 255): plain dK/dV sm_80 GQA 4:1
+#   non-causal 16x16/8/1 176 B (causal: 255 regs, 0 B), varlen dK/dV 16x16/8/1 248 B (sm_80
+#   GQA causal), 32-36 B (sm_90), masked dK/dV sm_90 12 B (255 regs), masked dQ sm_80 16x32/8/1
+#   140 B. No smaller tile exists (16x16 is the dot's minimum); the fix would be in the kernel's
+#   live ranges on that version, left open with the 3.9 ones above.
 # Backward (#17; AOT, `inspect --perf`, Triton 3.9 | 3.7.1, GQA 4:1 causal unless noted):
 # - replication 1.0 everywhere at D <= 128 16-bit: dropped dK/dV sm_90 64x64/8/2 (D=64) and
 #   16x64/8/2 (D=128), sm_80 32x64/8/2 (D=128), all 1.5 (8 warps on a 64-row first operand:
@@ -275,32 +281,39 @@ bwd_dq    120 fp32 | 16x32/8/1 16x16/8/1    | 16x64/8/1 16x16/8/1    | 16x32/8/1
 # dq D=64/128) estimate about what 32x32/8/1's mma.sync does (serialized, fwd D=128: 0.094 vs
 # 0.095; dq D=128 0.158 vs 0.174; dkdv D=64 0.119 vs 0.106, not checked on 3.7.1): the loop is
 # bound by the mask's address arithmetic and the per-element Philox, not the MMA, so the table
-# is kept. sm_90 fp32 D <= 128 (exact-FMA dots): fwd 16x16/8 spilled 32 B and
+# is kept. With the 8-key dropout draw (2026-12-07) these cells spilled and were dropped
+# (non-causal, every switch on): sm_90 fwd D=64 32x32/8/1 60 B on Triton 3.7.1 (ptxas held it
+# to 128 registers; 176 regs, 0 B with the 4-key draw), fp32 sm_80 fwd D=64 32x16/8/1 52 B
+# and D=256 16x32/8/1 24 B (3.9), sm_90 fp32 fwd D=256 32x32/8/1 80 B (3.9; 186 regs, 0 B
+# before); sm_86 / sm_120 fp32 follow sm_80. sm_90 16-bit dQ at
+# D=256: 32x16/8/1 only (32x32/8/1 spilled 44 B on Triton 3.9, every switch on, non-causal;
+# 56 B with the 8-key dropout draw). sm_90 fp32 D <= 128 (exact-FMA dots): fwd 16x16/8
+# spilled 32 B and
 # dK/dV 32x16/8 68 B on Triton 3.7.1 (128 regs), dK/dV 16x32/8 48 B on 3.9; fwd 32x32/8: 142-144
 # regs, 16x32/8: 127-128, 0 B on both. No dK/dV tile tried (7) is spill-free on both versions:
 # 16x16/8/1 is on 3.9 (144 regs) and spills 36 B on 3.7.1.
 _MASKED = """
 # kernel  sm  elem | D <= 64                | D <= 128               | D <= 256
-fwd       90  16b  | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1
-fwd       90  fp32 | 16x32/8/1 16x16/8/1    | 16x32/8/1 16x16/8/1    | 32x32/8/1 32x16/8/1
+fwd       90  16b  | 32x16/8/1              | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1
+fwd       90  fp32 | 16x32/8/1 16x16/8/1    | 16x32/8/1 16x16/8/1    | 32x16/8/1
 fwd       80  16b  | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1
-fwd       80  fp32 | 32x16/8/1 16x32/8/1    | 16x16/8/1 16x32/8/1    | 32x16/8/1 16x32/8/1
+fwd       80  fp32 | 16x32/8/1              | 16x16/8/1 16x32/8/1    | 32x16/8/1
 bwd_dkdv  90  16b  | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1
 bwd_dkdv  90  fp32 | 16x16/8/1              | 16x16/8/1              | 32x16/8/1 16x16/8/1
 bwd_dkdv  80  16b  | 32x32/8/1 16x32/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
 bwd_dkdv  80  fp32 | 16x16/8/1              | 16x16/8/1              | 32x16/8/1 16x32/8/1
-bwd_dq    90  16b  | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1
+bwd_dq    90  16b  | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1
 bwd_dq    90  fp32 | 16x32/4/1              | 16x32/8/1              | 32x16/8/1 16x32/8/1
 bwd_dq    80  16b  | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1
 bwd_dq    80  fp32 | 16x32/8/1 16x16/8/1    | 16x32/8/1              | 32x16/8/1 16x32/8/1
 fwd       86  16b  | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1
-fwd       86  fp32 | 32x16/8/1 16x32/8/1    | 16x16/8/1 16x32/8/1    | 32x16/8/1 16x32/8/1
+fwd       86  fp32 | 16x32/8/1              | 16x16/8/1 16x32/8/1    | 32x16/8/1
 bwd_dkdv  86  16b  | 32x32/8/1 16x32/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
 bwd_dkdv  86  fp32 | 16x16/8/1              | 16x16/8/1              | 32x16/8/1 16x32/8/1
 bwd_dq    86  16b  | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1
 bwd_dq    86  fp32 | 16x32/8/1 16x16/8/1    | 16x32/8/1              | 32x16/8/1 16x32/8/1
 fwd       120 16b  | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1
-fwd       120 fp32 | 32x16/8/1 16x32/8/1    | 16x16/8/1 16x32/8/1    | 32x16/8/1 16x32/8/1
+fwd       120 fp32 | 16x32/8/1              | 16x16/8/1 16x32/8/1    | 32x16/8/1
 bwd_dkdv  120 16b  | 32x32/8/1 16x32/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
 bwd_dkdv  120 fp32 | 16x16/8/1              | 16x16/8/1              | 32x16/8/1 16x32/8/1
 bwd_dq    120 16b  | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1
@@ -310,7 +323,13 @@ bwd_dq    120 fp32 | 16x32/8/1 16x16/8/1    | 16x32/8/1              | 32x16/8/1
 # Dropout as the only switch (options._variant "dropout": no attn_mask, no light switch, dense;
 # causal or a right window edge allowed; the `inspect --op masked` plans attn_*+dropout). AOT,
 # Triton 3.9 and 3.7.1, fp16, causal and not, MHA and (dK/dV) GQA 4:1 causal: spill-free, no
-# ptxas warning. Useful serialized ESTIMATES (`inspect --perf`, serialized / replication, causal
+# ptxas warning. The figures below were measured with the draw per 4 keys; the draw per 8 keys
+# that follows the MMA accumulator (_common._dropout_keep, 2026-12-07) raised every 16-bit
+# cell (docs/masked-performance.md, "Dropout: one draw per 8 keys"; e.g. sm_90 fwd D=64
+# 128x64/8/3 0.249 -> 0.315) and took sm_90 fwd D=128 128x64/8/3 over the register file (255
+# regs, 24-48 B spilled, 3.9): 128x64/8/2 (252-254 regs, 0 B, est. 0.452) and 64x64/4/3 (209-238
+# regs, 0.446; MHA and GQA 4:1, fp16 and bf16) replace it and 128x32/8/3 (0.391).
+# Useful serialized ESTIMATES (`inspect --perf`, serialized / replication, causal
 # MHA, Triton 3.9 | 3.7.1), against the masked table's 32x32/8/1 that dropout used before.
 # sm_90 16-bit (wgmma except where noted):
 #   fwd D=64 128x64/8/3 0.249 | 0.242 (masked 32x32/8/1: 0.097), 64x64/4/3 0.246 | 0.241;
@@ -344,30 +363,35 @@ bwd_dq    120 fp32 | 16x32/8/1 16x16/8/1    | 16x32/8/1              | 32x16/8/1
 #   40 B on 3.9, so 16x16/8/1 (as the light table); sm_80 dQ D=256 32x16/8/1 8 B on 3.9. Open,
 #   as in the masked and light tables: sm_90 dK/dV D=256 under GQA 4:1 spills on 3.7.1
 #   (32x16/8/1 60 B, 16x16/8/1 32 B; 0 on 3.9): the masked cell is kept.
+# The 8-key draw spilled two sm_90 fp32 dQ cells (Triton 3.9; 0 B with the 4-key draw): D=128
+#   16x32/8/1 8 B (non-causal), D=256 32x16/8/1 32 B (causal, held to 128 registers), and on
+#   Triton 3.7.1 sm_90 dK/dV D=256 32x16/8/1 956-984 B (154 regs, 0 B before), sm_80 fwd D=128
+#   32x32/8/1 8 B (causal): dropped (sm_86 / sm_120 fwd as sm_80). The 16x32/8/1 now first in
+#   sm_90's D=256 dQ spills 16 B on 3.7.1 (causal, 128 regs), as 32x16/8/1 did before (24 B).
 # sm_86 / sm_120: sm_80's cells within 99 KB (dQ D=256 16-bit: 32x32/4/2, as plain); sm_86
 #   16-bit checked on Triton 3.9 (causal; fwd D=128 and dK/dV with GQA 4:1): spill-free.
 _DROPOUT = """
 # kernel  sm  elem | D <= 64                | D <= 128               | D <= 256
-fwd       90  16b  | 128x64/8/3 64x64/4/3   | 128x64/8/3 128x32/8/3  | 64x16/4/2 64x32/8/2
+fwd       90  16b  | 128x64/8/3 64x64/4/3   | 128x64/8/2 64x64/4/3   | 64x16/4/2 64x32/8/2
 fwd       90  fp32 | 32x32/8/1 32x16/8/1    | 16x32/8/1              | 16x32/8/1
-fwd       80  16b  | 128x32/8/3             | 128x32/8/3 64x32/4/3   | 32x32/4/2 64x32/8/2
-fwd       80  fp32 | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+fwd       80  16b  | 128x32/8/3             | 128x16/8/3 64x32/4/3   | 32x32/4/2 64x32/8/2
+fwd       80  fp32 | 32x32/8/1 32x16/8/1    | 32x16/8/1              | 32x16/8/1 16x32/8/1
 bwd_dkdv  90  16b  | 32x128/8/1 32x128/8/2  | 32x32/8/1 16x64/8/2    | 32x32/8/1 32x16/8/1
-bwd_dkdv  90  fp32 | 32x16/8/1 16x16/8/1    | 16x16/8/1              | 32x16/8/1 16x16/8/1
+bwd_dkdv  90  fp32 | 32x16/8/1 16x16/8/1    | 16x16/8/1              | 16x16/8/1
 bwd_dkdv  80  16b  | 16x64/4/1 32x32/8/1    | 32x16/8/1 16x64/8/1    | 32x16/8/1 16x32/8/1
 bwd_dkdv  80  fp32 | 32x16/8/1 16x16/8/1    | 16x16/8/1              | 32x16/8/1 16x32/8/1
 bwd_dq    90  16b  | 128x64/8/2 128x32/8/2  | 128x64/8/2 128x32/8/2  | 128x16/8/2
-bwd_dq    90  fp32 | 32x16/8/1              | 16x32/8/1 16x16/8/1    | 32x16/8/1 16x32/8/1
+bwd_dq    90  fp32 | 32x16/8/1              | 16x16/8/1              | 16x32/8/1
 bwd_dq    80  16b  | 128x32/8/2 64x32/4/2   | 64x64/8/2 64x32/4/2    | 64x64/8/2 32x32/4/2
 bwd_dq    80  fp32 | 32x16/8/1 16x32/8/1    | 16x32/8/1 16x16/8/1    | 16x32/8/1
-fwd       86  16b  | 128x32/8/3             | 128x32/8/3 64x32/4/3   | 32x32/4/2 64x32/8/2
-fwd       86  fp32 | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+fwd       86  16b  | 128x32/8/3             | 128x16/8/3 64x32/4/3   | 32x32/4/2 64x32/8/2
+fwd       86  fp32 | 32x32/8/1 32x16/8/1    | 32x16/8/1              | 32x16/8/1 16x32/8/1
 bwd_dkdv  86  16b  | 16x64/4/1 32x32/8/1    | 32x16/8/1 16x64/8/1    | 32x16/8/1 16x32/8/1
 bwd_dkdv  86  fp32 | 32x16/8/1 16x16/8/1    | 16x16/8/1              | 32x16/8/1 16x32/8/1
 bwd_dq    86  16b  | 128x32/8/2 64x32/4/2   | 64x64/8/2 64x32/4/2    | 32x32/4/2
 bwd_dq    86  fp32 | 32x16/8/1 16x32/8/1    | 16x32/8/1 16x16/8/1    | 16x32/8/1
-fwd       120 16b  | 128x32/8/3             | 128x32/8/3 64x32/4/3   | 32x32/4/2 64x32/8/2
-fwd       120 fp32 | 32x32/8/1 32x16/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
+fwd       120 16b  | 128x32/8/3             | 128x16/8/3 64x32/4/3   | 32x32/4/2 64x32/8/2
+fwd       120 fp32 | 32x32/8/1 32x16/8/1    | 32x16/8/1              | 32x16/8/1 16x32/8/1
 bwd_dkdv  120 16b  | 16x64/4/1 32x32/8/1    | 32x16/8/1 16x64/8/1    | 32x16/8/1 16x32/8/1
 bwd_dkdv  120 fp32 | 32x16/8/1 16x16/8/1    | 16x16/8/1              | 32x16/8/1 16x32/8/1
 bwd_dq    120 16b  | 128x32/8/2 64x32/4/2   | 64x64/8/2 64x32/4/2    | 32x32/4/2
