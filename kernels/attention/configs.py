@@ -330,7 +330,14 @@ bwd_dq    120 fp32 | 16x32/8/1 16x16/8/1    | 16x32/8/1              | 32x16/8/1
 # cell (docs/masked-performance.md, "Dropout: one draw per 8 keys"; e.g. sm_90 fwd D=64
 # 128x64/8/3 0.249 -> 0.315) and took sm_90 fwd D=128 128x64/8/3 over the register file (255
 # regs, 24-48 B spilled, 3.9): 128x64/8/2 (252-254 regs, 0 B, est. 0.452) and 64x64/4/3 (209-238
-# regs, 0.446; MHA and GQA 4:1, fp16 and bf16) replace it and 128x32/8/3 (0.391).
+# regs, 0.446; MHA and GQA 4:1, fp16 and bf16) replace it and 128x32/8/3 (0.391). It also let
+# dK/dV at D=128 onto bigger tiles, clean with MHA and GQA 4:1, causal and not, on 3.9 and
+# 3.7.1: sm_90 16x128/8/2 (wgmma, 212-255 regs, est. 0.404-0.407 | 0.401-0.404; before
+# 32x32/8/1 mma.sync 0.245; it spilled 176-200 B with GQA under the 4-key draw), sm_80
+# 32x32/8/1 (173-202 regs, 0.366-0.368 | 0.326-0.329; before 32x16/8/1 0.311 | 0.292; it
+# spilled 24 B on 3.7.1 under the 4-key draw). Rejected: sm_80 32x64/8/2 (136 B, 3.7.1 GQA
+# non-causal), 16x128/8/2 (416 B GQA), sm_90 16x128/8/1 (68 B GQA). sm_86 / sm_120 keep
+# their cells (not compiled with the new draw at this tile).
 # Useful serialized ESTIMATES (`inspect --perf`, serialized / replication, causal
 # MHA, Triton 3.9 | 3.7.1), against the masked table's 32x32/8/1 that dropout used before.
 # sm_90 16-bit (wgmma except where noted):
@@ -378,9 +385,9 @@ fwd       90  16b  | 128x64/8/3 64x64/4/3   | 128x64/8/2 64x64/4/3   | 64x16/4/2
 fwd       90  fp32 | 32x32/8/1 32x16/8/1    | 16x32/8/1              | 16x32/8/1
 fwd       80  16b  | 128x32/8/3             | 128x16/8/3 64x32/4/3   | 32x32/4/2 64x32/8/2
 fwd       80  fp32 | 32x32/8/1 32x16/8/1    | 32x16/8/1              | 32x16/8/1 16x32/8/1
-bwd_dkdv  90  16b  | 32x128/8/1 32x128/8/2  | 32x32/8/1 16x64/8/2    | 32x32/8/1 32x16/8/1
+bwd_dkdv  90  16b  | 32x128/8/1 32x128/8/2  | 16x128/8/2 32x32/8/1   | 32x32/8/1 32x16/8/1
 bwd_dkdv  90  fp32 | 32x16/8/1 16x16/8/1    | 16x16/8/1              | 16x16/8/1
-bwd_dkdv  80  16b  | 16x64/4/1 32x32/8/1    | 32x16/8/1 16x64/8/1    | 32x16/8/1 16x32/8/1
+bwd_dkdv  80  16b  | 16x64/4/1 32x32/8/1    | 32x32/8/1 32x16/8/1    | 32x16/8/1 16x32/8/1
 bwd_dkdv  80  fp32 | 32x16/8/1 16x16/8/1    | 16x16/8/1              | 32x16/8/1 16x32/8/1
 bwd_dq    90  16b  | 128x64/8/2 128x32/8/2  | 128x64/8/2 128x32/8/2  | 128x16/8/2
 bwd_dq    90  fp32 | 32x16/8/1              | 16x16/8/1              | 16x32/8/1
