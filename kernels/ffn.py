@@ -11,7 +11,8 @@ beyond it. Epilogues (EPI):
                  u = A @ B2 (+ bias2);
                  out = act(g) * u; optionally store g and u for the backward
 - EPI_DGATED:    dh = acc; out = dh * u * act'(g) (= dg), out2 = dh * act(g) (= du)
-Activations (ACT_*): none, gelu (erf), gelu_tanh, relu, silu; computed in fp32.
+Activations (ACT_*): none, gelu (erf), gelu_tanh, relu, silu; computed in fp32 (act' for fp32
+outputs in fp64, rounded once: _gemm_tile's ew_ty).
 This module knows nothing of autograd.
 """
 from __future__ import annotations
@@ -69,7 +70,7 @@ def _dact(x, ACT: tl.constexpr):
         s = tl.sigmoid(x)
         return s * (1.0 + x * (1.0 - s))
     else:
-        return tl.full(x.shape, 1.0, tl.float32)
+        return tl.full(x.shape, 1.0, x.dtype)
 
 
 @triton.jit
@@ -166,6 +167,12 @@ def _gemm_tile(A, B, B2, C, C2, Bias, Bias2, Res, Aux, Aux2, Pre, Pre2,
     c_off = offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
     x_off = offs_m[:, None].to(tl.int64) * stride_xm + offs_n[None, :].to(tl.int64) * stride_xn
     out_ty = C.dtype.element_ty
+    # The backward epilogues' element-wise math (act' and the products it enters): fp64 for fp32
+    # outputs, rounded once. act' has a zero for gelu (z = -0.75), gelu_tanh and silu (z =
+    # -1.28), and its fp32 formula cancels there: at z = -0.5368 gelu' = Phi + z phi = 0.2957 -
+    # 0.1854 erred 1.4e-8 (~2 ulp of 0.11) in fp32 where PyTorch's erred 8.3e-10 (dx 12.7x
+    # PyTorch's error, tests/test_fuzz.py). 16-bit outputs keep fp32: their rounding dominates.
+    ew_ty: tl.constexpr = tl.float64 if out_ty == tl.float32 else tl.float32
     if EPI == EPI_BIAS_ACT:
         if HAS_BIAS:
             acc += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -177,8 +184,8 @@ def _gemm_tile(A, B, B2, C, C2, Bias, Bias2, Res, Aux, Aux2, Pre, Pre2,
             out += tl.load(Res + r_off, mask=mask, other=0.0).to(tl.float32)
         tl.store(C + c_off, out.to(out_ty), mask=mask)
     elif EPI == EPI_DACT:
-        pre = tl.load(Aux + x_off, mask=mask, other=0.0).to(tl.float32)
-        tl.store(C + c_off, (acc * _dact(pre, ACT)).to(out_ty), mask=mask)
+        pre = tl.load(Aux + x_off, mask=mask, other=0.0).to(ew_ty)
+        tl.store(C + c_off, (acc.to(ew_ty) * _dact(pre, ACT)).to(out_ty), mask=mask)
     elif EPI == EPI_GATED:
         if HAS_BIAS:  # gate and up biases (both given: the launcher passes zeros for a missing one)
             acc += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -190,8 +197,9 @@ def _gemm_tile(A, B, B2, C, C2, Bias, Bias2, Res, Aux, Aux2, Pre, Pre2,
     else:
         g = tl.load(Aux + x_off, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(Aux2 + x_off, mask=mask, other=0.0).to(tl.float32)
-        tl.store(C + c_off, (acc * u * _dact(g, ACT)).to(out_ty), mask=mask)
-        tl.store(C2 + c_off, (acc * _act(g, ACT)).to(out_ty), mask=mask)
+        tl.store(C2 + c_off, (acc * _act(g, ACT)).to(out_ty), mask=mask)  # act(g): no cancellation
+        tl.store(C + c_off, (acc.to(ew_ty) * u.to(ew_ty) * _dact(g.to(ew_ty), ACT)).to(out_ty),
+                 mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,23 +215,31 @@ INTERPRETER_CONFIG = _cfg(32, 32, 32, 4, 1)
 # "dual" (gate/up: two accumulators), "aux" (backward epilogues that load pre-activations:
 # 128x128 tiles spilled there, 8 B (dact sm_80) to 880 B (dgated)). AOT-checked with
 # `python -m tritformer inspect --op ffn`: spill-free, within shared memory, tensor cores.
+# (4, "aux"): fp32's act' runs in fp64 (_gemm_tile, ew_ty), whose erf / exp the old 64x64/4/3
+# and 128x64/8/3 did not fit (Triton 3.9: dact 32-188 B, dgated 564-1088 B spilled); 64x64/8/3
+# and 64x32/4/3 compiled clean with every activation, K = 16 (FMA dots) and 1024 (3xTF32), on
+# sm_80 and sm_90, Triton 3.9 and 3.7.1 (72-194 registers). _FP32_AUX_SMALL (below): clean on
+# sm_80 / 86 / 90 / 120, both versions, every activation, K = 16 and 1024 (at most 193 regs).
 GPU_CONFIGS = {
     90: {(2, "plain"): [_cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4)],
          (2, "dual"): [_cfg(128, 64, 64, 8, 3), _cfg(64, 64, 64, 4, 3)],
          (2, "aux"): [_cfg(128, 64, 64, 8, 3), _cfg(64, 64, 64, 4, 3)],
          (4, "plain"): [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3)],
          (4, "dual"): [_cfg(64, 64, 32, 4, 2)],
-         (4, "aux"): [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3)]},
+         (4, "aux"): [_cfg(64, 64, 32, 8, 3), _cfg(64, 32, 32, 4, 3)]},
     80: {(2, "plain"): [_cfg(128, 128, 32, 8, 3), _cfg(128, 64, 32, 4, 4)],
          (2, "dual"): [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 3)],
          (2, "aux"): [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 3)],
          (4, "plain"): [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3)],
          (4, "dual"): [_cfg(64, 32, 32, 4, 2), _cfg(32, 64, 32, 4, 2)],
-         (4, "aux"): [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3)]},
+         (4, "aux"): [_cfg(64, 64, 32, 8, 3), _cfg(64, 32, 32, 4, 3)]},
 }
 # sm_86/sm_89 and sm_120 (99 KB per block): sm_80's configs, all within it (at most 49,152 B,
-# measured on both targets: tests/data/config_smem.json)
-GPU_CONFIGS[86] = GPU_CONFIGS[120] = GPU_CONFIGS[80]
+# measured on both targets: tests/data/config_smem.json), but for fp32's act' epilogue: sm_80's
+# 64x64/8/3 and 64x32/4/3 spilled there (sm_120, Triton 3.9: dact 8-20 B at 128 registers,
+# dgated 32 B; the old 128x64/8/3 had spilled 16-64 B with fp32 math already, unchecked then)
+_FP32_AUX_SMALL = [_cfg(32, 64, 32, 4, 3), _cfg(32, 32, 32, 4, 3)]
+GPU_CONFIGS[86] = GPU_CONFIGS[120] = {**GPU_CONFIGS[80], (4, "aux"): _FP32_AUX_SMALL}
 GROUP_M = 8
 MAX_PROGRAMS = 2 ** 31 - 1  # CUDA's limit on grid axis 0; the kernel loops over further tiles
 _MIN_BLOCK = min(min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
@@ -248,7 +264,8 @@ def _int(code) -> int:
 # do not fit: sm_90 bias_act 128x64/8/3 spilled 12-32 B, sm_80 gated 32x64/4/2 128 B. These
 # compiled spill-free with "ieee" dots on sm_80 and sm_90, Triton 3.9 and 3.7.1 (80-255 regs,
 # <= 32 KB shared memory: within every family's limit).
-SMALL_K_FP32_CONFIGS = {"plain": [_cfg(64, 64, 32, 4, 3)], "aux": [_cfg(64, 64, 32, 4, 3)],
+SMALL_K_FP32_CONFIGS = {"plain": [_cfg(64, 64, 32, 4, 3)],
+                        "aux": _FP32_AUX_SMALL,  # fits every family (above)
                         "dual": [_cfg(64, 32, 32, 4, 2), _cfg(32, 32, 32, 4, 2)]}
 
 

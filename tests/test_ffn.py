@@ -392,3 +392,35 @@ def test_programs_loop_over_tiles(monkeypatch):
     assert launched and all(g == (3,) for g in launched), launched
     assert _bitwise(got, want)
     assert_checks(check_ffn(x, w1, b1, w2, b2, activation="gelu_tanh", residual=res))
+
+
+# fp32 act' near its zero: gelu' = Phi(z) + z phi(z) vanishes at z = -0.752, silu' at -1.278,
+# gelu_tanh' at -0.752; the fp32 formulas cancel there (gelu' at -0.5368: 0.2957 - 0.1854 erred
+# ~2 ulp of the result, the deep fuzz's dx 12.7x PyTorch's error, tests/test_fuzz.py). The
+# kernel evaluates act' in fp64 for fp32 outputs and rounds once (kernels/ffn.py, ew_ty), so
+# the inputs below, built so that every other factor is exactly 1, give dx = act'(z) within
+# half an ulp. `ulp` here is of the fp32 reference; 0.5 + 1e-3 for fp64's own rounding.
+_DACT_ZEROS = {"gelu": -0.7518, "gelu_tanh": -0.7518, "silu": -1.2785}
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["dact", "dgated"])  # EPI_DACT / EPI_DGATED
+@pytest.mark.parametrize("act", list(_DACT_ZEROS))
+def test_fp32_activation_derivative_rounded_once(act, gated):
+    z = torch.linspace(-0.5, 0.5, 97, dtype=torch.float64) + _DACT_ZEROS[act]
+    z = z.float()
+    ref = torch.func.vmap(torch.func.grad(
+        lambda t: torch.nn.functional.gelu(t, approximate="tanh") if act == "gelu_tanh"
+        else getattr(torch.nn.functional, act)(t)))(z.double())
+    one = torch.ones(1, 1)
+    if gated:  # x = (z, 1), g = z, u = 1: dx[:, 0] = dg = 1 * 1 * act'(z), du's column apart
+        x = torch.stack([z, torch.ones_like(z)], 1).requires_grad_()
+        y = tritformer.gated_ffn(x, torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), one,
+                                 activation=act)
+    else:  # pre = z, dh = 1: dx = act'(z)
+        x = z[:, None].clone().requires_grad_()
+        y = tritformer.ffn(x, one, None, one, None, activation=act)
+    y.sum().backward()
+    dx = x.grad[:, 0].double()
+    ulp = torch.finfo(torch.float32).eps * torch.exp2(torch.floor(torch.log2(ref.abs().float())))
+    err = ((dx - ref).abs() / ulp.double())
+    assert err.max() <= 0.501, (act, err.max().item(), z[err.argmax()].item())

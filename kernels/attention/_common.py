@@ -20,11 +20,12 @@ def _program_tile(MAX_SEQLEN, BLOCK: tl.constexpr, N_HEADS):
 
 # Philox4x32 rounds of the dropout draw: 7. Salmon et al. (SC 2011) found Philox4x32 with 7
 # rounds Crush-resistant (passes all of TestU01's BigCrush) and recommend 10 for a safety margin
-# (curand's default, FlashAttention's draw). Each round is about 2 IMAD.WIDE + 2 LOP3 per draw,
-# and the draw bounds the dropout loops (integer issue): 10 -> 7 rounds moved sm_90 fp16 causal
-# serialized ESTIMATES (Triton 3.9 `inspect --perf`, dropout the only switch) fwd D=64
-# 128x64/8/3 0.218 -> 0.249, D=128 0.343 -> 0.382; dK/dV D=64 32x128/8/2 0.258 -> 0.278; dQ
-# D=128 128x32/8/2 0.412 -> 0.447. docs/masked-performance.md has the rest.
+# (curand's default, FlashAttention's draw). Each round is 4 IMAD (the halves of the two
+# 32x32 -> 64 products) + 2 LOP3 per draw in the SASS (sm_90, Triton 3.9), and the draw bounds
+# the dropout loops (integer issue): 10 -> 7 rounds moved sm_90 fp16 causal serialized ESTIMATES
+# (Triton 3.9 `inspect --perf`, dropout the only switch, draw per 4 keys) fwd D=64 128x64/8/3
+# 0.218 -> 0.249, D=128 0.343 -> 0.382; dK/dV D=64 32x128/8/2 0.258 -> 0.278; dQ D=128
+# 128x32/8/2 0.412 -> 0.447. docs/masked-performance.md has the rest.
 DROPOUT_ROUNDS = tl.constexpr(7)
 
 
