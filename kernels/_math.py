@@ -175,11 +175,10 @@ EXACT_SLICE = tl.constexpr(16)
 @triton.jit
 def dot_f32_exact_sliced(a_rows, stride_ad, a_ok, b_cols, stride_bd, b_ok,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WIDTH: tl.constexpr,
-                         A_VOLATILE: tl.constexpr = False):
+                         A_VOLATILE: tl.constexpr = False, COMPENSATED: tl.constexpr = True):
     """dot_f32_exact of A [M, HEAD_DIM] and B [HEAD_DIM, N] read from memory in WIDTH-wide
     slices of the head dim: the small products of every slice chained in one accumulator, then
-    the big ones (dot_f32_exact's chain; the small terms summed slice by slice), so that only
-    one slice's tf32 pieces are live at a time. a_rows: A's row pointers [M, 1] (column 0),
+    the big ones, so that only one slice's tf32 pieces are live at a time. a_rows: A's row pointers [M, 1] (column 0),
     stride_ad its column stride, a_ok [M, 1] its rows to read; b_cols: B's column pointers
     [1, N] (row 0), stride_bd its row stride, b_ok [1, N]. Unread entries are zero.
 
@@ -188,18 +187,42 @@ def dot_f32_exact_sliced(a_rows, stride_ad, a_ok, b_cols, stride_bd, b_ok,
     masked dK/dV 896 B); the slices reload A and B from L1 instead. The second pass's loads are
     the first's (CSE may keep them or reload). A_VOLATILE: A's loads are not hoisted out of the
     caller's loops (the dK/dV kernel's K / V slices: hoisted into its GQA head loop they were
-    kept in 106,496 B of shared memory at 16x16/8/1, over sm_86's 99 KB; reloaded: 8 KB)."""
+    kept in 106,496 B of shared memory at 16x16/8/1, over sm_86's 99 KB; reloaded: 8 KB).
+
+    The big products are compensated across slices: each slice's a0 b0 sum from zero (WIDTH / 8
+    MMA k-steps, rounded at the slice sum's magnitude) joins the running sum by TwoSum, whose
+    exact rounding errors join the small terms; one rounding at the end. One chained
+    accumulator (before 2026-12-08) rounded HEAD_DIM / 8 k-steps at the running sum's
+    magnitude: 3.1x PyTorch's error in fp32 attention at D = 100 (scores up to ~30), 20.9x in a
+    one-key decode lse (tests/test_fuzz.py). An inf part makes the TwoSum error NaN: a NaN
+    compensation returns the plain sum, so inf stays inf. COMPENSATED=False keeps that single
+    chain (every slice's small products, then the big ones) for the callers whose registers
+    the compensation overran: the dQ kernel and the dK/dV kernel's dP (attention/backward.py);
+    the forward, the dK/dV kernel's scores and decode compensate."""
     acc = tl.zeros([a_rows.shape[0], b_cols.shape[1]], dtype=tl.float32)
-    for c in tl.static_range(0, BLOCK_D, WIDTH):
-        a, b = _exact_slice(a_rows, stride_ad, a_ok, b_cols, stride_bd, b_ok, c, HEAD_DIM, WIDTH,
-                            A_VOLATILE)
-        acc = dot_f32_exact_small(a, b, acc)
-    acc = exact_small_nan(acc)
-    for c in tl.static_range(0, BLOCK_D, WIDTH):
-        a, b = _exact_slice(a_rows, stride_ad, a_ok, b_cols, stride_bd, b_ok, c, HEAD_DIM, WIDTH,
-                            A_VOLATILE)
-        acc = dot_f32_exact_big(a, b, acc)
-    return acc
+    if COMPENSATED:  # one pass: each slice's small products, then its big part by TwoSum
+        hi = tl.zeros_like(acc)
+        for c in tl.static_range(0, BLOCK_D, WIDTH):
+            a, b = _exact_slice(a_rows, stride_ad, a_ok, b_cols, stride_bd, b_ok, c, HEAD_DIM,
+                                WIDTH, A_VOLATILE)
+            acc = dot_f32_exact_small(a, b, acc)
+            part = dot_f32_exact_big(a, b, tl.zeros_like(acc))
+            s = hi + part  # TwoSum: s + err = hi + part exactly
+            t = s - hi
+            acc += (hi - (s - t)) + (part - t)
+            hi = s
+        return tl.where(acc == acc, hi + acc, hi)
+    else:  # every slice's small products, then the big ones, in one chain
+        for c in tl.static_range(0, BLOCK_D, WIDTH):
+            a, b = _exact_slice(a_rows, stride_ad, a_ok, b_cols, stride_bd, b_ok, c, HEAD_DIM,
+                                WIDTH, A_VOLATILE)
+            acc = dot_f32_exact_small(a, b, acc)
+        acc = exact_small_nan(acc)
+        for c in tl.static_range(0, BLOCK_D, WIDTH):
+            a, b = _exact_slice(a_rows, stride_ad, a_ok, b_cols, stride_bd, b_ok, c, HEAD_DIM,
+                                WIDTH, A_VOLATILE)
+            acc = dot_f32_exact_big(a, b, acc)
+        return acc
 
 
 @triton.jit

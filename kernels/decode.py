@@ -444,9 +444,11 @@ SPLIT_CONFIGS = {
          (64, 4, 16, [_cfg(64, 4, 3)]),    # 3xTF32 dots: 230 regs, 80 KB
          (64, 4, 32, [_cfg(32, 4, 2)]),    # 220 regs, 40 KB
          (64, 4, 64, [_cfg(16, 8, 2)]),    # 167 regs, 40 KB: 1/SM
-         (128, 4, 16, [_cfg(16, 4, 2)]),   # exact scores in 32-wide slices: 244 regs, 42 KB
+         (128, 4, 16, [_cfg(16, 4, 1)]),   # exact scores in 32-wide slices: 194 regs, 33 KB
          #                                   (3.9: 64/4/2 spilled 320-736 B; 64/8/2 and
-         #                                   32/8/2 paged/all 253-255 regs x 256 threads)
+         #                                   32/8/2 paged/all 253-255 regs x 256 threads;
+         #                                   16/4/2 8-32 B once the slices were compensated,
+         #                                   _math.dot_f32_exact_sliced, 2026-12-08)
          (128, 4, 32, [_cfg(16, 8, 2)]),   # FMA dots: 80 regs, 34 KB
          (256, 4, 16, [_cfg(32, 8, 2)])],  # 107 regs, 82 KB: 1/SM (just over half of 163 KB)
 }

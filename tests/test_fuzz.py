@@ -12,11 +12,14 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tritformer.kernels._math import dot_f32_exact_sliced
 from tritformer.testing import (assert_checks, check_attention, check_decode_attention,
                                 check_ffn, check_gated_ffn, check_sdpa, check_softmax,
                                 check_varlen_attention)
@@ -426,6 +429,33 @@ def test_fp32_exact_scores_block_d_128(D, seed, alibi):
     assert_checks(check_attention(q, k, v, causal=False, scale=1.0, return_lse=True, **opts))
 
 
+@triton.jit
+def _sliced_exact_probe(A, B, C, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        WIDTH: tl.constexpr):
+    r = tl.arange(0, 16)  # C [16, 16] = A [16, HEAD_DIM] @ B [HEAD_DIM, 16], both contiguous
+    acc = dot_f32_exact_sliced(A + r[:, None] * HEAD_DIM, 1, r[:, None] < 16, B + r[None, :], 16,
+                               r[None, :] < 16, HEAD_DIM, BLOCK_D, WIDTH)
+    tl.store(C + r[:, None] * 16 + r[None, :], acc)
+
+
+@pytest.mark.parametrize("width", [16, 32])  # the attention kernels' EXACT_SLICE; decode's QK_CHUNK
+def test_fp32_sliced_exact_dot_compensated_across_slices(width):
+    # _math.dot_f32_exact_sliced adds its slices' sums with TwoSum: three slices summing to
+    # 2^24, 1 and -2^24 (each exact in fp32) give 1, where one chained accumulator rounds
+    # 2^24 + 1 to 2^24 and returns 0; and an inf product still gives inf, not NaN
+    D = 100  # BLOCK_D 128, a ragged last slice
+    a, b = torch.zeros(16, D), torch.zeros(D, 16)
+    a[:, 0:8], b[0:8, :] = 2.0 ** 12, 2.0 ** 9  # 8 * 2^21 = 2^24 in the first slice
+    a[:, width], b[width, :] = 1.0, 1.0  # + 1 in the second
+    a[:, 2 * width:2 * width + 8], b[2 * width:2 * width + 8, :] = -(2.0 ** 12), 2.0 ** 9
+    b[D - 1, 1] = float("inf")  # column 1: one inf operand, in the last slice
+    a[:, D - 1] = 1.0
+    c = torch.empty(16, 16)
+    _sliced_exact_probe[(1,)](a, b, c, D, 128, width)
+    assert torch.equal(c[:, 0], torch.ones(16)), c[:, 0]
+    assert torch.equal(c[:, 1], torch.full((16,), float("inf")))
+
+
 @pytest.mark.parametrize("variant", ["plain", "varlen", "light", "dropout", "masked"])
 def test_fp32_dot_precision_by_head_dim(variant):
     # the attention kernels' fp32 dots (options._attn_dot_precision): every dot of the score
@@ -560,15 +590,11 @@ def test_fp32_decode_fma_scores_lse():
                                                 seed=1)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "fp32 decode, one key (n_max 1, Nq 4: only the last query sees it), D = 100: lse is one "
-    "scaled score, 2.5683105 vs 2.5683110 (5.0e-7, 1.6 ulp) where PyTorch's fp32 happens to "
-    "err 2.4e-8 (0.1 ulp), so the bound is about the floor (3.5e-7): ratio 20.85. The same "
-    "value at 1d8cdb4 (FMA scores), so not the score products; not isolated: an fp32 model of "
-    "the kernel's log2-unit path (qk rounded once, times fp32(scale log2 e), times fp32(ln 2)) "
-    "gives 2.568311, so the qk sum over D is the suspect: the MMA k-step chain's rounding, "
-    "isolated at D = 64 (test_fp32_decode_one_key_chain_rounding). Found by a 100-example "
-    "run of test_decode_attention (2026-12-07)"))
+# Found by a 100-example run of test_decode_attention (2026-12-07; was a strict xfail): fp32
+# decode, one key, D = 100: lse (one scaled score) 2.5683105 vs 2.5683110, 5.0e-7 vs PyTorch's
+# lucky 2.4e-8 (20.85x). The qk sum's MMA k-step chain (rounded at the running sum's magnitude)
+# was the suspect; the sliced exact dot's slices now add up with TwoSum (_math.
+# dot_f32_exact_sliced: decode's 32-wide QK_CHUNK slices at BLOCK_D 128), and this passes.
 def test_fp32_decode_one_key_lse():
     test_decode_attention.hypothesis.inner_test(B=1, Hkv=1, group=1, Nq=4, n_max=1, D=100,
                                                 dtype=torch.float32, layout="bhnd",
@@ -636,12 +662,13 @@ def test_fp32_ffn_single_unit_gelu_grad():
                                    dtype=torch.float32, seed=37)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "found by the deep search of 2026-12-07 #12 (TRITFORMER_FUZZ_EXAMPLES=300 on b2c451d): "
-    "fp32 attention, D = 100, one query over 77 keys, GQA 3:1, scale 1.84, non-causal: out "
-    "4.9e-6 vs PyTorch 1.6e-6 (3.12x, bound 2x + floor 3.5e-6). Suspected, not measured: the "
-    "scores are exact (sliced exact dot at BLOCK_D 128) but P @ V runs 3xTF32, whose products "
-    "drop the small * small term (~2^-21 relative). Not isolated this stop"))
+# Found by the deep search of 2026-12-07 #12 (was a strict xfail): fp32 attention, D = 100,
+# one query over 77 keys, GQA 3:1, scale 1.84: out 4.9e-6 vs PyTorch 1.6e-6 (3.12x). Not the
+# 3xTF32 P @ V first suspected (exact P @ V left it failing): the exact score products were
+# summed as one chain of 13 MMA k-steps of 8, each rounded at the running sum's magnitude (~|s|,
+# up to ~30 here). The sliced exact dot now sums each 16-wide slice from zero and adds the
+# slices with TwoSum, one rounding at the end (_math.dot_f32_exact_sliced): out 1.3e-6, 0.85x;
+# dq 1.46x -> 0.41x, dk 1.25x -> 0.52x, dv 3.54x -> 1.00x. Unit test below.
 def test_fp32_attention_d100_single_query():
     test_attention.hypothesis.inner_test(B=1, Hkv=1, group=3, Nq=1, Nk=77, D=100,
                                          dtype=torch.float32, causal=False, layout="bhnd",

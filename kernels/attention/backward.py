@@ -140,10 +140,10 @@ def _attn_bwd_dkdv_step(dk, dv, k, v, kT, q_ptr, do_ptr, q_offs, do_offs, Lse, L
         dv = _gdot_acc(tl.where(keepT, pT * inv_keep, 0.0).to(do.dtype), do, dv, DOT_PRECISION)
     else:  # dV += P^T dO
         dv = _gdot_acc(pT.to(do.dtype), do, dv, DOT_PRECISION)
-    if SLICED:
+    if SLICED:  # dP uncompensated: compensated, plain sm_80 GQA 4:1 16x16/8/1 spilled 192 B
         dpT = dot_f32_exact_sliced(v_rows, stride_vd, j < n_kv, do_ptr + offs_m[None, :] * stride_dom,
                                    stride_dod, mask_m[None, :], HEAD_DIM, BLOCK_D, EXACT_SLICE,
-                                   A_VOLATILE=True)
+                                   A_VOLATILE=True, COMPENSATED=False)
     else:
         dpT = _dot(v, tl.trans(do), DOT_PRECISION)
     if DROPOUT:
@@ -488,7 +488,12 @@ def _attn_bwd_dq_inner(dq, q, do, lse, lse_lo, delta, k_base, v_base, k_offs, v_
                        stride_kd, stride_vd, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     # TMA: k_base / v_base are tensor descriptors of the [n_kv, D] key rows (zero past n_kv).
     # SLICED (fp32 exact scores at BLOCK_D 128): the scores and dP from q / dO / K / V reloaded
-    # in slices of D (_math.dot_f32_exact_sliced; q_rows / do_rows: the tile's row pointers)
+    # in slices of D (_math.dot_f32_exact_sliced; q_rows / do_rows: the tile's row pointers),
+    # uncompensated (COMPENSATED=False, the one chain over D): the compensated scores spilled
+    # this kernel (AOT, Triton 3.9, sm_90 fp32 D=128: 32x16/8/1 16-260 B, 16x16/8/1 GQA causal
+    # 8 B), so its P carries the chain's rounding against the forward's lse (relative ~1e-7 to
+    # 1e-6 at |s| ~ 30), as the whole backward did before 2026-12-08; the dK/dV kernel's
+    # scores are compensated (its P matches lse). fp32 has no fused-dQ cell: this kernel runs.
     SLICED: tl.constexpr = DOT_PRECISION == "exact_scores" and BLOCK_D > 64 and not TMA
     if not TMA:
         k_base += tl.cast(lo, tl.int64) * stride_kn
@@ -508,7 +513,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse, lse_lo, delta, k_base, v_base, k_offs, v_
         if SLICED:
             ok_n = j < n_kv
             qk = dot_f32_exact_sliced(q_rows, stride_qd, ok_m, k_base + offs_n[None, :] * stride_kn,
-                                      stride_kd, ok_n, HEAD_DIM, BLOCK_D, EXACT_SLICE)
+                                      stride_kd, ok_n, HEAD_DIM, BLOCK_D, EXACT_SLICE,
+                                      COMPENSATED=False)
         else:
             qk = _dot(q, kT, DOT_PRECISION)
         s, t = _scores(qk, i, j, n_q, n_kv, diag, m_base, stride_mm, stride_mn, kpm_base, slope,
@@ -525,7 +531,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse, lse_lo, delta, k_base, v_base, k_offs, v_
         # -- dS = P * (dP - delta), dQ += dS K ----
         if SLICED:
             dp = dot_f32_exact_sliced(do_rows, stride_dod, ok_m, v_base + offs_n[None, :] * stride_vn,
-                                      stride_vd, ok_n, HEAD_DIM, BLOCK_D, EXACT_SLICE)
+                                      stride_vd, ok_n, HEAD_DIM, BLOCK_D, EXACT_SLICE,
+                                      COMPENSATED=False)
         else:
             dp = _dot(do, vT, DOT_PRECISION)
         if DROPOUT:

@@ -117,6 +117,20 @@ HEAD_DIM_BUCKETS = (64, 128, 256)
 #   GQA causal), 32-36 B (sm_90), masked dK/dV sm_90 12 B (255 regs), masked dQ sm_80 16x32/8/1
 #   140 B. No smaller tile exists (16x16 is the dot's minimum); the fix would be in the kernel's
 #   live ranges on that version, left open with the 3.9 ones above.
+# 2026-12-08, the exact scores' slices compensated (TwoSum; _math.dot_f32_exact_sliced) in the
+#   forward, decode and the dK/dV kernel's scores; the dQ kernel and dP keep the single chain
+#   (compensated, plain sm_90 dQ 32x16/8/1 spilled 16-260 B and dK/dV sm_80 GQA 192 B on 3.9).
+#   Same command plus decode, A/B against 96197d8: Triton 3.9 sm_80 / sm_90, 142 rows: 10
+#   failing before and 10 after, the same cells (masked dK/dV sm_90 108 -> 100 B, light dK/dV
+#   64 -> 48, varlen dK/dV 80-112 -> 48-104, the rest equal), once the varlen sm_80 and light
+#   sm_90 forwards and decode's sm_80 16-row fp32 entry took the tiles noted at their tables.
+#   sm_86 / sm_120 (3.9): 10 failing, all in the list above (masked dQ sm_120 144 B and dropout
+#   dQ 24 B measured equal at 96197d8). Triton 3.7.1 sm_80 / sm_90 (135 rows): 4 failing where
+#   6 were: the varlen and masked dK/dV rows are clean now; plain dK/dV GQA 4:1 16x16/8/1 spills
+#   192 B on sm_80 (176 B before) and, new, 244-300 B on sm_90 (128 regs, ptxas's choice);
+#   masked dQ sm_80 152 B as before. Kept: a consistent P (the dK/dV kernel's scores equal the
+#   forward's, which set lse) is what its dV needs: uncompensated there, dV measured 10.6x
+#   PyTorch's error (D = 100, scale 1.84, one query over 77 keys).
 # Backward (#17; AOT, `inspect --perf`, Triton 3.9 | 3.7.1, GQA 4:1 causal unless noted):
 # - replication 1.0 everywhere at D <= 128 16-bit: dropped dK/dV sm_90 64x64/8/2 (D=64) and
 #   16x64/8/2 (D=128), sm_80 32x64/8/2 (D=128), all 1.5 (8 warps on a 64-row first operand:
@@ -184,12 +198,15 @@ bwd_dq    120 fp32 | 32x16/4/1              | 16x64/8/1              | 32x16/8/1
 # sm_80 dK/dV D=64 16x128/8/2 spilled 16 B (255 regs, GQA 4:1, causal and not, Triton 3.7.1)
 # once the unbounded query loop lost its row mask (#17); 16x128/8/1: 169-208 regs, 0 B on both
 # versions, est. 0.658-0.668 (16x128/8/2 0.70-0.71 on 3.9). sm_86 / sm_120 follow sm_80.
+# fwd sm_80 fp32 D<=128: 16x64/8/1 alone since the compensated exact scores (2026-12-08,
+# _math.dot_f32_exact_sliced): 16x32/8/1 causal MHA went to 128 regs + 8 B (Triton 3.9; it had
+# 212 regs, 0 B), 16x64/8/1 193-202 regs, 0 B.
 _VARLEN = """
 # kernel  sm  elem | D <= 64                | D <= 128               | D <= 256
 fwd       90  16b  | 128x64/8/3 128x128/8/3 | 128x64/8/3 64x64/4/3   | 64x32/4/2 64x32/8/2
 fwd       90  fp32 | 64x32/4/2 128x32/8/3   | 16x64/8/1 16x32/8/1    | 32x16/8/1 16x32/8/1
 fwd       80  16b  | 128x64/8/3 128x32/8/3  | 128x32/8/3 64x64/4/3   | 64x32/8/2 32x32/4/2
-fwd       80  fp32 | 32x64/8/2 16x64/4/2    | 16x64/8/1 16x32/8/1    | 32x16/8/1 16x32/8/1
+fwd       80  fp32 | 32x64/8/2 16x64/4/2    | 16x64/8/1              | 32x16/8/1 16x32/8/1
 bwd_dkdv  90  16b  | 32x128/8/2 16x64/8/1   | 32x32/8/1 16x64/8/1    | 16x32/4/1 32x32/8/1
 bwd_dkdv  90  fp32 | 32x16/8/1 16x16/8/1    | 16x16/8/1              | 16x32/8/1 16x16/8/1
 bwd_dkdv  80  16b  | 16x128/8/1 32x32/8/1   | 32x32/8/1 16x64/8/1    | 16x32/4/1 32x32/8/1
@@ -242,10 +259,13 @@ bwd_dq    120 fp32 | 16x16/4/1 32x16/8/1    | 16x64/8/1 16x16/8/1    | 16x32/8/1
 #   0 B before, also 255 regs); 64x32/4/3: 255 regs, 0 B on both. The same held for sm_86's
 #   128x32/8/2 (24 B) and sm_120's 128x32/8/3 (108 B; Triton 3.9, non-causal, found
 #   2026-12-07): 64x32/4/3 alone there too (245-246 regs, 0 B).
+# fwd sm_90 fp32 D<=128: 16x64/8/2 + 16x16/8/1 since the compensated exact scores (2026-12-08):
+#   16x64/8/1 spilled 24 B (255 regs; 226 regs, 0 B before), 16x32/8/1 72 B (128 regs),
+#   16x64/4/1 292 B, 16x32/4/1 16 B; 16x64/8/2 214 regs and 16x16/8/1 98 regs, 0 B (Triton 3.9).
 _LIGHT = """
 # kernel  sm  elem | D <= 64                | D <= 128               | D <= 256
 fwd       90  16b  | 128x64/8/3             | 128x64/8/3 64x32/4/3   | 64x16/4/2 64x32/8/2
-fwd       90  fp32 | 64x32/4/2              | 16x64/8/1              | 32x16/8/1 16x32/8/1
+fwd       90  fp32 | 64x32/4/2              | 16x64/8/2 16x16/8/1    | 32x16/8/1 16x32/8/1
 fwd       80  16b  | 128x32/8/3 64x32/8/2   | 64x32/4/3              | 64x32/8/2
 fwd       80  fp32 | 32x32/8/1              | 16x16/8/1              | 32x16/8/1
 bwd_dkdv  90  16b  | 32x128/8/2             | 16x64/8/2 32x32/8/1    | 16x32/8/1 32x16/8/1
